@@ -1,0 +1,20 @@
+"""causalmm: counterfactual-attention causal decoding for vision-language models (CausalMM, ICLR 2025)."""
+
+from .api import CausalMM, InputError, load_image
+from .config import CausalMMConfig, ConfigError, resolve_layers
+from .decoding import GenerationOptions, GenerationResult, contrast
+from .interventions import counterfactual_attention
+
+__all__ = [
+    "CausalMM",
+    "CausalMMConfig",
+    "ConfigError",
+    "GenerationOptions",
+    "GenerationResult",
+    "InputError",
+    "contrast",
+    "counterfactual_attention",
+    "load_image",
+    "resolve_layers",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,209 @@
+"""The generic adapter: what the engine needs to know about a ``transformers`` vision-language model.
+
+It finds the vision tower and the LLM's attention modules, tags them as intervention sites, turns an
+(image, prompt) pair into model inputs with the model's own processor and chat template, computes image
+features (the vision tower runs here, once per image and branch kind, and the LLM receives them through the
+forward's ``mm_encoder_outputs``), and gives explicit position ids so left padding changes nothing.
+
+Family files subclass it only where a family differs: how many vision-tower "units" an image occupies
+(LLaVA: one row; LLaVA-NeXT: one row per crop; Qwen2-VL: a run of tokens of one packed sequence), which
+vision layer feeds the LLM, and how positions are counted (M-RoPE).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..attention import SITE_ATTR, Intervention, Site, active, attention_name, intervene
+
+__all__ = ["Adapter", "UnsupportedModelError"]
+
+_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
+_LM_NAMES = ("language_model", "text_model", "llm")
+#: Processor outputs laid out one value per token: left-padded with the sequence, passed at prefill only.
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+class UnsupportedModelError(ValueError):
+    """The model lacks something the engine needs; the message names it."""
+
+
+def _find(model: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module | None:
+    for root in (getattr(model, "model", None), model):
+        for name in names:
+            mod = getattr(root, name, None) if root is not None else None
+            if isinstance(mod, torch.nn.Module):
+                return mod
+    return None
+
+
+def _attention_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """Leaf modules named ``*Attention`` under ``root``, in execution (registration) order."""
+    found = [m for m in root.modules() if type(m).__name__.endswith("Attention")]
+    return [m for m in found if not any(c is not m and type(c).__name__.endswith("Attention") for c in m.modules())]
+
+
+class Adapter:
+    """Generic adapter; works for any model that routes both towers through ``AttentionInterface``.
+
+    Args:
+        model: a ``*ForConditionalGeneration`` vision-language model.
+        processor: its processor (tokenizer + image processor + chat template).
+        base: ``sdpa`` (fast) or ``eager`` attention underneath the hook for non-intervened calls.
+    """
+
+    family = "generic"
+
+    def __init__(self, model: torch.nn.Module, processor: Any, *, base: str = "sdpa") -> None:
+        self.model = model
+        self.processor = processor
+        name = type(model).__name__
+        inner = getattr(model, "model", model)
+        if not hasattr(inner, "get_image_features") and not hasattr(model, "get_image_features"):
+            raise UnsupportedModelError(f"{name} has no get_image_features(): it is not a vision-language model")
+        fwd = inspect.signature(type(inner).forward).parameters
+        if "mm_encoder_outputs" not in fwd:
+            raise UnsupportedModelError(
+                f"{name} cannot take precomputed image features (its forward has no `mm_encoder_outputs`), "
+                "which the engine needs; upgrade transformers or use a supported family"
+            )
+        self.tower = _find(model, _TOWER_NAMES)
+        self.lm = _find(model, _LM_NAMES)
+        if self.tower is None or self.lm is None:
+            raise UnsupportedModelError(
+                f"{name}: cannot find its vision tower ({'/'.join(_TOWER_NAMES)}) or its language model "
+                f"({'/'.join(_LM_NAMES)})"
+            )
+        self.vision_attn = _attention_modules(self.tower)
+        self.lm_attn = sorted(
+            (m for m in _attention_modules(self.lm) if hasattr(m, "layer_idx")), key=lambda m: m.layer_idx
+        )
+        if not self.vision_attn or not self.lm_attn:
+            raise UnsupportedModelError(f"{name}: found no attention modules in its vision tower or its LLM")
+        self.packed = "grid_thw" in inspect.signature(type(self.tower).forward).parameters
+        for i, m in enumerate(self.vision_attn):
+            setattr(m, SITE_ATTR, Site("vision", i, packed=self.packed))
+        for m in self.lm_attn:
+            setattr(m, SITE_ATTR, Site("language", int(m.layer_idx)))
+        if not getattr(self.tower, "_causalmm_hooked", False):
+            self.tower.register_forward_pre_hook(_reset_offsets)
+            self.tower._causalmm_hooked = True
+        try:
+            model.set_attn_implementation(attention_name(base))
+        except (ValueError, KeyError) as err:  # pragma: no cover - depends on the model class
+            raise UnsupportedModelError(f"{name} does not accept a custom attention implementation: {err}") from err
+        self._check_routes()
+
+    # -- model facts -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
+
+    @property
+    def n_vision_layers(self) -> int:
+        """Vision layers whose output can reach the LLM (later ones are computed but never read)."""
+        return len(self.vision_attn)
+
+    @property
+    def n_language_layers(self) -> int:
+        return len(self.lm_attn)
+
+    def default_vision_layers(self) -> list[int]:
+        """The last vision layer that feeds the LLM (the penultimate CLIP layer for LLaVA-1.5)."""
+        return [self.n_vision_layers - 1]
+
+    def _check_routes(self) -> None:
+        """Every tagged module must go through the attention interface, or interventions silently do nothing."""
+        for kind, mods in (("vision tower", self.vision_attn), ("LLM", self.lm_attn)):
+            impl = getattr(getattr(mods[0], "config", None), "_attn_implementation", None)
+            if impl is None or not str(impl).startswith("causalmm_"):
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}: the {kind} attention does not route through transformers' "
+                    f"AttentionInterface (its implementation is {impl!r}), so it cannot be intervened on"
+                )
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        """The prompt wrapped in the model's chat template with one image."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        template = getattr(self.processor, "chat_template", None)
+        if not template:
+            raise UnsupportedModelError(
+                f"the processor of {type(self.model).__name__} has no chat template; set processor.chat_template"
+            )
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs for one (image, prompt) pair, batch dimension 1 on token keys."""
+        out = self.processor(text=[self.format_prompt(prompt)], images=[image.convert("RGB")], return_tensors="pt")
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+    def image_inputs(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in enc.items() if k not in TOKEN_KEYS}
+
+    def collate_images(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Concatenate per-image inputs along dim 0, zero-padding other dims (LLaVA-NeXT crop counts differ)."""
+        out = {}
+        for key in items[0]:
+            ts = [it[key] for it in items]
+            shape = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
+            padded = []
+            for t in ts:
+                pad = []
+                for d in reversed(range(1, t.dim())):
+                    pad += [0, shape[d - 1] - t.shape[d]]
+                padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+            out[key] = torch.cat(padded, dim=0)
+        return out
+
+    def vision_units(self, images: dict[str, torch.Tensor]) -> list[int]:
+        """How many vision-tower units (batch rows, or packed tokens) each image occupies."""
+        if self.packed:
+            return images["image_grid_thw"].prod(-1).tolist()
+        n = images["pixel_values"].shape[0]
+        return [1] * n
+
+    # -- vision ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_features(
+        self, images: dict[str, torch.Tensor], state: Intervention | None = None
+    ) -> list[torch.Tensor]:
+        """Projected image features, one tensor per image, optionally under a vision intervention."""
+        inner = getattr(self.model, "model", self.model)
+        kwargs = {k: v.to(self.device) for k, v in images.items()}
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(self.dtype)
+        if state is None:
+            state = Intervention()
+        with intervene(state):
+            out = inner.get_image_features(**kwargs, return_dict=True)
+        feats = out.pooler_output if isinstance(out, BaseModelOutputWithPooling) else out
+        return [f for f in feats]
+
+    def features_input(self, feats: list[torch.Tensor]) -> dict[str, Any]:
+        """Forward kwargs that hand precomputed image features to the LLM."""
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}}
+
+    # -- positions ---------------------------------------------------------------------------------
+    def prefill_positions(self, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Position ids of the prompt, counted from each row's first real token (as ``generate`` does)."""
+        mask = batch["attention_mask"]
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def next_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Positions of the next token for each row: one past the last."""
+        return position_ids[..., -1:] + 1
+
+
+def _reset_offsets(module, args):
+    state = active()
+    if state is not None:
+        state.reset_vision_offsets()

@@ -1,0 +1,124 @@
+"""The public entry point: ``CausalMM(model, processor, config).generate(images, prompts)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .adapters import Adapter, get_adapter
+from .config import CausalMMConfig
+from .decoding import Engine, GenerationOptions, GenerationResult
+
+__all__ = ["CausalMM", "load_image", "InputError"]
+
+
+class InputError(ValueError):
+    """Bad user input (image, prompt, model path); the message says what and how to fix it."""
+
+
+def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
+    """An RGB PIL image from a path or an image; a clear error for a missing or unreadable file."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image not found: {path} (give the path of an existing image file)")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"cannot read image {path}: not an image file PIL can open ({err})") from err
+
+
+def _load_pretrained(name_or_path: str, **hf_kwargs: Any):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    local = Path(name_or_path).exists()
+    if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise InputError(
+            f"model {name_or_path!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the hub; "
+            "pass the path of a downloaded model, or unset HF_HUB_OFFLINE"
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **hf_kwargs)
+    except OSError as err:
+        where = "the local directory" if local else "the Hugging Face hub (is the network reachable?)"
+        raise InputError(f"cannot load model {name_or_path!r} from {where}: {str(err).splitlines()[0]}") from err
+    except ValueError as err:
+        raise InputError(f"cannot load {name_or_path!r} as a vision-language model: {str(err).splitlines()[0]}") from err
+    return model, processor
+
+
+class CausalMM:
+    """A vision-language model wrapped for counterfactual-attention decoding.
+
+    Example:
+        >>> cm = CausalMM.from_pretrained("llava-hf/llava-1.5-7b-hf", CausalMMConfig(mode="multimodal"))  # doctest: +SKIP
+        >>> cm.generate("cat.jpg", "Is there a dog in the image?").text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, config: CausalMMConfig | None = None, *, base: str = "sdpa"
+    ) -> None:
+        self.config = config or CausalMMConfig()
+        model.eval()
+        self.adapter: Adapter = get_adapter(model, processor, base=base)
+        self.engine = Engine(self.adapter, self.config)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, config: CausalMMConfig | None = None, *, base: str = "sdpa", **hf_kwargs: Any
+    ) -> CausalMM:
+        """Load a model and its processor (local directory or hub id) and wrap them."""
+        model, processor = _load_pretrained(str(name_or_path), **hf_kwargs)
+        return cls(model, processor, config, base=base)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.adapter.model
+
+    @property
+    def processor(self) -> Any:
+        return self.adapter.processor
+
+    def with_config(self, config: CausalMMConfig) -> CausalMM:
+        """The same model under another config (no reload)."""
+        other = object.__new__(CausalMM)
+        other.config, other.adapter, other.engine = config, self.adapter, Engine(self.adapter, config)
+        return other
+
+    def generate(
+        self,
+        images: Any,
+        prompts: str | list[str],
+        *,
+        seeds: list[int] | None = None,
+        return_branch_logits: bool = False,
+        **generation_kwargs: Any,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Answer ``prompts`` about ``images`` (one image per prompt; paths or PIL images).
+
+        ``generation_kwargs`` are :class:`GenerationOptions` fields (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``stop_strings``). A single prompt
+        gives a single result, a list gives a list.
+        """
+        single = isinstance(prompts, str)
+        prompt_list = [prompts] if single else list(prompts)
+        image_list = [images] if single or isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        if len(image_list) == 1 and len(prompt_list) > 1:
+            image_list = image_list * len(prompt_list)
+        for i, p in enumerate(prompt_list):
+            if not isinstance(p, str) or not p.strip():
+                raise InputError(f"prompt {i} is empty; give a question or instruction about the image")
+        pil = [load_image(im) for im in image_list]
+        try:
+            options = GenerationOptions(**generation_kwargs)
+        except TypeError as err:
+            raise InputError(f"unknown generation option: {err}") from err
+        results = self.engine.generate(pil, prompt_list, options, seeds=seeds, return_branch_logits=return_branch_logits)
+        return results[0] if single else results

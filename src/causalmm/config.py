@@ -1,0 +1,194 @@
+"""``CausalMMConfig``: every knob of a decoding method, validated when built, serialisable to JSON.
+
+Errors name the field, the value given and what would be accepted, so a bad command line fails before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .interventions import METHODS as CF_METHODS
+
+__all__ = ["CausalMMConfig", "ConfigError", "resolve_layers", "MODES", "METHOD_NAMES", "LayerSpec"]
+
+MODES: tuple[str, ...] = ("vision", "language", "multimodal", "joint")
+METHOD_NAMES: tuple[str, ...] = ("regular", "causalmm", "vcd")
+VISION_STYLES: tuple[str, ...] = ("attention", "gate")
+CONTRASTS: tuple[str, ...] = ("logits", "logprobs")
+LAYER_WORDS: tuple[str, ...] = ("all", "shallow", "middle", "deep")
+
+LayerSpec = str | int | list[int] | tuple[int, ...] | None
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which and how to fix it."""
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(options)}")
+
+
+def resolve_layers(spec: LayerSpec, n_layers: int, *, what: str = "layers") -> list[int]:
+    """Turn a layer spec into sorted 0-based indices among ``n_layers``.
+
+    Accepts an int or list of ints (negative counts from the end), a string of comma-separated indices and
+    ranges (``"2,5-7"`` is 2, 5, 6, 7; ``"4:8"`` is 4..7), or a word: ``all``, ``shallow`` / ``middle`` /
+    ``deep`` (the first, middle and last third of the layers).
+
+    >>> resolve_layers("middle", 32)
+    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    >>> resolve_layers("1,-1", 4)
+    [1, 3]
+    """
+    if n_layers <= 0:
+        raise ConfigError(f"cannot select {what}: the module has no layers")
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, str) and spec in LAYER_WORDS:
+        third = max(1, n_layers // 3)
+        start = {"shallow": 0, "middle": (n_layers - third) // 2, "deep": n_layers - third}[spec]
+        return list(range(start, start + third))
+    items: list[int] = []
+    if isinstance(spec, int):
+        items = [spec]
+    elif isinstance(spec, (list, tuple)):
+        items = [int(x) for x in spec]
+    elif isinstance(spec, str):
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            m = re.fullmatch(r"(-?\d+)\s*([-:])\s*(-?\d+)", part)
+            if m:
+                lo, sep, hi = int(m[1]), m[2], int(m[3])
+                items.extend(range(lo, hi + 1 if sep == "-" else hi))
+            elif re.fullmatch(r"-?\d+", part):
+                items.append(int(part))
+            else:
+                raise ConfigError(
+                    f"cannot read {what} {spec!r}: use indices and ranges like '2,5-7' or one of "
+                    f"{', '.join(LAYER_WORDS)}"
+                )
+    else:
+        raise ConfigError(f"cannot read {what} {spec!r}: expected an int, a list of ints or a string")
+    out = set()
+    for i in items:
+        if not -n_layers <= i < n_layers:
+            raise ConfigError(f"{what} index {i} is out of range: the module has {n_layers} layers (0..{n_layers - 1})")
+        out.add(i % n_layers)
+    if not out:
+        raise ConfigError(f"{what} {spec!r} selects no layer")
+    return sorted(out)
+
+
+def _check_heads(name: str, heads: Any) -> tuple[int, ...] | None:
+    if heads is None:
+        return None
+    if isinstance(heads, str):
+        heads = [int(h) for h in heads.split(",") if h.strip()]
+    heads = tuple(int(h) for h in heads)
+    if not heads or any(h < 0 for h in heads):
+        raise ConfigError(f"{name}={heads!r}: give non-negative head indices, or None for all heads")
+    return heads
+
+
+@dataclass
+class CausalMMConfig:
+    """How to decode: the method, its branches and the contrast rule (SPEC 1.2-1.5).
+
+    Attributes:
+        method: ``regular`` (plain decoding), ``causalmm`` (counterfactual attention) or ``vcd`` (noised image).
+        mode: CausalMM branches: ``vision`` {F,V}, ``language`` {F,L}, ``multimodal`` {F,V,L}, ``joint`` {F,J}.
+        vision_cf / language_cf: the counterfactual attention method in the vision encoder / LLM.
+        vision_layers / language_layers: which layers are intervened (see :func:`resolve_layers`);
+            ``None`` takes the model's default (vision: the layer that feeds the LLM; LLM: ``"middle"``).
+        vision_heads / language_heads: head indices to intervene, ``None`` for all.
+        gamma: contrast strength, ``z = l + gamma * sum_b (l - l_b)``; 0 gives regular decoding.
+        epsilon: plausibility cut-off on the factual probabilities, in [0, 1]; 1 keeps only the top token
+            (regular greedy). The original scripts' 0.6 often leaves a single token and so disables the contrast.
+        num_cf_samples: K draws of each counterfactual branch, logits averaged (a Monte-Carlo estimate of the
+            expectation over a~).
+        seed: base seed; each sample's counterfactual draws and sampling come from generators seeded from it.
+        legacy: reproduce the original release: the counterfactual acts on the first generated token only
+            (its branch shared the factual KV cache afterwards).
+        vision_style: ``attention`` (replace attention in the encoder) or ``gate`` (the original release's
+            feature gate, LLaVA-style towers only).
+        contrast: take the contrast on raw ``logits`` (as the original) or on ``logprobs``.
+        renormalize: counterfactual maps are valid distributions; ``False`` keeps the original raw maps.
+        noise_step: VCD diffusion noise step (of 1000).
+        noise_schedule: ``linear`` (DDPM betas, SPEC 1.5) or ``sigmoid`` (VCD's released code).
+    """
+
+    method: str = "causalmm"
+    mode: str = "multimodal"
+    vision_cf: str = "random"
+    language_cf: str = "random"
+    vision_layers: LayerSpec = None
+    language_layers: LayerSpec = None
+    vision_heads: tuple[int, ...] | None = None
+    language_heads: tuple[int, ...] | None = None
+    gamma: float = 1.0
+    epsilon: float = 0.1
+    num_cf_samples: int = 1
+    seed: int = 0
+    legacy: bool = False
+    vision_style: str = "attention"
+    contrast: str = "logits"
+    renormalize: bool = True
+    noise_step: int = 500
+    noise_schedule: str = "linear"
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHOD_NAMES)
+        _choice("mode", self.mode, MODES)
+        _choice("vision_cf", self.vision_cf, CF_METHODS)
+        _choice("language_cf", self.language_cf, CF_METHODS)
+        _choice("vision_style", self.vision_style, VISION_STYLES)
+        _choice("contrast", self.contrast, CONTRASTS)
+        _choice("noise_schedule", self.noise_schedule, ("linear", "sigmoid"))
+        self.vision_heads = _check_heads("vision_heads", self.vision_heads)
+        self.language_heads = _check_heads("language_heads", self.language_heads)
+        try:
+            self.gamma = float(self.gamma)
+            self.epsilon = float(self.epsilon)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"gamma and epsilon must be numbers; got {self.gamma!r}, {self.epsilon!r}") from err
+        if not self.gamma >= 0 or self.gamma == float("inf"):
+            raise ConfigError(f"gamma={self.gamma} must be a finite number >= 0 (0 = no contrast)")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ConfigError(f"epsilon={self.epsilon} must be in [0, 1] (0 = no plausibility cut-off)")
+        if not isinstance(self.num_cf_samples, int) or self.num_cf_samples < 1:
+            raise ConfigError(f"num_cf_samples={self.num_cf_samples!r} must be an integer >= 1")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r} must be an integer")
+        if not isinstance(self.noise_step, int) or not 0 <= self.noise_step <= 999:
+            raise ConfigError(f"noise_step={self.noise_step!r} must be an integer in [0, 999]")
+        for name in ("vision_layers", "language_layers"):
+            spec = getattr(self, name)
+            if isinstance(spec, str) and spec not in LAYER_WORDS:
+                resolve_layers(spec, 10**6, what=name)  # syntax check now; range check once the model is known
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("vision_heads", "language_heads"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        if isinstance(d["vision_layers"], tuple):
+            d["vision_layers"] = list(d["vision_layers"])
+        if isinstance(d["language_layers"], tuple):
+            d["language_layers"] = list(d["language_layers"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CausalMMConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> CausalMMConfig:
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)

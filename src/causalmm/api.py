@@ -50,7 +50,9 @@ def _load_pretrained(name_or_path: str, **hf_kwargs: Any):
         where = "the local directory" if local else "the Hugging Face hub (is the network reachable?)"
         raise InputError(f"cannot load model {name_or_path!r} from {where}: {str(err).splitlines()[0]}") from err
     except ValueError as err:
-        raise InputError(f"cannot load {name_or_path!r} as a vision-language model: {str(err).splitlines()[0]}") from err
+        raise InputError(
+            f"cannot load {name_or_path!r} as a vision-language model: {str(err).splitlines()[0]}"
+        ) from err
     return model, processor
 
 
@@ -58,7 +60,8 @@ class CausalMM:
     """A vision-language model wrapped for counterfactual-attention decoding.
 
     Example:
-        >>> cm = CausalMM.from_pretrained("llava-hf/llava-1.5-7b-hf", CausalMMConfig(mode="multimodal"))  # doctest: +SKIP
+        >>> cfg = CausalMMConfig(mode="multimodal")  # doctest: +SKIP
+        >>> cm = CausalMM.from_pretrained("llava-hf/llava-1.5-7b-hf", cfg)  # doctest: +SKIP
         >>> cm.generate("cat.jpg", "Is there a dog in the image?").text  # doctest: +SKIP
     """
 
@@ -120,5 +123,7 @@ class CausalMM:
             options = GenerationOptions(**generation_kwargs)
         except TypeError as err:
             raise InputError(f"unknown generation option: {err}") from err
-        results = self.engine.generate(pil, prompt_list, options, seeds=seeds, return_branch_logits=return_branch_logits)
+        results = self.engine.generate(
+            pil, prompt_list, options, seeds=seeds, return_branch_logits=return_branch_logits
+        )
         return results[0] if single else results

@@ -194,7 +194,10 @@ def _counterfactual_rows(module, query, key, value, attention_mask, scaling, kwa
         q0 = max(0, k0 - (nk - nq))
         sub = probs[i : i + 1, heads, q0:, k0:]
         new = counterfactual_attention(
-            sub, rule.method, key_mask=allowed[i : i + 1, heads, q0:, k0:], generator=gen,
+            sub,
+            rule.method,
+            key_mask=allowed[i : i + 1, heads, q0:, k0:],
+            generator=gen,
             renormalize=rule.renormalize,
         )
         cf[i : i + 1, heads, q0:, k0:] = new
@@ -220,27 +223,15 @@ def causalmm_attention(module, query, key, value, attention_mask, scaling=None, 
             f"{type(module).__name__} uses attention sinks, which counterfactual attention does not support yet"
         )
     cf_out, cf_probs = _counterfactual_rows(module, query, key, value, attention_mask, scaling, kwargs, rule, rows)
-    cf_idx = {r for r, _ in rows}
-    keep = [r for r in range(query.shape[0]) if r not in cf_idx]
-    out = torch.empty(
-        query.shape[0], query.shape[2], query.shape[1], value.shape[-1], dtype=value.dtype, device=value.device
-    )
-    weights = None
-    if keep:
-        k_idx = torch.tensor(keep, device=query.device)
-        mask = attention_mask
-        if mask is not None and mask.shape[0] > 1:
-            mask = mask[k_idx]
-        f_out, f_w = base(
-            module, query[k_idx], key[k_idx], value[k_idx], mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-        out[k_idx] = f_out.to(out.dtype)
-        if f_w is not None:
-            weights = torch.zeros(query.shape[0], *f_w.shape[1:], dtype=f_w.dtype, device=f_w.device)
-            weights[k_idx] = f_w
-    out[torch.tensor([r for r, _ in rows], device=query.device)] = cf_out.to(out.dtype)
+    # The base runs on the whole batch so the factual rows see exactly the computation they would see
+    # without any intervention (bit-identical); the counterfactual rows are then overwritten.
+    out, weights = base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    out = out.clone()
+    idx = torch.tensor([r for r, _ in rows], device=out.device)
+    out[idx] = cf_out.to(out.dtype)
     if weights is not None:
-        weights[torch.tensor([r for r, _ in rows], device=query.device)] = cf_probs.to(weights.dtype)
+        weights = weights.clone()
+        weights[idx] = cf_probs.to(weights.dtype)
     return out, weights
 
 

@@ -43,12 +43,12 @@ def contrast(
     >>> contrast(l, [lb], gamma=1.0, epsilon=0.1)
     tensor([3.0000, 0.5000,   -inf])
     """
-    l = factual.float()
+    fl = factual.float()
     cfs = [c.float() for c in counterfactuals]
     if space == "logprobs":
-        l = torch.log_softmax(l, -1)
+        fl = torch.log_softmax(fl, -1)
         cfs = [torch.log_softmax(c, -1) for c in cfs]
-    z = l + gamma * sum((l - c for c in cfs), torch.zeros_like(l))
+    z = fl + gamma * sum((fl - c for c in cfs), torch.zeros_like(fl))
     # p(i) < eps * max p  <=>  logit(i) < log(eps) + max logit  (softmax shares the normaliser)
     cutoff = factual.float().amax(-1, keepdim=True) + (np.log(epsilon) if epsilon > 0 else -np.inf)
     return z.masked_fill(factual.float() < cutoff, float("-inf"))
@@ -232,7 +232,9 @@ class Engine:
         n = len(prompts)
         seeds = [cfg.seed] * n if seeds is None else [int(s) for s in seeds]
         if len(images) != n or len(seeds) != n:
-            raise ValueError(f"got {len(images)} images, {n} prompts and {len(seeds)} seeds; give one of each per sample")
+            raise ValueError(
+                f"got {len(images)} images, {n} prompts and {len(seeds)} seeds; give one of each per sample"
+            )
         encs = [ad.encode(img, prompt) for img, prompt in zip(images, prompts, strict=True)]
         imgs = [ad.image_inputs(e) for e in encs]
         draws = cfg.num_cf_samples
@@ -250,7 +252,9 @@ class Engine:
             return feats["vision" if r.branch.vision else "noise"][(r.prompt, r.draw)]
 
         lang_gens = {
-            i: torch.Generator(device=ad.device).manual_seed(derive_seed(seeds[r.prompt], "language", r.branch.name, r.draw))
+            i: torch.Generator(device=ad.device).manual_seed(
+                derive_seed(seeds[r.prompt], "language", r.branch.name, r.draw)
+            )
             for i, r in enumerate(rows)
             if r.branch is not None and r.branch.language
         }
@@ -273,34 +277,42 @@ class Engine:
             **fwd_extra,
             **ad.features_input([row_feature(r) for r in rows]),
         }
-        for step in range(opts.max_new_tokens):
+        for _ in range(opts.max_new_tokens):
             state = Intervention(
                 language=self.language_rule,
                 language_rows={j: lang_gens[i] for j, i in enumerate(active) if i in lang_gens},
             )
             with intervene(state):
                 out = ad.model(
-                    **inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1,
+                    **inputs,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
                 )
             logits = out.logits[:, -1].float()
             where = {i: j for j, i in enumerate(active)}
             for p in range(n):
                 if done[p] is not None:
                     continue
-                l = logits[where[p]]
+                fl = logits[where[p]]
                 cf_logits = {}
                 for b in self.branches:
                     idx = [where[i] for i, r in enumerate(rows) if r.prompt == p and r.branch is b and i in where]
                     # Legacy: the counterfactual rows shared the factual cache after the first token.
-                    cf_logits[b.name] = logits[idx].mean(0) if idx else l
-                z = l if not self.branches else contrast(
-                    l, list(cf_logits.values()), gamma=cfg.gamma, epsilon=cfg.epsilon, space=cfg.contrast
+                    cf_logits[b.name] = logits[idx].mean(0) if idx else fl
+                z = (
+                    fl
+                    if not self.branches
+                    else contrast(
+                        fl, list(cf_logits.values()), gamma=cfg.gamma, epsilon=cfg.epsilon, space=cfg.contrast
+                    )
                 )
                 tok = _select(z, opts, out_ids[p], sample_gens[p])
                 out_ids[p].append(tok)
                 if return_branch_logits:
-                    for name, t in (("factual", l), *cf_logits.items(), ("combined", z)):
+                    for name, t in (("factual", fl), *cf_logits.items(), ("combined", z)):
                         record[p].setdefault(name, []).append(t.cpu())
                 if tok in self.eos:
                     done[p] = "eos"
@@ -313,7 +325,8 @@ class Engine:
                 break
             # Finished prompts leave the batch; in legacy mode the counterfactual rows leave after token 1.
             keep = [
-                j for j, i in enumerate(active)
+                j
+                for j, i in enumerate(active)
                 if done[rows[i].prompt] is None and not (cfg.legacy and rows[i].branch is not None)
             ]
             if len(keep) < len(active):

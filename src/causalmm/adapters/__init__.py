@@ -8,7 +8,7 @@ import torch
 
 from .base import Adapter, UnsupportedModelError
 from .llava import LlavaAdapter, LlavaNextAdapter
-from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 __all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "get_adapter"]
 

@@ -174,9 +174,7 @@ class Adapter:
 
     # -- vision ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def image_features(
-        self, images: dict[str, torch.Tensor], state: Intervention | None = None
-    ) -> list[torch.Tensor]:
+    def image_features(self, images: dict[str, torch.Tensor], state: Intervention | None = None) -> list[torch.Tensor]:
         """Projected image features, one tensor per image, optionally under a vision intervention."""
         inner = getattr(self.model, "model", self.model)
         kwargs = {k: v.to(self.device) for k, v in images.items()}

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight models of every supported family, built once per test session."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from causalmm import CausalMM, CausalMMConfig  # noqa: E402
+from causalmm.tiny import FAMILIES, build_tiny_model  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: build_tiny_model(fam, root / fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dirs):
+    """One eager-base CausalMM per family (eager underneath makes stock parity bit-exact)."""
+    cache = {}
+
+    def get(family: str, base: str = "eager") -> CausalMM:
+        if (family, base) not in cache:
+            cache[(family, base)] = CausalMM.from_pretrained(
+                str(model_dirs[family]), CausalMMConfig(method="regular"), base=base
+            )
+        return cache[(family, base)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Textured images (a flat image makes every attention map equivalent) of different sizes."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(h, w):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        return Image.fromarray(arr)
+
+    return [make(48, 40), make(40, 100), make(64, 64)]
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory, images):
+    path = tmp_path_factory.mktemp("img") / "img.png"
+    images[0].save(path)
+    return path

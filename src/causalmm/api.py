@@ -37,6 +37,8 @@ def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
 def _load_pretrained(name_or_path: str, **hf_kwargs: Any):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from . import tiny  # noqa: F401  (registers the image-only Qwen processors of the tiny test models)
+
     local = Path(name_or_path).exists()
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise InputError(

@@ -141,11 +141,17 @@ class Engine:
         if any(b.vision for b in self.branches):
             if config.vision_style == "gate":
                 raise ConfigError("vision_style='gate' is not available in this engine yet; use 'attention'")
-            layers = (
-                adapter.default_vision_layers()
-                if config.vision_layers is None
-                else resolve_layers(config.vision_layers, adapter.n_vision_layers, what="vision layer")
-            )
+            try:
+                layers = (
+                    adapter.default_vision_layers()
+                    if config.vision_layers is None
+                    else resolve_layers(config.vision_layers, adapter.n_vision_layers, what="vision layer")
+                )
+            except ConfigError as err:
+                raise ConfigError(
+                    f"{err}; only the vision layers up to the one that feeds the LLM count "
+                    f"(the tower has {len(adapter.vision_attn)})"
+                ) from None
             self.vision_rule = SiteRule(config.vision_cf, frozenset(layers), config.vision_heads, config.renormalize)
             self._check_heads(config.vision_heads, adapter.vision_attn[0], "vision")
         if any(b.language for b in self.branches):

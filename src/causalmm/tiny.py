@@ -21,17 +21,11 @@ Everything is written with ``save_pretrained`` so it loads back with ``AutoProce
 Qwen2-VL / Qwen2.5-VL caveat: their stock processors require a video processor, and every video processor
 in ``transformers`` 5 needs torchvision.  We save an image-only subclass (``TinyQwen2VLProcessor`` /
 ``TinyQwen2_5_VLProcessor``).  ``AutoProcessor`` finds it by name once this module is imported (it is
-registered at import time); :func:`load_processor` does that for you.  The saved directory also carries a
-small self-contained ``tiny_processing.py`` referenced by ``auto_map``, so that a process that never imports
-``causalmm`` can still use ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)``; without the import
-and without ``trust_remote_code`` transformers raises a clear error instead of silently returning a bare
-tokenizer.
+registered at import time, and ``causalmm``'s loader imports it); :func:`load_processor` does that for you.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 from pathlib import Path
 from typing import Any
 
@@ -286,27 +280,6 @@ class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 for _cls in (TinyQwen2VLProcessor, TinyQwen2_5_VLProcessor):
     AutoProcessor.register(f"causalmm_tiny_{_cls.__name__}", _cls, exist_ok=True)
 
-_REMOTE_CODE_FILE = "tiny_processing.py"
-_REMOTE_CODE_HEADER = (
-    '"""Image-only Qwen2-VL / Qwen2.5-VL processors written by causalmm.tiny (torchvision-free)."""\n\n'
-    "from typing import Any\n\nfrom transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor\n\n\n"
-)
-
-
-def _write_remote_code(out_dir: Path, processor_cls: type[ProcessorMixin]) -> None:
-    """Write a self-contained copy of the processor subclasses and point ``auto_map`` at it.
-
-    This lets a process that never imports ``causalmm`` load the processor with
-    ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)``.
-    """
-    body = "\n\n".join(inspect.getsource(c) for c in (TinyQwen2VLProcessor, TinyQwen2_5_VLProcessor))
-    (out_dir / _REMOTE_CODE_FILE).write_text(_REMOTE_CODE_HEADER + body)
-    config_path = out_dir / "processor_config.json"
-    data = json.loads(config_path.read_text())
-    data["auto_map"] = {"AutoProcessor": f"{Path(_REMOTE_CODE_FILE).stem}.{processor_cls.__name__}"}
-    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 # --------------------------------------------------------------------------------------------------------
 # Processors and configs
 # --------------------------------------------------------------------------------------------------------
@@ -538,8 +511,6 @@ def build_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path
         if bars_were_enabled:
             hf_logging.enable_progress_bar()
     processor.save_pretrained(out)
-    if _is_qwen(family):
-        _write_remote_code(out, type(processor))
     return out
 
 

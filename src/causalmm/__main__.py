@@ -1,0 +1,5 @@
+"""`python -m causalmm` (and `accelerate launch -m causalmm`) runs the CLI."""
+
+from .cli import main
+
+main()

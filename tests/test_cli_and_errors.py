@@ -1,0 +1,185 @@
+"""The CLI as a user runs it, and bad input turned into one clear line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from causalmm import CausalMMConfig, ConfigError, InputError
+from causalmm.adapters import UnsupportedModelError, get_adapter
+
+
+def run_cli(*args, check=False):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    proc = subprocess.run(
+        [sys.executable, "-m", "causalmm.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_generate_json_is_one_object_matching_the_api(model_dirs, image_file, loaded):
+    args = ["generate", "--model", str(model_dirs["llava"]), "--image", str(image_file)]
+    args += ["--prompt", "Is there a cat?", "--max-new-tokens", "5", "--mode", "language", "--json"]
+    args += ["--attention", "eager", "--language-layers", "all"]
+    proc = run_cli(*args, check=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    payload = json.loads(lines[0])
+    assert {"text", "token_ids", "method", "config"} <= payload.keys()
+    assert payload["method"] == "causalmm" and payload["config"]["mode"] == "language"
+    cfg = CausalMMConfig(mode="language", language_layers="all")
+    api = loaded("llava").with_config(cfg).generate(str(image_file), "Is there a cat?", max_new_tokens=5)
+    assert payload["token_ids"] == api.token_ids and payload["text"] == api.text
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_cli_generate_plain_text_other_families(family, model_dirs, image_file):
+    proc = run_cli(
+        "generate",
+        "--model",
+        str(model_dirs[family]),
+        "--image",
+        str(image_file),
+        "--prompt",
+        "Describe it.",
+        "--method",
+        "vcd",
+        "--max-new-tokens",
+        "3",
+        "--do-sample",
+        "--seed",
+        "3",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("\n")
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error:")
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--method", "magic"], ["method='magic'", "regular"]),
+        (["--mode", "both"], ["mode='both'", "multimodal"]),
+        (["--vision-cf", "noise"], ["vision_cf='noise'", "shuffle"]),
+        (["--gamma", "-1"], ["gamma=-1.0", ">= 0"]),
+        (["--epsilon", "1.5"], ["epsilon=1.5", "[0, 1]"]),
+        (["--language-layers", "40"], ["language layer index 40", "4 layers"]),
+        (["--mode", "vision", "--vision-layers", "2"], ["vision layer index 2", "2 layers"]),
+        (["--language-layers", "x-y"], ["cannot read"]),
+    ],
+)
+def test_cli_bad_config_is_one_line(extra, needles, model_dirs, image_file):
+    args = ["generate", "--model", str(model_dirs["llava"]), "--image", str(image_file), "--prompt", "hi", *extra]
+    _one_line_error(run_cli(*args), *needles)
+
+
+def test_cli_bad_inputs_are_one_line(model_dirs, image_file, tmp_path):
+    base = ["generate", "--model", str(model_dirs["llava"]), "--prompt", "hi"]
+    _one_line_error(run_cli(*base, "--image", str(tmp_path / "nope.jpg")), "image not found", "nope.jpg")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    _one_line_error(run_cli(*base, "--image", str(bad)), "cannot read image")
+    _one_line_error(
+        run_cli("generate", "--model", str(model_dirs["llava"]), "--image", str(image_file), "--prompt", "  "),
+        "prompt is empty",
+    )
+    _one_line_error(
+        run_cli("generate", "--model", "someone/some-vlm", "--image", str(image_file), "--prompt", "hi"),
+        "HF_HUB_OFFLINE",
+        "someone/some-vlm",
+    )
+
+
+def test_text_only_model_is_refused_clearly(tmp_path, image_file):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from causalmm.tiny import build_tokenizer
+
+    tok = build_tokenizer("llava")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    proc = run_cli("generate", "--model", str(tmp_path), "--image", str(image_file), "--prompt", "hi")
+    _one_line_error(proc, "cannot load", "vision-language")
+
+
+def test_family_without_precomputed_features_is_refused():
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+        },
+        projection_dim=8,
+    )
+    with pytest.raises(UnsupportedModelError, match="mm_encoder_outputs"):
+        get_adapter(CLIPModel(cfg), processor=None)
+
+
+def test_api_errors(loaded, images, tmp_path):
+    cm = loaded("llava")
+    with pytest.raises(InputError, match="prompt 0 is empty"):
+        cm.generate(images[0], "")
+    with pytest.raises(InputError, match="image not found"):
+        cm.generate(tmp_path / "missing.png", "hi")
+    with pytest.raises(InputError, match="unknown generation option"):
+        cm.generate(images[0], "hi", beams=3)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        cm.generate(images[0], "hi", max_new_tokens=0)
+    with pytest.raises(ConfigError, match="top_p"):
+        cm.generate(images[0], "hi", do_sample=True, top_p=1.5)
+    with pytest.raises(ConfigError, match="head index 9"):
+        cm.with_config(CausalMMConfig(mode="language", language_heads=[9]))
+    with pytest.raises(ConfigError, match="num_cf_samples"):
+        CausalMMConfig(num_cf_samples=0)
+    with pytest.raises(ConfigError, match="unknown config field"):
+        CausalMMConfig.from_dict({"gamma": 1.0, "alpha": 2})
+    assert CausalMMConfig.from_dict(CausalMMConfig(language_layers=[1, 2]).to_dict()) == CausalMMConfig(
+        language_layers=[1, 2]
+    )
+
+
+def test_layer_specs():
+    from causalmm import resolve_layers
+
+    assert resolve_layers("middle", 32) == list(range(11, 21))
+    assert resolve_layers("shallow", 6) == [0, 1]
+    assert resolve_layers("deep", 6) == [4, 5]
+    assert resolve_layers("0-2,5", 8) == [0, 1, 2, 5]
+    assert resolve_layers("2:4", 8) == [2, 3]
+    assert resolve_layers(-1, 8) == [7]
+    assert resolve_layers(None, 3) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="out of range"):
+        resolve_layers([8], 8)
+
+
+def test_demo_runs_and_labels_random_weights(tmp_path):
+    proc = run_cli("demo", "--out", str(tmp_path), "--max-new-tokens", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM WEIGHTS" in proc.stdout
+    for name in ("regular", "vcd", "causalmm/vision", "causalmm/joint"):
+        assert name in proc.stdout
+    assert torch.__version__  # the demo ran in the same environment as the tests

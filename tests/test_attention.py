@@ -94,3 +94,25 @@ def test_vision_intervention_hits_exactly_the_counterfactual_images(family, load
     cf = ad.image_features(batch, state)
     assert torch.equal(cf[0], plain[0]) and torch.equal(cf[2], plain[2])
     assert (cf[1] - plain[1]).abs().max() > 1e-3
+
+
+def test_feature_gate_hand_computed_on_llava(loaded, images):
+    """uniform, unnormalised: every map entry is 1/(N+1), so the gate divides the patch features by N+1."""
+    ad = loaded("llava").adapter
+    imgs = ad.image_inputs(ad.encode(images[0], Q))
+    layer = ad.default_vision_layers()[0]
+    rule = SiteRule("uniform", frozenset({layer}), renormalize=False)
+    gated = ad.gated_image_features(imgs, rule, [(0, 1, None)])[0]
+    inner = ad.model.model
+    hs = inner.vision_tower(imgs["pixel_values"], output_hidden_states=True).hidden_states[layer + 1]
+    tokens = hs.shape[1]
+    expect = inner.multi_modal_projector(hs[:, 1:] / tokens)[0]
+    assert torch.allclose(gated, expect, atol=1e-5)
+    assert not torch.allclose(gated, ad.image_features(imgs)[0], atol=1e-3)
+
+
+def test_feature_gate_is_refused_for_packed_towers(loaded):
+    from causalmm import CausalMMConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="gate"):
+        loaded("qwen2_vl").with_config(CausalMMConfig(mode="vision", vision_style="gate"))

@@ -124,3 +124,10 @@ def test_stop_strings_and_eos(loaded, images):
     cut = cm.generate(images[0], Q2, max_new_tokens=10, stop_strings=[stop])
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert text.startswith(cut.text) and len(cut.token_ids) < len(free.token_ids)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_gate_style_runs_in_the_engine(family, loaded, images):
+    cfg = CausalMMConfig(mode="vision", vision_style="gate")
+    res = loaded(family).with_config(cfg).generate(images[0], Q2, max_new_tokens=3, return_branch_logits=True)
+    assert (res.branch_logits["V"] - res.branch_logits["factual"]).abs().amax(-1).min() > 1e-3

@@ -56,6 +56,8 @@ class SiteRule:
     layers: frozenset[int]
     heads: tuple[int, ...] | None = None
     renormalize: bool = True
+    #: ``False``: only report the factual maps of the selected rows to ``on_probs`` (the feature gate).
+    edit: bool = True
 
 
 @dataclass
@@ -222,6 +224,14 @@ def causalmm_attention(module, query, key, value, attention_mask, scaling=None, 
         raise NotImplementedError(
             f"{type(module).__name__} uses attention sinks, which counterfactual attention does not support yet"
         )
+    if not rule.edit:
+        idx = torch.tensor([r for r, _ in rows], device=query.device)
+        allowed = _allowed(module, attention_mask, query, key, kwargs.get("is_causal"))
+        allowed = allowed[idx] if allowed.shape[0] > 1 else allowed
+        probs = _probs(query[idx], key[idx], allowed, scaling, kwargs.get("softcap"))
+        if state.on_probs is not None:
+            state.on_probs(getattr(module, SITE_ATTR), [r for r, _ in rows], probs, probs)
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     cf_out, cf_probs = _counterfactual_rows(module, query, key, value, attention_mask, scaling, kwargs, rule, rows)
     # The base runs on the whole batch so the factual rows see exactly the computation they would see
     # without any intervention (bit-identical); the counterfactual rows are then overwritten.

@@ -139,8 +139,11 @@ class Engine:
         self.branches = branches_for(config)
         self.vision_rule = self.language_rule = None
         if any(b.vision for b in self.branches):
-            if config.vision_style == "gate":
-                raise ConfigError("vision_style='gate' is not available in this engine yet; use 'attention'")
+            if config.vision_style == "gate" and not adapter.supports_gate:
+                raise ConfigError(
+                    "vision_style='gate' needs a CLIP-style tower with a square patch grid (LLaVA family); "
+                    f"{type(adapter.model).__name__} has none: use vision_style='attention'"
+                )
             try:
                 layers = (
                     adapter.default_vision_layers()
@@ -201,6 +204,8 @@ class Engine:
             gen = torch.Generator(device=ad.device).manual_seed(derive_seed(seeds[p], "vision", k))
             targets.append((off, off + units, gen))
             off += units
+        if cfg.vision_style == "gate":
+            return dict(zip(keys, ad.gated_image_features(batch, self.vision_rule, targets), strict=True))
         state = Intervention(vision=self.vision_rule, vision_targets=targets)
         return dict(zip(keys, ad.image_features(batch, state), strict=True))
 

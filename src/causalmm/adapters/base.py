@@ -58,6 +58,8 @@ class Adapter:
     """
 
     family = "generic"
+    #: whether :meth:`gated_image_features` (the original release's feature gate) exists for this family
+    supports_gate = False
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, base: str = "sdpa") -> None:
         self.model = model

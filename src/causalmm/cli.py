@@ -171,7 +171,7 @@ def demo(
             if k not in ("factual", "combined")
         )
         table.add_row(name, str(res.token_ids), gaps or "(no counterfactual branch)", str(res.token_ids != ref))
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)
 
 
 def main() -> None:

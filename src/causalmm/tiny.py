@@ -243,10 +243,10 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
 # --------------------------------------------------------------------------------------------------------
 
 
-class TinyQwen2VLProcessor(Qwen2VLProcessor):
-    """Image-only ``Qwen2VLProcessor``.
+class _ImageOnly:
+    """Image-only Qwen processor.
 
-    The stock class lists ``video_processor`` in ``__init__``, and ``ProcessorMixin`` derives the required
+    The stock classes list ``video_processor`` in ``__init__``, and ``ProcessorMixin`` derives the required
     sub-processors from that signature; all ``transformers`` 5 video processors need torchvision, which is
     not installed.  Dropping the argument from the signature makes the processor image+text only while
     keeping every other behaviour (token expansion, ``mm_token_type_ids``, chat template) of the parent.
@@ -262,17 +262,12 @@ class TinyQwen2VLProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Image-only ``Qwen2_5_VLProcessor`` (see ``TinyQwen2VLProcessor`` for why)."""
+class TinyQwen2VLProcessor(_ImageOnly, Qwen2VLProcessor):
+    """Image-only ``Qwen2VLProcessor`` (see :class:`_ImageOnly`)."""
 
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+class TinyQwen2_5_VLProcessor(_ImageOnly, Qwen2_5_VLProcessor):
+    """Image-only ``Qwen2_5_VLProcessor`` (see :class:`_ImageOnly`)."""
 
 
 # ``processor_class_from_name`` (used by AutoProcessor) also searches registered classes by name.  A string

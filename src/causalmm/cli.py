@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ app = typer.Typer(
     help="CausalMM: counterfactual-attention decoding that makes vision-language models hallucinate less.",
 )
 console = Console(stderr=True)
+
+if TYPE_CHECKING:
+    from .config import CausalMMConfig
 
 
 def _fail(message: str) -> None:
@@ -37,41 +40,74 @@ def _user_errors():
     return (InputError, ConfigError, UnsupportedModelError)
 
 
+# Options shared by `generate` and `eval` (one definition each, so the two commands cannot drift apart).
+MethodOpt = Annotated[str, typer.Option(help="regular | causalmm | vcd")]
+ModeOpt = Annotated[str, typer.Option(help="vision | language | multimodal | joint")]
+VisionCfOpt = Annotated[str, typer.Option(help="random | uniform | reversed | reversed_raw | shuffle")]
+LanguageCfOpt = Annotated[str, typer.Option(help="random | uniform | reversed | reversed_raw | shuffle")]
+VisionLayersOpt = Annotated[str | None, typer.Option(help="e.g. '22', '0-3', 'all', 'deep'.")]
+LanguageLayersOpt = Annotated[str | None, typer.Option(help="e.g. 'middle', '8-15', 'all'.")]
+GammaOpt = Annotated[float, typer.Option(help="Contrast strength (0 = regular decoding).")]
+EpsilonOpt = Annotated[float, typer.Option(help="Plausibility cut-off on factual probabilities, [0, 1].")]
+SamplesOpt = Annotated[int, typer.Option(help="Counterfactual draws per branch (K), logits averaged.")]
+DoSampleOpt = Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy decoding.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
+TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int | None, typer.Option(help="Top-k sampling.")]
+LegacyOpt = Annotated[bool, typer.Option("--legacy", help="Original release: contrast on the first token only.")]
+VisionStyleOpt = Annotated[str, typer.Option(help="attention | gate (the original feature gate)")]
+AttentionOpt = Annotated[str, typer.Option(help="Base attention for non-intervened calls: sdpa | eager")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, or 'auto' (device_map).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")]
+ModelOpt = Annotated[str, typer.Option(help="Hub id or local directory of a vision-language model.")]
+
+
+def _config(**kwargs) -> CausalMMConfig:
+    from .config import CausalMMConfig
+
+    kwargs["num_cf_samples"] = kwargs.pop("samples")
+    return CausalMMConfig(**kwargs)
+
+
+def _sampling(do_sample: bool, temperature: float, top_p: float | None, top_k: int | None) -> dict:
+    out: dict = {"do_sample": do_sample}
+    if do_sample:
+        out.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    return out
+
+
 @app.command()
 def generate(
-    model: Annotated[str, typer.Option(help="Hub id or local directory of a vision-language model.")],
+    model: ModelOpt,
     image: Annotated[Path, typer.Option(help="Path of the image.")],
     prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
-    method: Annotated[str, typer.Option(help="regular | causalmm | vcd")] = "causalmm",
-    mode: Annotated[str, typer.Option(help="vision | language | multimodal | joint")] = "multimodal",
-    vision_cf: Annotated[str, typer.Option(help="random | uniform | reversed | reversed_raw | shuffle")] = "random",
-    language_cf: Annotated[str, typer.Option(help="random | uniform | reversed | reversed_raw | shuffle")] = "random",
-    vision_layers: Annotated[str | None, typer.Option(help="e.g. '22', '0-3', 'all', 'deep'.")] = None,
-    language_layers: Annotated[str | None, typer.Option(help="e.g. 'middle', '8-15', 'all'.")] = None,
-    gamma: Annotated[float, typer.Option(help="Contrast strength (0 = regular decoding).")] = 1.0,
-    epsilon: Annotated[float, typer.Option(help="Plausibility cut-off on factual probabilities, [0, 1].")] = 0.1,
-    samples: Annotated[int, typer.Option(help="Counterfactual draws per branch (K), logits averaged.")] = 1,
+    method: MethodOpt = "causalmm",
+    mode: ModeOpt = "multimodal",
+    vision_cf: VisionCfOpt = "random",
+    language_cf: LanguageCfOpt = "random",
+    vision_layers: VisionLayersOpt = None,
+    language_layers: LanguageLayersOpt = None,
+    gamma: GammaOpt = 1.0,
+    epsilon: EpsilonOpt = 0.1,
+    samples: SamplesOpt = 1,
     seed: Annotated[int, typer.Option(help="Seed of the counterfactual draws and of sampling.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
-    do_sample: Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Top-k sampling.")] = None,
-    legacy: Annotated[
-        bool, typer.Option("--legacy", help="Original release: contrast on the first token only.")
-    ] = False,
-    vision_style: Annotated[str, typer.Option(help="attention | gate (the original feature gate)")] = "attention",
-    attention: Annotated[str, typer.Option(help="Base attention for non-intervened calls: sdpa | eager")] = "sdpa",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, or 'auto' (device_map).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "auto",
+    do_sample: DoSampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    legacy: LegacyOpt = False,
+    vision_style: VisionStyleOpt = "attention",
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
     """Answer one prompt about one image with the chosen decoding method."""
     from .api import CausalMM, load_image
-    from .config import CausalMMConfig
 
     try:
-        config = CausalMMConfig(
+        config = _config(
             method=method,
             mode=mode,
             vision_cf=vision_cf,
@@ -80,7 +116,7 @@ def generate(
             language_layers=language_layers,
             gamma=gamma,
             epsilon=epsilon,
-            num_cf_samples=samples,
+            samples=samples,
             seed=seed,
             legacy=legacy,
             vision_style=vision_style,
@@ -112,6 +148,157 @@ def generate(
         sys.stdout.write(json.dumps(payload) + "\n")
     else:
         sys.stdout.write(result.text + "\n")
+
+
+BENCH_HELP = "pope | mme | chair | vlind"
+
+
+def _bench_options(**given) -> dict:
+    """Benchmark options the user set (unset ones keep each benchmark's own default)."""
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _parse_seeds(seed: int, seeds: str | None) -> list[int]:
+    if not seeds:
+        return [seed]
+    try:
+        out = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--seeds {seeds!r} is not a comma-separated list of integers (e.g. 1,2,3)")
+    if not out or len(set(out)) != len(out):
+        _fail(f"--seeds {seeds!r} must list distinct integers")
+    return out
+
+
+@app.command("eval")
+def eval_(
+    benchmark: Annotated[str, typer.Argument(help=BENCH_HELP)],
+    model: ModelOpt,
+    data: Annotated[str, typer.Option(help="Question file/folder, a parquet export, or a hub dataset id.")],
+    out: Annotated[Path, typer.Option(help="Run folder; rerunning into it resumes.")],
+    images: Annotated[Path | None, typer.Option(help="Image folder of the benchmark.")] = None,
+    method: MethodOpt = "causalmm",
+    mode: ModeOpt = "multimodal",
+    vision_cf: VisionCfOpt = "random",
+    language_cf: LanguageCfOpt = "random",
+    vision_layers: VisionLayersOpt = None,
+    language_layers: LanguageLayersOpt = None,
+    gamma: GammaOpt = 1.0,
+    epsilon: EpsilonOpt = 0.1,
+    samples: SamplesOpt = 1,
+    legacy: LegacyOpt = False,
+    vision_style: VisionStyleOpt = "attention",
+    seed: Annotated[int, typer.Option(help="Run seed; each sample's seed derives from it and its id.")] = 0,
+    seeds: Annotated[str | None, typer.Option(help="Several run seeds, e.g. 1,2,3: mean ± std.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples (whole MME image pairs).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per batched generate call.")] = 1,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: the benchmark's own.")] = None,
+    do_sample: DoSampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    suffix: Annotated[str | None, typer.Option(help="POPE/MME: text appended to each question.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="CHAIR: the captioning prompt.")] = None,
+    parse: Annotated[str | None, typer.Option(help="POPE answer parsing: official | substring.")] = None,
+    category: Annotated[str | None, typer.Option(help="POPE (HF layout): keep one category.")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="CHAIR: folder of the COCO annotation files.")] = None,
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run a benchmark into a run folder (resumable), score it, write metrics.json and report.md."""
+    from .benchmarks import BenchmarkError
+    from .benchmarks.evaluate import evaluate
+
+    run_seeds = _parse_seeds(seed, seeds)
+    try:
+        config = _config(
+            method=method,
+            mode=mode,
+            vision_cf=vision_cf,
+            language_cf=language_cf,
+            vision_layers=vision_layers,
+            language_layers=language_layers,
+            gamma=gamma,
+            epsilon=epsilon,
+            samples=samples,
+            legacy=legacy,
+            vision_style=vision_style,
+        )
+        generation = _sampling(do_sample, temperature, top_p, top_k)
+        if max_new_tokens is not None:
+            generation["max_new_tokens"] = max_new_tokens
+        options = _bench_options(suffix=suffix, prompt=prompt, parse=parse, category=category, annotations=annotations)
+        summary = evaluate(
+            benchmark,
+            model=model,
+            data=data,
+            images=images,
+            out=out,
+            config=config,
+            generation=generation,
+            seeds=run_seeds,
+            batch_size=batch_size,
+            limit=limit,
+            options=options,
+            base=attention,
+            hf_kwargs=_hf_kwargs(device, dtype),
+            progress=progress,
+        )
+    except (*_user_errors(), BenchmarkError) as err:
+        _fail(str(err))
+    sys.stdout.write((out / "report.md").read_text(encoding="utf-8"))
+    del summary
+
+
+@app.command()
+def score(
+    benchmark: Annotated[str, typer.Argument(help=BENCH_HELP)],
+    predictions: Annotated[Path, typer.Argument(help="Predictions made elsewhere, in the benchmark's format.")],
+    data: Annotated[str | None, typer.Option(help="POPE: the question file; VLind: data.json.")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="CHAIR: folder of the COCO annotation files.")] = None,
+    parse: Annotated[str | None, typer.Option(help="POPE answer parsing: official | substring.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where metrics.json goes (default: beside the predictions).")] = None,
+) -> None:
+    """Score predictions from other code bases (POPE answers, MME Your_Results, CHAIR captions, VLind JSON)."""
+    from .benchmarks import BenchmarkError
+    from .benchmarks.evaluate import score_predictions
+
+    try:
+        options = _bench_options(parse=parse, annotations=annotations)
+        target = out or predictions.resolve().parent / f"{benchmark}-score"
+        summary = score_predictions(
+            benchmark, predictions, data=data, annotations=annotations, out=target, options=options
+        )
+    except (*_user_errors(), BenchmarkError) as err:
+        _fail(str(err))
+    table = Table(title=f"{benchmark.upper()} — {predictions} ({summary['n_records']} predictions)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary["metrics"].items():
+        table.add_row(k, f"{v:.2f}")
+    Console(width=max(Console().width, 100)).print(table)
+    console.print(f"wrote {target / 'metrics.json'}", highlight=False)
+
+
+@app.command()
+def compare(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run folders written by `causalmm eval`; the first is the reference.")
+    ],
+    out: Annotated[Path | None, typer.Option(help="Where compare.md/.json/.png go (default: ./compare).")] = None,
+    plot: Annotated[bool, typer.Option(help="Also draw compare.png.")] = True,
+) -> None:
+    """Table of metrics with 95% bootstrap CIs and paired tests against the first run, plus a bar chart."""
+    from .benchmarks import BenchmarkError
+    from .benchmarks.compare import compare_runs
+
+    try:
+        result = compare_runs(runs, out or Path("compare"), plot=plot)
+    except BenchmarkError as err:
+        _fail(str(err))
+    sys.stdout.write(result["table"])
 
 
 def _hf_kwargs(device: str | None, dtype: str) -> dict:

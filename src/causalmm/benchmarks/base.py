@@ -1,0 +1,269 @@
+"""What every benchmark provides, and the shared readers the benchmark files use.
+
+A benchmark is four things, each replaceable: a *loader* that turns the user's data files into
+:class:`Sample` s (one prompt about one image), a *parser* that turns the model's text into the fields
+scoring needs, a *scorer* that turns records into metrics (the same code for ``eval`` and for ``score``),
+and *readers/writers* for the field's own prediction formats, so numbers made elsewhere can be scored here
+and ours can be scored by the official scripts.
+
+A *record* is one JSON-serialisable dict per (sample, seed): the sample's ``id`` and ``meta`` fields, the
+model's ``text``, the parsed fields, the ``seed``. Records are what ``predictions.jsonl`` holds, one line each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = ["Benchmark", "BenchmarkError", "Sample", "check_images", "read_json_records"]
+
+
+class BenchmarkError(ValueError):
+    """Bad benchmark data or options; the message names the file (and line) and what to fix."""
+
+
+@dataclass
+class Sample:
+    """One prompt about one image.
+
+    Attributes:
+        id: stable unique key of the sample within its data file (resume, merge and pairing go by it).
+        image: a path, or encoded image bytes (parquet layouts), or ``None`` for a text-only prompt.
+        prompt: the text the model gets (the chat template is applied by the model adapter).
+        meta: what scoring needs (label, subtask, ...); copied into the record.
+    """
+
+    id: str
+    image: str | Path | bytes | None
+    prompt: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Benchmark:
+    """Base class: one subclass per benchmark, options given to ``__init__``.
+
+    Subclasses set the class attributes and implement :meth:`load`, :meth:`parse`, :meth:`metrics` and
+    :meth:`read_predictions`; the rest have sensible defaults.
+    """
+
+    name: ClassVar[str] = ""
+    #: default answer length; yes/no benchmarks need few tokens, captions many
+    max_new_tokens: ClassVar[int] = 16
+    #: the metric a comparison leads with and tests pairwise
+    primary: ClassVar[str] = "accuracy"
+    #: metrics where lower is better (CHAIR); the rest are higher-is-better
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    #: "mcnemar" (per-sample right/wrong) or "bootstrap" (paired bootstrap of the primary metric)
+    paired_test: ClassVar[str] = "mcnemar"
+    #: metrics shown in tables and charts (empty: every metric except the counts ``n``/``unparseable``)
+    headline: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    # -- data ---------------------------------------------------------------------------------------
+    def load(self, data: Path, images: Path | None) -> list[Sample]:
+        """Samples of ``data`` in file order; images resolved under ``images`` (the runner checks they exist,
+        after ``--limit``, so a partial image folder serves a limited run). Raises BenchmarkError."""
+        raise NotImplementedError
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def parse(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Fields derived from ``record['text']`` (e.g. ``{"answer": "yes"}``), merged into the record."""
+        raise NotImplementedError
+
+    def metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """Metrics of one seed's records (already parsed)."""
+        raise NotImplementedError
+
+    def unit(self, record: dict[str, Any]) -> str:
+        """The bootstrap resampling unit a record belongs to (a sample; MME: an image's question pair)."""
+        return str(record["id"])
+
+    def correct(self, record: dict[str, Any]) -> bool | None:
+        """Whether the record is right (for McNemar); ``None`` when the notion does not apply."""
+        return None
+
+    def headline_metrics(self, metrics: dict[str, float]) -> list[str]:
+        """The metrics a table shows, in order."""
+        if self.headline:
+            return [m for m in self.headline if m in metrics]
+        return [m for m in metrics if m not in ("n", "unparseable") and "/" not in m]
+
+    def describe(self) -> dict[str, Any]:
+        """Options that change the numbers (parsing variant, prompt), written next to the metrics."""
+        return dict(self.options)
+
+    # -- the field's formats ------------------------------------------------------------------------
+    def read_predictions(self, path: Path, data: Path | None, annotations: Path | None) -> list[dict[str, Any]]:
+        """Records (unparsed: ``id``, ``text`` and the meta fields) from predictions made elsewhere."""
+        raise NotImplementedError
+
+    def write_native(self, records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+        """Write the field's own prediction files (MME ``Your_Results``, VLind ``data.json``); paths written."""
+        return []
+
+
+def read_json_records(path: Path, *, what: str) -> list[tuple[int, Any]]:
+    """Items of a JSON array file or a JSON-lines file, each with its 1-based line number.
+
+    The error for a malformed line names the file and the line, and for an empty file says so.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BenchmarkError(f"{what} file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BenchmarkError(f"cannot read {what} file {path}: {err}") from err
+    stripped = text.lstrip()
+    if not stripped:
+        raise BenchmarkError(f"{what} file {path} is empty")
+    if stripped[0] == "[":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BenchmarkError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(items, list):
+            raise BenchmarkError(f"{path}: expected a JSON array of objects")
+        return _array_lines(text, items)
+    out: list[tuple[int, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise BenchmarkError(
+                f"{path}: line {lineno}: not valid JSON ({err.msg}); each line must be one JSON object"
+            ) from None
+    if not out:
+        raise BenchmarkError(f"{what} file {path} has no records")
+    return out
+
+
+def _array_lines(text: str, items: list[Any]) -> list[tuple[int, Any]]:
+    """Best-effort line numbers for the items of a JSON array (the line each top-level object starts on)."""
+    starts, depth, line, in_str, esc = [], 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+            if depth == 1:
+                starts.append(line)
+        elif ch in "[{":
+            if depth == 1:
+                starts.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif depth == 1 and ch not in " \t\r\n,":
+            if not starts or starts[-1] != line:
+                starts.append(line)
+    if len(starts) != len(items):
+        starts = [0] * len(items)
+    return list(zip(starts, items, strict=True))
+
+
+def check_images(samples: Iterable[Sample], images: Path | None, data: Path) -> None:
+    """Fail once, naming how many images are missing and the first few, before any model work."""
+    missing = [str(s.image) for s in samples if isinstance(s.image, (str, Path)) and not Path(s.image).is_file()]
+    if missing:
+        unique = list(dict.fromkeys(missing))
+        where = f" under {images}" if images else ""
+        raise BenchmarkError(
+            f"{len(unique)} image(s) referenced by {data} are missing{where}, e.g. {', '.join(unique[:3])}; "
+            "pass --images DIR with the benchmark's image folder"
+        )
+
+
+def is_table(data: Path) -> bool:
+    """Whether ``data`` is a parquet/arrow export (a file, or a folder of them) rather than the JSON layout."""
+    if data.is_file():
+        return data.suffix in (".parquet", ".arrow")
+    return data.is_dir() and any(p.suffix in (".parquet", ".arrow") for p in data.rglob("*"))
+
+
+def looks_like_hub_id(data: str) -> bool:
+    """``owner/name`` that is not a local path: a Hugging Face dataset id."""
+    parts = data.split("/")
+    return len(parts) == 2 and all(parts) and not Path(data).exists() and not data.startswith((".", "~"))
+
+
+def read_table(data: str | Path, *, split: str = "test") -> list[dict[str, Any]]:
+    """Rows of a Hugging Face dataset layout: a local parquet/arrow export, or a hub id through ``datasets``.
+
+    Image columns come back as encoded bytes (``{"bytes": ..., "path": ...}`` structs are unwrapped).
+    """
+    src = str(data)
+    if looks_like_hub_id(src):
+        return _read_hub(src, split)
+    path = Path(src)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".arrow"))
+    if not files:
+        raise BenchmarkError(f"{path}: no .parquet or .arrow files found (expected a local dataset export)")
+    splits = [f for f in files if split in f.name]
+    files = splits or files
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            if f.suffix == ".parquet":
+                table = pq.read_table(f)
+            else:
+                with pa.memory_map(str(f)) as src_map:
+                    try:
+                        table = pa.ipc.open_stream(src_map).read_all()
+                    except pa.ArrowInvalid:
+                        table = pa.ipc.open_file(src_map).read_all()
+        except (pa.ArrowInvalid, OSError) as err:
+            raise BenchmarkError(f"{f}: not a readable {f.suffix[1:]} file ({err})") from err
+        rows.extend(table.to_pylist())
+    if not rows:
+        raise BenchmarkError(f"{path}: the dataset export has no rows")
+    return [{k: _unwrap_image(v) for k, v in row.items()} for row in rows]
+
+
+def _unwrap_image(value: Any) -> Any:
+    if isinstance(value, dict) and "bytes" in value and ("path" in value or len(value) == 1):
+        return value["bytes"]
+    return value
+
+
+def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise BenchmarkError(
+            f"{name!r} is not a local path and the hub is disabled (HF_HUB_OFFLINE=1); download the dataset "
+            "(e.g. `huggingface-cli download --repo-type dataset " + name + "`) and pass its local folder"
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise BenchmarkError(
+            f"{name!r} looks like a hub dataset id; reading it needs `pip install datasets` "
+            "(or pass a local parquet export)"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # noqa: BLE001 - network, auth and missing-split errors all end here
+        raise BenchmarkError(
+            f"cannot load hub dataset {name!r} (split {split!r}): {str(err).splitlines()[0]}; "
+            "check the network, or download it and pass the local folder"
+        ) from err
+    ds = ds.cast_column("image", datasets.Image(decode=False)) if "image" in ds.column_names else ds
+    return [{k: _unwrap_image(v) for k, v in row.items()} for row in ds]

@@ -1,0 +1,280 @@
+"""MME (Fu et al., 2023): 14 yes/no subtasks, two questions per image (one "yes", one "no").
+
+Data, any of:
+
+* the official ``eval_tool/Your_Results`` folder (one ``<subtask>.txt`` per subtask, lines
+  ``image<TAB>question<TAB>answer``, the two questions of an image on consecutive lines), with ``--images``
+  the ``MME_Benchmark_release_version`` folder;
+* the release folder itself: per subtask either image files next to one ``<image>.txt`` each (the flat
+  variant) or ``images/`` beside ``questions_answers_YN/`` (artwork, celebrity, landmark, posters, scene),
+  each question file holding ``question<TAB>answer`` lines;
+* the Hugging Face layout (``lmms-lab/MME``: parquet with ``question_id, question, answer, image, category``).
+
+Scoring follows the official ``calculation.py``: the answer, lower-cased, is taken as is when it is exactly
+"yes"/"no", else from its first four characters ("yes" before "no"), else "other" (wrong). Per subtask,
+``acc`` is the percentage of right answers, ``acc_plus`` the percentage of images with both answers right,
+``score`` = acc + acc_plus (max 200). ``perception`` sums its 10 subtasks (max 2000), ``cognition`` its 4
+(max 800); ``hallucination`` sums existence, count, position and color (max 800), the subset the
+hallucination literature reports. ``write_native`` writes ``Your_Results`` files with the prediction as a
+fourth column, which the official script scores as is.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import Benchmark, BenchmarkError, Sample, looks_like_hub_id, read_table
+
+__all__ = ["COGNITION", "HALLUCINATION", "PERCEPTION", "Mme", "parse_mme"]
+
+PERCEPTION = (
+    "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
+)  # fmt: skip
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+HALLUCINATION = ("existence", "count", "position", "color")
+SUBTASKS = PERCEPTION + COGNITION
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".PNG")
+
+
+def parse_mme(text: str) -> str:
+    """ "yes", "no" or "other", as the official ``calculation.py`` parses a prediction."""
+    t = text.strip().lower()
+    if t in ("yes", "no"):
+        return t
+    head = t[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def _label(value: str, where: str) -> str:
+    label = value.strip().lower()
+    if label not in ("yes", "no"):
+        raise BenchmarkError(f"{where}: answer {value.strip()!r} is not Yes/No")
+    return label
+
+
+class Mme(Benchmark):
+    """MME. Options: ``suffix`` appended to each question (default none: the questions already ask for
+    yes or no)."""
+
+    name = "mme"
+    max_new_tokens = 16
+    primary = "total"
+    paired_test = "mcnemar"
+    headline = ("perception", "cognition", "total", "hallucination")
+
+    def __init__(self, *, suffix: str = "") -> None:
+        super().__init__(suffix=suffix)
+
+    # -- data ---------------------------------------------------------------------------------------
+    def load(self, data: Path, images: Path | None) -> list[Sample]:
+        data_s = str(data)
+        if Path(data).is_file() and Path(data).suffix not in (".parquet", ".arrow"):
+            raise BenchmarkError(
+                f"{data} is a file; MME data is a folder (eval_tool/Your_Results, the release folder) or a "
+                "parquet/arrow export"
+            )
+        if looks_like_hub_id(data_s) or Path(data).is_file() or _has_tables(Path(data)):
+            return self._load_table(data)
+        data = Path(data)
+        if not data.is_dir():
+            raise BenchmarkError(f"MME data not found: {data} (pass eval_tool/Your_Results or the release folder)")
+        txts = [p for p in sorted(data.glob("*.txt")) if p.stem in SUBTASKS]
+        if txts:
+            items = self._read_results_dir(data, txts, columns=3)
+            root = Path(images) if images else data
+        else:
+            items = self._read_release(data)
+            root = Path(images) if images else data
+        samples = [self._sample(sub, img, q, label, k, _image_path(root, sub, img)) for sub, img, q, label, k in items]
+        return samples
+
+    def _sample(self, sub: str, img: str, question: str, label: str, k: int, image: Any) -> Sample:
+        meta = {"subtask": sub, "image": img, "question": question, "label": label, "k": k}
+        return Sample(f"{sub}/{img}#{k}", image, question + self.options["suffix"], meta)
+
+    def _read_results_dir(self, data: Path, files: list[Path], *, columns: int) -> list[tuple]:
+        """(subtask, image, question, label, k[, prediction]) from ``<subtask>.txt`` files."""
+        unknown = [p.name for p in data.glob("*.txt") if p.stem not in SUBTASKS]
+        if unknown:
+            raise BenchmarkError(
+                f"{data}: {', '.join(unknown[:3])} is not an MME subtask file; expected {', '.join(SUBTASKS)}"
+            )
+        items = []
+        for path in files:
+            counts: dict[str, int] = defaultdict(int)
+            lines = path.read_text(encoding="utf-8").splitlines()
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                parts = line.rstrip("\r").split("\t")
+                if len(parts) < columns or (columns == 3 and len(parts) > 4):
+                    want = "image<TAB>question<TAB>answer" + ("<TAB>prediction" if columns == 4 else "")
+                    raise BenchmarkError(f"{path}: line {lineno}: expected {want}, got {len(parts)} field(s)")
+                img, question, answer = parts[0].strip(), parts[1].strip(), parts[2]
+                where = f"{path}: line {lineno}"
+                k = counts[img]
+                counts[img] += 1
+                item = (path.stem, img, question, _label(answer, where), k)
+                items.append(item + (("\t".join(parts[3:]),) if columns == 4 else ()))
+            _check_pairs(counts, path)
+        if not items:
+            raise BenchmarkError(f"{data}: the MME files hold no questions")
+        return items
+
+    def _read_release(self, data: Path) -> list[tuple]:
+        subdirs = [d for d in sorted(data.iterdir()) if d.is_dir() and d.name in SUBTASKS]
+        if not subdirs:
+            raise BenchmarkError(
+                f"{data}: no MME subtask files (<subtask>.txt) or folders ({', '.join(SUBTASKS[:4])}, ...) found"
+            )
+        items = []
+        for sub in subdirs:
+            qdir = sub / "questions_answers_YN" if (sub / "questions_answers_YN").is_dir() else sub
+            counts: dict[str, int] = defaultdict(int)
+            for qfile in sorted(qdir.glob("*.txt")):
+                img = _find_image_name(sub, qfile.stem)
+                if img is None:
+                    raise BenchmarkError(f"{qfile}: no image named {qfile.stem}.* in {sub} or {sub / 'images'}")
+                for lineno, line in enumerate(qfile.read_text(encoding="utf-8").splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    parts = line.rstrip("\r").split("\t")
+                    if len(parts) != 2:
+                        raise BenchmarkError(f"{qfile}: line {lineno}: expected question<TAB>answer")
+                    k = counts[img]
+                    counts[img] += 1
+                    items.append((sub.name, img, parts[0].strip(), _label(parts[1], f"{qfile}: line {lineno}"), k))
+            _check_pairs(counts, qdir)
+        if not items:
+            raise BenchmarkError(f"{data}: the MME folders hold no questions")
+        return items
+
+    def _load_table(self, data: Any) -> list[Sample]:
+        rows = read_table(data)
+        need = ("question_id", "question", "answer", "image", "category")
+        missing = [k for k in need if k not in rows[0]]
+        if missing:
+            raise BenchmarkError(f"{data}: MME table lacks column(s) {', '.join(missing)} (need {', '.join(need)})")
+        counts: dict[str, int] = defaultdict(int)
+        samples = []
+        for i, row in enumerate(rows):
+            where = f"{data}: row {i}"
+            sub = str(row["category"])
+            if sub not in SUBTASKS:
+                raise BenchmarkError(f"{where}: category {sub!r} is not an MME subtask")
+            img = str(row["question_id"]).split("/")[-1]
+            k = counts[f"{sub}/{img}"]
+            counts[f"{sub}/{img}"] += 1
+            if not isinstance(row["image"], bytes):
+                raise BenchmarkError(f"{where}: the image column holds no encoded image")
+            samples.append(
+                self._sample(sub, img, str(row["question"]).strip(), _label(row["answer"], where), k, row["image"])
+            )
+        _check_pairs(counts, Path(str(data)))
+        return samples
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def parse(self, record: dict[str, Any]) -> dict[str, Any]:
+        answer = parse_mme(str(record.get("text") or ""))
+        return {"answer": answer, "parseable": answer != "other"}
+
+    def unit(self, record: dict[str, Any]) -> str:
+        return f"{record['subtask']}/{record['image']}"
+
+    def correct(self, record: dict[str, Any]) -> bool | None:
+        return record["answer"] == record["label"]
+
+    def metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+        by_sub: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in records:
+            by_sub[r["subtask"]].append(r)
+        out: dict[str, float] = {}
+        scores = {}
+        for sub in SUBTASKS:
+            rs = by_sub.get(sub)
+            if not rs:
+                continue
+            right = [r["answer"] == r["label"] for r in rs]
+            # acc+ as calculation.py counts it: consecutive pairs (the two questions of one image)
+            pairs = [right[i : i + 2] for i in range(0, len(right), 2)]
+            acc = 100 * sum(right) / len(right)
+            acc_plus = 100 * sum(1 for p in pairs if all(p)) / len(pairs)
+            scores[sub] = acc + acc_plus
+            out[f"{sub}/acc"], out[f"{sub}/acc_plus"], out[f"{sub}/score"] = acc, acc_plus, acc + acc_plus
+        out["perception"] = sum(v for k, v in scores.items() if k in PERCEPTION)
+        out["cognition"] = sum(v for k, v in scores.items() if k in COGNITION)
+        out["total"] = out["perception"] + out["cognition"]
+        out["hallucination"] = sum(v for k, v in scores.items() if k in HALLUCINATION)
+        out["subtasks"] = float(len(scores))
+        out["unparseable"] = float(sum(1 for r in records if not r["parseable"]))
+        out["n"] = float(len(records))
+        return out
+
+    # -- the field's formats ------------------------------------------------------------------------
+    def read_predictions(self, path: Path, data: Path | None, annotations: Path | None) -> list[dict[str, Any]]:
+        """A ``Your_Results`` folder (or one subtask file) with the prediction as the fourth column."""
+        path = Path(path)
+        files = [path] if path.is_file() else [p for p in sorted(path.glob("*.txt")) if p.stem in SUBTASKS]
+        if not files:
+            raise BenchmarkError(f"{path}: no MME result files (<subtask>.txt with 4 tab-separated columns)")
+        if path.is_file() and path.stem not in SUBTASKS:
+            raise BenchmarkError(f"{path}: the file name must be an MME subtask ({', '.join(SUBTASKS)})")
+        items = self._read_results_dir(path if path.is_dir() else path.parent, files, columns=4)
+        return [
+            {
+                "id": f"{sub}/{img}#{k}",
+                "text": pred,
+                "subtask": sub,
+                "image": img,
+                "question": q,
+                "label": label,
+                "k": k,
+            }
+            for sub, img, q, label, k, pred in items
+        ]
+
+    def write_native(self, records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+        folder = Path(out) / "Your_Results"
+        folder.mkdir(parents=True, exist_ok=True)
+        by_sub: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in records:
+            by_sub[r["subtask"]].append(r)
+        paths = []
+        for sub, rs in by_sub.items():
+            path = folder / f"{sub}.txt"
+            with path.open("w", encoding="utf-8") as fh:
+                for r in rs:
+                    pred = " ".join(str(r.get("text") or "").split())
+                    fh.write(f"{r['image']}\t{r['question']}\t{r['label'].capitalize()}\t{pred}\n")
+            paths.append(path)
+        return paths
+
+
+def _has_tables(data: Path) -> bool:
+    return data.is_dir() and any(p.suffix in (".parquet", ".arrow") for p in data.rglob("*"))
+
+
+def _check_pairs(counts: dict[str, int], where: Path) -> None:
+    odd = [img for img, c in counts.items() if c != 2]
+    if odd:
+        raise BenchmarkError(
+            f"{where}: MME has exactly two questions per image; {len(odd)} image(s) differ, e.g. "
+            f"{odd[0]} has {counts[odd[0]]}"
+        )
+
+
+def _find_image_name(sub: Path, stem: str) -> str | None:
+    for folder in (sub, sub / "images"):
+        for suffix in _IMAGE_SUFFIXES:
+            if (folder / f"{stem}{suffix}").is_file():
+                return f"{stem}{suffix}"
+    return None
+
+
+def _image_path(root: Path, sub: str, img: str) -> Path:
+    """The image of ``sub``: under ``root/sub/images/`` when that folder exists, else ``root/sub/``."""
+    nested = root / sub / "images" / img
+    return nested if nested.is_file() or (root / sub / "images").is_dir() else root / sub / img

@@ -81,7 +81,7 @@ class Mme(Benchmark):
         data = Path(data)
         if not data.is_dir():
             raise BenchmarkError(f"MME data not found: {data} (pass eval_tool/Your_Results or the release folder)")
-        txts = [p for p in sorted(data.glob("*.txt")) if p.stem in SUBTASKS]
+        txts = sorted((p for p in data.glob("*.txt") if p.stem in SUBTASKS), key=_official_order)
         if txts:
             items = self._read_results_dir(data, txts, columns=3)
             root = Path(images) if images else data
@@ -125,7 +125,7 @@ class Mme(Benchmark):
         return items
 
     def _read_release(self, data: Path) -> list[tuple]:
-        subdirs = [d for d in sorted(data.iterdir()) if d.is_dir() and d.name in SUBTASKS]
+        subdirs = sorted((d for d in data.iterdir() if d.is_dir() and d.name in SUBTASKS), key=_official_order)
         if not subdirs:
             raise BenchmarkError(
                 f"{data}: no MME subtask files (<subtask>.txt) or folders ({', '.join(SUBTASKS[:4])}, ...) found"
@@ -217,7 +217,11 @@ class Mme(Benchmark):
     def read_predictions(self, path: Path, data: Path | None, annotations: Path | None) -> list[dict[str, Any]]:
         """A ``Your_Results`` folder (or one subtask file) with the prediction as the fourth column."""
         path = Path(path)
-        files = [path] if path.is_file() else [p for p in sorted(path.glob("*.txt")) if p.stem in SUBTASKS]
+        files = (
+            [path]
+            if path.is_file()
+            else sorted((p for p in path.glob("*.txt") if p.stem in SUBTASKS), key=_official_order)
+        )
         if not files:
             raise BenchmarkError(f"{path}: no MME result files (<subtask>.txt with 4 tab-separated columns)")
         if path.is_file() and path.stem not in SUBTASKS:
@@ -251,6 +255,11 @@ class Mme(Benchmark):
                     fh.write(f"{r['image']}\t{r['question']}\t{r['label'].capitalize()}\t{pred}\n")
             paths.append(path)
         return paths
+
+
+def _official_order(path: Path) -> int:
+    """Subtasks in ``calculation.py``'s order (perception, then cognition)."""
+    return SUBTASKS.index(path.stem if path.suffix == ".txt" else path.name)
 
 
 def _has_tables(data: Path) -> bool:

@@ -419,7 +419,7 @@ def test_errors_name_file_and_place(tmp_path, bench_dir):
 def test_missing_images(bench_dir, tmp_path):
     # the runner checks images after --limit (load_run_samples), so a partial image folder serves a limited run
     (bench_dir / "images/counterfactual/color/2_Bananas are blue/4.jpg").unlink()
-    with pytest.raises(BenchmarkError, match=r"1 image\(s\) referenced by .*data\.json are missing.*4\.jpg"):
+    with pytest.raises(BenchmarkError, match=r"1 image\(s\) referenced by .* are missing.*4\.jpg"):
         load_run_samples(VLind(), bench_dir, None, None)
     with pytest.raises(BenchmarkError, match="missing"):
         load_run_samples(VLind(), bench_dir / "data.json", tmp_path / "elsewhere", None)

@@ -26,6 +26,9 @@ registered at import time, and ``causalmm``'s loader imports it); :func:`load_pr
 
 from __future__ import annotations
 
+import sys
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,18 @@ from transformers import (
     AutoProcessor,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    GemmaConfig,
     GenerationConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -43,30 +57,57 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    PixtralImageProcessorPil,
+    PixtralVisionConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
 )
 from transformers.utils import logging as hf_logging
 
 __all__ = [
+    "ALL_FAMILIES",
     "FAMILIES",
+    "GENERIC_FAMILIES",
+    "TinyLlavaOnevisionProcessor",
+    "TinyPixtralProcessor",
     "TinyQwen2VLProcessor",
+    "TinyQwen3VLProcessor",
     "TinyQwen2_5_VLProcessor",
     "build_tiny_model",
     "build_tokenizer",
     "load_processor",
 ]
 
+#: Families with an adapter of their own (the demo CLI offers these).
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+#: Families no adapter names: they run through the generic :class:`causalmm.adapters.Adapter`.
+GENERIC_FAMILIES: tuple[str, ...] = ("gemma3", "llava_onevision", "mistral3", "idefics3", "paligemma", "qwen3_vl")
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + GENERIC_FAMILIES
 
 # --------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -198,6 +239,31 @@ def _is_qwen(family: str) -> bool:
     return family in ("qwen2_vl", "qwen2_5_vl")
 
 
+@dataclass(frozen=True)
+class _TokenizerSpec:
+    """A family's tokenizer facts: special tokens, extra tokens, bos behaviour and chat template.
+
+    ``named`` are model-specific special tokens the processor reads as attributes (``tokenizer.image_token``,
+    ``tokenizer.boi_token``...); ``extra`` are further special tokens (chat-turn markers and the like).
+    """
+
+    specials: dict[str, str]
+    extra: tuple[str, ...]
+    chat_template: str
+    add_bos: bool = True
+    named: dict[str, str] = field(default_factory=dict)
+    #: extra training lines (the family's chat scaffolding), so role names become single tokens
+    corpus: tuple[str, ...] = ()
+
+
+def _tokenizer_spec(family: str) -> _TokenizerSpec:
+    if family in _GENERIC_TOKENIZERS:
+        return _GENERIC_TOKENIZERS[family]
+    if _is_qwen(family):
+        return _TokenizerSpec(_QWEN_SPECIALS, _QWEN_EXTRA, _QWEN_CHAT_TEMPLATE, add_bos=False)
+    return _TokenizerSpec(_LLAVA_SPECIALS, _LLAVA_EXTRA, _LLAVA_CHAT_TEMPLATE)
+
+
 def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE tokenizer with ``family``'s special tokens and chat template.
 
@@ -206,9 +272,8 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
     LLaVA prepends ``<s>`` like the Llama tokenizer; Qwen adds no bos, like the real Qwen2 tokenizer.
     """
     _check_family(family)
-    specials = _QWEN_SPECIALS if _is_qwen(family) else _LLAVA_SPECIALS
-    extra = _QWEN_EXTRA if _is_qwen(family) else _LLAVA_EXTRA
-    ordered_specials = list(dict.fromkeys([*specials.values(), *extra]))
+    spec = _tokenizer_spec(family)
+    ordered_specials = list(dict.fromkeys([*spec.specials.values(), *spec.extra, *spec.named.values()]))
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -220,20 +285,20 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_CORPUS, trainer=trainer)
+    backend.train_from_iterator(_CORPUS + spec.corpus, trainer=trainer)
 
-    chat_template = _QWEN_CHAT_TEMPLATE if _is_qwen(family) else _LLAVA_CHAT_TEMPLATE
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        extra_special_tokens=list(extra),
-        add_bos_token=not _is_qwen(family),
+        extra_special_tokens=list(spec.extra),
+        add_bos_token=spec.add_bos,
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
         # Left padding by default: these models are used for batched generation.
         padding_side="left",
         model_max_length=2048,
-        chat_template=chat_template,
-        **specials,
+        chat_template=spec.chat_template,
+        **spec.specials,
+        **spec.named,
     )
     return tokenizer
 
@@ -270,9 +335,78 @@ class TinyQwen2_5_VLProcessor(_ImageOnly, Qwen2_5_VLProcessor):
     """Image-only ``Qwen2_5_VLProcessor`` (see :class:`_ImageOnly`)."""
 
 
+class TinyQwen3VLProcessor(_ImageOnly, Qwen3VLProcessor):
+    """Image-only ``Qwen3VLProcessor`` (see :class:`_ImageOnly`)."""
+
+
+class TinyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+    """Image-only ``LlavaOnevisionProcessor`` (see :class:`_ImageOnly`).
+
+    Its own signature lists the parent's options, since ``save_pretrained`` writes only ``__init__`` parameters.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        num_image_tokens: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        video_token: str = "<video>",
+        vision_aspect_ratio: str = "anyres_max_9",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            image_processor,
+            tokenizer,
+            None,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
+        )
+
+
+def _pixtral_processor_class() -> type[ProcessorMixin]:
+    """``PixtralProcessor``, which Mistral 3 uses, without torchvision.
+
+    Its module imports one pure-Python helper (``get_resize_output_image_size``) from the torchvision image
+    processor's module; the PIL image processor's module defines the same function. Without torchvision that
+    import is served, only while the processor module loads, from a stand-in module holding the PIL one.
+    """
+    try:
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    except ImportError:
+        from transformers.models.pixtral import image_processing_pil_pixtral
+
+        name = "transformers.models.pixtral.image_processing_pixtral"
+        stand_in = types.ModuleType(name)
+        stand_in.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
+        sys.modules[name] = stand_in
+        try:
+            from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+        finally:
+            del sys.modules[name]
+    return PixtralProcessor
+
+
+class TinyPixtralProcessor(_pixtral_processor_class()):
+    """``PixtralProcessor`` loadable without torchvision (see :func:`_pixtral_processor_class`)."""
+
+
 # ``processor_class_from_name`` (used by AutoProcessor) also searches registered classes by name.  A string
 # key (not a config class) is used so that real Qwen2-VL checkpoints keep mapping to the stock processor.
-for _cls in (TinyQwen2VLProcessor, TinyQwen2_5_VLProcessor):
+for _cls in (
+    TinyQwen2VLProcessor,
+    TinyQwen2_5_VLProcessor,
+    TinyQwen3VLProcessor,
+    TinyLlavaOnevisionProcessor,
+    TinyPixtralProcessor,
+):
     AutoProcessor.register(f"causalmm_tiny_{_cls.__name__}", _cls, exist_ok=True)
 
 # --------------------------------------------------------------------------------------------------------
@@ -460,8 +594,421 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Families without an adapter of their own: they exercise the generic ``Adapter``
+# --------------------------------------------------------------------------------------------------------
+
+# Gemma 3: SigLIP tower (32 px, 8 px patches -> 16 patches, average-pooled 2x2 -> 4 image tokens), a Gemma 3
+# LM with sliding-window layers (window 8 < prompt length, so it actually cuts) and bidirectional attention
+# inside the image block (``token_type_ids``).
+_GEMMA3_IMAGE = 32
+_GEMMA3_TOKENS = 4
+
+# gemma-3-*-it's template (the role-alternation check left out); it starts with bos, like the real one.
+_GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+# llava-onevision-qwen2-*-ov-hf's template: images first, then "\n" + text.
+_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% if message['content'] is string %}{{ '\n' + message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# LLaVA-OneVision: SigLIP tower (32 px crops, 8 px patches, no CLS) on an AnyRes grid, Qwen2 LM.
+_ONEVISION_PINPOINTS: list[list[int]] = [[32, 32], [32, 64], [64, 32]]
+
+# Mistral-Small-3.1-Instruct's template, without its default system prompt: "[INST]...[/INST]", images as
+# "[IMG]" where they stand in the content (the processor expands each into rows of [IMG] ending in
+# [IMG_BREAK], the last in [IMG_END]).
+_MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{{ message['content'][0]['text'] }}{% endif %}{{ '[/SYSTEM_PROMPT]' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST]' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for block in message['content'] %}"
+    "{% if block['type'] == 'text' %}{{ block['text'] }}"
+    "{% elif block['type'] in ['image', 'image_url'] %}{{ '[IMG]' }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{{ message['content'][0]['text'] }}{% endif %}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+# Mistral 3: Pixtral tower (8 px patches, 2-D RoPE, every image of a call in ONE sequence with a block mask),
+# 2x2 patch merger, Mistral LM. Longest edge 48 px -> at most 3x3 merged tokens (+ breaks) per image.
+_PIXTRAL_PATCH = 8
+_PIXTRAL_LONGEST = 48
+
+# Idefics3-8B-Llama3's template ("User:<image>...<end_of_utterance>\nAssistant:"), starting with bos.
+_IDEFICS3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'].capitalize() }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# Idefics3: the image is split into sub-images of 32 px (up to 2x2, longest edge 64) plus a global one, each
+# through a SigLIP-like tower (8 px patches -> 16) and a 2x2 pixel-shuffle connector (-> 4 tokens).
+_IDEFICS3_TILE = 32
+_IDEFICS3_ROW_COL = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+
+# PaliGemma: no chat template (pt/mix checkpoints take "<image>" + a task prompt); SigLIP at 32 px with
+# 8 px patches -> 16 image tokens; Gemma LM that attends bidirectionally over the whole prefix.
+_PALIGEMMA_IMAGE = 32
+
+# Qwen3-VL-Instruct's template (no default system prompt, unlike Qwen2-VL's).
+_QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_GENERIC_TOKENIZERS: dict[str, _TokenizerSpec] = {
+    "gemma3": _TokenizerSpec(
+        # gemma's ids: pad 0, eos 1, bos 2, unk 3
+        {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"},
+        ("<start_of_turn>", "<end_of_turn>"),
+        _GEMMA3_CHAT_TEMPLATE,
+        named={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+        corpus=("user\nIs there a cat?", "model\nYes, there is a cat.", "model\nNo."),
+    ),
+    "llava_onevision": _TokenizerSpec(
+        _QWEN_SPECIALS,
+        ("<|im_start|>", "<|im_end|>"),
+        _ONEVISION_CHAT_TEMPLATE,
+        add_bos=False,
+        named={"image_token": "<image>", "video_token": "<video>"},
+    ),
+    "mistral3": _TokenizerSpec(
+        _LLAVA_SPECIALS,
+        ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+        _MISTRAL3_CHAT_TEMPLATE,
+    ),
+    "idefics3": _TokenizerSpec(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<pad>", "unk_token": "<unk>"},
+        ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *_IDEFICS3_ROW_COL),
+        _IDEFICS3_CHAT_TEMPLATE,
+        corpus=("User: Is there a cat? Assistant: Yes.", "User: Describe the image. Assistant: A dog."),
+    ),
+    "qwen3_vl": _TokenizerSpec(_QWEN_SPECIALS, _QWEN_EXTRA, _QWEN3_VL_CHAT_TEMPLATE, add_bos=False),
+    "paligemma": _TokenizerSpec(
+        {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"},
+        (),
+        "",
+        named={"image_token": "<image>"},
+    ),
+}
+
+
+def _gemma3(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, list[int]]:
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": _GEMMA3_IMAGE, "width": _GEMMA3_IMAGE}),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_length=_GEMMA3_TOKENS,
+    )
+    vision = _siglip_vision_config(_GEMMA3_IMAGE)
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=1024,
+        initializer_range=_TEXT_INIT_RANGE,
+        # untied (the real one is tied): a tied random LM mostly repeats the last input token
+        tie_word_embeddings=False,
+        **_token_ids(tokenizer),
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=_GEMMA3_TOKENS,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        initializer_range=_TEXT_INIT_RANGE,
+        tie_word_embeddings=False,
+    )
+    # gemma-3-*-it stops on <eos> and on <end_of_turn>
+    return processor, config, [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+
+
+def _siglip_vision_config(image_size: int, patch: int = 8, layers: int = 2) -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+        vision_use_head=False,
+        initializer_range=_VISION_INIT_RANGE,
+    )
+
+
+def _llava_onevision(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, list[int]]:
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": _CLIP_IMAGE, "width": _CLIP_IMAGE}, image_grid_pinpoints=_ONEVISION_PINPOINTS
+    )
+    processor = TinyLlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        num_image_tokens=(_CLIP_IMAGE // 8) ** 2,
+        vision_feature_select_strategy="full",
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=_TEXT_INIT_RANGE,
+        tie_word_embeddings=False,
+        **_token_ids(tokenizer),
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=_siglip_vision_config(_CLIP_IMAGE, layers=3),
+        text_config=text,
+        image_token_index=tokenizer.image_token_id,
+        video_token_index=tokenizer.video_token_id,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=_ONEVISION_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    return processor, config, [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+
+
+def _mistral3(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, list[int]]:
+    image_processor = PixtralImageProcessorPil(
+        size={"longest_edge": _PIXTRAL_LONGEST},
+        patch_size={"height": _PIXTRAL_PATCH, "width": _PIXTRAL_PATCH},
+    )
+    processor = TinyPixtralProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_PIXTRAL_PATCH,
+        spatial_merge_size=2,
+        chat_template=tokenizer.chat_template,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=8,
+        image_size=_PIXTRAL_LONGEST,
+        patch_size=_PIXTRAL_PATCH,
+        initializer_range=_VISION_INIT_RANGE,
+    )
+    text = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=_TEXT_INIT_RANGE,
+        tie_word_embeddings=False,
+        **_token_ids(tokenizer),
+    )
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    return processor, config, [tokenizer.eos_token_id]
+
+
+def _idefics3(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, list[int]]:
+    scale = 2
+    seq_len = (_IDEFICS3_TILE // 8) ** 2 // scale**2
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * _IDEFICS3_TILE}, max_image_size={"longest_edge": _IDEFICS3_TILE}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=seq_len,
+        chat_template=tokenizer.chat_template,
+    )
+    vision = Idefics3VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=_IDEFICS3_TILE,
+        patch_size=8,
+        initializer_range=_VISION_INIT_RANGE,
+    )
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=_llama_text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+        tie_word_embeddings=False,
+    )
+    return processor, config, [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
+
+
+def _paligemma(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, list[int]]:
+    image_processor = SiglipImageProcessorPil(
+        size={"height": _PALIGEMMA_IMAGE, "width": _PALIGEMMA_IMAGE},
+        image_seq_length=(_PALIGEMMA_IMAGE // 8) ** 2,
+    )
+    # The processor adds PaliGemma's 1024 <locXXXX> and 128 <segXXX> tokens to the tokenizer, so the vocabulary
+    # size is read after it.
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    text = GemmaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=_TEXT_INIT_RANGE,
+        tie_word_embeddings=False,
+        **_token_ids(tokenizer),
+    )
+    config = PaliGemmaConfig(
+        vision_config=_siglip_vision_config(_PALIGEMMA_IMAGE),
+        text_config=text,
+        image_token_index=tokenizer.image_token_id,
+        vocab_size=len(tokenizer),
+        projection_dim=text.hidden_size,
+        hidden_size=text.hidden_size,
+        tie_word_embeddings=False,
+    )
+    return processor, config, [tokenizer.eos_token_id]
+
+
+def _qwen3_vl(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, list[int]]:
+    # 8 px patches, 2x2 merge: sides are multiples of 16; 32..64 px per side -> 4..16 image tokens.
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+        patch_size=8,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    processor = TinyQwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 1024,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+        "initializer_range": _TEXT_INIT_RANGE,
+        "tie_word_embeddings": False,
+        **_token_ids(tokenizer),
+    }
+    vision = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": 8,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": text["hidden_size"],
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0, 1],
+        "initializer_range": _VISION_INIT_RANGE,
+    }
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    return processor, config, [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+
+
+_GENERIC_BUILDERS: dict[str, Any] = {
+    "gemma3": _gemma3,
+    "llava_onevision": _llava_onevision,
+    "mistral3": _mistral3,
+    "idefics3": _idefics3,
+    "paligemma": _paligemma,
+    "qwen3_vl": _qwen3_vl,
+}
+_MODEL_CLASSES.update(
+    {
+        "gemma3": Gemma3ForConditionalGeneration,
+        "llava_onevision": LlavaOnevisionForConditionalGeneration,
+        "mistral3": Mistral3ForConditionalGeneration,
+        "idefics3": Idefics3ForConditionalGeneration,
+        "paligemma": PaliGemmaForConditionalGeneration,
+        "qwen3_vl": Qwen3VLForConditionalGeneration,
+    }
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -481,16 +1028,20 @@ def build_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(family)
-    processor = _build_processor(family, tokenizer)
-    config = _build_config(family, tokenizer)
+    if family in _GENERIC_BUILDERS:
+        processor, config, eos = _GENERIC_BUILDERS[family](tokenizer)
+    else:
+        processor = _build_processor(family, tokenizer)
+        config = _build_config(family, tokenizer)
+        eos = tokenizer.eos_token_id
+        if _is_qwen(family):
+            eos = [eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
 
     # fork_rng: seed the init without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _MODEL_CLASSES[family](config).eval()
-    eos = tokenizer.eos_token_id
-    if _is_qwen(family):
-        eos = [eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        _redraw_zero_matrices(model)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
@@ -507,6 +1058,16 @@ def build_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path
             hf_logging.enable_progress_bar()
     processor.save_pretrained(out)
     return out
+
+
+def _redraw_zero_matrices(model: PreTrainedModel) -> None:
+    """Draw any weight matrix the family's init leaves at zero (Gemma 3's image projection starts at 0, which
+    would cut the image off from the LLM in an untrained model): normal with the text init range."""
+    std = getattr(model.config.get_text_config(), "initializer_range", _TEXT_INIT_RANGE)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.normal_(0.0, std)
 
 
 def load_processor(path: str | Path, **kwargs: Any) -> ProcessorMixin:

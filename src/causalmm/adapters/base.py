@@ -12,7 +12,9 @@ vision layer feeds the LLM, and how positions are counted (M-RoPE).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -21,16 +23,24 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..attention import SITE_ATTR, Intervention, Site, active, attention_name, intervene
 
-__all__ = ["Adapter", "UnsupportedModelError"]
+__all__ = ["Adapter", "ImageBatch", "UnsupportedModelError"]
 
 _TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 _LM_NAMES = ("language_model", "text_model", "llm")
 #: Processor outputs laid out one value per token: left-padded with the sequence, passed at prefill only.
-TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
+#: Fields of a vision output that never reach the LLM (only ``pooler_output`` does).
+_STANDARD_OUTPUTS = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
 
 
 class UnsupportedModelError(ValueError):
     """The model lacks something the engine needs; the message names it."""
+
+
+class ImageBatch(dict):
+    """Collated image inputs (``key -> tensor``) that remember the per-image inputs (``parts``) they came from."""
+
+    parts: list[dict[str, torch.Tensor]]
 
 
 def _find(model: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module | None:
@@ -60,6 +70,11 @@ class Adapter:
     family = "generic"
     #: whether :meth:`gated_image_features` (the original release's feature gate) exists for this family
     supports_gate = False
+    #: whether :meth:`vision_units` knows how the tower lays images out (batch rows, or tokens of a packed
+    #: sequence), so a vision intervention can address images inside one batched tower call. The generic
+    #: adapter cannot know (crops, tiles, sub-images, one sequence for all images as in Pixtral), so it counts
+    #: one unit per image and runs each intervened image through the tower on its own.
+    batched_vision_interventions = False
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, base: str = "sdpa") -> None:
         self.model = model
@@ -138,23 +153,40 @@ class Adapter:
         """The prompt wrapped in the model's chat template with one image."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         template = getattr(self.processor, "chat_template", None)
-        if not template:
-            raise UnsupportedModelError(
-                f"the processor of {type(self.model).__name__} has no chat template; set processor.chat_template"
-            )
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if template:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # No template (PaliGemma's pt/mix checkpoints): the image placeholder, then the prompt as it is; the
+        # processor expands the placeholder (and PaliGemma's adds its bos and "\n").
+        image_token = getattr(self.processor, "image_token", None)
+        if isinstance(image_token, str) and image_token:
+            return image_token + prompt
+        raise UnsupportedModelError(
+            f"the processor of {type(self.model).__name__} has neither a chat template nor an image token; "
+            "set processor.chat_template"
+        )
 
     def encode(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
-        """Processor outputs for one (image, prompt) pair, batch dimension 1 on token keys."""
-        out = self.processor(text=[self.format_prompt(prompt)], images=[image.convert("RGB")], return_tensors="pt")
+        """Processor outputs for one (image, prompt) pair, batch dimension 1 on token keys.
+
+        A template that writes the bos token itself (Gemma, Mistral) must not get a second one from the
+        tokenizer: as in ``processor.apply_chat_template(tokenize=True)``, special tokens are then not added.
+        """
+        text = self.format_prompt(prompt)
+        bos = getattr(getattr(self.processor, "tokenizer", None), "bos_token", None)
+        extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+        out = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", **extra)
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def image_inputs(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in enc.items() if k not in TOKEN_KEYS}
 
-    def collate_images(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Concatenate per-image inputs along dim 0, zero-padding other dims (LLaVA-NeXT crop counts differ)."""
-        out = {}
+    def collate_images(self, items: list[dict[str, torch.Tensor]]) -> ImageBatch:
+        """Concatenate per-image inputs along dim 0, zero-padding other dims (LLaVA-NeXT crop counts differ).
+
+        The result remembers ``items`` (:class:`ImageBatch`), so the generic adapter can run images one by one.
+        """
+        out = ImageBatch()
+        out.parts = list(items)
         for key in items[0]:
             ts = [it[key] for it in items]
             shape = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
@@ -168,7 +200,12 @@ class Adapter:
         return out
 
     def vision_units(self, images: dict[str, torch.Tensor]) -> list[int]:
-        """How many vision-tower units (batch rows, or packed tokens) each image occupies."""
+        """How many vision-tower units (batch rows, or packed tokens) each image occupies.
+
+        Without :attr:`batched_vision_interventions` a unit is an image (see :meth:`image_features`).
+        """
+        if not self.batched_vision_interventions and isinstance(images, ImageBatch):
+            return [1] * len(images.parts)
         if self.packed:
             return images["image_grid_thw"].prod(-1).tolist()
         n = images["pixel_values"].shape[0]
@@ -177,7 +214,37 @@ class Adapter:
     # -- vision ------------------------------------------------------------------------------------
     @torch.no_grad()
     def image_features(self, images: dict[str, torch.Tensor], state: Intervention | None = None) -> list[torch.Tensor]:
-        """Projected image features, one tensor per image, optionally under a vision intervention."""
+        """Projected image features, one tensor per image, optionally under a vision intervention.
+
+        ``state.vision_targets`` address :meth:`vision_units`. Without :attr:`batched_vision_interventions`
+        those are images: each targeted image runs through the tower alone with every call of that run
+        intervened, and the other images come from one plain batched call, so they are exactly the
+        features an intervention-free call gives.
+        """
+        if (
+            state is not None
+            and state.vision_targets
+            and not self.batched_vision_interventions
+            and isinstance(images, ImageBatch)
+        ):
+            return self._one_by_one(images, state)
+        return self._batched_features(images, state)
+
+    def _one_by_one(self, images: ImageBatch, state: Intervention) -> list[torch.Tensor]:
+        n = len(images.parts)
+        gens: dict[int, torch.Generator | None] = {}
+        for lo, hi, gen in state.vision_targets:
+            gens.update({i: gen for i in range(max(lo, 0), min(hi, n))})
+        out: list[torch.Tensor | None] = [None] * n
+        if len(gens) < n:
+            plain = self._batched_features(images, None)
+            out = [None if i in gens else f for i, f in enumerate(plain)]
+        for i, gen in sorted(gens.items()):
+            one = dataclasses.replace(state, vision_targets=[(0, sys.maxsize, gen)], _offsets={})
+            out[i] = self._batched_features(self.collate_images([images.parts[i]]), one)[0]
+        return out
+
+    def _batched_features(self, images: dict[str, torch.Tensor], state: Intervention | None) -> list[torch.Tensor]:
         inner = getattr(self.model, "model", self.model)
         kwargs = {k: v.to(self.device) for k, v in images.items()}
         kwargs["pixel_values"] = kwargs["pixel_values"].to(self.dtype)
@@ -186,17 +253,61 @@ class Adapter:
         with intervene(state):
             out = inner.get_image_features(**kwargs, return_dict=True)
         feats = out.pooler_output if isinstance(out, BaseModelOutputWithPooling) else out
-        return [f for f in feats]
+        if isinstance(out, BaseModelOutputWithPooling):
+            extra = [k for k, v in out.items() if k not in _STANDARD_OUTPUTS and v is not None]
+            if extra:
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}: its image features carry {', '.join(extra)} besides pooler_output, "
+                    "which the generic adapter does not hand to the LLM; the family needs an adapter of its own"
+                )
+        if isinstance(feats, (list, tuple)):
+            self._stacked = False
+            return list(feats)
+        # One tensor for the whole batch (Gemma 3, PaliGemma...): give each image its slice, leading dim kept,
+        # and hand the LLM their concatenation.
+        self._stacked = True
+        parts = getattr(images, "parts", None)
+        rows = [int(p["pixel_values"].shape[0]) for p in parts] if parts else self.vision_units(images)
+        if feats.shape[0] == sum(rows):  # one row per image, or per crop/tile (InternVL)
+            return list(feats.split(rows))
+        if parts and feats.shape[0] == len(parts):
+            return list(feats.split(1))
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: cannot split its image features of shape {tuple(feats.shape)} per image "
+            f"(inputs of {len(rows)} images with {sum(rows)} pixel rows); the family needs an adapter of its own"
+        )
 
     def features_input(self, feats: list[torch.Tensor]) -> dict[str, Any]:
-        """Forward kwargs that hand precomputed image features to the LLM."""
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}}
+        """Forward kwargs that hand precomputed image features to the LLM, in the container the model's own
+        ``get_image_features`` returns (a tuple of per-image tensors, or one tensor)."""
+        pooled = torch.cat(feats, dim=0) if getattr(self, "_stacked", False) else tuple(feats)
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}}
 
     # -- positions ---------------------------------------------------------------------------------
     def prefill_positions(self, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Position ids of the prompt, counted from each row's first real token (as ``generate`` does)."""
+        """Position ids of the prompt as ``generate`` numbers them, so left padding changes nothing.
+
+        That is the model's own ``_prepare_position_ids_for_generation`` (counted from each row's first real
+        token; multi-axis ids for M-RoPE models), passed through its ``prepare_inputs_for_generation``, where a
+        family may shift them (PaliGemma counts from 1).
+        """
         mask = batch["attention_mask"]
-        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        ids = batch["input_ids"]
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        own = getattr(self.model, "_prepare_position_ids_for_generation", None)
+        if own is not None:
+            try:
+                pos = own(ids, {**images, **batch})
+            except (TypeError, ValueError, KeyError):  # pragma: no cover - an override wanting other inputs
+                pass
+        try:
+            probe = self.model.prepare_inputs_for_generation(
+                ids, attention_mask=mask, position_ids=pos, use_cache=True, is_first_iteration=True
+            )
+        except (TypeError, ValueError, KeyError):  # pragma: no cover - an override wanting other inputs
+            return pos
+        shifted = probe.get("position_ids") if isinstance(probe, dict) else None
+        return shifted if isinstance(shifted, torch.Tensor) and shifted.shape == pos.shape else pos
 
     def next_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Positions of the next token for each row: one past the last."""

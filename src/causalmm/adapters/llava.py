@@ -16,6 +16,7 @@ class LlavaAdapter(Adapter):
 
     family = "llava"
     supports_gate = True
+    batched_vision_interventions = True
 
     @property
     def n_vision_layers(self) -> int:

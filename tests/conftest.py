@@ -53,3 +53,21 @@ def image_file(tmp_path_factory, images):
     path = tmp_path_factory.mktemp("img") / "img.png"
     images[0].save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def causalmm_cli():
+    """Run ``python -m causalmm ARGS`` as a user would (offline); asserts success unless check=False."""
+    import subprocess
+    import sys
+
+    def run(*args, check=True):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+        proc = subprocess.run(
+            [sys.executable, "-m", "causalmm", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+        )
+        if check:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run

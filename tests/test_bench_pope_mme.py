@@ -347,3 +347,38 @@ def test_unknown_benchmark_and_option():
         get_benchmark("gqa")
     with pytest.raises(BenchmarkError, match="mme does not take option.*prompt"):
         get_benchmark("mme", prompt="Describe.")
+
+
+def test_mme_cli_eval_then_score_your_results_end_to_end(tmp_path, model_dirs, causalmm_cli):
+    res = _mme_results_dir(tmp_path)
+    rel = tmp_path / "release"
+    for sub, names in (("existence", ("1.jpg", "2.jpg")), ("code_reasoning", ("0020.png",))):
+        (rel / sub).mkdir(parents=True)
+        for i, name in enumerate(names):
+            Image.new("RGB", (24, 24), (40 * i, 90, 200)).save(rel / sub / name)
+    out = tmp_path / "run"
+    causalmm_cli(
+        "eval",
+        "mme",
+        "--model",
+        model_dirs["llava"],
+        "--data",
+        res,
+        "--images",
+        rel,
+        "--out",
+        out,
+        "--max-new-tokens",
+        "2",
+        "--batch-size",
+        "3",
+        "--no-progress",
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_samples"] == 6 and {"perception", "cognition", "total", "hallucination"} <= set(
+        metrics["metrics"]
+    )
+    lines = (out / "Your_Results" / "existence.txt").read_text().splitlines()
+    assert len(lines) == 4 and all(len(ln.split("\t")) == 4 for ln in lines)
+    causalmm_cli("score", "mme", out / "Your_Results", "--out", tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["metrics"] == metrics["metrics"]

@@ -423,3 +423,30 @@ def test_missing_images(bench_dir, tmp_path):
         load_run_samples(VLind(), bench_dir, None, None)
     with pytest.raises(BenchmarkError, match="missing"):
         load_run_samples(VLind(), bench_dir / "data.json", tmp_path / "elsewhere", None)
+
+
+def test_cli_eval_then_score_the_native_file_end_to_end(bench_dir, model_dirs, causalmm_cli, tmp_path):
+    out = tmp_path / "run"
+    causalmm_cli(
+        "eval",
+        "vlind",
+        "--model",
+        model_dirs["llava"],
+        "--data",
+        bench_dir,
+        "--out",
+        out,
+        "--method",
+        "regular",
+        "--max-new-tokens",
+        "2",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_samples"] == 28 and metrics["native_files"] == ["data.json"]
+    assert set(HAND) <= set(metrics["metrics"])
+    causalmm_cli("score", "vlind", out / "data.json", "--data", bench_dir / "data.json", "--out", tmp_path / "s")
+    scored = json.loads((tmp_path / "s" / "metrics.json").read_text())["metrics"]
+    assert scored == metrics["metrics"]

@@ -206,10 +206,22 @@ def eval_(
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    num_processes: Annotated[
+        int, typer.Option(help="Split the run over N processes with `accelerate launch` (one per GPU).")
+    ] = 1,
 ) -> None:
-    """Run a benchmark into a run folder (resumable), score it, write metrics.json and report.md."""
+    """Run a benchmark into a run folder (resumable), score it, write metrics.json and report.md.
+
+    Under `accelerate launch -m causalmm eval ...` (or with --num-processes N) the samples are dealt across
+    the processes, each appending to its own shard; the main process merges them into the same files a
+    single process writes.
+    """
     from .benchmarks import BenchmarkError
     from .benchmarks.evaluate import evaluate
+
+    if num_processes < 1:
+        _fail(f"--num-processes must be at least 1, got {num_processes}")
+    relaunch = num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
 
     run_seeds = _parse_seeds(seed, seeds)
     try:
@@ -230,6 +242,27 @@ def eval_(
         if max_new_tokens is not None:
             generation["max_new_tokens"] = max_new_tokens
         options = _bench_options(suffix=suffix, prompt=prompt, parse=parse, category=category, annotations=annotations)
+        if relaunch:  # check data and run folder here, so bad input fails with one line, not per process
+            from .benchmarks.evaluate import plan_run
+            from .benchmarks.runner import check_run_info
+
+            _, _, info = plan_run(
+                benchmark,
+                model=model,
+                data=data,
+                images=images,
+                config=config,
+                generation=generation,
+                seeds=run_seeds,
+                limit=limit,
+                options=options,
+            )
+            check_run_info(out, info)
+    except (*_user_errors(), BenchmarkError) as err:
+        _fail(str(err))
+    if relaunch:
+        raise typer.Exit(code=_relaunch_with_accelerate(num_processes))
+    try:
         summary = evaluate(
             benchmark,
             model=model,
@@ -248,7 +281,8 @@ def eval_(
         )
     except (*_user_errors(), BenchmarkError) as err:
         _fail(str(err))
-    sys.stdout.write((out / "report.md").read_text(encoding="utf-8"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.stdout.write((out / "report.md").read_text(encoding="utf-8"))
     del summary
 
 
@@ -299,6 +333,26 @@ def compare(
     except BenchmarkError as err:
         _fail(str(err))
     sys.stdout.write(result["table"])
+
+
+def _relaunch_with_accelerate(n: int) -> int:
+    """Run this same command under ``accelerate launch`` with ``n`` processes; its exit code."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--num-processes":
+            skip = True
+            continue
+        if arg.startswith("--num-processes="):
+            continue
+        args.append(arg)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n)]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "causalmm", *args]
+    return subprocess.call(launch)
 
 
 def _hf_kwargs(device: str | None, dtype: str) -> dict:

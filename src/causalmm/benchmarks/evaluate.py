@@ -12,10 +12,10 @@ from .. import __version__
 from ..config import CausalMMConfig
 from . import get_benchmark
 from .base import Benchmark, BenchmarkError, Sample, check_images
-from .runner import finalize, limit_samples, load_records, run_samples, write_run_info
+from .runner import check_run_info, finalize, limit_samples, load_done, pending, run_samples, write_run_info
 from .stats import bootstrap_ci
 
-__all__ = ["evaluate", "load_run_samples", "sample_image", "score_predictions"]
+__all__ = ["evaluate", "load_run_samples", "plan_run", "sample_image", "score_predictions"]
 
 
 def sample_image(sample: Sample):
@@ -45,6 +45,41 @@ def load_run_samples(bench: Benchmark, data: str | Path, images: str | Path | No
     return samples
 
 
+def plan_run(
+    benchmark: str,
+    *,
+    model: str,
+    data: str | Path,
+    images: str | Path | None = None,
+    config: CausalMMConfig | None = None,
+    generation: dict[str, Any] | None = None,
+    seeds: Sequence[int] = (0,),
+    limit: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> tuple[Benchmark, list[Sample], dict[str, Any]]:
+    """Everything a run is, checked before any model is loaded: the benchmark, its samples, ``run.json``."""
+    config = config or CausalMMConfig()
+    bench = get_benchmark(benchmark, **(options or {}))
+    generation = {"max_new_tokens": bench.max_new_tokens, **(generation or {})}
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise BenchmarkError("give at least one seed")
+    samples = load_run_samples(bench, data, images, limit)
+    info = {
+        "benchmark": bench.name,
+        "options": bench.describe(),
+        "model": str(model),
+        "config": config.to_dict(),
+        "generation": generation,
+        "data": str(data),
+        "images": str(images) if images else None,
+        "seeds": seeds,
+        "limit": limit,
+        "causalmm_version": __version__,
+    }
+    return bench, samples, info
+
+
 def evaluate(
     benchmark: str,
     *,
@@ -69,30 +104,28 @@ def evaluate(
     ``causalmm`` may be an already-loaded :class:`causalmm.CausalMM` (its config is replaced by ``config``);
     otherwise the model is loaded only if something is left to generate.
     """
-    config = config or CausalMMConfig()
-    bench = get_benchmark(benchmark, **(options or {}))
-    generation = {"max_new_tokens": bench.max_new_tokens, **(generation or {})}
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise BenchmarkError("give at least one seed")
-    samples = load_run_samples(bench, data, images, limit)
-    out = Path(out)
-    info = {
-        "benchmark": bench.name,
-        "options": bench.describe(),
-        "model": str(model),
-        "config": config.to_dict(),
-        "generation": generation,
-        "data": str(data),
-        "images": str(images) if images else None,
-        "seeds": seeds,
-        "limit": limit,
-        "causalmm_version": __version__,
-    }
-    write_run_info(out, info)
-    done = load_records(out / "predictions.jsonl")
-    if any((s.id, seed) not in done for seed in seeds for s in samples):
-        cm = _model(causalmm, model, config, base, hf_kwargs)
+    bench, samples, info = plan_run(
+        benchmark,
+        model=model,
+        data=data,
+        images=images,
+        config=config,
+        generation=generation,
+        seeds=seeds,
+        limit=limit,
+        options=options,
+    )
+    config = CausalMMConfig.from_dict(info["config"])
+    generation, seeds, out = info["generation"], info["seeds"], Path(out)
+    rank, world, barrier = _processes()
+    check_run_info(out, info)  # every process refuses a mismatched run before anyone writes
+    barrier()
+    if rank == 0:
+        write_run_info(out, info)
+    done = load_done(out)  # every process reads the same finished set before anyone appends
+    barrier()
+    if pending(samples, seeds, done, out)[rank::world]:
+        cm = _model(causalmm, model, config, base, _process_hf_kwargs(hf_kwargs, world))
 
         def generate(batch: Sequence[Sample], sample_seeds: Sequence[int]) -> list[dict[str, Any]]:
             results = cm.generate(
@@ -100,8 +133,61 @@ def evaluate(
             )
             return [{"text": r.text, "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)} for r in results]
 
-        run_samples(bench, samples, out, generate, seeds=seeds, batch_size=batch_size, progress=progress)
-    return finalize(bench, samples, out, seeds=seeds, info=info, n_boot=n_boot)
+        run_samples(
+            bench,
+            samples,
+            out,
+            generate,
+            seeds=seeds,
+            batch_size=batch_size,
+            progress=progress,
+            rank=rank,
+            world=world,
+            done=done,
+        )
+    barrier()
+    if rank == 0:
+        summary = finalize(bench, samples, out, seeds=seeds, info=info, n_boot=n_boot)
+    barrier()
+    if rank != 0:
+        summary = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    return summary
+
+
+def _processes() -> tuple[int, int, Any]:
+    """(rank, world size, barrier) under ``accelerate launch`` / ``torchrun``; (0, 1, no-op) otherwise."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone
+
+
+def _process_hf_kwargs(hf_kwargs: dict[str, Any] | None, world: int) -> dict[str, Any]:
+    """Place each process's model replica: its own GPU, or (``device_map="auto"``) its own slice of the GPUs."""
+    kwargs = dict(hf_kwargs or {})
+    if world == 1:
+        return kwargs
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        kwargs.pop("device_map", None)
+        return kwargs
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if kwargs.get("device_map") == "auto":
+        per = max(1, torch.cuda.device_count() // local_world)
+        mine = range(local_rank * per, (local_rank + 1) * per)
+        kwargs["max_memory"] = {i: torch.cuda.mem_get_info(i)[0] for i in mine}
+    else:
+        kwargs["device_map"] = f"cuda:{local_rank}"
+    return kwargs
 
 
 def _model(causalmm: Any, model: str, config: CausalMMConfig, base: str, hf_kwargs: dict[str, Any] | None):

@@ -28,10 +28,24 @@ from ..decoding import derive_seed
 from .base import Benchmark, BenchmarkError, Sample
 from .stats import bootstrap_ci, seed_metrics
 
-__all__ = ["RunMismatchError", "finalize", "limit_samples", "load_records", "run_samples", "write_run_info"]
+__all__ = [
+    "RunMismatchError",
+    "check_run_info",
+    "finalize",
+    "limit_samples",
+    "load_done",
+    "load_records",
+    "pending",
+    "run_samples",
+    "shard_path",
+    "write_run_info",
+]
 
 #: run.json fields that must agree between a run and its resumption
 IDENTITY = ("benchmark", "options", "model", "config", "generation")
+
+#: finished records that are not part of the current run (kept, so a later larger run reuses them)
+OUTSIDE = "predictions.outside-run.jsonl"
 
 #: ``generate(samples, seeds) -> list of dicts with at least "text"`` (one per sample)
 GenerateFn = Callable[[Sequence[Sample], Sequence[int]], list[dict[str, Any]]]
@@ -54,25 +68,31 @@ def limit_samples(bench: Benchmark, samples: list[Sample], limit: int | None) ->
     return samples[:end]
 
 
-def write_run_info(out: Path, info: dict[str, Any]) -> None:
-    """Create ``out/run.json``, or check that the existing one describes the same run."""
-    out.mkdir(parents=True, exist_ok=True)
+def check_run_info(out: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """The run.json to write: ``info``, merged with an existing run.json that must describe the same run."""
     path = out / "run.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise BenchmarkError(f"{path} is corrupt ({err.msg}); delete the run folder or pick another --out") from err
-        diff = [k for k in IDENTITY if _canon(old.get(k)) != _canon(info.get(k))]
-        if diff:
-            detail = "; ".join(f"{k}: was {old.get(k)!r}, now {info.get(k)!r}" for k in diff[:2])
-            raise RunMismatchError(
-                f"{out} holds a different run ({', '.join(diff)} differ: {detail}); "
-                "rerun with the same settings to resume, or pick another --out"
-            )
-        seeds = list(dict.fromkeys([*old.get("seeds", []), *info.get("seeds", [])]))
-        info = {**old, **info, "seeds": seeds}
-    _atomic_write(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    if not path.exists():
+        return info
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BenchmarkError(f"{path} is corrupt ({err.msg}); delete the run folder or pick another --out") from err
+    diff = [k for k in IDENTITY if _canon(old.get(k)) != _canon(info.get(k))]
+    if diff:
+        detail = "; ".join(f"{k}: was {old.get(k)!r}, now {info.get(k)!r}" for k in diff[:2])
+        raise RunMismatchError(
+            f"{out} holds a different run ({', '.join(diff)} differ: {detail}); "
+            "rerun with the same settings to resume, or pick another --out"
+        )
+    seeds = list(dict.fromkeys([*old.get("seeds", []), *info.get("seeds", [])]))
+    return {**old, **info, "seeds": seeds}
+
+
+def write_run_info(out: Path, info: dict[str, Any]) -> None:
+    """Create ``out/run.json``, or check that the existing one describes the same run and update it."""
+    merged = check_run_info(out, info)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "run.json", json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
 def _canon(value: Any) -> str:
@@ -112,6 +132,42 @@ def load_records(path: Path, *, repair: bool = True) -> dict[tuple[str, int], di
     return records
 
 
+def shard_path(out: Path, rank: int = 0, world: int = 1) -> Path:
+    """Where process ``rank`` of ``world`` appends: ``predictions.jsonl`` alone, ``predictions.part{rank}.jsonl``
+    when several processes share the run."""
+    return out / ("predictions.jsonl" if world == 1 else f"predictions.part{rank}.jsonl")
+
+
+def shard_files(out: Path) -> list[Path]:
+    """Every predictions file of a run folder: the merged one first, then the per-process shards."""
+    parts = sorted(out.glob("predictions.part*.jsonl"), key=lambda p: p.name)
+    fixed = [out / "predictions.jsonl", out / OUTSIDE]
+    return [p for p in fixed if p.exists()] + parts
+
+
+def load_done(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Finished records of all files of a run folder (read-only: torn last lines are skipped, not cut)."""
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in shard_files(out):
+        for key, rec in load_records(path, repair=False).items():
+            done.setdefault(key, rec)
+    return done
+
+
+def pending(
+    samples: Sequence[Sample], seeds: Sequence[int], done: dict[tuple[str, int], Any], out: Path
+) -> list[tuple[int, Sample]]:
+    """(seed, sample) pairs not yet done, in run order; refuses a folder whose samples are all foreign."""
+    ids = {s.id for s in samples}
+    stray = [k for k in done if k[0] not in ids]
+    if stray and len(stray) == len(done):
+        raise RunMismatchError(
+            f"{out}: none of its predictions are for samples in the data given now (e.g. id {stray[0][0]!r}); "
+            "is --data the same as when the run started?"
+        )
+    return [(int(seed), s) for seed in seeds for s in samples if (s.id, int(seed)) not in done]
+
+
 def run_samples(
     bench: Benchmark,
     samples: Sequence[Sample],
@@ -121,26 +177,32 @@ def run_samples(
     seeds: Sequence[int],
     batch_size: int = 1,
     progress: bool = True,
-    shard_name: str = "predictions.jsonl",
+    rank: int = 0,
+    world: int = 1,
+    done: dict[tuple[str, int], Any] | None = None,
 ) -> int:
-    """Generate every (sample, seed) not yet in ``out/shard_name``; returns how many were generated."""
+    """Generate this process's share of the (sample, seed) pairs not done yet; returns how many it generated.
+
+    The pending pairs are dealt round-robin (``pending[rank::world]``), which every process computes alike
+    from the same ``done`` set (read by all before any of them writes: pass it in when running several).
+    """
     if batch_size < 1:
         raise BenchmarkError(f"--batch-size must be at least 1, got {batch_size}")
-    path = out / shard_name
-    done = load_records(path)
-    ids = {s.id for s in samples}
-    todo = [(seed, s) for seed in seeds for s in samples if (s.id, int(seed)) not in done]
-    stray = [k for k in done if k[0] not in ids]
-    if stray and len(stray) == len(done):
-        raise RunMismatchError(
-            f"{path}: none of its samples are in the data given now (e.g. id {stray[0][0]!r}); "
-            "is --data the same as when the run started?"
-        )
+    done = load_done(out) if done is None else done
+    todo_all = pending(samples, seeds, done, out)
+    todo = todo_all[rank::world]
+    path = shard_path(out, rank, world)
+    load_records(path, repair=True)  # cut a torn last line of our own shard before appending
     if not todo:
         return 0
     total = len(seeds) * len(samples)
+    label = bench.name if world == 1 else f"{bench.name} [{rank + 1}/{world}]"
+    show = progress and rank == 0
+    # process 0's bar counts its own share; the others run silently
+    mine_total = total if world == 1 else len(todo)
+    mine_done = total - len(todo_all) if world == 1 else 0
     written = 0
-    with path.open("a", encoding="utf-8") as fh, _progress(bench.name, total, total - len(todo), progress) as advance:
+    with path.open("a", encoding="utf-8") as fh, _progress(label, mine_total, mine_done, show) as advance:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             sample_seeds = [derive_seed(seed, s.id) for seed, s in chunk]
@@ -164,13 +226,10 @@ def finalize(
     seeds: Sequence[int],
     info: dict[str, Any],
     n_boot: int = 1000,
-    shard_names: Sequence[str] = ("predictions.jsonl",),
 ) -> dict[str, Any]:
-    """Order and rewrite the predictions, score them, write ``metrics.json``, ``report.md`` and native files."""
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    for name in shard_names:
-        for key, rec in load_records(out / name).items():
-            done.setdefault(key, rec)
+    """Merge the shards, order and rewrite the predictions, score them, write ``metrics.json``, ``report.md``
+    and the benchmark's native files."""
+    done = load_done(out)
     ordered = []
     missing = []
     for seed in seeds:
@@ -184,9 +243,15 @@ def finalize(
     if missing:
         raise BenchmarkError(f"{len(missing)} sample(s) have no prediction yet (e.g. {missing[0]}); rerun to finish")
     _atomic_write(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
-    for name in shard_names:
-        if name != "predictions.jsonl" and (out / name).exists():
-            (out / name).unlink()
+    # finished records outside this run (an earlier, larger --limit, or other seeds) are kept, apart
+    keep = {(r["id"], r["seed"]) for r in ordered}
+    extra = [r for k, r in done.items() if k not in keep]
+    if extra:
+        _atomic_write(out / OUTSIDE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in extra))
+    elif (out / OUTSIDE).exists():
+        (out / OUTSIDE).unlink()
+    for path in out.glob("predictions.part*.jsonl"):
+        path.unlink()
     per_seed = {}
     for seed in seeds:
         per_seed[str(seed)] = bench.metrics([r for r in ordered if r["seed"] == int(seed)])

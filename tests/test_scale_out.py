@@ -1,0 +1,135 @@
+"""Scale-out on accelerate (CPU, gloo): a run split over 2 processes gives what 1 process gives; a killed
+multi-process run resumes with another process count; a mismatched resume is refused before launching."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+N_QUESTIONS = 10
+
+
+@pytest.fixture(scope="module")
+def pope_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pope_mp")
+    g = torch.Generator().manual_seed(3)
+    (root / "images").mkdir()
+    rows = []
+    for i in range(N_QUESTIONS):
+        name = f"{i // 2}.png"
+        if not (root / "images" / name).exists():
+            arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / "images" / name)
+        label = "yes" if i % 2 == 0 else "no"
+        rows.append({"question_id": i + 1, "image": name, "text": f"Is there a thing {i} here?", "label": label})
+    (root / "q.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def args_for(model, data, out, *extra):
+    return [
+        "eval", "pope", "--model", str(model), "--data", str(data / "q.json"), "--images", str(data / "images"),
+        "--out", str(out), "--max-new-tokens", "3", "--language-layers", "all", "--do-sample", "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def predictions(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(model_dirs, pope_data, tmp_path_factory, causalmm_cli):
+    out = tmp_path_factory.mktemp("mp") / "single"
+    causalmm_cli(*args_for(model_dirs["llava"], pope_data, out, "--batch-size", "3"))
+    return out
+
+
+def test_two_processes_give_the_single_process_predictions_and_metrics(
+    single, model_dirs, pope_data, tmp_path, causalmm_cli
+):
+    out = tmp_path / "two"
+    proc = causalmm_cli(*args_for(model_dirs["llava"], pope_data, out, "--num-processes", "2", "--batch-size", "2"))
+    assert proc.stdout.count("| accuracy |") == 1  # the report is printed once, by the main process
+    assert predictions(out) == predictions(single)  # sampling too: per-sample seeds
+    assert (
+        json.loads((out / "metrics.json").read_text())["metrics"]
+        == json.loads((single / "metrics.json").read_text())["metrics"]
+    )
+    assert not list(out.glob("predictions.part*.jsonl"))  # shards merged away
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def test_killed_worker_then_resume_with_another_process_count(single, model_dirs, pope_data, tmp_path, causalmm_cli):
+    out = tmp_path / "killed"
+    args = args_for(model_dirs["llava"], pope_data, out, "--batch-size", "1")
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "causalmm",
+        *args,
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(launch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        shards = list(out.glob("predictions.part*.jsonl"))
+        if sum(len(p.read_text().splitlines()) for p in shards) >= 2:
+            break
+        time.sleep(0.02)
+    workers = [p for p in _descendants(proc.pid) if "causalmm" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert workers, "no worker process found"
+    os.kill(workers[-1], signal.SIGKILL)  # one worker dies; the launcher tears the other down
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    n_done = sum(len(p.read_text().splitlines()) for p in out.glob("predictions.part*.jsonl"))
+    assert 2 <= n_done < N_QUESTIONS, "the run must be killed part-way for this test to mean anything"
+    assert not (out / "metrics.json").exists()
+    causalmm_cli(*args)  # resume with ONE process: it merges the two shards and does the rest
+    assert predictions(out) == predictions(single)
+    assert (
+        json.loads((out / "metrics.json").read_text())["metrics"]
+        == json.loads((single / "metrics.json").read_text())["metrics"]
+    )
+
+
+def test_mismatched_resume_is_refused_before_launching(single, model_dirs, pope_data, causalmm_cli):
+    proc = causalmm_cli(
+        *args_for(model_dirs["llava"], pope_data, single, "--num-processes", "2", "--gamma", "3"), check=False
+    )
+    assert proc.returncode == 2
+    err = " ".join(proc.stderr.split())
+    assert "holds a different run" in err and "gamma" in err and "Traceback" not in proc.stderr

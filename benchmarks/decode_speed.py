@@ -1,0 +1,324 @@
+"""Decode speed of CausalMM against regular decoding, measured side by side in one run.
+
+    python benchmarks/decode_speed.py                       # CPU preset (~50M LLaVA, 576 image tokens)
+    python benchmarks/decode_speed.py --preset llava7b      # 7B-shaped LLaVA-1.5 in bf16, CUDA only
+    python benchmarks/decode_speed.py --preset tiny --new-tokens 8 --reps 1    # a smoke run
+
+For each configuration it measures prefill time, per-token decode latency and peak memory, repeating the
+configurations interleaved (rep 1 of every config, then rep 2, ...) so drift hits all alike, and prints
+medians, spreads and ratios to regular greedy decoding. Weights are random (no download): speed does not
+depend on them, and generation is forced to the full length (eos disabled).
+
+The *sequential reference* runs every branch as its own batch-1 forward pass per token with its own KV cache,
+which is what the original CausalMM code and its peers do; our engine runs all branches as rows of one
+batched forward per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from causalmm import CausalMM, CausalMMConfig
+from causalmm.attention import Intervention, intervene
+from causalmm.decoding import GenerationOptions, contrast, derive_seed
+
+# --------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------
+
+
+def build_llava(preset: str, device: str, dtype: torch.dtype) -> CausalMM:
+    """A LLaVA-architecture model with random weights, shaped by ``preset``, wrapped with CausalMM."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from causalmm.tiny import _LLAVA_CHAT_TEMPLATE, build_tokenizer
+
+    tok = build_tokenizer("llava")
+    image_token = tok.convert_tokens_to_ids("<image>")
+    shapes = {
+        # CLIP ViT-L/14-336 + Vicuna-7B, as published in llava-hf/llava-1.5-7b-hf's config
+        "llava7b": dict(v=(1024, 24, 16, 4096), t=(4096, 32, 32, 11008), vocab=32064, image=336, patch=14),
+        # ~50M parameters, 576 image tokens (24x24 patches of 14 px), answer 64 tokens
+        "cpu": dict(v=(256, 4, 4, 1024), t=(512, 8, 8, 1408), vocab=32064, image=336, patch=14),
+        # seconds-long smoke run
+        "tiny": dict(v=(64, 2, 2, 128), t=(128, 2, 4, 256), vocab=1024, image=112, patch=14),
+    }[preset]
+    vh, vl, vheads, vff = shapes["v"]
+    th, tl, theads, tff = shapes["t"]
+    vision = CLIPVisionConfig(
+        hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vheads, intermediate_size=vff,
+        image_size=shapes["image"], patch_size=shapes["patch"], projection_dim=th,
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=th, num_hidden_layers=tl, num_attention_heads=theads, num_key_value_heads=theads,
+        intermediate_size=tff, vocab_size=shapes["vocab"], max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype)
+    model.generation_config.eos_token_id = None
+    size = shapes["image"]
+    improc = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True
+    )
+    processor = LlavaProcessor(
+        image_processor=improc, tokenizer=tok, patch_size=shapes["patch"], vision_feature_select_strategy="default",
+        chat_template=_LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1,
+    )  # fmt: skip
+    return CausalMM(model, processor, CausalMMConfig(method="regular"), base="sdpa")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Peak:
+    """Peak memory above the level at entry: CUDA allocator stats, or sampled RSS on CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def __enter__(self) -> _Peak:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = _rss()
+            self.stop = False
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.value = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.thread.join()
+            self.value = max(self.peak, _rss()) - self.base
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _StepClock:
+    """Timestamps of every forward call of the model: the first is the prefill, the rest are decode steps."""
+
+    def __init__(self, model: torch.nn.Module, device: str) -> None:
+        self.model, self.cuda = model, device.startswith("cuda")
+
+    def __enter__(self) -> _StepClock:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.handles = [
+            self.model.register_forward_pre_hook(lambda *a: self.starts.append(self._now())),
+            self.model.register_forward_hook(lambda *a: self.ends.append(self._now())),
+        ]
+        return self
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class Sample:
+    prefill: float
+    per_token: float
+    peak: int
+
+
+def run_engine(cm: CausalMM, config: CausalMMConfig, image: Image.Image, prompt: str, n: int, device: str) -> Sample:
+    """One generation of ``n`` tokens with our engine (all branches batched)."""
+    runner = cm.with_config(config)
+    runner.engine.eos = set()
+    with _Peak(device) as peak, _StepClock(cm.model, device) as clock:
+        t0 = clock._now()
+        runner.engine.generate([image], [prompt], GenerationOptions(max_new_tokens=n))
+        t1 = clock._now()
+    # prefill = everything up to the end of the first forward (vision tower, features, first LLM pass)
+    prefill = clock.ends[0] - t0
+    per_token = (t1 - clock.ends[0]) / max(1, n - 1)
+    return Sample(prefill, per_token, peak.value)
+
+
+@torch.no_grad()
+def run_sequential(
+    cm: CausalMM, config: CausalMMConfig, image: Image.Image, prompt: str, n: int, device: str
+) -> Sample:
+    """The peers' way: each branch is its own batch-1 forward per token with its own cache (greedy, K=1)."""
+    from transformers import DynamicCache
+
+    engine = cm.with_config(config).engine
+    ad = cm.adapter
+    seed = config.seed
+    with _Peak(device) as peak:
+        t0 = time.perf_counter()
+        enc = ad.encode(image, prompt)
+        imgs = [ad.image_inputs(enc)]
+        branches = [None, *engine.branches]
+        feats = {"factual": engine._features(imgs, "factual", [seed], 1)[(0, 0)]}
+        if any(b.vision for b in engine.branches):
+            feats["vision"] = engine._features(imgs, "vision", [seed], 1)[(0, 0)]
+        if any(b.noise for b in engine.branches):
+            feats["noise"] = engine._features(imgs, "noise", [seed], 1)[(0, 0)]
+        ids = enc["input_ids"].to(ad.device)
+        mask = enc["attention_mask"].to(ad.device)
+        meta = {k: v.to(ad.device) for k, v in imgs[0].items() if k != "pixel_values"}
+        pos0 = ad.prefill_positions({"input_ids": ids, "attention_mask": mask}, meta)
+        state = []
+        for b in branches:
+            feat = (
+                feats["factual"] if b is None or not (b.vision or b.noise) else feats["vision" if b.vision else "noise"]
+            )
+            gen = None
+            if b is not None and b.language:
+                gen = torch.Generator(device=ad.device).manual_seed(derive_seed(seed, "language", b.name, 0))
+            cache = DynamicCache(config=ad.model.config.get_text_config())
+            inputs = {"input_ids": ids, **ad.features_input([feat])}
+            state.append({"gen": gen, "cache": cache, "pos": pos0, "mask": mask, "inputs": inputs})
+        prefill = None
+        for step in range(n):
+            logits = []
+            for s in state:
+                rule = Intervention(language=engine.language_rule, language_rows={0: s["gen"]}) if s["gen"] else None
+                with intervene(rule or Intervention()):
+                    out = ad.model(**s["inputs"], attention_mask=s["mask"], position_ids=s["pos"],
+                                   past_key_values=s["cache"], use_cache=True, logits_to_keep=1)  # fmt: skip
+                logits.append(out.logits[0, -1].float())
+            z = (
+                contrast(logits[0], logits[1:], gamma=config.gamma, epsilon=config.epsilon)
+                if len(logits) > 1
+                else logits[0]
+            )
+            tok = int(z.argmax())
+            if step == 0:
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                prefill = time.perf_counter() - t0
+                t_first = time.perf_counter()
+            for s in state:
+                s["inputs"] = {"input_ids": torch.tensor([[tok]], device=ad.device)}
+                s["pos"] = ad.next_positions(s["pos"])
+                s["mask"] = torch.cat([s["mask"], s["mask"].new_ones(1, 1)], dim=1)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+    return Sample(prefill, (t1 - t_first) / max(1, n - 1), peak.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------
+
+CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
+    ("regular greedy", "engine", CausalMMConfig(method="regular")),
+    ("causalmm vision K=1", "engine", CausalMMConfig(mode="vision")),
+    ("causalmm language K=1", "engine", CausalMMConfig(mode="language")),
+    ("causalmm multimodal K=1", "engine", CausalMMConfig(mode="multimodal")),
+    ("causalmm joint K=1", "engine", CausalMMConfig(mode="joint")),
+    ("causalmm vision K=4", "engine", CausalMMConfig(mode="vision", num_cf_samples=4)),
+    ("causalmm multimodal K=4", "engine", CausalMMConfig(mode="multimodal", num_cf_samples=4)),
+    ("vcd", "engine", CausalMMConfig(method="vcd")),
+    ("sequential ref. vision", "sequential", CausalMMConfig(mode="vision")),
+    ("sequential ref. multimodal", "sequential", CausalMMConfig(mode="multimodal")),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=("cpu", "llava7b", "tiny"), default="cpu")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cuda for llava7b, else cpu")
+    parser.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if args.preset == "llava7b" else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"preset {args.preset} needs a CUDA GPU; none is available here", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if args.preset == "llava7b" else torch.float32
+    torch.set_grad_enabled(False)
+    cm = build_llava(args.preset, device, dtype)
+    n_params = sum(p.numel() for p in cm.model.parameters())
+    image = Image.radial_gradient("L").resize((400, 300)).convert("RGB")
+    prompt = "Please describe this image in detail."
+    configs = [c for c in CONFIGS if not args.only or any(o in c[0] for o in args.only.split(","))]
+    results: dict[str, list[Sample]] = {name: [] for name, _, _ in configs}
+    run_engine(cm, configs[0][2], image, prompt, 2, device)  # warm-up
+    for rep in range(args.reps):
+        for name, kind, cfg in configs:
+            fn = run_engine if kind == "engine" else run_sequential
+            results[name].append(fn(cm, cfg, image, prompt, args.new_tokens, device))
+            print(
+                f"rep {rep + 1}/{args.reps} {name}: {results[name][-1].per_token * 1e3:.1f} ms/token", file=sys.stderr
+            )
+    ref = statistics.median(s.per_token for s in results[configs[0][0]])
+    ref_mem = max(1, statistics.median(s.peak for s in results[configs[0][0]]))
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores visible)"
+    print(f"\n## decode speed — preset {args.preset} ({n_params / 1e6:.0f}M params, {dtype}), {gpu}")
+    print(f"{args.new_tokens} new tokens, {args.reps} interleaved repetitions, torch {torch.__version__}\n")
+    print("| configuration | per-token ms (median [min, max]) | × regular | prefill ms | peak MiB | × regular mem |")
+    print("|---|---|---|---|---|---|")
+    for name, _, _ in configs:
+        rs = results[name]
+        pt = [s.per_token * 1e3 for s in rs]
+        med = statistics.median(pt)
+        pre = statistics.median(s.prefill * 1e3 for s in rs)
+        mem = statistics.median(s.peak for s in rs)
+        print(
+            f"| {name} | {med:.1f} [{min(pt):.1f}, {max(pt):.1f}] | {med / (ref * 1e3):.2f} | {pre:.0f} | "
+            f"{mem / 2**20:.0f} | {mem / ref_mem:.2f} |"
+        )
+    seq = results.get("sequential ref. multimodal")
+    ours = results.get("causalmm multimodal K=1")
+    if seq and ours:
+        speedup = statistics.median(s.per_token for s in seq) / statistics.median(s.per_token for s in ours)
+        print(f"\nmultimodal: engine is {speedup:.2f}× faster per token than the sequential reference")
+    try:
+        import mitigv  # noqa: F401
+
+        print("\nmitigv is installed but its timing is not wired yet")
+    except ImportError:
+        print("\nmitigv not installed: its VCD was not timed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    raise SystemExit(main())

@@ -12,7 +12,7 @@ from PIL import Image  # noqa: E402
 from causalmm import CausalMM, CausalMMConfig  # noqa: E402
 from causalmm.tiny import FAMILIES, build_tiny_model  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 
 @pytest.fixture(scope="session")

@@ -335,6 +335,101 @@ def compare(
     sys.stdout.write(result["table"])
 
 
+@app.command()
+def visualize(
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option(help="Path of the image.")],
+    prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
+    out: Annotated[Path, typer.Option(help="The PNG to write.")],
+    layers: Annotated[str | None, typer.Option(help="Vision layers (default: the one feeding the LLM).")] = None,
+    language_layers: LanguageLayersOpt = None,
+    methods: Annotated[str, typer.Option(help="Counterfactuals to show, comma-separated.")] = (
+        "random,uniform,reversed,shuffle"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the random counterfactual draws.")] = 0,
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """One figure: the image, its factual vision and LLM attention maps, and each counterfactual's."""
+    from .api import CausalMM, load_image
+    from .visualize import visualize as draw
+
+    try:
+        if not prompt.strip():
+            _fail("--prompt is empty; give a question or instruction about the image")
+        pil = load_image(image)
+        cm = CausalMM.from_pretrained(model, base=attention, **_hf_kwargs(device, dtype))
+        path = draw(
+            cm, pil, prompt, layers=layers, language_layers=language_layers, methods=methods, seed=seed, out=out
+        )
+    except _user_errors() as err:
+        _fail(str(err))
+    console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def explain(
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option(help="Path of the image.")],
+    prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
+    method: MethodOpt = "causalmm",
+    mode: ModeOpt = "multimodal",
+    vision_cf: VisionCfOpt = "random",
+    language_cf: LanguageCfOpt = "random",
+    vision_layers: VisionLayersOpt = None,
+    language_layers: LanguageLayersOpt = None,
+    gamma: GammaOpt = 1.0,
+    epsilon: EpsilonOpt = 0.1,
+    samples: SamplesOpt = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the counterfactual draws.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 16,
+    top_k: Annotated[int, typer.Option(help="Candidates shown per branch and step.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+    html: Annotated[Path | None, typer.Option(help="Also write an HTML report with the attention figure.")] = None,
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Per generated token: top candidates under the factual branch, each counterfactual, and the contrast."""
+    import tempfile
+
+    from .api import CausalMM, load_image
+    from .explain import explain as run_explain
+    from .visualize import visualize as draw
+
+    try:
+        config = _config(
+            method=method,
+            mode=mode,
+            vision_cf=vision_cf,
+            language_cf=language_cf,
+            vision_layers=vision_layers,
+            language_layers=language_layers,
+            gamma=gamma,
+            epsilon=epsilon,
+            samples=samples,
+            seed=seed,
+        )
+        if not prompt.strip():
+            _fail("--prompt is empty; give a question or instruction about the image")
+        pil = load_image(image)
+        cm = CausalMM.from_pretrained(model, config, base=attention, **_hf_kwargs(device, dtype))
+        ex = run_explain(cm, pil, prompt, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed)
+        if html is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                figure = draw(cm, pil, prompt, seed=seed, out=Path(tmp) / "attention.png")
+                ex.to_html(html, figure=figure)
+    except _user_errors() as err:
+        _fail(str(err))
+    if as_json:
+        sys.stdout.write(json.dumps(ex.to_json(), allow_nan=False) + "\n")
+    else:
+        Console(width=max(Console().width, 140)).print(ex.table())
+    if html is not None:
+        console.print(f"wrote {html}", highlight=False)
+
+
 def _relaunch_with_accelerate(n: int) -> int:
     """Run this same command under ``accelerate launch`` with ``n`` processes; its exit code."""
     import subprocess

@@ -382,3 +382,20 @@ def test_mme_cli_eval_then_score_your_results_end_to_end(tmp_path, model_dirs, c
     assert len(lines) == 4 and all(len(ln.split("\t")) == 4 for ln in lines)
     causalmm_cli("score", "mme", out / "Your_Results", "--out", tmp_path / "s")
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["metrics"] == metrics["metrics"]
+
+
+def test_pope_datasets_save_to_disk_arrow_layout(tmp_path):
+    import datasets  # in the test extra: this must run, not skip
+    ds = datasets.Dataset.from_dict(
+        {
+            "question_id": ["7", "8"],
+            "question": ["Is there a cat in the image?", "Is there a dog in the image?"],
+            "answer": ["no", "yes"],
+            "image": [{"bytes": _png(), "path": None}, {"bytes": _png((0, 0, 255)), "path": None}],
+        }
+    ).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "pope_arrow"))
+    samples = get_benchmark("pope").load(tmp_path / "pope_arrow", None)
+    assert [s.id for s in samples] == ["7", "8"] and [s.meta["label"] for s in samples] == ["no", "yes"]
+    with Image.open(io.BytesIO(samples[1].image)) as im:
+        assert im.getpixel((0, 0)) == (0, 0, 255)

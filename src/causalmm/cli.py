@@ -62,9 +62,17 @@ DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto
 ModelOpt = Annotated[str, typer.Option(help="Hub id or local directory of a vision-language model.")]
 
 
-def _config(**kwargs) -> CausalMMConfig:
+_CONFIG_FLAGS = (
+    "method", "mode", "vision_cf", "language_cf", "vision_layers", "language_layers", "gamma", "epsilon", "samples",
+    "seed", "legacy", "vision_style",
+)  # fmt: skip
+
+
+def _config(values: dict) -> CausalMMConfig:
+    """The CausalMMConfig of a command's flags (``values`` = its ``locals()``; flags it lacks keep defaults)."""
     from .config import CausalMMConfig
 
+    kwargs = {k: values[k] for k in _CONFIG_FLAGS if k in values}
     kwargs["num_cf_samples"] = kwargs.pop("samples")
     return CausalMMConfig(**kwargs)
 
@@ -107,20 +115,7 @@ def generate(
     from .api import CausalMM, load_image
 
     try:
-        config = _config(
-            method=method,
-            mode=mode,
-            vision_cf=vision_cf,
-            language_cf=language_cf,
-            vision_layers=vision_layers,
-            language_layers=language_layers,
-            gamma=gamma,
-            epsilon=epsilon,
-            samples=samples,
-            seed=seed,
-            legacy=legacy,
-            vision_style=vision_style,
-        )
+        config = _config(locals())
         if not prompt.strip():
             _fail("--prompt is empty; give a question or instruction about the image")
         pil = load_image(image)
@@ -225,39 +220,26 @@ def eval_(
 
     run_seeds = _parse_seeds(seed, seeds)
     try:
-        config = _config(
-            method=method,
-            mode=mode,
-            vision_cf=vision_cf,
-            language_cf=language_cf,
-            vision_layers=vision_layers,
-            language_layers=language_layers,
-            gamma=gamma,
-            epsilon=epsilon,
-            samples=samples,
-            legacy=legacy,
-            vision_style=vision_style,
-        )
+        config = _config(locals())
         generation = _sampling(do_sample, temperature, top_p, top_k)
         if max_new_tokens is not None:
             generation["max_new_tokens"] = max_new_tokens
         options = _bench_options(suffix=suffix, prompt=prompt, parse=parse, category=category, annotations=annotations)
+        plan = {
+            "model": model,
+            "data": data,
+            "images": images,
+            "config": config,
+            "generation": generation,
+            "seeds": run_seeds,
+            "limit": limit,
+            "options": options,
+        }
         if relaunch:  # check data and run folder here, so bad input fails with one line, not per process
             from .benchmarks.evaluate import plan_run
             from .benchmarks.runner import check_run_info
 
-            _, _, info = plan_run(
-                benchmark,
-                model=model,
-                data=data,
-                images=images,
-                config=config,
-                generation=generation,
-                seeds=run_seeds,
-                limit=limit,
-                options=options,
-            )
-            check_run_info(out, info)
+            check_run_info(out, plan_run(benchmark, **plan)[2])
     except (*_user_errors(), BenchmarkError) as err:
         _fail(str(err))
     if relaunch:
@@ -265,19 +247,12 @@ def eval_(
     try:
         summary = evaluate(
             benchmark,
-            model=model,
-            data=data,
-            images=images,
             out=out,
-            config=config,
-            generation=generation,
-            seeds=run_seeds,
             batch_size=batch_size,
-            limit=limit,
-            options=options,
             base=attention,
             hf_kwargs=_hf_kwargs(device, dtype),
             progress=progress,
+            **plan,
         )
     except (*_user_errors(), BenchmarkError) as err:
         _fail(str(err))
@@ -399,18 +374,7 @@ def explain(
     from .visualize import visualize as draw
 
     try:
-        config = _config(
-            method=method,
-            mode=mode,
-            vision_cf=vision_cf,
-            language_cf=language_cf,
-            vision_layers=vision_layers,
-            language_layers=language_layers,
-            gamma=gamma,
-            epsilon=epsilon,
-            samples=samples,
-            seed=seed,
-        )
+        config = _config(locals())
         if not prompt.strip():
             _fail("--prompt is empty; give a question or instruction about the image")
         pil = load_image(image)
@@ -480,10 +444,10 @@ def demo(
 
     from .api import CausalMM
     from .config import CausalMMConfig
-    from .tiny import FAMILIES, build_tiny_model
+    from .tiny import ALL_FAMILIES, build_tiny_model
 
-    if family not in FAMILIES:
-        _fail(f"--family {family!r} is not valid; choose one of {', '.join(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        _fail(f"--family {family!r} is not valid; choose one of {', '.join(ALL_FAMILIES)}")
     path = build_tiny_model(family, out / family)
     image = Image.radial_gradient("L").resize((64, 64)).convert("RGB")
     prompt = "Is there a red cat in the image? Answer yes or no."

@@ -6,14 +6,18 @@ the real checkpoints are gigabytes and the test machines have no network.  This 
 in well under a second per family, a *structurally faithful* miniature of each supported family:
 
 * the real model class (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-  ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``) with a tiny config that
-  still has several layers, grouped-query attention, CLS tokens / anyres crops / window attention, so
+  ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``; and, for the families no
+  adapter names (:data:`GENERIC_FAMILIES`, served by the generic adapter), Gemma 3, LLaVA-OneVision,
+  Mistral 3, Idefics3, PaliGemma, Qwen3-VL and InternVL) with a tiny config that still has several layers,
+  grouped-query attention, CLS tokens / anyres crops / tiles / window and sliding-window attention, so
   every branch the real models take is taken here too;
 * a real processor class with the PIL image processor (torchvision is deliberately absent) and a byte-level
   BPE tokenizer trained on a small built-in English corpus, with the family's special tokens and a chat
   template mimicking the real checkpoint's;
 * weights drawn from ``torch.manual_seed(seed)`` with a deliberately large ``initializer_range`` (0.2) so
-  the logits are not flat and greedy outputs depend on the prompt and on the image.
+  the logits are not flat and greedy outputs depend on the prompt and on the image (weight matrices a
+  family initialises to zero, like Gemma 3's image projection, are drawn too, or the image would not reach
+  the LLM).
 
 Everything is written with ``save_pretrained`` so it loads back with ``AutoProcessor.from_pretrained`` and
 ``AutoModelForImageTextToText.from_pretrained``.
@@ -22,6 +26,8 @@ Qwen2-VL / Qwen2.5-VL caveat: their stock processors require a video processor, 
 in ``transformers`` 5 needs torchvision.  We save an image-only subclass (``TinyQwen2VLProcessor`` /
 ``TinyQwen2_5_VLProcessor``).  ``AutoProcessor`` finds it by name once this module is imported (it is
 registered at import time, and ``causalmm``'s loader imports it); :func:`load_processor` does that for you.
+LLaVA-OneVision, Qwen3-VL and InternVL get the same treatment; Mistral 3's ``PixtralProcessor`` needs no video
+processor but imports a helper from a torchvision module (see :func:`_pixtral_processor_class`).
 """
 
 from __future__ import annotations
@@ -45,11 +51,16 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GenerationConfig,
+    GotOcr2ImageProcessorPil,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
     Idefics3Processor,
     Idefics3VisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -93,6 +104,7 @@ __all__ = [
     "ALL_FAMILIES",
     "FAMILIES",
     "GENERIC_FAMILIES",
+    "TinyInternVLProcessor",
     "TinyLlavaOnevisionProcessor",
     "TinyPixtralProcessor",
     "TinyQwen2VLProcessor",
@@ -106,7 +118,15 @@ __all__ = [
 #: Families with an adapter of their own (the demo CLI offers these).
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 #: Families no adapter names: they run through the generic :class:`causalmm.adapters.Adapter`.
-GENERIC_FAMILIES: tuple[str, ...] = ("gemma3", "llava_onevision", "mistral3", "idefics3", "paligemma", "qwen3_vl")
+GENERIC_FAMILIES: tuple[str, ...] = (
+    "gemma3",
+    "llava_onevision",
+    "mistral3",
+    "idefics3",
+    "paligemma",
+    "qwen3_vl",
+    "internvl",
+)
 ALL_FAMILIES: tuple[str, ...] = FAMILIES + GENERIC_FAMILIES
 
 # --------------------------------------------------------------------------------------------------------
@@ -398,6 +418,20 @@ class TinyPixtralProcessor(_pixtral_processor_class()):
     """``PixtralProcessor`` loadable without torchvision (see :func:`_pixtral_processor_class`)."""
 
 
+class TinyInternVLProcessor(InternVLProcessor):
+    """Image-only ``InternVLProcessor`` (see :class:`_ImageOnly`; own signature as for LLaVA-OneVision)."""
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        image_seq_length: int = 256,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template=chat_template, **kwargs)
+
+
 # ``processor_class_from_name`` (used by AutoProcessor) also searches registered classes by name.  A string
 # key (not a config class) is used so that real Qwen2-VL checkpoints keep mapping to the stock processor.
 for _cls in (
@@ -406,6 +440,7 @@ for _cls in (
     TinyQwen3VLProcessor,
     TinyLlavaOnevisionProcessor,
     TinyPixtralProcessor,
+    TinyInternVLProcessor,
 ):
     AutoProcessor.register(f"causalmm_tiny_{_cls.__name__}", _cls, exist_ok=True)
 
@@ -700,6 +735,22 @@ _QWEN3_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# InternVL3-*-hf's template without its default system prompt: the image is "<IMG_CONTEXT>\n", which the
+# processor expands to <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>.
+_INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# InternVL: the image is cut into 32 px tiles (up to 4, plus a thumbnail), each through an InternViT-like tower
+# (8 px patches + CLS) and a 0.5 pixel shuffle -> 4 tokens per tile.
+_INTERNVL_TILE = 32
+
 _GENERIC_TOKENIZERS: dict[str, _TokenizerSpec] = {
     "gemma3": _TokenizerSpec(
         # gemma's ids: pad 0, eos 1, bos 2, unk 3
@@ -728,6 +779,18 @@ _GENERIC_TOKENIZERS: dict[str, _TokenizerSpec] = {
         corpus=("User: Is there a cat? Assistant: Yes.", "User: Describe the image. Assistant: A dog."),
     ),
     "qwen3_vl": _TokenizerSpec(_QWEN_SPECIALS, _QWEN_EXTRA, _QWEN3_VL_CHAT_TEMPLATE, add_bos=False),
+    "internvl": _TokenizerSpec(
+        _QWEN_SPECIALS,
+        ("<|im_start|>", "<|im_end|>"),
+        _INTERNVL_CHAT_TEMPLATE,
+        add_bos=False,
+        named={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    ),
     "paligemma": _TokenizerSpec(
         {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"},
         (),
@@ -745,22 +808,14 @@ def _gemma3(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, li
         image_seq_length=_GEMMA3_TOKENS,
     )
     vision = _siglip_vision_config(_GEMMA3_IMAGE)
-    text = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    # untied (the real one is tied): a tied random LM mostly repeats the last input token
+    text = _small_text_config(
+        Gemma3TextConfig,
+        tokenizer,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=1024,
-        initializer_range=_TEXT_INIT_RANGE,
-        # untied (the real one is tied): a tied random LM mostly repeats the last input token
-        tie_word_embeddings=False,
-        **_token_ids(tokenizer),
     )
     config = Gemma3Config(
         text_config=text,
@@ -774,6 +829,23 @@ def _gemma3(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, li
     )
     # gemma-3-*-it stops on <eos> and on <end_of_turn>
     return processor, config, [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+
+
+def _small_text_config(cls: type, tokenizer: PreTrainedTokenizerFast, **extra: Any) -> Any:
+    """A 4-layer, 64-wide LM config of class ``cls`` with grouped-query attention, untied embeddings."""
+    return cls(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=_TEXT_INIT_RANGE,
+        tie_word_embeddings=False,
+        **_token_ids(tokenizer),
+        **extra,
+    )
 
 
 def _siglip_vision_config(image_size: int, patch: int = 8, layers: int = 2) -> SiglipVisionConfig:
@@ -800,18 +872,7 @@ def _llava_onevision(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin
         num_image_tokens=(_CLIP_IMAGE // 8) ** 2,
         vision_feature_select_strategy="full",
     )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=_TEXT_INIT_RANGE,
-        tie_word_embeddings=False,
-        **_token_ids(tokenizer),
-    )
+    text = _small_text_config(Qwen2Config, tokenizer)
     config = LlavaOnevisionConfig(
         vision_config=_siglip_vision_config(_CLIP_IMAGE, layers=3),
         text_config=text,
@@ -848,19 +909,7 @@ def _mistral3(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, 
         patch_size=_PIXTRAL_PATCH,
         initializer_range=_VISION_INIT_RANGE,
     )
-    text = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        initializer_range=_TEXT_INIT_RANGE,
-        tie_word_embeddings=False,
-        **_token_ids(tokenizer),
-    )
+    text = _small_text_config(MistralConfig, tokenizer, head_dim=16)
     config = Mistral3Config(
         vision_config=vision,
         text_config=text,
@@ -911,19 +960,7 @@ def _paligemma(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any,
     # The processor adds PaliGemma's 1024 <locXXXX> and 128 <segXXX> tokens to the tokenizer, so the vocabulary
     # size is read after it.
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    text = GemmaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        initializer_range=_TEXT_INIT_RANGE,
-        tie_word_embeddings=False,
-        **_token_ids(tokenizer),
-    )
+    text = _small_text_config(GemmaConfig, tokenizer, head_dim=16)
     config = PaliGemmaConfig(
         vision_config=_siglip_vision_config(_PALIGEMMA_IMAGE),
         text_config=text,
@@ -991,6 +1028,40 @@ def _qwen3_vl(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, 
     return processor, config, [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
 
 
+def _internvl(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, list[int]]:
+    seq_len = (_INTERNVL_TILE // 8) ** 2 // 4
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": _INTERNVL_TILE, "width": _INTERNVL_TILE}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+    processor = TinyInternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_length=seq_len,
+        chat_template=tokenizer.chat_template,
+    )
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=[_INTERNVL_TILE, _INTERNVL_TILE],
+        patch_size=[8, 8],
+        initializer_range=_VISION_INIT_RANGE,
+    )
+    text = _small_text_config(Qwen2Config, tokenizer)
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=seq_len,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    return processor, config, [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+
+
 _GENERIC_BUILDERS: dict[str, Any] = {
     "gemma3": _gemma3,
     "llava_onevision": _llava_onevision,
@@ -998,6 +1069,7 @@ _GENERIC_BUILDERS: dict[str, Any] = {
     "idefics3": _idefics3,
     "paligemma": _paligemma,
     "qwen3_vl": _qwen3_vl,
+    "internvl": _internvl,
 }
 _MODEL_CLASSES.update(
     {
@@ -1007,6 +1079,7 @@ _MODEL_CLASSES.update(
         "idefics3": Idefics3ForConditionalGeneration,
         "paligemma": PaliGemmaForConditionalGeneration,
         "qwen3_vl": Qwen3VLForConditionalGeneration,
+        "internvl": InternVLForConditionalGeneration,
     }
 )
 

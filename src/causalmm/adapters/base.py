@@ -5,9 +5,16 @@ It finds the vision tower and the LLM's attention modules, tags them as interven
 features (the vision tower runs here, once per image and branch kind, and the LLM receives them through the
 forward's ``mm_encoder_outputs``), and gives explicit position ids so left padding changes nothing.
 
-Family files subclass it only where a family differs: how many vision-tower "units" an image occupies
-(LLaVA: one row; LLaVA-NeXT: one row per crop; Qwen2-VL: a run of tokens of one packed sequence), which
-vision layer feeds the LLM, and how positions are counted (M-RoPE).
+What it assumes of a family is only what ``transformers`` itself exposes: the features go back to the LLM in
+the container ``get_image_features`` returned them in (a tuple per image, one tensor, plus any further
+per-image fields such as Qwen3-VL's deepstack features); positions are numbered by the model's own
+generation helpers (so M-RoPE and PaliGemma's 1-based positions come out as ``generate`` makes them); and
+an image whose vision tower is intervened on runs through the tower alone, so it does not matter how the
+tower lays images out (rows, crops, tiles, sub-images, one packed sequence).
+
+Family files subclass it only where a family is known better: how many vision-tower "units" an image
+occupies (LLaVA: one row; LLaVA-NeXT: one row per crop; Qwen2-VL: a run of tokens of one packed sequence),
+so interventions run batched; which vision layer feeds the LLM; the original release's feature gate.
 """
 
 from __future__ import annotations
@@ -23,18 +30,28 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..attention import SITE_ATTR, Intervention, Site, active, attention_name, intervene
 
-__all__ = ["Adapter", "ImageBatch", "UnsupportedModelError"]
+__all__ = ["Adapter", "ImageBatch", "ImageFeatures", "UnsupportedModelError"]
 
 _TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 _LM_NAMES = ("language_model", "text_model", "llm")
-#: Processor outputs laid out one value per token: left-padded with the sequence, passed at prefill only.
+#: Processor outputs laid out one value per token: never image inputs (``labels``, which PaliGemma's processor
+#: returns, is dropped; the others are left-padded with the sequence and passed at prefill only).
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
-#: Fields of a vision output that never reach the LLM (only ``pooler_output`` does).
+#: Fields of a vision output the LLM does not read from ``mm_encoder_outputs`` (it reads ``pooler_output``).
 _STANDARD_OUTPUTS = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
 
 
 class UnsupportedModelError(ValueError):
     """The model lacks something the engine needs; the message names it."""
+
+
+@dataclasses.dataclass
+class ImageFeatures:
+    """One image's features where the model's image output holds more than ``pooler_output`` for the LLM
+    (Qwen3-VL's deepstack features): ``extra`` maps each further field to this image's share of it."""
+
+    pooled: torch.Tensor
+    extra: dict[str, Any]
 
 
 class ImageBatch(dict):
@@ -213,8 +230,9 @@ class Adapter:
 
     # -- vision ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def image_features(self, images: dict[str, torch.Tensor], state: Intervention | None = None) -> list[torch.Tensor]:
-        """Projected image features, one tensor per image, optionally under a vision intervention.
+    def image_features(self, images: dict[str, torch.Tensor], state: Intervention | None = None) -> list[Any]:
+        """Projected image features, one item per image (a tensor, or :class:`ImageFeatures` where the model's
+        image output carries more than ``pooler_output``), optionally under a vision intervention.
 
         ``state.vision_targets`` address :meth:`vision_units`. Without :attr:`batched_vision_interventions`
         those are images: each targeted image runs through the tower alone with every call of that run
@@ -230,12 +248,12 @@ class Adapter:
             return self._one_by_one(images, state)
         return self._batched_features(images, state)
 
-    def _one_by_one(self, images: ImageBatch, state: Intervention) -> list[torch.Tensor]:
+    def _one_by_one(self, images: ImageBatch, state: Intervention) -> list[Any]:
         n = len(images.parts)
         gens: dict[int, torch.Generator | None] = {}
         for lo, hi, gen in state.vision_targets:
             gens.update({i: gen for i in range(max(lo, 0), min(hi, n))})
-        out: list[torch.Tensor | None] = [None] * n
+        out: list[Any] = [None] * n
         if len(gens) < n:
             plain = self._batched_features(images, None)
             out = [None if i in gens else f for i, f in enumerate(plain)]
@@ -244,7 +262,7 @@ class Adapter:
             out[i] = self._batched_features(self.collate_images([images.parts[i]]), one)[0]
         return out
 
-    def _batched_features(self, images: dict[str, torch.Tensor], state: Intervention | None) -> list[torch.Tensor]:
+    def _batched_features(self, images: dict[str, torch.Tensor], state: Intervention | None) -> list[Any]:
         inner = getattr(self.model, "model", self.model)
         kwargs = {k: v.to(self.device) for k, v in images.items()}
         kwargs["pixel_values"] = kwargs["pixel_values"].to(self.dtype)
@@ -253,13 +271,26 @@ class Adapter:
         with intervene(state):
             out = inner.get_image_features(**kwargs, return_dict=True)
         feats = out.pooler_output if isinstance(out, BaseModelOutputWithPooling) else out
+        per_image = self._split_pooled(feats, images)
+        extra = {}
         if isinstance(out, BaseModelOutputWithPooling):
-            extra = [k for k, v in out.items() if k not in _STANDARD_OUTPUTS and v is not None]
-            if extra:
-                raise UnsupportedModelError(
-                    f"{type(self.model).__name__}: its image features carry {', '.join(extra)} besides pooler_output, "
-                    "which the generic adapter does not hand to the LLM; the family needs an adapter of its own"
-                )
+            extra = {k: v for k, v in out.items() if k not in _STANDARD_OUTPUTS and v is not None}
+        if not extra:
+            return per_image
+        # Further per-image fields the LLM reads (Qwen3-VL's deepstack features: per layer, a tuple with one
+        # tensor per image): each image keeps its share, and features_input rebuilds the same structure.
+        self._output_cls = type(out)
+        shares = {k: _per_image(v, len(per_image)) for k, v in extra.items()}
+        bad = [k for k, v in shares.items() if v is None]
+        if bad:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: its image features carry {', '.join(bad)} besides pooler_output, "
+                "not laid out per image (a tuple with one tensor per image, or a list of such tuples), so the "
+                "generic adapter cannot hand them to the LLM; the family needs an adapter of its own"
+            )
+        return [ImageFeatures(f, {k: v[i] for k, v in shares.items()}) for i, f in enumerate(per_image)]
+
+    def _split_pooled(self, feats: Any, images: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         if isinstance(feats, (list, tuple)):
             self._stacked = False
             return list(feats)
@@ -268,7 +299,7 @@ class Adapter:
         self._stacked = True
         parts = getattr(images, "parts", None)
         rows = [int(p["pixel_values"].shape[0]) for p in parts] if parts else self.vision_units(images)
-        if feats.shape[0] == sum(rows):  # one row per image, or per crop/tile (InternVL)
+        if feats.shape[0] == sum(rows):  # one row per image, or per crop/tile
             return list(feats.split(rows))
         if parts and feats.shape[0] == len(parts):
             return list(feats.split(1))
@@ -277,11 +308,21 @@ class Adapter:
             f"(inputs of {len(rows)} images with {sum(rows)} pixel rows); the family needs an adapter of its own"
         )
 
-    def features_input(self, feats: list[torch.Tensor]) -> dict[str, Any]:
+    def features_input(self, feats: list[Any]) -> dict[str, Any]:
         """Forward kwargs that hand precomputed image features to the LLM, in the container the model's own
-        ``get_image_features`` returns (a tuple of per-image tensors, or one tensor)."""
-        pooled = torch.cat(feats, dim=0) if getattr(self, "_stacked", False) else tuple(feats)
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}}
+        ``get_image_features`` returns (a tuple of per-image tensors, or one tensor, plus any further
+        per-image fields)."""
+        pooled_items = [f.pooled if isinstance(f, ImageFeatures) else f for f in feats]
+        pooled = torch.cat(pooled_items, dim=0) if getattr(self, "_stacked", False) else tuple(pooled_items)
+        if not feats or not isinstance(feats[0], ImageFeatures):
+            return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}}
+        extra = {}
+        for key, first in feats[0].extra.items():
+            if isinstance(first, torch.Tensor):
+                extra[key] = tuple(f.extra[key] for f in feats)
+            else:
+                extra[key] = [tuple(f.extra[key][j] for f in feats) for j in range(len(first))]
+        return {"mm_encoder_outputs": {"image": self._output_cls(pooler_output=pooled, **extra)}}
 
     # -- positions ---------------------------------------------------------------------------------
     def prefill_positions(self, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -312,6 +353,18 @@ class Adapter:
     def next_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Positions of the next token for each row: one past the last."""
         return position_ids[..., -1:] + 1
+
+
+def _per_image(value: Any, n: int) -> list[Any] | None:
+    """``value`` cut per image: a tuple of ``n`` tensors gives its items; a list of such tuples gives, per
+    image, the list of its tensors. ``None`` for anything else."""
+    if isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(v, torch.Tensor) for v in value):
+        return list(value)
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(t, torch.Tensor) for t in v) for v in value
+    ):
+        return [[v[i] for v in value] for i in range(n)]
+    return None
 
 
 def _reset_offsets(module, args):

@@ -1,0 +1,57 @@
+"""A procedural toy world with documented priors, for training a tiny VLM that hallucinates for known reasons.
+
+:mod:`.world` samples and renders scenes (glyphs of a small object vocabulary, colours, counts, noise) and
+words the text tasks; :mod:`.splits` gives the training stream (multi-turn samples) and writes the
+evaluation splits in the POPE, CHAIR and VLind-Bench formats, so ``causalmm eval pope|chair|vlind`` runs
+on them. Everything is a pure function of a :class:`WorldConfig` (seeded) and an index.
+"""
+
+from .splits import (
+    TrainSample,
+    Turn,
+    chair_categories,
+    eval_scenes,
+    pope_questions,
+    train_sample,
+    train_samples,
+    vlind_instances,
+    write_splits,
+)
+from .world import (
+    SPECIAL_TOKENS,
+    Item,
+    Scene,
+    TrainStatistics,
+    WorldConfig,
+    ask_probabilities,
+    caption,
+    render,
+    sample_scene,
+    split_words,
+    train_statistics,
+    vocabulary,
+)
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "Item",
+    "Scene",
+    "TrainSample",
+    "TrainStatistics",
+    "Turn",
+    "WorldConfig",
+    "ask_probabilities",
+    "caption",
+    "chair_categories",
+    "eval_scenes",
+    "pope_questions",
+    "render",
+    "sample_scene",
+    "split_words",
+    "train_sample",
+    "train_samples",
+    "train_statistics",
+    "vlind_instances",
+    "vocabulary",
+    "write_splits",
+]

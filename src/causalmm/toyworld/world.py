@@ -1,0 +1,617 @@
+"""The toy world: seeded scene sampling with documented priors, deterministic rendering, and its text tasks.
+
+A *scene* is a small set of object types (each with one colour and a count of 1-3 instances) laid out
+without overlap on a noisy plain background. Objects are drawn as distinct glyphs (a disc, a ring, a
+triangle, ...) named with one-word COCO category names, so the captions are read by CHAIR's COCO synonym
+table unchanged (see :mod:`causalmm.toyworld.splits`).
+
+The priors, all fields of :class:`WorldConfig`:
+
+* **language prior** (the main one, what CausalMM is meant to remove): in the *training text* the
+  ``favoured`` objects are asked about mostly when they are present, so P(answer "yes" | a training
+  question about a favoured object) = ``language_prior`` (0.9), while the other objects' absent-question rate
+  is set so that the overall yes rate of training existence questions is ``yes_rate`` (0.5). The image
+  distribution does not carry this prior: it lives in which questions are asked
+  (:func:`ask_probabilities`). ``favoured_weight`` also makes the favoured objects the most frequent in
+  images (POPE's "popular" objects); 1.0 isolates the text prior.
+* **co-occurrence (visual) prior**: for each ``(anchor, partner)`` of ``cooccurrence``, a training image
+  with the anchor holds the partner with probability ``cooccurrence_p`` (0.9). Evaluation images use
+  ``eval_cooccurrence_p`` (0.5), so "anchor present, partner absent" is common enough to measure.
+* **colour prior**: each ``(object, colour)`` of ``colour_prior`` has that colour with probability
+  ``colour_prior_p`` (0.9) in training images; counterfactual (VLind-style) images break it.
+
+Randomness: every draw comes from ``numpy.random.default_rng([seed, stream, index, purpose])`` (no global
+state), with separate purposes for contents, layout, pixel noise and text, so a scene's image does not change
+when text options change. Rendering uses PIL's ImageDraw (no anti-aliasing) and integer noise: the same
+config gives the same pixels and the same PNG bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..benchmarks.chair import DEFAULT_PROMPT as CAPTION_PROMPT
+from ..benchmarks.pope import DEFAULT_SUFFIX as ONE_WORD_SUFFIX
+from ..benchmarks.vlind import _prompt_gpt4o, _prompt_instructblip
+
+__all__ = [
+    "CAPTION_PROMPT",
+    "COLOURS",
+    "GLYPHS",
+    "ONE_WORD_SUFFIX",
+    "SPECIAL_TOKENS",
+    "STREAMS",
+    "Item",
+    "Scene",
+    "WorldConfig",
+    "article",
+    "ask_probabilities",
+    "caption",
+    "colour_question",
+    "colour_statement",
+    "count_question",
+    "colour_context",
+    "exist_context",
+    "exist_question",
+    "exist_statement",
+    "make_rng",
+    "partner_context",
+    "plural",
+    "render",
+    "sample_scene",
+    "split_words",
+    "statement_prompt",
+    "TrainStatistics",
+    "train_statistics",
+    "vocabulary",
+]
+
+#: colour name -> RGB. Bright, saturated colours that stand out on the dark backgrounds. ("orange" is left
+#: out on purpose: it is a COCO object, and CHAIR would read "an orange cup" as an orange.)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (60, 100, 240),
+    "yellow": (235, 215, 40),
+    "purple": (170, 70, 210),
+    "white": (240, 240, 240),
+}
+
+#: background base colours (never named in text); each image jitters its base by up to +-8 per channel
+BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((20, 20, 24), (64, 64, 64), (22, 34, 72), (62, 42, 26))
+
+#: the glyphs objects are drawn as, in the order :data:`WorldConfig.objects` gets them by default
+GLYPHS: tuple[str, ...] = (
+    "disc",  # apple
+    "ring",  # donut
+    "square",  # book
+    "frame",  # tv
+    "triangle",  # pizza (a slice, point down)
+    "diamond",  # kite
+    "umbrella",  # umbrella (half disc on a stick)
+    "vbar",  # bottle (tall bar)
+    "hbar",  # bed (flat bar)
+    "cup",  # cup (a U)
+    "cross",
+    "xcross",
+)
+
+#: count -> word
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+
+#: special tokens of the word-level tokenizer (llava-hf's Llama tokenizer has the same ones)
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+
+#: stream name -> the integer that seeds it (train text and images, training statistics, eval splits)
+STREAMS: dict[str, int] = {"train": 1, "stats": 2, "val": 3, "test": 4, "val_vlind": 5, "test_vlind": 6}
+
+_CONTENTS, _LAYOUT, _NOISE, _TEXT = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that defines a toy world; hashable, and the whole of it is written to ``splits.json``."""
+
+    #: the world's seed: every image and text is a function of (config, stream, index)
+    seed: int = 0
+    #: object names (one word each; COCO category names by default so CHAIR reads them)
+    objects: tuple[str, ...] = ("apple", "donut", "book", "tv", "pizza", "kite", "umbrella", "bottle", "bed", "cup")
+    #: glyph of each object (see :data:`GLYPHS`); ``None``: the first ``len(objects)`` glyphs in order
+    glyphs: tuple[str, ...] | None = None
+    #: colour names (keys of :data:`COLOURS`)
+    colours: tuple[str, ...] = tuple(COLOURS)
+    #: image side in pixels (a multiple of the vision tower's patch, e.g. 48 = 6 x 8)
+    image_size: int = 48
+    #: glyph side in pixels, inclusive range
+    object_size: tuple[int, int] = (10, 15)
+    #: distinct object types per image, inclusive range (co-occurrence may add one partner beyond the max)
+    min_objects: int = 1
+    max_objects: int = 4
+    #: probability that a type has one more instance (applied twice: counts 1, 2, 3)
+    duplicate_p: float = 0.2
+    #: most glyphs in one image (counts are lowered, largest first, to fit)
+    max_instances: int = 6
+    #: pixel noise: every channel of every pixel gets an integer in [-noise, noise]
+    noise: int = 10
+
+    # -- priors ---------------------------------------------------------------------------------------
+    #: the language-prior-favoured objects: asked about in training text mostly when present
+    favoured: tuple[str, ...] = ("apple", "book", "kite")
+    #: P(answer "yes" | a training existence question about a favoured object)
+    language_prior: float = 0.9
+    #: overall P("yes") of training existence questions (the other objects' absent-question rate is solved for it)
+    yes_rate: float = 0.5
+    #: sampling weight of a favoured object in images relative to 1 for the others (> 1: they are the most
+    #: frequent objects, i.e. POPE's popular negatives; 1: the language prior lives in the text only)
+    favoured_weight: float = 2.5
+    #: (anchor, partner) pairs of the co-occurrence prior
+    cooccurrence: tuple[tuple[str, str], ...] = (("cup", "bottle"), ("donut", "umbrella"))
+    #: P(partner in a training image | anchor in it)
+    cooccurrence_p: float = 0.9
+    #: the same in evaluation images (``None``: as in training); lower, so absent partners are measurable
+    eval_cooccurrence_p: float | None = 0.5
+    #: (object, colour) pairs of the colour prior
+    colour_prior: tuple[tuple[str, str], ...] = (("pizza", "yellow"), ("bed", "white"))
+    #: P(the object has its prior colour) in training and evaluation images (counterfactual images break it)
+    colour_prior_p: float = 0.9
+
+    # -- training text --------------------------------------------------------------------------------
+    #: fraction of existence decisions asked as a VLind-style true/false statement instead of a question
+    statement_rate: float = 0.25
+    #: per present object: probability of a colour turn (question, or a true/false colour statement)
+    colour_question_p: float = 0.5
+    #: per present object: probability of a "how many" turn
+    count_question_p: float = 0.3
+    #: probability that a training sample ends with a caption turn
+    caption_p: float = 0.3
+    #: training scenes the frequency / co-occurrence statistics are measured on (POPE popular/adversarial
+    #: negatives, and the presence rates the language prior's ask probabilities are solved from)
+    stats_images: int = 4000
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    #: POPE: positive (and negative) questions per image; images need at least this many object types
+    pope_positives: int = 3
+
+    def __post_init__(self) -> None:
+        glyphs = self.glyphs if self.glyphs is not None else GLYPHS[: len(self.objects)]
+        problems = []
+        if len(set(self.objects)) != len(self.objects) or len(self.objects) < 2 * self.pope_positives:
+            problems.append(f"objects must be distinct and at least {2 * self.pope_positives}")
+        if len(glyphs) != len(self.objects) or not set(glyphs) <= set(GLYPHS):
+            problems.append(f"need one glyph of {GLYPHS} per object")
+        for name in self.objects:
+            if not re.fullmatch(r"[a-z]+", name):
+                problems.append(f"object name {name!r} must be one lower-case word")
+        if not self.colours or not set(self.colours) <= set(COLOURS):
+            problems.append(f"colours must be among {tuple(COLOURS)}")
+        if not set(self.favoured) <= set(self.objects):
+            problems.append("favoured objects must be objects")
+        for a, b in self.cooccurrence:
+            if a not in self.objects or b not in self.objects or a == b:
+                problems.append(f"co-occurrence pair ({a}, {b}) must be two different objects")
+        for o, c in self.colour_prior:
+            if o not in self.objects or c not in self.colours:
+                problems.append(f"colour prior ({o}, {c}) must be an object and a colour")
+        if not 1 <= self.min_objects <= self.max_objects < len(self.objects):
+            problems.append("need 1 <= min_objects <= max_objects < number of objects")
+        if self.max_objects < self.pope_positives:
+            problems.append("max_objects must be at least pope_positives")
+        lo, hi = self.object_size
+        if not 4 <= lo <= hi or (hi + 2) * 2 > self.image_size:
+            problems.append("object_size must fit two glyphs across the image")
+        for name in ("language_prior", "yes_rate", "cooccurrence_p", "colour_prior_p"):
+            if not 0 < getattr(self, name) < 1:
+                problems.append(f"{name} must be in (0, 1)")
+        if problems:
+            raise ValueError("invalid WorldConfig: " + "; ".join(problems))
+
+    @functools.cached_property
+    def glyph_of(self) -> dict[str, str]:
+        """object -> glyph."""
+        glyphs = self.glyphs if self.glyphs is not None else GLYPHS[: len(self.objects)]
+        return dict(zip(self.objects, glyphs, strict=True))
+
+    def partners(self, present: Iterable[str]) -> set[str]:
+        """The co-occurrence partners of the anchors in ``present``."""
+        present = set(present)
+        return {b for a, b in self.cooccurrence if a in present}
+
+
+def make_rng(config: WorldConfig, stream: str, index: int, purpose: int, *extra: int) -> np.random.Generator:
+    """The generator of one (stream, index, purpose): independent of every other one, no global state."""
+    return np.random.default_rng([config.seed, STREAMS[stream], index, purpose, *extra])
+
+
+# -- scenes --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One glyph: object name, colour name, side in pixels, top-left corner."""
+
+    name: str
+    colour: str
+    size: int
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    """An image's contents: ``objects`` maps each present type to (colour, count), in vocabulary order;
+    ``items`` is the layout (empty for contents-only scenes); ``background`` its RGB; ``noise_key`` seeds
+    the pixel noise."""
+
+    objects: dict[str, tuple[str, int]]
+    items: tuple[Item, ...] = ()
+    background: tuple[int, int, int] = (0, 0, 0)
+    noise_key: tuple[int, ...] = ()
+
+    @property
+    def present(self) -> frozenset[str]:
+        return frozenset(self.objects)
+
+    def colour(self, name: str) -> str:
+        return self.objects[name][0]
+
+    def count(self, name: str) -> int:
+        return self.objects[name][1] if name in self.objects else 0
+
+
+def _weights(config: WorldConfig, names: Sequence[str]) -> np.ndarray:
+    w = np.array([config.favoured_weight if n in config.favoured else 1.0 for n in names])
+    return w / w.sum()
+
+
+def _pick(config: WorldConfig, rng: np.random.Generator, candidates: Sequence[str]) -> str:
+    return candidates[int(rng.choice(len(candidates), p=_weights(config, candidates)))]
+
+
+def _contents(
+    config: WorldConfig,
+    rng: np.random.Generator,
+    *,
+    cooccurrence_p: float,
+    require: dict[str, str | None],
+    forbid: frozenset[str],
+) -> dict[str, tuple[str, int]]:
+    """Sample types, colours and counts. ``require``: object -> forced colour (or None); ``forbid``: absent."""
+    n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    pool = [o for o in config.objects if o not in forbid]
+    chosen = [pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False, p=_weights(config, pool))]
+    for a, b in config.cooccurrence:
+        if a not in chosen:
+            continue
+        if rng.random() < cooccurrence_p:
+            if b not in chosen and b not in forbid:
+                chosen.append(b)
+        elif b in chosen and b not in require:
+            others = [o for o in config.objects if o not in chosen and o != b and o not in forbid]
+            if others:
+                chosen[chosen.index(b)] = _pick(config, rng, others)
+            else:
+                chosen.remove(b)
+    for name in require:
+        if name not in chosen:
+            free = [i for i, o in enumerate(chosen) if o not in require]
+            if len(chosen) >= config.max_objects and free:
+                chosen[free[int(rng.integers(len(free)))]] = name
+            else:
+                chosen.append(name)
+    prior = dict(config.colour_prior)
+    objects: dict[str, tuple[str, int]] = {}
+    for name in config.objects:
+        if name not in chosen:
+            continue
+        if require.get(name) is not None:
+            colour = require[name]
+        elif name in prior and rng.random() < config.colour_prior_p:
+            colour = prior[name]
+        else:
+            options = [c for c in config.colours if c != prior.get(name)]
+            colour = options[int(rng.integers(len(options)))]
+        count = 1 + int(rng.random() < config.duplicate_p)
+        if count == 2:
+            count += int(rng.random() < config.duplicate_p)
+        objects[name] = (colour, count)
+    while sum(c for _, c in objects.values()) > config.max_instances:
+        name = max(objects, key=lambda o: (objects[o][1], -config.objects.index(o)))
+        objects[name] = (objects[name][0], objects[name][1] - 1)
+    return objects
+
+
+def _apart(x: int, y: int, size: int, it: Item) -> bool:
+    """Whether a box at (x, y) of side ``size`` leaves at least 1 px between itself and ``it``."""
+    return x + size + 1 < it.x or it.x + it.size + 1 < x or y + size + 1 < it.y or it.y + it.size + 1 < y
+
+
+def _layout(config: WorldConfig, rng: np.random.Generator, objects: dict[str, tuple[str, int]]) -> tuple[Item, ...]:
+    """Non-overlapping glyph boxes (1 px apart at least), by rejection sampling; smaller glyphs if crowded."""
+    lo, hi = config.object_size
+    wanted = [(name, colour) for name, (colour, count) in objects.items() for _ in range(count)]
+    for attempt in range(50):
+        top = hi if attempt < 25 else lo
+        items: list[Item] = []
+        for name, colour in wanted:
+            size = int(rng.integers(lo, top + 1))
+            for _ in range(200):
+                x, y = (int(v) for v in rng.integers(1, config.image_size - size, size=2))
+                if all(_apart(x, y, size, it) for it in items):
+                    items.append(Item(name, colour, size, x, y))
+                    break
+            else:
+                break
+        if len(items) == len(wanted):
+            return tuple(items)
+    raise RuntimeError(f"cannot lay out {len(wanted)} glyphs in {config.image_size} px; lower max_instances")
+
+
+def sample_scene(
+    config: WorldConfig,
+    stream: str,
+    index: int,
+    *,
+    layout: bool = True,
+    evaluation: bool = False,
+    min_types: int = 1,
+    require: dict[str, str | None] | None = None,
+    forbid: Iterable[str] = (),
+) -> Scene:
+    """Scene ``index`` of ``stream``, a pure function of its arguments.
+
+    ``evaluation`` uses ``eval_cooccurrence_p``; ``min_types`` rejects (and redraws from the same generator)
+    scenes with fewer object types, as POPE keeps only images with at least 3 objects; ``require`` maps
+    objects that must be present to a forced colour or ``None``; ``forbid`` lists objects that must be absent.
+    ``layout=False`` skips placing the glyphs (statistics need the contents only).
+    """
+    require = dict(require or {})
+    forbid = frozenset(forbid)
+    p = config.cooccurrence_p
+    if evaluation and config.eval_cooccurrence_p is not None:
+        p = config.eval_cooccurrence_p
+    rng = make_rng(config, stream, index, _CONTENTS)
+    for _ in range(1000):
+        objects = _contents(config, rng, cooccurrence_p=p, require=require, forbid=forbid)
+        if len(objects) >= min_types:
+            break
+    else:
+        raise RuntimeError(f"no scene with {min_types} object types after 1000 draws")
+    if not layout:
+        return Scene(objects)
+    rng = make_rng(config, stream, index, _LAYOUT)
+    items = _layout(config, rng, objects)
+    base = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    jitter = rng.integers(-8, 9, size=3)
+    background = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(base, jitter, strict=True))
+    return Scene(objects, items, background, (config.seed, STREAMS[stream], index, _NOISE))  # type: ignore[arg-type]
+
+
+# -- rendering -----------------------------------------------------------------------------------------
+def _draw(draw: ImageDraw.ImageDraw, glyph: str, it: Item, rgb: tuple[int, int, int]) -> None:
+    x0, y0, s = it.x, it.y, it.size
+    x1, y1 = x0 + s - 1, y0 + s - 1
+    xc, yc = x0 + s // 2, y0 + s // 2
+    t = max(2, s // 4)  # stroke width
+    if glyph == "disc":
+        draw.ellipse((x0, y0, x1, y1), fill=rgb)
+    elif glyph == "ring":
+        draw.ellipse((x0, y0, x1, y1), outline=rgb, width=t)
+    elif glyph == "square":
+        draw.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=rgb)
+    elif glyph == "frame":
+        draw.rectangle((x0, y0, x1, y1), outline=rgb, width=max(2, s // 5))
+    elif glyph == "triangle":
+        draw.polygon([(x0, y0), (x1, y0), (xc, y1)], fill=rgb)
+    elif glyph == "diamond":
+        draw.polygon([(xc, y0), (x1, yc), (xc, y1), (x0, yc)], fill=rgb)
+    elif glyph == "umbrella":
+        draw.pieslice((x0, y0, x1, y0 + s), 180, 360, fill=rgb)
+        draw.rectangle((xc - 1, yc, xc, y1), fill=rgb)
+    elif glyph == "vbar":
+        w = max(3, s // 3)
+        draw.rectangle((xc - w // 2, y0, xc - w // 2 + w - 1, y1), fill=rgb)
+    elif glyph == "hbar":
+        h = max(3, s // 3)
+        draw.rectangle((x0, yc - h // 2, x1, yc - h // 2 + h - 1), fill=rgb)
+    elif glyph == "cup":
+        draw.rectangle((x0, y0, x0 + t - 1, y1), fill=rgb)
+        draw.rectangle((x1 - t + 1, y0, x1, y1), fill=rgb)
+        draw.rectangle((x0, y1 - t + 1, x1, y1), fill=rgb)
+    elif glyph == "cross":
+        draw.rectangle((xc - t // 2, y0, xc - t // 2 + t - 1, y1), fill=rgb)
+        draw.rectangle((x0, yc - t // 2, x1, yc - t // 2 + t - 1), fill=rgb)
+    elif glyph == "xcross":
+        draw.line((x0, y0, x1, y1), fill=rgb, width=t)
+        draw.line((x0, y1, x1, y0), fill=rgb, width=t)
+    else:  # pragma: no cover - WorldConfig validates glyphs
+        raise ValueError(f"unknown glyph {glyph!r}")
+
+
+def render(config: WorldConfig, scene: Scene) -> Image.Image:
+    """The scene as an RGB image of ``image_size`` pixels: background, glyphs, then integer pixel noise."""
+    if not scene.items:
+        raise ValueError("the scene has no layout (sampled with layout=False)")
+    img = Image.new("RGB", (config.image_size, config.image_size), scene.background)
+    draw = ImageDraw.Draw(img)
+    for it in scene.items:
+        _draw(draw, config.glyph_of[it.name], it, COLOURS[it.colour])
+    if config.noise:
+        rng = np.random.default_rng(list(scene.noise_key))
+        noise = rng.integers(-config.noise, config.noise + 1, size=(config.image_size, config.image_size, 3))
+        pixels = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+        img = Image.fromarray(pixels, "RGB")
+    return img
+
+
+# -- text ----------------------------------------------------------------------------------------------
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def plural(word: str) -> str:
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def exist_question(name: str) -> str:
+    """POPE's question (the loader appends the one-word suffix)."""
+    return f"Is there {article(name)} {name} in the image?"
+
+
+def exist_statement(name: str, present: bool) -> str:
+    """The VLind-Bench visual-perception statement ("There is a cup in the given image.") or its negation."""
+    return f"There is {article(name) if present else 'no'} {name} in the given image."
+
+
+def colour_question(name: str) -> str:
+    return f"What color is the {name}?"
+
+
+def colour_statement(name: str, colour: str) -> str:
+    return f"The {name} is {colour}."
+
+
+def count_question(name: str) -> str:
+    return f"How many {plural(name)} are there?"
+
+
+def caption(config: WorldConfig, scene: Scene) -> str:
+    """The scene's reference caption: its objects left to right, e.g. "A red apple, two blue kites and a cup."."""
+    first_x = {}
+    for it in scene.items:
+        first_x[it.name] = min(first_x.get(it.name, it.x), it.x)
+    order = sorted(scene.objects, key=lambda o: (first_x.get(o, 0), config.objects.index(o)))
+    parts = []
+    for name in order:
+        colour, count = scene.objects[name]
+        noun = name if count == 1 else plural(name)
+        parts.append(f"{article(colour) if count == 1 else NUMBER_WORDS[count]} {colour} {noun}")
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def statement_prompt(style: str, statement: str, context: str = "") -> str:
+    """A true/false prompt worded as VLind-Bench's (gpt4o prompts): ``style`` ck, vp, cb or lp."""
+    return _prompt_gpt4o(style, statement, context)
+
+
+_WORD = re.compile(r"<[a-z/]+>|[a-z]+|[0-9]+|[^\sa-z0-9]")
+
+
+def split_words(text: str) -> list[str]:
+    """The word-level tokenizer's split: lower-cased words, numbers and single punctuation signs."""
+    return _WORD.findall(text.lower())
+
+
+def vocabulary(config: WorldConfig) -> list[str]:
+    """Every token the world's texts can hold: :data:`SPECIAL_TOKENS`, then the words in sorted order.
+
+    Covers the training turns, the POPE/CHAIR/VLind prompts (both VLind prompt sets), the answers, and the
+    words of llava's chat template ("USER:", "ASSISTANT:").
+    """
+    texts = [ONE_WORD_SUFFIX, CAPTION_PROMPT, "USER: ASSISTANT:", "yes no true false"]
+    texts += [" ".join(NUMBER_WORDS), " ".join(config.colours), "and ,"]
+    for name in config.objects:
+        texts += [exist_question(name), exist_statement(name, True), exist_statement(name, False)]
+        texts += [colour_question(name), count_question(name), f"{article(name)} {name} {plural(name)}"]
+        texts += [colour_statement(name, c) for c in config.colours]
+        texts += _vlind_texts(name)
+    for style in ("ck", "vp", "cb", "lp"):
+        texts += [_prompt_gpt4o(style, "x", "x"), _prompt_instructblip(style, "x", "x")]
+    words = {w for t in texts for w in split_words(t)} - {"x"}
+    return [*SPECIAL_TOKENS, *sorted(words)]
+
+
+def _vlind_texts(name: str) -> list[str]:
+    texts = [exist_context(name, True), exist_context(name, False)]
+    return texts + [partner_context(name, name, True), partner_context(name, name, False), colour_context(name, "x")]
+
+
+def exist_context(name: str, present: bool) -> str:
+    """A VLind context (also a folder name) for the language prior: "There is an apple" / "There is no apple"."""
+    return f"There is {article(name) if present else 'no'} {name}"
+
+
+def partner_context(anchor: str, partner: str, present: bool) -> str:
+    """A VLind context for the co-occurrence prior: "The cup has a bottle" / "The cup has no bottle"."""
+    return f"The {anchor} has {article(partner) if present else 'no'} {partner}"
+
+
+def colour_context(name: str, colour: str) -> str:
+    """A VLind context for the colour prior: "The pizza is yellow"."""
+    return f"The {name} is {colour}"
+
+
+# -- statistics of the training world ------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainStatistics:
+    """Object frequencies and pairwise co-occurrence counts over the first ``n`` training scenes."""
+
+    n: int
+    frequency: dict[str, int]
+    cooccurrence: dict[tuple[str, str], int]
+
+    def presence(self, name: str) -> float:
+        return self.frequency[name] / self.n
+
+    def popular(self) -> list[str]:
+        """Objects by training frequency, most frequent first (ties: vocabulary order)."""
+        return sorted(self.frequency, key=lambda o: -self.frequency[o])
+
+    def cooccurring(self, name: str, candidates: Sequence[str]) -> list[str]:
+        """``candidates`` by how often they appear with ``name``, most first (ties keep the given order)."""
+        return sorted(candidates, key=lambda o: -self.cooccurrence[(name, o)])
+
+
+@functools.lru_cache(maxsize=16)
+def train_statistics(config: WorldConfig) -> TrainStatistics:
+    """Statistics of the training images: the first ``stats_images`` scenes of the training stream."""
+    freq = dict.fromkeys(config.objects, 0)
+    co = {(a, b): 0 for a in config.objects for b in config.objects}
+    for i in range(config.stats_images):
+        present = list(sample_scene(config, "train", i, layout=False).objects)
+        for a in present:
+            freq[a] += 1
+            for b in present:
+                if a != b:
+                    co[(a, b)] += 1
+    return TrainStatistics(config.stats_images, freq, co)
+
+
+def _ask_pair(presence: float, target: float) -> tuple[float, float]:
+    """(ask if present, ask if absent) giving P(yes | asked) = target, asking as much as possible."""
+    odds, natural = target / (1 - target), presence / (1 - presence)
+    return (1.0, natural / odds) if natural <= odds else (odds / natural, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def ask_probabilities(config: WorldConfig) -> dict[str, tuple[float, float]]:
+    """object -> (P(asked | present), P(asked | absent)) of a training existence question.
+
+    Favoured objects get P(yes | asked) = ``language_prior``; the others share the absent-ask probability
+    that makes the overall yes rate ``yes_rate`` (measured presence rates from :func:`train_statistics`).
+    Raises ValueError when no such probabilities exist.
+    """
+    stats = train_statistics(config)
+    pres = {o: stats.presence(o) for o in config.objects}
+    out = {o: _ask_pair(pres[o], config.language_prior) for o in config.favoured}
+    yes_f = sum(pres[o] * out[o][0] for o in config.favoured)
+    no_f = sum((1 - pres[o]) * out[o][1] for o in config.favoured)
+    others = [o for o in config.objects if o not in config.favoured]
+    pos, neg = sum(pres[o] for o in others), sum(1 - pres[o] for o in others)
+    r = config.yes_rate / (1 - config.yes_rate)
+    absent = ((yes_f + pos) / r - no_f) / neg  # all present others asked
+    if absent <= 1:
+        present = 1.0
+    else:  # every absent other asked: ask fewer present ones
+        absent, present = 1.0, ((no_f + neg) * r - yes_f) / pos
+    if absent < 0 or present < 0:
+        raise ValueError(
+            f"yes_rate {config.yes_rate} is out of reach with language_prior {config.language_prior} "
+            f"on favoured objects {config.favoured}"
+        )
+    out.update({o: (present, absent) for o in others})
+    return {o: out[o] for o in config.objects}

@@ -94,7 +94,8 @@ def build_llava(preset: str, device: str, dtype: torch.dtype) -> CausalMM:
 
 
 class _Peak:
-    """Peak memory above the level at entry: CUDA allocator stats, or sampled RSS on CPU."""
+    """Peak memory above the level at entry: CUDA allocator stats. On CPU the sampled RSS is recorded but not
+    reported: the allocator reuses freed pages, so RSS is no per-run peak (see benchmarks/README.md)."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
@@ -301,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(pt)
         pre = statistics.median(s.prefill * 1e3 for s in rs)
         mem = statistics.median(s.peak for s in rs)
+        mem_cells = f"{mem / 2**20:.0f} | {mem / ref_mem:.2f}" if device.startswith("cuda") else "n/a | n/a"
         print(
-            f"| {name} | {med:.1f} [{min(pt):.1f}, {max(pt):.1f}] | {med / (ref * 1e3):.2f} | {pre:.0f} | "
-            f"{mem / 2**20:.0f} | {mem / ref_mem:.2f} |"
+            f"| {name} | {med:.1f} [{min(pt):.1f}, {max(pt):.1f}] | {med / (ref * 1e3):.2f} | {pre:.0f} | {mem_cells} |"
         )
     seq = results.get("sequential ref. multimodal")
     ours = results.get("causalmm multimodal K=1")

@@ -450,3 +450,11 @@ def test_cli_eval_then_score_the_native_file_end_to_end(bench_dir, model_dirs, c
     causalmm_cli("score", "vlind", out / "data.json", "--data", bench_dir / "data.json", "--out", tmp_path / "s")
     scored = json.loads((tmp_path / "s" / "metrics.json").read_text())["metrics"]
     assert scored == metrics["metrics"]
+
+
+def test_png_images_are_accepted_where_the_official_layout_has_jpg(bench_dir):
+    jpg = bench_dir / "images/counterfactual/color/2_Bananas are blue/4.jpg"
+    Image.open(jpg).save(jpg.with_suffix(".png"))
+    jpg.unlink()
+    samples = load_run_samples(VLind(), bench_dir, None, None)  # no missing-image error
+    assert jpg.with_suffix(".png") in {s.image for s in samples}

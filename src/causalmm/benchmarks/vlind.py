@@ -253,7 +253,7 @@ class VLind(Benchmark):
                 ("cb", best, f"{cf_dir}/{best}.jpg", (inst["true_statement"], inst["false_statement"])),
             ] + [("lp", g, f"{cf_dir}/{g}.jpg", (inst["true_statement"], inst["false_statement"])) for g in good]
             for test, image_id, rel, statements in plan:
-                image = image_root / rel if image_root is not None else None
+                image = _image_file(image_root / rel) if image_root is not None else None
                 for k, statement in enumerate(statements, 1):
                     meta = {
                         "instance": iid,
@@ -438,3 +438,12 @@ class VLind(Benchmark):
             target.write_text(json.dumps(list(instances.values()), indent=4, ensure_ascii=False) + "\n", "utf-8")
             paths.append(target)
         return paths
+
+
+def _image_file(path: Path) -> Path:
+    """The official ``.jpg`` path, or the same image saved as ``.png`` when only that exists (lossless exports)."""
+    if not path.is_file():
+        png = path.with_suffix(".png")
+        if png.is_file():
+            return png
+    return path

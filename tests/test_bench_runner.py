@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,30 +46,22 @@ def pope_data(tmp_path_factory):
     return root
 
 
-def cli(*args, check=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    proc = subprocess.run(
-        [sys.executable, "-m", "causalmm", *args], capture_output=True, text=True, env=env, timeout=600
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def eval_args(model, data, out, *extra):
     args = ["eval", "pope", "--model", str(model), "--data", str(data / "q.json"), "--images", str(data / "images")]
     return [*args, "--out", str(out), "--max-new-tokens", "3", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
-def reference_run(model_dirs, pope_data, tmp_path_factory):
+def reference_run(model_dirs, pope_data, tmp_path_factory, causalmm_cli):
     """An uninterrupted CausalMM run, batch 3."""
     out = tmp_path_factory.mktemp("runs") / "ref"
-    proc = cli(*eval_args(model_dirs["llava"], pope_data, out, "--batch-size", "3", "--language-layers", "all"))
+    proc = causalmm_cli(
+        *eval_args(model_dirs["llava"], pope_data, out, "--batch-size", "3", "--language-layers", "all")
+    )
     return out, proc
 
 
-def test_eval_writes_the_run_folder_and_a_rerun_is_a_noop(reference_run):
+def test_eval_writes_the_run_folder_and_a_rerun_is_a_noop(reference_run, causalmm_cli):
     out, proc = reference_run
     assert "| accuracy |" in proc.stdout
     lines = (out / "predictions.jsonl").read_text().splitlines()
@@ -83,22 +76,16 @@ def test_eval_writes_the_run_folder_and_a_rerun_is_a_noop(reference_run):
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["language_layers"] == "all" and run["generation"]["max_new_tokens"] == 3
     before = (out / "predictions.jsonl").read_bytes()
-    again = cli(
-        *eval_args(
-            run["model"],
-            __import__("pathlib").Path(run["data"]).parent,
-            out,
-            "--batch-size",
-            "3",
-            "--language-layers",
-            "all",
-        )
+    again = causalmm_cli(
+        *eval_args(run["model"], Path(run["data"]).parent, out, "--batch-size", "3", "--language-layers", "all")
     )
     assert (out / "predictions.jsonl").read_bytes() == before
     assert again.stdout == proc.stdout
 
 
-def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(reference_run, model_dirs, pope_data, tmp_path):
+def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(
+    reference_run, model_dirs, pope_data, tmp_path, causalmm_cli
+):
     ref_out, _ = reference_run
     out = tmp_path / "killed"
     args = eval_args(model_dirs["llava"], pope_data, out, "--batch-size", "1", "--language-layers", "all")
@@ -120,7 +107,7 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(reference_run, 
     assert not (out / "metrics.json").exists()
     with pred.open("a") as fh:  # a write torn by the kill
         fh.write('{"id": "99", "seed": 0, "te')
-    cli(*args)
+    causalmm_cli(*args)
     got = [json.loads(x) for x in pred.read_text().splitlines()]
     ref = [json.loads(x) for x in (ref_out / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in got] == [str(i) for i in range(1, 9)]
@@ -132,17 +119,19 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(reference_run, 
     )
 
 
-def test_resume_with_different_settings_is_refused(reference_run, model_dirs, pope_data):
+def test_resume_with_different_settings_is_refused(reference_run, model_dirs, pope_data, causalmm_cli):
     out, _ = reference_run
-    proc = cli(*eval_args(model_dirs["llava"], pope_data, out, "--gamma", "2", "--language-layers", "all"), check=False)
+    proc = causalmm_cli(
+        *eval_args(model_dirs["llava"], pope_data, out, "--gamma", "2", "--language-layers", "all"), check=False
+    )
     assert proc.returncode == 2
     err = " ".join(proc.stderr.split())
     assert "holds a different run" in err and "config" in err and "Traceback" not in proc.stderr
 
 
-def test_multi_seed_sampling_reports_mean_and_std(model_dirs, pope_data, tmp_path):
+def test_multi_seed_sampling_reports_mean_and_std(model_dirs, pope_data, tmp_path, causalmm_cli):
     out = tmp_path / "seeds"
-    cli(
+    causalmm_cli(
         *eval_args(
             model_dirs["llava"],
             pope_data,
@@ -168,24 +157,26 @@ def test_multi_seed_sampling_reports_mean_and_std(model_dirs, pope_data, tmp_pat
     assert "std over seeds" in (out / "report.md").read_text()
 
 
-def test_score_only_reproduces_the_runner_metrics(reference_run, pope_data, tmp_path):
+def test_score_only_reproduces_the_runner_metrics(reference_run, pope_data, tmp_path, causalmm_cli):
     out, _ = reference_run
     recs = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     answers = tmp_path / "answers.jsonl"
     answers.write_text(
         "".join(json.dumps({"question_id": r["question_id"], "text": r["text"]}) + "\n" for r in reversed(recs))
     )
-    proc = cli("score", "pope", str(answers), "--data", str(pope_data / "q.json"), "--out", str(tmp_path / "s"))
+    proc = causalmm_cli(
+        "score", "pope", str(answers), "--data", str(pope_data / "q.json"), "--out", str(tmp_path / "s")
+    )
     assert "accuracy" in proc.stdout
     scored = json.loads((tmp_path / "s" / "metrics.json").read_text())["metrics"]
     assert scored == json.loads((out / "metrics.json").read_text())["metrics"]
 
 
-def test_compare_two_runs_table_and_plot(reference_run, model_dirs, pope_data, tmp_path):
+def test_compare_two_runs_table_and_plot(reference_run, model_dirs, pope_data, tmp_path, causalmm_cli):
     ref_out, _ = reference_run
     regular = tmp_path / "regular"
-    cli(*eval_args(model_dirs["llava"], pope_data, regular, "--method", "regular", "--batch-size", "8"))
-    proc = cli("compare", str(regular), str(ref_out), "--out", str(tmp_path / "cmp"))
+    causalmm_cli(*eval_args(model_dirs["llava"], pope_data, regular, "--method", "regular", "--batch-size", "8"))
+    proc = causalmm_cli("compare", str(regular), str(ref_out), "--out", str(tmp_path / "cmp"))
     assert "| regular | regular | 8 |" in proc.stdout and "McNemar" in proc.stdout
     assert "causalmm/multimodal" in proc.stdout
     with Image.open(tmp_path / "cmp" / "compare.png") as im:
@@ -195,19 +186,19 @@ def test_compare_two_runs_table_and_plot(reference_run, model_dirs, pope_data, t
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "run.json").write_text(json.dumps({"benchmark": "pope"}))
-    bad = cli("compare", str(regular), str(unfinished), check=False)
+    bad = causalmm_cli("compare", str(regular), str(unfinished), check=False)
     assert bad.returncode == 2 and "not finished" in bad.stderr
 
 
-def test_eval_errors_are_one_line(model_dirs, pope_data, tmp_path):
+def test_eval_errors_are_one_line(model_dirs, pope_data, tmp_path, causalmm_cli):
     args = ["eval", "pope", "--model", str(model_dirs["llava"]), "--data", str(pope_data / "q.json")]
-    no_images = cli(*args, "--images", str(tmp_path), "--out", str(tmp_path / "x"), check=False)
+    no_images = causalmm_cli(*args, "--images", str(tmp_path), "--out", str(tmp_path / "x"), check=False)
     assert no_images.returncode == 2 and "3 image(s)" in no_images.stderr and "Traceback" not in no_images.stderr
-    unknown = cli("eval", "gqa", "--model", "m", "--data", "d", "--out", str(tmp_path / "y"), check=False)
+    unknown = causalmm_cli("eval", "gqa", "--model", "m", "--data", "d", "--out", str(tmp_path / "y"), check=False)
     assert unknown.returncode == 2 and "unknown benchmark 'gqa'" in unknown.stderr
     empty = tmp_path / "empty.json"
     empty.write_text("")
-    e = cli(
+    e = causalmm_cli(
         "eval",
         "pope",
         "--model",

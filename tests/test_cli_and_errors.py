@@ -1,9 +1,6 @@
 """The CLI as a user runs it, and bad input turned into one clear line."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,21 +9,11 @@ from causalmm import CausalMMConfig, ConfigError, InputError
 from causalmm.adapters import UnsupportedModelError, get_adapter
 
 
-def run_cli(*args, check=False):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    proc = subprocess.run(
-        [sys.executable, "-m", "causalmm.cli", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def test_cli_generate_json_is_one_object_matching_the_api(model_dirs, image_file, loaded):
+def test_cli_generate_json_is_one_object_matching_the_api(model_dirs, image_file, loaded, causalmm_cli):
     args = ["generate", "--model", str(model_dirs["llava"]), "--image", str(image_file)]
     args += ["--prompt", "Is there a cat?", "--max-new-tokens", "5", "--mode", "language", "--json"]
     args += ["--attention", "eager", "--language-layers", "all"]
-    proc = run_cli(*args, check=True)
+    proc = causalmm_cli(*args)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1
     payload = json.loads(lines[0])
@@ -38,8 +25,8 @@ def test_cli_generate_json_is_one_object_matching_the_api(model_dirs, image_file
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
-def test_cli_generate_plain_text_other_families(family, model_dirs, image_file):
-    proc = run_cli(
+def test_cli_generate_plain_text_other_families(family, model_dirs, image_file, causalmm_cli):
+    proc = causalmm_cli(
         "generate",
         "--model",
         str(model_dirs[family]),
@@ -82,29 +69,35 @@ def _one_line_error(proc, *needles):
         (["--language-layers", "x-y"], ["cannot read"]),
     ],
 )
-def test_cli_bad_config_is_one_line(extra, needles, model_dirs, image_file):
+def test_cli_bad_config_is_one_line(extra, needles, model_dirs, image_file, causalmm_cli):
     args = ["generate", "--model", str(model_dirs["llava"]), "--image", str(image_file), "--prompt", "hi", *extra]
-    _one_line_error(run_cli(*args), *needles)
+    _one_line_error(causalmm_cli(*args, check=False), *needles)
 
 
-def test_cli_bad_inputs_are_one_line(model_dirs, image_file, tmp_path):
+def test_cli_bad_inputs_are_one_line(model_dirs, image_file, tmp_path, causalmm_cli):
     base = ["generate", "--model", str(model_dirs["llava"]), "--prompt", "hi"]
-    _one_line_error(run_cli(*base, "--image", str(tmp_path / "nope.jpg")), "image not found", "nope.jpg")
+    _one_line_error(
+        causalmm_cli(*base, "--image", str(tmp_path / "nope.jpg"), check=False), "image not found", "nope.jpg"
+    )
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    _one_line_error(run_cli(*base, "--image", str(bad)), "cannot read image")
+    _one_line_error(causalmm_cli(*base, "--image", str(bad), check=False), "cannot read image")
     _one_line_error(
-        run_cli("generate", "--model", str(model_dirs["llava"]), "--image", str(image_file), "--prompt", "  "),
+        causalmm_cli(
+            "generate", "--model", str(model_dirs["llava"]), "--image", str(image_file), "--prompt", "  ", check=False
+        ),
         "prompt is empty",
     )
     _one_line_error(
-        run_cli("generate", "--model", "someone/some-vlm", "--image", str(image_file), "--prompt", "hi"),
+        causalmm_cli(
+            "generate", "--model", "someone/some-vlm", "--image", str(image_file), "--prompt", "hi", check=False
+        ),
         "HF_HUB_OFFLINE",
         "someone/some-vlm",
     )
 
 
-def test_text_only_model_is_refused_clearly(tmp_path, image_file):
+def test_text_only_model_is_refused_clearly(tmp_path, image_file, causalmm_cli):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from causalmm.tiny import build_tokenizer
@@ -116,7 +109,7 @@ def test_text_only_model_is_refused_clearly(tmp_path, image_file):
         )
     ).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    proc = run_cli("generate", "--model", str(tmp_path), "--image", str(image_file), "--prompt", "hi")
+    proc = causalmm_cli("generate", "--model", str(tmp_path), "--image", str(image_file), "--prompt", "hi", check=False)
     _one_line_error(proc, "cannot load", "vision-language")
 
 
@@ -176,9 +169,8 @@ def test_layer_specs():
         resolve_layers([8], 8)
 
 
-def test_demo_runs_and_labels_random_weights(tmp_path):
-    proc = run_cli("demo", "--out", str(tmp_path), "--max-new-tokens", "3")
-    assert proc.returncode == 0, proc.stderr
+def test_demo_runs_and_labels_random_weights(tmp_path, causalmm_cli):
+    proc = causalmm_cli("demo", "--out", str(tmp_path), "--max-new-tokens", "3")
     assert "RANDOM WEIGHTS" in proc.stdout
     for name in ("regular", "vcd", "causalmm/vision", "causalmm/joint"):
         assert name in proc.stdout

@@ -245,7 +245,7 @@ def eval_(
     if relaunch:
         raise typer.Exit(code=_relaunch_with_accelerate(num_processes))
     try:
-        summary = evaluate(
+        evaluate(
             benchmark,
             out=out,
             batch_size=batch_size,
@@ -258,7 +258,6 @@ def eval_(
         _fail(str(err))
     if int(os.environ.get("RANK", "0")) == 0:
         sys.stdout.write((out / "report.md").read_text(encoding="utf-8"))
-    del summary
 
 
 @app.command()

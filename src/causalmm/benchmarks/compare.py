@@ -97,9 +97,7 @@ def compare_runs(
         }
         if run is not ref:
             row["vs_first"] = _paired(ref, run, n_boot)
-            row["vs_first"]["diff"] = (
-                metrics[ref.bench.primary] - seed_metrics(ref.bench, ref.records)[ref.bench.primary]
-            )
+            row["vs_first"]["diff"] = metrics[ref.bench.primary] - rows[0]["metrics"][ref.bench.primary]
         rows.append(row)
     shown = ref.bench.headline_metrics(rows[0]["metrics"])
     result = {"benchmark": ref.bench.name, "primary": ref.bench.primary, "metrics": shown, "runs": rows}

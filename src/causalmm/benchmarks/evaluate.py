@@ -104,6 +104,7 @@ def evaluate(
     ``causalmm`` may be an already-loaded :class:`causalmm.CausalMM` (its config is replaced by ``config``);
     otherwise the model is loaded only if something is left to generate.
     """
+    config = config or CausalMMConfig()
     bench, samples, info = plan_run(
         benchmark,
         model=model,
@@ -115,13 +116,12 @@ def evaluate(
         limit=limit,
         options=options,
     )
-    config = CausalMMConfig.from_dict(info["config"])
     generation, seeds, out = info["generation"], info["seeds"], Path(out)
     rank, world, barrier = _processes()
-    check_run_info(out, info)  # every process refuses a mismatched run before anyone writes
+    merged = check_run_info(out, info)  # every process refuses a mismatched run before anyone writes
     barrier()
     if rank == 0:
-        write_run_info(out, info)
+        write_run_info(out, merged)
     done = load_done(out)  # every process reads the same finished set before anyone appends
     barrier()
     if pending(samples, seeds, done, out)[rank::world]:

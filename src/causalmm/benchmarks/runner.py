@@ -89,10 +89,9 @@ def check_run_info(out: Path, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_run_info(out: Path, info: dict[str, Any]) -> None:
-    """Create ``out/run.json``, or check that the existing one describes the same run and update it."""
-    merged = check_run_info(out, info)
+    """Write ``out/run.json`` (``info`` as returned by :func:`check_run_info`)."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "run.json", json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    _atomic_write(out / "run.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def _canon(value: Any) -> str:

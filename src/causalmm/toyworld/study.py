@@ -1,0 +1,186 @@
+"""Measure prior-induced hallucination in the toy world, before and after mitigation, with confidence intervals.
+
+Every object is asked about every evaluation image (POPE's question and answer rule), and each question is
+put in a *group* by what the world's priors say about it:
+
+* ``prior_conflict``: a language-prior-favoured object that is absent. Training text asked about favoured
+  objects mostly when present (P(yes) = ``language_prior``), so a "yes" here is the hallucination the prior
+  causes: this group's false-yes rate is **the prior-induced hallucination rate**.
+* ``partner_absent``: the co-occurrence partner of an object in the image, absent (the visual prior).
+* ``other_absent``: every other absent object (the baseline false-yes rate).
+* ``prior_consistent``: questions whose answer agrees with the training text's answer prior for that object
+  (favoured and present; other objects, whose training questions lean to "no", when absent and not a
+  partner). Their accuracy is what a mitigation must not lose.
+* ``present``: every present object (recall).
+
+The split is val (choose settings) or test (report); the questions are built in memory from
+:func:`~causalmm.toyworld.splits.eval_scenes`, the same scenes ``write_splits`` writes.
+Confidence intervals resample *questions* (all seeds of a drawn question together) and average over the
+counterfactual seeds, as the point estimate does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..benchmarks.pope import DEFAULT_SUFFIX, parse_official
+from ..config import CausalMMConfig
+from .splits import eval_scenes
+from .world import WorldConfig, ask_probabilities, exist_question, render, train_statistics
+
+__all__ = ["GROUPS", "Question", "questions", "answer", "group_rates", "summarise"]
+
+#: group -> (what is measured, the answer that counts as a hit): false-yes rates and accuracies
+GROUPS: dict[str, str] = {
+    "prior_conflict": "false-yes rate on absent language-prior-favoured objects (prior-induced hallucination)",
+    "partner_absent": "false-yes rate on absent co-occurrence partners of a present object",
+    "other_absent": "false-yes rate on the other absent objects",
+    "prior_consistent": "accuracy on questions whose answer agrees with the training answer prior",
+    "present": "yes rate on present objects (recall)",
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    """One existence question about image ``image`` (an index into the split's images)."""
+
+    image: int
+    object: str
+    label: str  # "yes" / "no"
+    groups: tuple[str, ...]
+
+
+def answer_prior(config: WorldConfig) -> dict[str, str]:
+    """object -> the answer its training existence questions mostly had ("yes" or "no")."""
+    stats = train_statistics(config)
+    out = {}
+    for name, (ask_present, ask_absent) in ask_probabilities(config).items():
+        p = stats.presence(name)
+        yes = p * ask_present / (p * ask_present + (1 - p) * ask_absent)
+        out[name] = "yes" if yes > 0.5 else "no"
+    return out
+
+
+def questions(config: WorldConfig, split: str, n_images: int) -> tuple[list[Image.Image], list[Question]]:
+    """The split's first ``n_images`` images and every object asked about each."""
+    scenes = eval_scenes(config, split, n_images)
+    prior = answer_prior(config)
+    images = [render(config, s) for s in scenes]
+    out = []
+    for i, scene in enumerate(scenes):
+        partners = config.partners(scene.present)
+        for name in config.objects:
+            present = name in scene.present
+            label = "yes" if present else "no"
+            groups = []
+            if present:
+                groups.append("present")
+            elif name in config.favoured:
+                groups.append("prior_conflict")
+            elif name in partners:
+                groups.append("partner_absent")
+            else:
+                groups.append("other_absent")
+            if prior[name] == label and not (not present and name in partners):
+                groups.append("prior_consistent")
+            out.append(Question(i, name, label, tuple(groups)))
+    return images, out
+
+
+def answer(
+    causalmm: Any,
+    config: CausalMMConfig,
+    images: Sequence[Image.Image],
+    qs: Sequence[Question],
+    seeds: Sequence[int],
+    *,
+    batch_size: int = 32,
+    advance: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Parsed answers as a (seeds, questions) array of "yes" / "no" / "other" (POPE's official rule).
+
+    Each (seed, question) gets its own counterfactual generator seed, so answers do not depend on batching.
+    """
+    cm = causalmm.with_config(config)
+    out = np.empty((len(seeds), len(qs)), dtype=object)
+    prompts = [exist_question(q.object) + DEFAULT_SUFFIX for q in qs]
+    for s, seed in enumerate(seeds):
+        for start in range(0, len(qs), batch_size):
+            idx = range(start, min(start + batch_size, len(qs)))
+            results = cm.generate(
+                [images[qs[i].image] for i in idx],
+                [prompts[i] for i in idx],
+                seeds=[seed * 1_000_003 + i for i in idx],
+                max_new_tokens=3,
+            )
+            for i, res in zip(idx, results, strict=True):
+                word, ok = parse_official(res.text)
+                out[s, i] = word if ok else "other"
+            if advance is not None:
+                advance(len(idx))
+    return out
+
+
+def _rates(yes: np.ndarray, labels: np.ndarray, members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per group, the rate per seed row of ``yes`` (seeds, questions) booleans."""
+    out = {}
+    correct = yes == (labels == "yes")
+    for group, mask in members.items():
+        if not mask.any():
+            continue
+        if group in ("prior_consistent",):
+            out[group] = correct[:, mask].mean(axis=1)
+        else:  # false-yes rates (absent groups) and the yes rate on present objects
+            out[group] = yes[:, mask].mean(axis=1)
+    out["accuracy"] = correct.mean(axis=1)
+    return out
+
+
+def group_rates(
+    answers: np.ndarray, qs: Sequence[Question], *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """For each group (and overall accuracy): the mean over seeds and its 95% bootstrap interval over questions."""
+    labels = np.array([q.label for q in qs])
+    members = {g: np.array([g in q.groups for q in qs]) for g in GROUPS}
+    yes = answers == "yes"
+    point = {k: float(v.mean()) for k, v in _rates(yes, labels, members).items()}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in point}
+    n = len(qs)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        sub = _rates(yes[:, idx], labels[idx], {g: m[idx] for g, m in members.items()})
+        for k in point:
+            if k in sub:
+                draws[k].append(float(sub[k].mean()))
+    out = {}
+    for k, v in point.items():
+        lo, hi = np.percentile(draws[k], [2.5, 97.5]) if draws[k] else (v, v)
+        out[k] = {"mean": v, "ci95": [float(lo), float(hi)], "n": int(members[k].sum()) if k in members else n}
+    return out
+
+
+def summarise(rows: dict[str, dict[str, dict[str, float]]], reference: str = "regular") -> list[dict[str, Any]]:
+    """Table rows: per method the prior-induced hallucination rate and consistent accuracy, with the change
+    against ``reference`` and whether the 95% intervals of the hallucination rate are disjoint."""
+    ref = rows[reference]
+    table = []
+    for name, rates in rows.items():
+        pc, cons = rates["prior_conflict"], rates["prior_consistent"]
+        disjoint = pc["ci95"][1] < ref["prior_conflict"]["ci95"][0] or pc["ci95"][0] > ref["prior_conflict"]["ci95"][1]
+        table.append(
+            {
+                "method": name,
+                "prior_hallucination": pc,
+                "consistent_accuracy": cons,
+                "delta_hallucination": pc["mean"] - ref["prior_conflict"]["mean"],
+                "delta_consistent_accuracy": cons["mean"] - ref["prior_consistent"]["mean"],
+                "ci_disjoint_from_reference": bool(disjoint) and name != reference,
+            }
+        )
+    return table

@@ -1,0 +1,237 @@
+"""Train the toy world's tiny LLaVA on its generated stream, on CPU, reproducibly.
+
+Each step draws ``batch_size`` fresh samples (:func:`~causalmm.toyworld.splits.train_sample`; the world is
+endless, so nothing repeats and nothing is shipped) and minimises cross-entropy on the answer tokens only
+(and the ``</s>`` that closes each answer); prompts and image tokens carry no loss. AdamW with linear warm-up
+and cosine decay. The same ``seed``, world, size, step count and thread count give the same weights (one
+machine: float reductions depend on the CPU's kernels).
+
+Output: a ``from_pretrained`` directory (safetensors weights, processor, tokenizer, generation config) plus
+``training.json``: the configs, the loss and answer accuracy per logged step, the wall time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlavaForConditionalGeneration
+from transformers.utils import logging as hf_logging
+
+from .model import ModelSize, build_config, build_processor, build_tokenizer, describe, generation_config, image_tokens
+from .splits import TrainSample, train_sample
+from .world import WorldConfig
+
+__all__ = ["TrainConfig", "Batch", "collate", "train"]
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. ``seed`` seeds the initialisation and picks the stretch of the stream used."""
+
+    seed: int = 0
+    steps: int = 1800
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    threads: int = 2
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.threads < 1:
+            raise ValueError("steps, batch_size and threads must be at least 1")
+        if not self.lr > 0 or self.warmup < 0:
+            raise ValueError("lr must be > 0 and warmup >= 0")
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids, their mask, the loss labels (``-100`` where no loss), pixel values, and which
+    turn kind each labelled answer's first token belongs to (for accuracy by kind)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor
+    answer_kinds: list[tuple[int, int, str]]  # (row, position of the answer's first token, turn kind)
+
+
+class _Encoder:
+    """Turns training samples into token ids exactly as the processor + chat template would (tested)."""
+
+    def __init__(self, world: WorldConfig, size: ModelSize, processor: Any) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        self.n_image = image_tokens(world, size)
+
+    @functools.lru_cache(maxsize=8192)  # noqa: B019  (prompts repeat a lot; the encoder lives for one run)
+    def words(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def encode(self, sample: TrainSample) -> tuple[list[int], list[int], list[tuple[int, str]]]:
+        ids = [self.tokenizer.bos_token_id]
+        labels = [IGNORE]
+        starts: list[tuple[int, str]] = []
+        eos = self.tokenizer.eos_token_id
+        for k, turn in enumerate(sample.turns):
+            prompt = f"USER: <image>\n{turn.prompt} ASSISTANT:" if k == 0 else f"USER: {turn.prompt} ASSISTANT:"
+            p = []
+            for t in self.words(prompt):
+                p.extend([self.image_id] * self.n_image if t == self.image_id else [t])
+            a = [*self.words(turn.answer), eos]
+            ids += p
+            labels += [IGNORE] * len(p)
+            starts.append((len(ids), turn.kind))
+            ids += a
+            labels += a
+        return ids, labels, starts
+
+
+def collate(encoder: _Encoder, samples: list[TrainSample]) -> Batch:
+    encoded = [encoder.encode(s) for s in samples]
+    width = max(len(ids) for ids, _, _ in encoded)
+    pad = encoder.tokenizer.pad_token_id
+    input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    kinds = []
+    for row, (ids, lab, starts) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+        kinds += [(row, pos, kind) for pos, kind in starts]
+    pixels = encoder.processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+    return Batch(input_ids, mask, labels, pixels, kinds)
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _step_metrics(logits: torch.Tensor, batch: Batch) -> dict[str, tuple[int, int]]:
+    """Per turn kind: (first answer tokens predicted right, answers)."""
+    pred = logits.argmax(-1)
+    out: dict[str, list[int]] = {}
+    for row, pos, kind in batch.answer_kinds:
+        hit = int(pred[row, pos - 1] == batch.input_ids[row, pos])
+        acc = out.setdefault(kind, [0, 0])
+        acc[0] += hit
+        acc[1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def train(
+    out_dir: str | Path,
+    *,
+    world: WorldConfig | None = None,
+    size: ModelSize | None = None,
+    cfg: TrainConfig | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Train a toy-world model and save it under ``out_dir`` (a ``from_pretrained`` directory); its path.
+
+    ``on_log`` gets each logged record (step, loss, lr, accuracy by turn kind, elapsed seconds), e.g. for a
+    progress bar.
+    """
+    world = world or WorldConfig()
+    size = size or ModelSize()
+    cfg = cfg or TrainConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        tokenizer = build_tokenizer(world)
+        processor = build_processor(world, size, tokenizer)
+        encoder = _Encoder(world, size, processor)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = LlavaForConditionalGeneration(build_config(world, size, tokenizer))
+        model.config._attn_implementation = "sdpa"
+        model.train()
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+        first = cfg.seed * 10_000_000  # each training seed reads its own stretch of the endless stream
+        history: list[dict[str, Any]] = []
+        window_loss, window_n, window_acc = 0.0, 0, {}
+        start = time.perf_counter()
+        for step in range(cfg.steps):
+            base = first + step * cfg.batch_size
+            batch = collate(encoder, [train_sample(world, base + i) for i in range(cfg.batch_size)])
+            logits = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+            ).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            window_loss += float(loss.detach())
+            window_n += 1
+            for kind, (hit, n) in _step_metrics(logits.detach(), batch).items():
+                acc = window_acc.setdefault(kind, [0, 0])
+                acc[0] += hit
+                acc[1] += n
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                record = {
+                    "step": step + 1,
+                    "loss": round(window_loss / window_n, 5),
+                    "lr": round(sched.get_last_lr()[0], 7),
+                    "accuracy": {k: round(h / n, 4) for k, (h, n) in sorted(window_acc.items())},
+                    "elapsed_s": round(time.perf_counter() - start, 1),
+                }
+                history.append(record)
+                if on_log is not None:
+                    on_log(record)
+                window_loss, window_n, window_acc = 0.0, 0, {}
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.generation_config = generation_config(tokenizer)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    processor.save_pretrained(out)
+    record = {
+        "format": "causalmm-toyworld-training/1",
+        "world": asdict(world),
+        "size": size.to_dict(),
+        "train": asdict(cfg),
+        "model": describe(model),
+        "samples_seen": cfg.steps * cfg.batch_size,
+        "wall_time_s": round(elapsed, 1),
+        "torch": torch.__version__,
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return out

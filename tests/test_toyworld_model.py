@@ -1,0 +1,179 @@
+"""The toy world's tokenizer, training encoding, training run, shipped model and demo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from causalmm.api import CausalMM
+from causalmm.config import CausalMMConfig
+from causalmm.toyworld import WorldConfig, train_sample, vocabulary
+from causalmm.toyworld.model import ModelSize, build_processor, build_tokenizer, shipped_model_path
+from causalmm.toyworld.study import answer, group_rates, questions
+from causalmm.toyworld.train import IGNORE, TrainConfig, _Encoder, collate, train
+
+WORLD = WorldConfig()
+SIZE = ModelSize()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(WORLD, SIZE, build_tokenizer(WORLD))
+
+
+def test_tokenizer_covers_every_world_text_without_unk(processor):
+    tok = processor.tokenizer
+    unk = tok.unk_token_id
+    for i in range(40):
+        for turn in train_sample(WORLD, i, render_image=False).turns:
+            for text in (turn.prompt, turn.answer):
+                ids = tok(text, add_special_tokens=False).input_ids
+                assert unk not in ids, text
+    words = vocabulary(WORLD)
+    assert tok.convert_ids_to_tokens(list(range(len(words)))) == words
+    # case and spacing do not matter; unknown words are <unk>, not an error
+    assert tok("Is there A Kite?", add_special_tokens=False).input_ids == tok("is there a kite ?").input_ids[1:]
+    assert tok("a zebra", add_special_tokens=False).input_ids[-1] == unk
+    assert tok("yes").input_ids[0] == tok.bos_token_id
+
+
+def test_training_encoding_equals_processor_and_chat_template(processor):
+    """The fast training encoder builds exactly the ids the processor makes from the chat template, and puts
+    the loss on the answers and their </s> only."""
+    encoder = _Encoder(WORLD, SIZE, processor)
+    for i in (0, 1, 7):
+        sample = train_sample(WORLD, i)
+        ids, labels, starts = encoder.encode(sample)
+        text = processor.apply_chat_template(sample.messages(), tokenize=False)
+        ref = processor(images=[sample.image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
+        assert ids == ref
+        eos = processor.tokenizer.eos_token_id
+        labelled = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE]
+        expected = []
+        for turn in sample.turns:
+            expected += [*processor.tokenizer(turn.answer, add_special_tokens=False).input_ids, eos]
+        assert labelled == expected
+        assert len(starts) == len(sample.turns)
+        assert all(labels[pos] == ids[pos] for pos, _ in starts)
+    # a one-turn inference prompt is the prefix the model was trained on
+    first = train_sample(WORLD, 0)
+    prompt = processor.apply_chat_template(first.messages()[:1], add_generation_prompt=True)
+    prefix = processor(images=[first.image], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+    ids, _, starts = encoder.encode(first)
+    assert ids[: starts[0][0]] == prefix
+
+
+def test_collate_pads_right_and_masks(processor):
+    encoder = _Encoder(WORLD, SIZE, processor)
+    samples = [train_sample(WORLD, i) for i in range(3)]
+    batch = collate(encoder, samples)
+    lengths = [len(encoder.encode(s)[0]) for s in samples]
+    assert batch.attention_mask.sum(1).tolist() == lengths
+    assert batch.pixel_values.shape == (3, 3, WORLD.image_size, WORLD.image_size)
+    pad = batch.attention_mask == 0
+    assert (batch.labels[pad] == IGNORE).all() and (batch.input_ids[pad] == processor.tokenizer.pad_token_id).all()
+
+
+def test_training_smoke_is_reproducible_and_loads(tmp_path):
+    cfg = TrainConfig(steps=3, batch_size=4, warmup=1, log_every=1, threads=1)
+    a = train(tmp_path / "a", cfg=cfg)
+    b = train(tmp_path / "b", cfg=cfg)
+    c = train(tmp_path / "c", cfg=TrainConfig(steps=3, batch_size=4, warmup=1, log_every=1, threads=1, seed=1))
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    record = json.loads((a / "training.json").read_text())
+    assert [h["step"] for h in record["history"]] == [1, 2, 3]
+    assert record["history"][-1]["loss"] < record["history"][0]["loss"] + 1.0  # finite, logged
+    cm = CausalMM.from_pretrained(str(a), CausalMMConfig(method="regular"))
+    res = cm.generate(train_sample(WORLD, 5).image, "Is there a cup in the image?", max_new_tokens=2)
+    assert len(res.token_ids) >= 1
+
+
+def test_bad_training_settings_are_refused():
+    with pytest.raises(ValueError, match="at least 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
+
+
+# -- the shipped model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    return CausalMM.from_pretrained(str(shipped_model_path()), CausalMMConfig(method="regular"))
+
+
+def test_shipped_model_is_small_trained_and_documented(shipped):
+    path = shipped_model_path()
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size <= 20 * 2**20
+    record = json.loads((path / "training.json").read_text())
+    assert record["wall_time_s"] <= 20 * 60 and record["train"]["threads"] == 2
+    assert shipped.model.config.model_type == "llava"
+    # trained, not random: grounded answers on unseen val images, well above the 50% of a coin or a prior
+    images, qs = questions(WORLD, "val", 12)
+    rates = group_rates(answer(shipped, CausalMMConfig(method="regular"), images, qs, [0]), qs, n_boot=0)
+    assert rates["accuracy"]["mean"] >= 0.75
+    assert rates["present"]["mean"] >= 0.6
+
+
+def test_shipped_model_answers_in_words(shipped):
+    image = train_sample(WORLD, 123).image
+    text = shipped.generate(image, "What color is the apple? Please answer this question with one word.").text
+    assert text.strip().split()[0] in (*WORLD.colours, "no", "yes") or text.strip()
+    out = shipped.generate(image, "Is there a cup in the image? Please answer this question with one word.").text
+    assert out.strip().lower().rstrip(".") in ("yes", "no")
+
+
+def test_study_groups_are_a_partition_of_absent_questions():
+    _, qs = questions(WORLD, "test", 6)
+    assert len(qs) == 6 * len(WORLD.objects)
+    for q in qs:
+        absent_groups = {"prior_conflict", "partner_absent", "other_absent"} & set(q.groups)
+        assert (q.label == "no") == (len(absent_groups) == 1) and (q.label == "yes") == ("present" in q.groups)
+        if "prior_conflict" in q.groups:
+            assert q.object in WORLD.favoured and "prior_consistent" not in q.groups
+
+
+def test_group_rates_hand_example():
+    from causalmm.toyworld.study import Question
+
+    qs = [
+        Question(0, "apple", "no", ("prior_conflict",)),
+        Question(0, "book", "no", ("prior_conflict",)),
+        Question(0, "cup", "yes", ("present",)),
+        Question(0, "tv", "no", ("other_absent", "prior_consistent")),
+    ]
+    answers = np.array([["yes", "no", "yes", "no"], ["yes", "yes", "no", "yes"]], dtype=object)
+    rates = group_rates(answers, qs, n_boot=200)
+    assert rates["prior_conflict"]["mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert rates["present"]["mean"] == pytest.approx(0.5)
+    assert rates["other_absent"]["mean"] == pytest.approx(0.5)
+    assert rates["prior_consistent"]["mean"] == pytest.approx(0.5)
+    assert rates["accuracy"]["mean"] == pytest.approx((0.75 + 0.0) / 2)  # seed 0: 3 of 4 right
+    lo, hi = rates["prior_conflict"]["ci95"]
+    assert 0 <= lo <= 0.75 <= hi <= 1
+
+
+def test_demo_cli_on_a_few_samples(tmp_path, causalmm_cli):
+    out = tmp_path / "demo"
+    proc = causalmm_cli("demo", "--images", "2", "--seeds", "0,1", "--out", str(out))
+    for name in ("regular", "vcd", "causalmm/vision", "causalmm/language", "causalmm/multimodal"):
+        assert name in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n_questions"] == 20 and metrics["seeds"] == [0, 1]
+    assert set(metrics["rates"]) == {"regular", "vcd", "causalmm/vision", "causalmm/language", "causalmm/multimodal"}
+    with Image.open(out / "demo.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+
+
+def test_demo_cli_bad_input(tmp_path, causalmm_cli):
+    proc = causalmm_cli("demo", "--seeds", "a,b", check=False)
+    assert proc.returncode == 2 and "--seeds" in proc.stderr
+    proc = causalmm_cli("demo", "--model", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr

@@ -59,7 +59,7 @@ def test_training_encoding_equals_processor_and_chat_template(processor):
             expected += [*processor.tokenizer(turn.answer, add_special_tokens=False).input_ids, eos]
         assert labelled == expected
         assert len(starts) == len(sample.turns)
-        assert all(labels[pos] == ids[pos] for pos, _ in starts)
+        assert all(labels[a] == ids[a] and ids[b] == eos for a, b, _ in starts)
     # a one-turn inference prompt is the prefix the model was trained on
     first = train_sample(WORLD, 0)
     prompt = processor.apply_chat_template(first.messages()[:1], add_generation_prompt=True)

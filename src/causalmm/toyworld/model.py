@@ -65,7 +65,7 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ModelSize:
     """The tiny model's shape. The defaults give about 0.9M parameters (3.6 MB in float32)."""
 
-    patch: int = 8
+    patch: int = 12
     vision_hidden: int = 64
     vision_layers: int = 3
     vision_heads: int = 4

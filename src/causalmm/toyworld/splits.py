@@ -127,6 +127,9 @@ def train_sample(config: WorldConfig, index: int, *, render_image: bool = True) 
     """Training sample ``index`` (any non-negative integer), a pure function of ``config`` and ``index``."""
     scene = sample_scene(config, "train", index)
     rng = make_rng(config, "train", index, _TEXT)
+    image = render(config, scene) if render_image else None
+    if rng.random() < config.caption_p:  # caption-only: grounding from image to words, nothing to copy from
+        return TrainSample(index, scene, image, (Turn(CAPTION_PROMPT, caption(config, scene), "caption"),))
     ask = ask_probabilities(config)
     exist: list[Turn] = []
     for name in config.objects:
@@ -154,9 +157,8 @@ def train_sample(config: WorldConfig, index: int, *, render_image: bool = True) 
         if rng.random() < config.count_question_p:
             attributes.append(Turn(count_question(name) + ONE_WORD_SUFFIX, NUMBER_WORDS[count], "count", name))
     turns = [exist[i] for i in rng.permutation(len(exist))] + [attributes[i] for i in rng.permutation(len(attributes))]
-    if rng.random() < config.caption_p or not turns:
+    if not turns:
         turns.append(Turn(CAPTION_PROMPT, caption(config, scene), "caption"))
-    image = render(config, scene) if render_image else None
     return TrainSample(index, scene, image, tuple(turns))
 
 

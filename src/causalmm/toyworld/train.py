@@ -13,14 +13,16 @@ Output: a ``from_pretrained`` directory (safetensors weights, processor, tokeniz
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
@@ -48,10 +50,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     threads: int = 2
     log_every: int = 25
+    #: samples are drawn ``bucket`` batches at a time and grouped by length (less padding, same data)
+    bucket: int = 8
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.threads < 1:
-            raise ValueError("steps, batch_size and threads must be at least 1")
+        if self.steps < 1 or self.batch_size < 1 or self.threads < 1 or self.bucket < 1:
+            raise ValueError("steps, batch_size, threads and bucket must be at least 1")
         if not self.lr > 0 or self.warmup < 0:
             raise ValueError("lr must be > 0 and warmup >= 0")
 
@@ -59,13 +63,13 @@ class TrainConfig:
 @dataclass
 class Batch:
     """Right-padded token ids, their mask, the loss labels (``-100`` where no loss), pixel values, and which
-    turn kind each labelled answer's first token belongs to (for accuracy by kind)."""
+    turn kind each labelled answer belongs to (for accuracy by kind)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor
-    answer_kinds: list[tuple[int, int, str]]  # (row, position of the answer's first token, turn kind)
+    answer_kinds: list[tuple[int, int, int, str]]  # (row, answer start, end (its </s>), turn kind)
 
 
 class _Encoder:
@@ -81,10 +85,10 @@ class _Encoder:
     def words(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
 
-    def encode(self, sample: TrainSample) -> tuple[list[int], list[int], list[tuple[int, str]]]:
+    def encode(self, sample: TrainSample) -> tuple[list[int], list[int], list[tuple[int, int, str]]]:
         ids = [self.tokenizer.bos_token_id]
         labels = [IGNORE]
-        starts: list[tuple[int, str]] = []
+        starts: list[tuple[int, int, str]] = []
         eos = self.tokenizer.eos_token_id
         for k, turn in enumerate(sample.turns):
             prompt = f"USER: <image>\n{turn.prompt} ASSISTANT:" if k == 0 else f"USER: {turn.prompt} ASSISTANT:"
@@ -94,7 +98,7 @@ class _Encoder:
             a = [*self.words(turn.answer), eos]
             ids += p
             labels += [IGNORE] * len(p)
-            starts.append((len(ids), turn.kind))
+            starts.append((len(ids), len(ids) + len(a) - 1, turn.kind))
             ids += a
             labels += a
         return ids, labels, starts
@@ -112,9 +116,23 @@ def collate(encoder: _Encoder, samples: list[TrainSample]) -> Batch:
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(ids)] = 1
-        kinds += [(row, pos, kind) for pos, kind in starts]
+        kinds += [(row, a, b, kind) for a, b, kind in starts]
     pixels = encoder.processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
     return Batch(input_ids, mask, labels, pixels, kinds)
+
+
+def _batches(world: WorldConfig, encoder: _Encoder, cfg: TrainConfig) -> Iterator[Batch]:
+    """Training batches: each chunk of ``bucket * batch_size`` consecutive samples of this seed's stretch of the
+    stream is sorted by length, cut into ``bucket`` batches, and those are yielded in a seeded random order."""
+    first = cfg.seed * 10_000_000  # each training seed reads its own stretch of the endless stream
+    chunk = cfg.batch_size * cfg.bucket
+    for c in itertools.count():
+        samples = [train_sample(world, first + c * chunk + i) for i in range(chunk)]
+        lengths = [len(encoder.encode(s)[0]) for s in samples]
+        order = sorted(range(chunk), key=lambda i: (lengths[i], i))
+        groups = [order[k * cfg.batch_size : (k + 1) * cfg.batch_size] for k in range(cfg.bucket)]
+        for k in np.random.default_rng([cfg.seed, c]).permutation(cfg.bucket):
+            yield collate(encoder, [samples[i] for i in groups[k]])
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -125,14 +143,14 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def _step_metrics(logits: torch.Tensor, batch: Batch) -> dict[str, tuple[int, int]]:
-    """Per turn kind: (first answer tokens predicted right, answers)."""
+    """Per turn kind: (answer tokens predicted right, answer tokens), the closing </s> not counted."""
     pred = logits.argmax(-1)
     out: dict[str, list[int]] = {}
-    for row, pos, kind in batch.answer_kinds:
-        hit = int(pred[row, pos - 1] == batch.input_ids[row, pos])
+    for row, a, b, kind in batch.answer_kinds:
+        hits = int((pred[row, a - 1 : b - 1] == batch.input_ids[row, a:b]).sum())
         acc = out.setdefault(kind, [0, 0])
-        acc[0] += hit
-        acc[1] += 1
+        acc[0] += hits
+        acc[1] += b - a
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
@@ -173,13 +191,12 @@ def train(
             betas=(0.9, 0.98),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-        first = cfg.seed * 10_000_000  # each training seed reads its own stretch of the endless stream
+        batches = _batches(world, encoder, cfg)
         history: list[dict[str, Any]] = []
         window_loss, window_n, window_acc = 0.0, 0, {}
         start = time.perf_counter()
         for step in range(cfg.steps):
-            base = first + step * cfg.batch_size
-            batch = collate(encoder, [train_sample(world, base + i) for i in range(cfg.batch_size)])
+            batch = next(batches)
             logits = model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
             ).logits

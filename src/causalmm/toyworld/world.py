@@ -163,13 +163,13 @@ class WorldConfig:
 
     # -- training text --------------------------------------------------------------------------------
     #: fraction of existence decisions asked as a VLind-style true/false statement instead of a question
-    statement_rate: float = 0.25
+    statement_rate: float = 0.1
     #: per present object: probability of a colour turn (question, or a true/false colour statement)
     colour_question_p: float = 0.5
     #: per present object: probability of a "how many" turn
     count_question_p: float = 0.3
-    #: probability that a training sample ends with a caption turn
-    caption_p: float = 0.3
+    #: probability that a training sample is a caption alone (otherwise it is questions and statements)
+    caption_p: float = 0.25
     #: training scenes the frequency / co-occurrence statistics are measured on (POPE popular/adversarial
     #: negatives, and the presence rates the language prior's ask probabilities are solved from)
     stats_images: int = 4000

@@ -573,6 +573,9 @@ def toyworld_train(
         task = bar.add_task("train", total=cfg.steps, info="")
 
         def on_log(record: dict) -> None:
+            if "vision_step" in record:  # stage 1 (vision tower) done
+                bar.update(task, info=f"vision tower: patch accuracy {record['patch_exact']:.2f}")
+                return
             acc = record["accuracy"]
             info = f"loss {record['loss']:.3f}  exist {acc.get('exist', 0):.2f}  colour {acc.get('colour', 0):.2f}"
             bar.update(task, completed=record["step"], info=info)

@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from .model import ModelSize, build_config, build_processor, build_tokenizer, describe, generation_config, image_tokens
 from .splits import TrainSample, train_sample
-from .world import WorldConfig
+from .world import WorldConfig, render, sample_scene
 
 __all__ = ["TrainConfig", "Batch", "collate", "train"]
 
@@ -52,6 +52,10 @@ class TrainConfig:
     log_every: int = 25
     #: samples are drawn ``bucket`` batches at a time and grouped by length (less padding, same data)
     bucket: int = 8
+    #: stage 1: steps of vision-tower pre-training on per-patch object/colour labels (0 = none)
+    vision_steps: int = 250
+    vision_batch_size: int = 64
+    vision_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.threads < 1 or self.bucket < 1:
@@ -135,6 +139,58 @@ def _batches(world: WorldConfig, encoder: _Encoder, cfg: TrainConfig) -> Iterato
             yield collate(encoder, [samples[i] for i in groups[k]])
 
 
+def patch_targets(world: WorldConfig, size: ModelSize, scenes: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch (row-major, as CLIP flattens its grid): multi-hot of the objects and of the colours whose glyph
+    box overlaps the patch; shapes (batch, patches, objects) and (batch, patches, colours)."""
+    grid = world.image_size // size.patch
+    objects = torch.zeros(len(scenes), grid * grid, len(world.objects))
+    colours = torch.zeros(len(scenes), grid * grid, len(world.colours))
+    for b, scene in enumerate(scenes):
+        for it in scene.items:
+            first_r, last_r = it.y // size.patch, (it.y + it.size - 1) // size.patch
+            first_c, last_c = it.x // size.patch, (it.x + it.size - 1) // size.patch
+            for r in range(first_r, last_r + 1):
+                for c in range(first_c, last_c + 1):
+                    objects[b, r * grid + c, world.objects.index(it.name)] = 1
+                    colours[b, r * grid + c, world.colours.index(it.colour)] = 1
+    return objects, colours
+
+
+def _pretrain_vision(
+    model: Any, processor: Any, world: WorldConfig, size: ModelSize, cfg: TrainConfig
+) -> list[dict[str, Any]]:
+    """Stage 1, as LLaVA starts from a pre-trained CLIP: teach the vision tower what is in each patch (a linear
+    head on the features the LLM reads, discarded afterwards). Returns the logged records."""
+    tower = model.model.vision_tower
+    hidden = tower.config.hidden_size
+    head = torch.nn.Linear(hidden, len(world.objects) + len(world.colours))
+    params = [*tower.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    warm = max(1, cfg.vision_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    first = cfg.seed * 10_000_000 + 5_000_000  # a stretch of the stream stage 2 does not use
+    history = []
+    n_obj = len(world.objects)
+    for step in range(cfg.vision_steps):
+        base = first + step * cfg.vision_batch_size
+        scenes = [sample_scene(world, "train", base + i) for i in range(cfg.vision_batch_size)]
+        pixels = processor.image_processor([render(world, s) for s in scenes], return_tensors="pt")["pixel_values"]
+        objects, colours = patch_targets(world, size, scenes)
+        feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        logits = head(feats)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.cat([objects, colours], -1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.vision_steps:
+            pred = logits.detach()[..., :n_obj] > 0
+            acc = float((pred == objects.bool()).all(-1).float().mean())
+            history.append({"vision_step": step + 1, "loss": round(float(loss.detach()), 5), "patch_exact": acc})
+    return history
+
+
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -183,6 +239,10 @@ def train(
             model = LlavaForConditionalGeneration(build_config(world, size, tokenizer))
         model.config._attn_implementation = "sdpa"
         model.train()
+        start = time.perf_counter()
+        vision_history = _pretrain_vision(model, processor, world, size, cfg) if cfg.vision_steps else []
+        if on_log is not None and vision_history:
+            on_log(vision_history[-1])
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
         opt = torch.optim.AdamW(
@@ -194,7 +254,6 @@ def train(
         batches = _batches(world, encoder, cfg)
         history: list[dict[str, Any]] = []
         window_loss, window_n, window_acc = 0.0, 0, {}
-        start = time.perf_counter()
         for step in range(cfg.steps):
             batch = next(batches)
             logits = model(
@@ -248,6 +307,7 @@ def train(
         "samples_seen": cfg.steps * cfg.batch_size,
         "wall_time_s": round(elapsed, 1),
         "torch": torch.__version__,
+        "vision_history": vision_history,
         "history": history,
     }
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

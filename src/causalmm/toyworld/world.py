@@ -129,7 +129,10 @@ class WorldConfig:
     #: image side in pixels (a multiple of the vision tower's patch, e.g. 48 = 6 x 8)
     image_size: int = 48
     #: glyph side in pixels, inclusive range
-    object_size: tuple[int, int] = (10, 15)
+    object_size: tuple[int, int] = (8, 10)
+    #: grid layout: each glyph sits inside one ``cell`` x ``cell`` square of the image (the model's patch: a
+    #: from-scratch ViT learns whole glyphs per patch far faster than glyphs cut across patches); 0 = free layout
+    cell: int = 12
     #: distinct object types per image, inclusive range (co-occurrence may add one partner beyond the max)
     min_objects: int = 1
     max_objects: int = 4
@@ -205,6 +208,10 @@ class WorldConfig:
         lo, hi = self.object_size
         if not 4 <= lo <= hi or (hi + 2) * 2 > self.image_size:
             problems.append("object_size must fit two glyphs across the image")
+        if self.cell and (self.image_size % self.cell or hi + 2 > self.cell):
+            problems.append("cell must divide image_size and hold a glyph of the largest object_size plus 2 px")
+        if self.cell and self.max_instances > (self.image_size // self.cell) ** 2:
+            problems.append("max_instances must not exceed the number of grid cells")
         for name in ("language_prior", "yes_rate", "cooccurrence_p", "colour_prior_p"):
             if not 0 < getattr(self, name) < 1:
                 problems.append(f"{name} must be in (0, 1)")
@@ -330,9 +337,20 @@ def _apart(x: int, y: int, size: int, it: Item) -> bool:
 
 
 def _layout(config: WorldConfig, rng: np.random.Generator, objects: dict[str, tuple[str, int]]) -> tuple[Item, ...]:
-    """Non-overlapping glyph boxes (1 px apart at least), by rejection sampling; smaller glyphs if crowded."""
+    """Non-overlapping glyph boxes (1 px apart at least): one per grid cell, at a random offset inside it, or
+    (``cell=0``) anywhere by rejection sampling, with smaller glyphs if crowded."""
     lo, hi = config.object_size
     wanted = [(name, colour) for name, (colour, count) in objects.items() for _ in range(count)]
+    if config.cell:
+        per_row = config.image_size // config.cell
+        cells = rng.choice(per_row * per_row, size=len(wanted), replace=False)
+        items = []
+        for (name, colour), cell in zip(wanted, cells, strict=True):
+            size = int(rng.integers(lo, hi + 1))
+            dx, dy = (int(v) for v in rng.integers(1, config.cell - size, size=2))
+            x, y = int(cell % per_row) * config.cell + dx, int(cell // per_row) * config.cell + dy
+            items.append(Item(name, colour, size, x, y))
+        return tuple(items)
     for attempt in range(50):
         top = hi if attempt < 25 else lo
         items: list[Item] = []

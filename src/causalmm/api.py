@@ -68,20 +68,35 @@ class CausalMM:
     """
 
     def __init__(
-        self, model: torch.nn.Module, processor: Any, config: CausalMMConfig | None = None, *, base: str = "sdpa"
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        config: CausalMMConfig | None = None,
+        *,
+        base: str = "sdpa",
+        reuse_prefix: bool = True,
     ) -> None:
         self.config = config or CausalMMConfig()
+        #: share the prefill of a common prompt prefix between rows (see :class:`Engine`); ``False`` is the
+        #: reference path that prefills every row in full
+        self.reuse_prefix = reuse_prefix
         model.eval()
         self.adapter: Adapter = get_adapter(model, processor, base=base)
-        self.engine = Engine(self.adapter, self.config)
+        self.engine = Engine(self.adapter, self.config, reuse_prefix=reuse_prefix)
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, config: CausalMMConfig | None = None, *, base: str = "sdpa", **hf_kwargs: Any
+        cls,
+        name_or_path: str,
+        config: CausalMMConfig | None = None,
+        *,
+        base: str = "sdpa",
+        reuse_prefix: bool = True,
+        **hf_kwargs: Any,
     ) -> CausalMM:
         """Load a model and its processor (local directory or hub id) and wrap them."""
         model, processor = _load_pretrained(str(name_or_path), **hf_kwargs)
-        return cls(model, processor, config, base=base)
+        return cls(model, processor, config, base=base, reuse_prefix=reuse_prefix)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -91,10 +106,12 @@ class CausalMM:
     def processor(self) -> Any:
         return self.adapter.processor
 
-    def with_config(self, config: CausalMMConfig) -> CausalMM:
-        """The same model under another config (no reload)."""
+    def with_config(self, config: CausalMMConfig, *, reuse_prefix: bool | None = None) -> CausalMM:
+        """The same model under another config (no reload); ``reuse_prefix`` defaults to this one's."""
         other = object.__new__(CausalMM)
-        other.config, other.adapter, other.engine = config, self.adapter, Engine(self.adapter, config)
+        other.reuse_prefix = self.reuse_prefix if reuse_prefix is None else reuse_prefix
+        other.config, other.adapter = config, self.adapter
+        other.engine = Engine(self.adapter, config, reuse_prefix=other.reuse_prefix)
         return other
 
     def generate(

@@ -5,10 +5,15 @@ draw (``num_cf_samples``). Image features are computed once per image and branch
 vision-intervened draw k, noised draw k); then every step runs **one** batched forward over all rows of
 all prompts, each row with its own cache entries, and combines each prompt's rows with :func:`contrast`.
 The chosen token is appended to every row of that prompt.
+
+With ``reuse_prefix`` (the default where the adapter supports it), rows that compute the same thing over a
+shared prompt prefix (questions about one image, with the same image features) prefill that prefix once and
+fork its KV cache; see :meth:`Engine._prefill_shared`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .adapters import Adapter
 from .attention import Intervention, SiteRule, intervene
@@ -130,12 +136,45 @@ def _select(logits: torch.Tensor, opts: GenerationOptions, history: list[int], g
     return int(torch.multinomial(probs.to(gen.device), 1, generator=gen))
 
 
-class Engine:
-    """Runs a :class:`CausalMMConfig` on one model through its :class:`Adapter`."""
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+#: What a prefill hands to the decode loop, rows in engine order: last-position logits ``(rows, vocab)``, the
+#: cache, the attention mask ``(rows, length)`` and position ids (only the last column is read afterwards).
+_Prefill = tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]
 
-    def __init__(self, adapter: Adapter, config: CausalMMConfig) -> None:
+
+def _image_digest(image: Image.Image, memo: dict[int, str]) -> str:
+    """A digest of an image's pixels: equal pixels (or the same object) mean equal image features."""
+    if id(image) not in memo:
+        h = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
+        h.update(image.tobytes())
+        memo[id(image)] = h.hexdigest()
+    return memo[id(image)]
+
+
+def _first_of(keys: list[Any]) -> list[int]:
+    """For each item, the index of the first item equal to it."""
+    first: dict[Any, int] = {}
+    return [first.setdefault(k, i) for i, k in enumerate(keys)]
+
+
+def _lpad(t: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+    """A 1-D tensor left-padded with ``fill`` to ``length``."""
+    return torch.cat([t.new_full((length - t.numel(),), fill), t])
+
+
+class Engine:
+    """Runs a :class:`CausalMMConfig` on one model through its :class:`Adapter`.
+
+    ``reuse_prefix``: prefill a prompt prefix shared by several rows once and fork its KV cache (and compute
+    the features of an image repeated in the batch once). It is used only where the adapter declares
+    :attr:`Adapter.supports_prefix_reuse` and the cache is plain full-attention layers; ``False`` keeps the
+    reference path (every row prefilled in full), which the parity tests compare against.
+    """
+
+    def __init__(self, adapter: Adapter, config: CausalMMConfig, *, reuse_prefix: bool = True) -> None:
         self.adapter = adapter
         self.config = config
+        self.reuse_prefix = reuse_prefix
         self.branches = branches_for(config)
         self.vision_rule = self.language_rule = None
         if any(b.vision for b in self.branches):
@@ -174,6 +213,21 @@ class Engine:
         self.tokenizer = tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
         self.pad_id = int(pad)
+        text_cfg = adapter.model.config.get_text_config()
+        self._text_config = text_cfg
+        # In effect only where requested and supported. Forking and left-padding a cache is only sound for
+        # plain growing layers (no sliding window).
+        self.prefix_reuse = bool(
+            reuse_prefix
+            and adapter.supports_prefix_reuse
+            and all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_cfg).layers)
+        )
+        mcfg = adapter.model.config
+        self._image_tokens = {
+            v
+            for a in ("image_token_id", "image_token_index", "video_token_id")
+            if isinstance(v := getattr(mcfg, a, None), int)
+        }
 
     @staticmethod
     def _check_heads(heads: tuple[int, ...] | None, module: torch.nn.Module, where: str) -> None:
@@ -215,12 +269,182 @@ class Engine:
         for row in rows:
             enc = encs[row.prompt]
             n = enc["input_ids"].shape[1]
-            for key in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"):
+            for key in _TOKEN_KEYS:
                 if key in enc:
                     fill = self.pad_id if key == "input_ids" else 0
                     t = enc[key][0]
                     out.setdefault(key, []).append(torch.cat([t.new_full((length - n,), fill), t]))
         return {k: torch.stack(v).to(self.adapter.device) for k, v in out.items()}
+
+    def _shared_features(
+        self, imgs: list[dict[str, torch.Tensor]], kind: str, seeds: list[int], draws: int, rep: list[int]
+    ) -> dict[tuple[int, int], Any]:
+        """:meth:`_features` run only for the representative prompts ``rep`` and handed to every prompt."""
+        uniq = sorted(set(rep))
+        at = {q: j for j, q in enumerate(uniq)}
+        sub = self._features([imgs[q] for q in uniq], kind, [seeds[q] for q in uniq], draws)
+        ks = [0] if kind == "factual" else range(draws)
+        return {(p, k): sub[(at[rep[p]], k)] for p in range(len(imgs)) for k in ks}
+
+    def _meta(self, imgs: list[dict[str, torch.Tensor]], rows: list[_Row], which: list[int]) -> dict[str, Any]:
+        """Non-pixel image inputs (grid sizes...) of rows ``which``, as position helpers want them."""
+        items = [{k: v for k, v in imgs[rows[i].prompt].items() if k != "pixel_values"} for i in which]
+        return {k: v.to(self.adapter.device) for k, v in self.adapter.collate_images(items).items()}
+
+    def _forward(
+        self,
+        inputs: dict[str, Any],
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        language_rows: dict[int, torch.Generator],
+    ) -> Any:
+        """One forward of the LLM with the language intervention on ``language_rows`` (batch indices)."""
+        state = Intervention(language=self.language_rule, language_rows=language_rows)
+        with intervene(state):
+            return self.adapter.model(
+                **inputs,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+
+    def _prefill_full(self, encs, imgs, rows, row_feature, lang_gens) -> _Prefill:
+        """The reference prefill: every row's whole prompt, left-padded, in one forward."""
+        ad = self.adapter
+        batch = self._collate_tokens(encs, rows)
+        positions = ad.prefill_positions(batch, self._meta(imgs, rows, list(range(len(rows)))))
+        fwd_extra = {k: v for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
+        cache = DynamicCache(config=self._text_config)
+        inputs = {
+            "input_ids": batch["input_ids"],
+            **fwd_extra,
+            **ad.features_input([row_feature(r) for r in rows]),
+        }
+        out = self._forward(inputs, batch["attention_mask"], positions, cache, dict(lang_gens))
+        return out.logits[:, -1].float(), cache, batch["attention_mask"], positions
+
+    def _shared_prefix(self, encs: list[dict[str, torch.Tensor]]) -> int:
+        """Length of the token prefix all ``encs`` share (every token key equal), or 0 where it cannot be
+        reused: at least one token of each prompt must follow it, and it must hold every image token (the
+        image features then go in with the prefix, and the suffixes are text)."""
+        if not self._image_tokens:
+            return 0
+        limit = min(int(e["input_ids"].shape[1]) for e in encs) - 1
+        n = limit
+        for key in (k for k in _TOKEN_KEYS if k in encs[0]):
+            first = encs[0][key][0, :limit]
+            for e in encs[1:]:
+                diff = (e[key][0, :limit] != first).nonzero()
+                if diff.numel():
+                    n = min(n, int(diff[0]))
+        marks = torch.tensor(sorted(self._image_tokens))
+        if n < 1 or any(torch.isin(e["input_ids"][0, n:], marks).any() for e in encs):
+            return 0
+        return n
+
+    def _prefill_shared(self, encs, imgs, rows, row_feature, share_key, lang_gens) -> _Prefill | None:
+        """Prefill with shared prefixes; ``None`` where no two rows share one (then use :meth:`_prefill_full`).
+
+        Rows with the same :func:`share_key` (same features, no LLM intervention) and a common token prefix
+        holding the image form a group. Forward A runs one row per group over its prefix, plus the rows that
+        share nothing (language-branch rows: their intervention acts on every prompt token) over their whole
+        prompt, all left-padded to ``la``. The group caches are forked to their rows (a row gather of every
+        layer's keys/values) and forward B runs each row's own suffix, left-padded to ``ls``. A reusing row is
+        laid out as ``[padding, prefix, padding, suffix]``; its position ids come from that whole layout (the
+        adapter's own numbering, M-RoPE included), so its real tokens get exactly the positions of the
+        reference path, and the attention mask hides both paddings. The rows of forward A that share nothing
+        get ``ls`` masked cache slots on the left, so every row keeps only left padding before its own tokens
+        (the language intervention draws its random maps over a row's real keys). The merged cache, mask and
+        last positions are in ``rows`` order, as :meth:`_prefill_full` returns them.
+        """
+        ad = self.adapter
+        keys = [k for k in _TOKEN_KEYS if k in encs[0]]
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            key = share_key(r)
+            if key is not None:
+                groups.setdefault(key, []).append(i)
+        split: list[tuple[list[int], int]] = []  # (member rows, prefix length)
+        for members in groups.values():
+            if len(members) > 1 and (plen := self._shared_prefix([encs[rows[i].prompt] for i in members])):
+                split.append((members, plen))
+        if not split:
+            return None
+        plen_of = {i: plen for members, plen in split for i in members}
+        group_of = {i: g for g, (members, _) in enumerate(split) for i in members}
+        reusing = sorted(plen_of)
+        alone = [i for i in range(len(rows)) if i not in plen_of]
+        g = len(split)
+
+        def tok(i: int, key: str) -> torch.Tensor:
+            return encs[rows[i].prompt][key][0]
+
+        def fill(key: str) -> int:
+            return self.pad_id if key == "input_ids" else 0
+
+        la = max([plen for _, plen in split] + [tok(i, "input_ids").numel() for i in alone])
+        ls = max(tok(i, "input_ids").numel() - plen_of[i] for i in reusing)
+        a_parts = [(members[0], plen) for members, plen in split] + [(i, None) for i in alone]
+        a_batch = {
+            key: torch.stack([_lpad(tok(i, key)[:plen], la, fill(key)) for i, plen in a_parts]).to(ad.device)
+            for key in keys
+        }
+        s_batch = {
+            key: torch.stack(
+                [
+                    torch.cat(
+                        [
+                            _lpad(tok(i, key)[: plen_of[i]], la, fill(key)),
+                            _lpad(tok(i, key)[plen_of[i] :], ls, fill(key)),
+                        ]
+                    )
+                    for i in reusing
+                ]
+            ).to(ad.device)
+            for key in keys
+        }
+        s_pos = ad.prefill_positions(s_batch, self._meta(imgs, rows, reusing))
+        a_pos = [s_pos[..., [reusing.index(members[0]) for members, _ in split], :la]]
+        if alone:
+            f_batch = {key: v[g:] for key, v in a_batch.items()}
+            a_pos.append(ad.prefill_positions(f_batch, self._meta(imgs, rows, alone)))
+        a_pos = torch.cat(a_pos, dim=-2)
+
+        def extra(batch: dict[str, torch.Tensor], lo: int = 0) -> dict[str, torch.Tensor]:
+            return {k: v[:, lo:] for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
+
+        cache_a = DynamicCache(config=self._text_config)
+        feats = [row_feature(rows[members[0]]) for members, _ in split] + [row_feature(rows[i]) for i in alone]
+        inputs_a = {"input_ids": a_batch["input_ids"], **extra(a_batch), **ad.features_input(feats)}
+        lang = {g + j: lang_gens[i] for j, i in enumerate(alone) if i in lang_gens}
+        out_a = self._forward(inputs_a, a_batch["attention_mask"], a_pos, cache_a, lang)
+        self.prefill_stats = {"groups": g, "prefix_tokens": sum(p for _, p in split), "shared_rows": len(reusing)}
+
+        fork = torch.tensor([group_of[i] for i in reusing], device=ad.device)
+        cache_b = DynamicCache([(lay.keys[fork], lay.values[fork]) for lay in cache_a.layers], config=self._text_config)
+        inputs_b = {"input_ids": s_batch["input_ids"][:, la:], **extra(s_batch, la)}
+        out_b = self._forward(inputs_b, s_batch["attention_mask"], s_pos[..., la:], cache_b, {})
+
+        order = reusing + alone
+        perm = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=ad.device)
+        pad = torch.nn.functional.pad
+        cache = DynamicCache(
+            [
+                (
+                    torch.cat([lb.keys, pad(lay.keys[g:], (0, 0, ls, 0))])[perm],
+                    torch.cat([lb.values, pad(lay.values[g:], (0, 0, ls, 0))])[perm],
+                )
+                for lb, lay in zip(cache_b.layers, cache_a.layers, strict=True)
+            ],
+            config=self._text_config,
+        )
+        mask = torch.cat([s_batch["attention_mask"], pad(a_batch["attention_mask"][g:], (ls, 0))])[perm]
+        positions = torch.cat([s_pos[..., -1:], a_pos[..., g:, -1:]], dim=-2)[..., perm, :]
+        logits = torch.cat([out_b.logits[:, -1], out_a.logits[g:, -1]]).float()[perm]
+        return logits, cache, mask, positions
 
     # -- generation --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,16 +475,32 @@ class Engine:
         draws = cfg.num_cf_samples
         rows = [_Row(p, None) for p in range(n)]
         rows += [_Row(p, b, k) for p in range(n) for b in self.branches for k in range(draws)]
-        feats = {"factual": self._features(imgs, "factual", seeds, draws)}
+        # Representative prompt of each prompt's features: itself, or (reuse) the first prompt with the same
+        # image (factual) / the same image and seed (vision, noise draws are seeded per sample).
+        frep = vrep = list(range(n))
+        if self.prefix_reuse:
+            memo: dict[int, str] = {}
+            digests = [_image_digest(im, memo) for im in images]
+            frep = _first_of(digests)
+            vrep = _first_of(list(zip(digests, seeds, strict=True)))
+        feats = {"factual": self._shared_features(imgs, "factual", seeds, draws, frep)}
         if any(b.vision for b in self.branches):
-            feats["vision"] = self._features(imgs, "vision", seeds, draws)
+            feats["vision"] = self._shared_features(imgs, "vision", seeds, draws, vrep)
         if any(b.noise for b in self.branches):
-            feats["noise"] = self._features(imgs, "noise", seeds, draws)
+            feats["noise"] = self._shared_features(imgs, "noise", seeds, draws, vrep)
 
         def row_feature(r: _Row) -> torch.Tensor:
             if r.branch is None or not (r.branch.vision or r.branch.noise):
                 return feats["factual"][(r.prompt, 0)]
             return feats["vision" if r.branch.vision else "noise"][(r.prompt, r.draw)]
+
+        def share_key(r: _Row) -> tuple | None:
+            """Rows with equal keys compute the same prefix: same features, no LLM intervention."""
+            if r.branch is not None and r.branch.language:
+                return None
+            if r.branch is None or not (r.branch.vision or r.branch.noise):
+                return ("factual", frep[r.prompt], 0)
+            return ("vision" if r.branch.vision else "noise", vrep[r.prompt], r.draw)
 
         lang_gens = {
             i: torch.Generator(device=ad.device).manual_seed(
@@ -269,12 +509,14 @@ class Engine:
             for i, r in enumerate(rows)
             if r.branch is not None and r.branch.language
         }
-        batch = self._collate_tokens(encs, rows)
-        meta = ad.collate_images([{k: v for k, v in imgs[r.prompt].items() if k != "pixel_values"} for r in rows])
-        positions = ad.prefill_positions(batch, {k: v.to(ad.device) for k, v in meta.items()})
-        fwd_extra = {k: v for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
-        mask = batch["attention_mask"]
-        cache = DynamicCache(config=ad.model.config.get_text_config())
+        prefill = None
+        #: what the last call's prefill shared (diagnostics): prefix groups, their tokens, rows that reused one
+        self.prefill_stats = {"groups": 0, "prefix_tokens": 0, "shared_rows": 0}
+        if self.prefix_reuse:
+            prefill = self._prefill_shared(encs, imgs, rows, row_feature, share_key, lang_gens)
+        if prefill is None:
+            prefill = self._prefill_full(encs, imgs, rows, row_feature, lang_gens)
+        logits, cache, mask, positions = prefill
         sample_gens = [torch.Generator(device="cpu").manual_seed(derive_seed(s, "sample")) for s in seeds]
 
         active = list(range(len(rows)))  # rows still in the batch, in batch order
@@ -283,26 +525,7 @@ class Engine:
         record: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(n)]
         texts = [""] * n
 
-        inputs: dict[str, Any] = {
-            "input_ids": batch["input_ids"],
-            **fwd_extra,
-            **ad.features_input([row_feature(r) for r in rows]),
-        }
-        for _ in range(opts.max_new_tokens):
-            state = Intervention(
-                language=self.language_rule,
-                language_rows={j: lang_gens[i] for j, i in enumerate(active) if i in lang_gens},
-            )
-            with intervene(state):
-                out = ad.model(
-                    **inputs,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-            logits = out.logits[:, -1].float()
+        for step in range(opts.max_new_tokens):
             where = {i: j for j, i in enumerate(active)}
             for p in range(n):
                 if done[p] is not None:
@@ -332,7 +555,7 @@ class Engine:
                     hit = [text.find(s) for s in opts.stop_strings if s in text]
                     if hit:
                         done[p], texts[p] = "stop", text[: min(hit)]
-            if all(d is not None for d in done):
+            if all(d is not None for d in done) or step == opts.max_new_tokens - 1:
                 break
             # Finished prompts leave the batch; in legacy mode the counterfactual rows leave after token 1.
             keep = [
@@ -348,7 +571,8 @@ class Engine:
             nxt = torch.tensor([[out_ids[rows[i].prompt][-1]] for i in active], device=mask.device)
             positions = ad.next_positions(positions)
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            inputs = {"input_ids": nxt}
+            lang = {j: lang_gens[i] for j, i in enumerate(active) if i in lang_gens}
+            logits = self._forward({"input_ids": nxt}, mask, positions, cache, lang).logits[:, -1].float()
         results = []
         for p in range(n):
             text = texts[p] if done[p] == "stop" else self.tokenizer.decode(out_ids[p], skip_special_tokens=True)

@@ -87,6 +87,9 @@ class Adapter:
     family = "generic"
     #: whether :meth:`gated_image_features` (the original release's feature gate) exists for this family
     supports_gate = False
+    #: whether the engine may prefill a prompt prefix shared by several rows once and fork its KV cache
+    #: (proven token-identical to the full prefill by tests/test_prefix_reuse.py for the families that set it)
+    supports_prefix_reuse = False
     #: whether :meth:`vision_units` knows how the tower lays images out (batch rows, or tokens of a packed
     #: sequence), so a vision intervention can address images inside one batched tower call. The generic
     #: adapter cannot know (crops, tiles, sub-images, one sequence for all images as in Pixtral), so it counts

@@ -17,6 +17,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     supports_gate = True
     batched_vision_interventions = True
+    supports_prefix_reuse = True
 
     @property
     def n_vision_layers(self) -> int:

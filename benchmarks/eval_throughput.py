@@ -1,0 +1,159 @@
+"""Evaluation throughput on a POPE-style workload (several questions per image), with and without prefix reuse.
+
+    python benchmarks/eval_throughput.py                         # CPU preset (LLaVA shape, 576 image tokens)
+    python benchmarks/eval_throughput.py --preset llava7b        # 7B-shaped LLaVA-1.5 in bf16, CUDA only
+    python benchmarks/eval_throughput.py --preset tiny --images 2 --reps 1     # a smoke run
+
+It writes random textured images and a POPE question file (``--questions`` consecutive questions per image,
+as in the official files) to a temporary folder and runs them through the real ``causalmm eval`` path,
+:func:`causalmm.benchmarks.evaluate.evaluate`, with a preloaded model (the presets of ``decode_speed.py``,
+random weights, so answers run to ``--max-new-tokens`` unless the model happens to emit eos). For regular
+decoding and CausalMM multimodal it measures questions per second of
+
+* ``naive``: batch size 1, prefix reuse off (every question prefilled alone, image included);
+* ``batched``: batch size ``--batch-size``, prefix reuse off (batching alone);
+* ``reuse``: batch size ``--batch-size``, prefix reuse on (the image prefix prefilled once per image).
+
+Configurations are interleaved per repetition; the ratios to ``naive`` are printed, and the predictions of
+the three variants are checked to be identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_speed import build_llava  # noqa: E402
+
+from causalmm import CausalMM, CausalMMConfig  # noqa: E402
+from causalmm.benchmarks.evaluate import evaluate  # noqa: E402
+
+OBJECTS = ["dog", "cat", "car", "person", "chair", "bottle", "cup", "tree"]
+METHODS = {
+    "regular": CausalMMConfig(method="regular"),
+    "causalmm multimodal": CausalMMConfig(mode="multimodal"),
+}
+VARIANTS = ("naive", "batched", "reuse")
+
+
+def write_workload(root: Path, n_images: int, per_image: int) -> Path:
+    """Textured images (400x300, resized by the processor) and a POPE jsonl with consecutive questions per image."""
+    (root / "images").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n_images):
+        arr = (torch.rand(300, 400, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / "images" / f"img{i}.png")
+        for j in range(per_image):
+            obj = OBJECTS[(i + j) % len(OBJECTS)]
+            rows.append(
+                {
+                    "question_id": len(rows) + 1,
+                    "image": f"img{i}.png",
+                    "text": f"Is there a {obj} in the image?",
+                    "label": "yes" if j % 2 == 0 else "no",
+                }
+            )
+    path = root / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run_once(
+    cm: CausalMM, config: CausalMMConfig, data: Path, out: Path, batch_size: int, max_new_tokens: int
+) -> tuple[float, list[str]]:
+    """Seconds for one full evaluation into a fresh ``out``, and the predicted texts in order."""
+    t0 = time.perf_counter()
+    evaluate(
+        "pope",
+        model="random-weights",
+        data=data,
+        images=data.parent / "images",
+        out=out,
+        config=config,
+        generation={"max_new_tokens": max_new_tokens},
+        batch_size=batch_size,
+        progress=False,
+        n_boot=0,
+        causalmm=cm,
+    )
+    seconds = time.perf_counter() - t0
+    lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    return seconds, [json.loads(x)["text"] for x in lines]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=("cpu", "llava7b", "tiny"), default="cpu")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--questions", type=int, default=6, help="questions per image (POPE: 6)")
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="POPE's default limit is 16")
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--device", default=None, help="default: cuda for llava7b, else cpu")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if args.preset == "llava7b" else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"preset {args.preset} needs a CUDA GPU; none is available here", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if args.preset == "llava7b" else torch.float32
+    torch.set_grad_enabled(False)
+    base = build_llava(args.preset, device, dtype)
+    models = {
+        "naive": base.with_config(base.config, reuse_prefix=False),
+        "batched": base.with_config(base.config, reuse_prefix=False),
+        "reuse": base.with_config(base.config, reuse_prefix=True),
+    }
+    batch = {"naive": 1, "batched": args.batch_size, "reuse": args.batch_size}
+    n_questions = args.images * args.questions
+    times: dict[tuple[str, str], list[float]] = {}
+    texts: dict[tuple[str, str], list[str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_workload(Path(tmp) / "pope", args.images, args.questions)
+        warm = Image.open(data.parent / "images" / "img0.png")
+        models["reuse"].generate([warm, warm], ["Is there a dog?", "Is there a cat?"], max_new_tokens=2)
+        for rep in range(args.reps):
+            for method, config in METHODS.items():
+                for variant in VARIANTS:
+                    out = Path(tmp) / f"run-{rep}-{method.replace(' ', '_')}-{variant}"
+                    secs, preds = run_once(models[variant], config, data, out, batch[variant], args.max_new_tokens)
+                    times.setdefault((method, variant), []).append(secs)
+                    texts[(method, variant)] = preds
+                    print(
+                        f"rep {rep + 1}/{args.reps} {method} {variant}: {n_questions / secs:.2f} questions/s",
+                        file=sys.stderr,
+                    )
+    n_params = sum(p.numel() for p in base.model.parameters())
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores visible)"
+    print(f"\n## eval throughput — preset {args.preset} ({n_params / 1e6:.0f}M params, {dtype}), {where}")
+    print(
+        f"POPE-style: {args.images} images x {args.questions} questions, max {args.max_new_tokens} new tokens, "
+        f"batch size {args.batch_size}, {args.reps} interleaved repetition(s), torch {torch.__version__}\n"
+    )
+    print("| method | variant | batch | prefix reuse | questions/s (median) | × naive | predictions = naive |")
+    print("|---|---|---|---|---|---|---|")
+    for method in METHODS:
+        ref = statistics.median(times[(method, "naive")])
+        for variant in VARIANTS:
+            med = statistics.median(times[(method, variant)])
+            same = texts[(method, variant)] == texts[(method, "naive")]
+            print(
+                f"| {method} | {variant} | {batch[variant]} | {'on' if variant == 'reuse' else 'off'} | "
+                f"{n_questions / med:.2f} | {ref / med:.2f} | {'yes' if same else 'NO'} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    raise SystemExit(main())

@@ -169,8 +169,8 @@ def test_layer_specs():
         resolve_layers([8], 8)
 
 
-def test_demo_runs_and_labels_random_weights(tmp_path, causalmm_cli):
-    proc = causalmm_cli("demo", "--out", str(tmp_path), "--max-new-tokens", "3")
+def test_plumbing_demo_runs_and_labels_random_weights(tmp_path, causalmm_cli):
+    proc = causalmm_cli("plumbing", "--out", str(tmp_path), "--max-new-tokens", "3")
     assert "RANDOM WEIGHTS" in proc.stdout
     for name in ("regular", "vcd", "causalmm/vision", "causalmm/joint"):
         assert name in proc.stdout

@@ -449,7 +449,7 @@ def demo(
         _fail("--images and --batch-size must be at least 1")
     try:
         result = run_demo(model, out=out, n_images=images, seeds=seed_list, batch_size=batch_size)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, *_user_errors()) as err:
         _fail(str(err))
     _print_demo(result, out)
 
@@ -587,7 +587,7 @@ def toyworld_train(
 @toyworld_app.command("tune")
 def toyworld_tune(
     model: Annotated[Path | None, typer.Option(help="Model directory (default: the shipped one).")] = None,
-    images: Annotated[int, typer.Option(help="Val-split images.")] = 60,
+    images: Annotated[int, typer.Option(help="Val-split images.")] = 40,
     max_drop: Annotated[float, typer.Option(help="Largest prior-consistent accuracy loss allowed.")] = 0.02,
 ) -> None:
     """Choose each method's settings on the val split; writes tuning.json beside the model (the demo reads it)."""

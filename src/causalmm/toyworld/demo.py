@@ -38,8 +38,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "causalmm/multimodal": {"method": "causalmm", "mode": "multimodal", "gamma": 1.0, "epsilon": 0.1},
 }
 
-GAMMAS = (0.5, 1.0, 2.0, 4.0)
-EPSILONS = (0.01, 0.1, 0.3)
+GAMMAS = (1.0, 2.0, 4.0)
+EPSILONS = (0.01, 0.1)
 
 
 def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, Any]]]:
@@ -60,9 +60,10 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
         {"method": "causalmm", "mode": "language", "language_layers": t, "gamma": g, "epsilon": e}
         for t, g, e in itertools.product(text_layers, GAMMAS, EPSILONS)
     ]
-    out["causalmm/multimodal"] = [
-        {"method": "causalmm", "mode": "multimodal", "vision_layers": v, "language_layers": t, "gamma": g, "epsilon": e}
-        for v, t, g, e in itertools.product(vision_layers, text_layers, GAMMAS, EPSILONS)
+    out["causalmm/multimodal"] = [  # both branches: all LLM layers (the widest language setting), each vision choice
+        {"method": "causalmm", "mode": "multimodal", "vision_layers": v, "language_layers": "all", "gamma": g,
+         "epsilon": e}
+        for v, g, e in itertools.product(vision_layers, GAMMAS, EPSILONS)
     ]
     return out
 
@@ -99,7 +100,7 @@ def load_settings(path: Path) -> tuple[dict[str, dict[str, Any]], str]:
 def tune(
     model: str | Path | None = None,
     *,
-    n_images: int = 60,
+    n_images: int = 40,
     seed: int = 0,
     max_drop: float = 0.02,
     batch_size: int = 32,

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/causalmm demo
+	$(VENV)/bin/causalmm plumbing
 
 lint: install
 	$(PY) -m ruff check src tests

@@ -163,7 +163,9 @@ def _pretrain_vision(
     head on the features the LLM reads, discarded afterwards). Returns the logged records."""
     tower = model.model.vision_tower
     hidden = tower.config.hidden_size
-    head = torch.nn.Linear(hidden, len(world.objects) + len(world.colours))
+    with torch.random.fork_rng(devices=[]):  # seeded like the model, whatever the global RNG holds
+        torch.manual_seed(cfg.seed + 1)
+        head = torch.nn.Linear(hidden, len(world.objects) + len(world.colours))
     params = [*tower.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     warm = max(1, cfg.vision_steps // 10)

@@ -261,6 +261,15 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
 ]
 
 
+def resolve_device(preset: str, device: str | None) -> tuple[str, torch.dtype] | None:
+    """(device, dtype) of a preset (the 7B preset: CUDA, bf16); None, after saying why, when CUDA is missing."""
+    device = device or ("cuda" if preset == "llava7b" else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"preset {preset} needs a CUDA GPU; none is available here", file=sys.stderr)
+        return None
+    return device, torch.bfloat16 if preset == "llava7b" else torch.float32
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("cpu", "llava7b", "tiny"), default="cpu")
@@ -269,11 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda for llava7b, else cpu")
     parser.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if args.preset == "llava7b" else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"preset {args.preset} needs a CUDA GPU; none is available here", file=sys.stderr)
+    resolved = resolve_device(args.preset, args.device)
+    if resolved is None:
         return 2
-    dtype = torch.bfloat16 if args.preset == "llava7b" else torch.float32
+    device, dtype = resolved
     torch.set_grad_enabled(False)
     cm = build_llava(args.preset, device, dtype)
     n_params = sum(p.numel() for p in cm.model.parameters())

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import build_llava  # noqa: E402
+from decode_speed import build_llava, resolve_device  # noqa: E402
 
 from causalmm import CausalMM, CausalMMConfig  # noqa: E402
 from causalmm.benchmarks.evaluate import evaluate  # noqa: E402
@@ -102,11 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--device", default=None, help="default: cuda for llava7b, else cpu")
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if args.preset == "llava7b" else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"preset {args.preset} needs a CUDA GPU; none is available here", file=sys.stderr)
+    resolved = resolve_device(args.preset, args.device)
+    if resolved is None:
         return 2
-    dtype = torch.bfloat16 if args.preset == "llava7b" else torch.float32
+    device, dtype = resolved
     torch.set_grad_enabled(False)
     base = build_llava(args.preset, device, dtype)
     models = {

@@ -1121,7 +1121,12 @@ def build_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    # Saving a ~1 MB shard would otherwise print a tqdm bar per model in test logs.
+    save_quietly(model, processor, out)
+    return out
+
+
+def save_quietly(model: PreTrainedModel, processor: ProcessorMixin, out: Path) -> None:
+    """``save_pretrained`` model (safetensors) and processor without the per-shard tqdm bar in logs."""
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -1130,7 +1135,6 @@ def build_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path
         if bars_were_enabled:
             hf_logging.enable_progress_bar()
     processor.save_pretrained(out)
-    return out
 
 
 def _redraw_zero_matrices(model: PreTrainedModel) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
-from transformers.utils import logging as hf_logging
 
+from ..tiny import save_quietly
 from .model import ModelSize, build_config, build_processor, build_tokenizer, describe, generation_config, image_tokens
 from .splits import TrainSample, train_sample
 from .world import WorldConfig, render, sample_scene
@@ -108,8 +108,9 @@ class _Encoder:
         return ids, labels, starts
 
 
-def collate(encoder: _Encoder, samples: list[TrainSample]) -> Batch:
-    encoded = [encoder.encode(s) for s in samples]
+def collate(encoder: _Encoder, samples: list[TrainSample], encoded: list[tuple] | None = None) -> Batch:
+    """Pad ``samples`` into a batch (``encoded``: their :meth:`_Encoder.encode` outputs, if already made)."""
+    encoded = encoded if encoded is not None else [encoder.encode(s) for s in samples]
     width = max(len(ids) for ids, _, _ in encoded)
     pad = encoder.tokenizer.pad_token_id
     input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
@@ -132,11 +133,11 @@ def _batches(world: WorldConfig, encoder: _Encoder, cfg: TrainConfig) -> Iterato
     chunk = cfg.batch_size * cfg.bucket
     for c in itertools.count():
         samples = [train_sample(world, first + c * chunk + i) for i in range(chunk)]
-        lengths = [len(encoder.encode(s)[0]) for s in samples]
-        order = sorted(range(chunk), key=lambda i: (lengths[i], i))
+        encoded = [encoder.encode(s) for s in samples]
+        order = sorted(range(chunk), key=lambda i: (len(encoded[i][0]), i))
         groups = [order[k * cfg.batch_size : (k + 1) * cfg.batch_size] for k in range(cfg.bucket)]
         for k in np.random.default_rng([cfg.seed, c]).permutation(cfg.bucket):
-            yield collate(encoder, [samples[i] for i in groups[k]])
+            yield collate(encoder, [samples[i] for i in groups[k]], [encoded[i] for i in groups[k]])
 
 
 def patch_targets(world: WorldConfig, size: ModelSize, scenes: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,14 +293,7 @@ def train(
         torch.set_num_threads(threads)
     model.eval()
     model.generation_config = generation_config(tokenizer)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    processor.save_pretrained(out)
+    save_quietly(model, processor, out)
     record = {
         "format": "causalmm-toyworld-training/1",
         "world": asdict(world),

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration
 
 from causalmm.api import CausalMM
 from causalmm.config import CausalMMConfig
 from causalmm.toyworld import WorldConfig, train_sample, vocabulary
-from causalmm.toyworld.model import ModelSize, build_processor, build_tokenizer
+from causalmm.toyworld.model import ModelSize, build_config, build_processor, build_tokenizer
 from causalmm.toyworld.study import group_rates, questions
 from causalmm.toyworld.train import IGNORE, TrainConfig, _Encoder, collate, train
 
@@ -79,11 +80,14 @@ def test_collate_pads_right_and_masks(processor):
     assert (batch.labels[pad] == IGNORE).all() and (batch.input_ids[pad] == processor.tokenizer.pad_token_id).all()
 
 
+SMOKE = dict(steps=3, batch_size=4, warmup=1, log_every=1, threads=1, vision_steps=2, vision_batch_size=4)
+
+
 def test_training_smoke_is_reproducible_and_loads(tmp_path):
-    cfg = TrainConfig(steps=3, batch_size=4, warmup=1, log_every=1, threads=1)
+    cfg = TrainConfig(**SMOKE)
     a = train(tmp_path / "a", cfg=cfg)
     b = train(tmp_path / "b", cfg=cfg)
-    c = train(tmp_path / "c", cfg=TrainConfig(steps=3, batch_size=4, warmup=1, log_every=1, threads=1, seed=1))
+    c = train(tmp_path / "c", cfg=TrainConfig(**{**SMOKE, "seed": 1}))
     wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
@@ -95,11 +99,39 @@ def test_training_smoke_is_reproducible_and_loads(tmp_path):
     assert len(res.token_ids) >= 1
 
 
+def test_stage_two_freezes_the_vision_tower_unless_asked(tmp_path):
+    """Stage 2 leaves the tower as stage 1 made it (here: its seeded initialisation, no stage 1), while the
+    projector and LM train; with a tower learning rate the tower moves too."""
+    base = {**SMOKE, "vision_steps": 0}
+    frozen = load_file(train(tmp_path / "f", cfg=TrainConfig(**base)) / "model.safetensors")
+    moving = load_file(train(tmp_path / "m", cfg=TrainConfig(**base, tower_lr_scale=0.5)) / "model.safetensors")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = LlavaForConditionalGeneration(build_config(WORLD, SIZE, build_tokenizer(WORLD))).state_dict()
+    tower = [k for k in frozen if "vision_tower" in k]
+    others = [k for k in frozen if "multi_modal_projector" in k or "language_model.layers.0.self_attn.q_proj" in k]
+    assert tower and others
+    assert all(torch.equal(frozen[k], init[_init_key(k, init)]) for k in tower)
+    assert all(not torch.equal(frozen[k], init[_init_key(k, init)]) for k in others)
+    assert any(not torch.equal(moving[k], init[_init_key(k, init)]) for k in tower)
+
+
+def _init_key(saved: str, init: dict) -> str:
+    """The in-memory name of a saved weight (transformers may rename on save)."""
+    if saved in init:
+        return saved
+    matches = [k for k in init if k.endswith(saved.split(".", 1)[1])]
+    assert len(matches) == 1, (saved, matches)
+    return matches[0]
+
+
 def test_bad_training_settings_are_refused():
     with pytest.raises(ValueError, match="at least 1"):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="tower_lr_scale"):
+        TrainConfig(tower_lr_scale=2)
 
 
 # -- the study and the demo ----------------------------------------------------------------------------

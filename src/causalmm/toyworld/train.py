@@ -56,12 +56,21 @@ class TrainConfig:
     vision_steps: int = 250
     vision_batch_size: int = 64
     vision_lr: float = 1e-3
+    #: stage 1 also asks every patch which objects are anywhere in the image: the tower must gather context
+    #: through attention (as a real CLIP does), so counterfactual attention in it has something to break
+    vision_context: bool = True
+    #: stage 2 learning rate of the vision tower relative to ``lr``; 0 freezes it (LLaVA keeps CLIP frozen).
+    #: Adam moves every weight by about ``lr`` per step whatever the gradient's size, so at the LM's rate the
+    #: noisy early gradients of a random LM would scramble what stage 1 taught the tower.
+    tower_lr_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.threads < 1 or self.bucket < 1:
             raise ValueError("steps, batch_size, threads and bucket must be at least 1")
         if not self.lr > 0 or self.warmup < 0:
             raise ValueError("lr must be > 0 and warmup >= 0")
+        if not 0 <= self.tower_lr_scale <= 1:
+            raise ValueError(f"tower_lr_scale must be in [0, 1], got {self.tower_lr_scale}")
 
 
 @dataclass
@@ -166,7 +175,7 @@ def _pretrain_vision(
     hidden = tower.config.hidden_size
     with torch.random.fork_rng(devices=[]):  # seeded like the model, whatever the global RNG holds
         torch.manual_seed(cfg.seed + 1)
-        head = torch.nn.Linear(hidden, len(world.objects) + len(world.colours))
+        head = torch.nn.Linear(hidden, (2 if cfg.vision_context else 1) * len(world.objects) + len(world.colours))
     params = [*tower.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     warm = max(1, cfg.vision_steps // 10)
@@ -179,9 +188,12 @@ def _pretrain_vision(
         scenes = [sample_scene(world, "train", base + i) for i in range(cfg.vision_batch_size)]
         pixels = processor.image_processor([render(world, s) for s in scenes], return_tensors="pt")["pixel_values"]
         objects, colours = patch_targets(world, size, scenes)
+        targets = [objects, colours]
+        if cfg.vision_context:
+            targets.append(objects.amax(1, keepdim=True).expand_as(objects))
         feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         logits = head(feats)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.cat([objects, colours], -1))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.cat(targets, -1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -190,8 +202,34 @@ def _pretrain_vision(
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.vision_steps:
             pred = logits.detach()[..., :n_obj] > 0
             acc = float((pred == objects.bool()).all(-1).float().mean())
-            history.append({"vision_step": step + 1, "loss": round(float(loss.detach()), 5), "patch_exact": acc})
+            record = {"vision_step": step + 1, "loss": round(float(loss.detach()), 5), "patch_exact": acc}
+            if cfg.vision_context:
+                ctx = logits.detach()[..., -n_obj:] > 0
+                record["image_exact"] = float((ctx == targets[2].bool()).all(-1).float().mean())
+            history.append(record)
     return history
+
+
+def _param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on embeddings, norms and biases; the vision tower at ``tower_lr_scale``
+    times the rate, or frozen."""
+    tower = model.model.vision_tower
+    if cfg.tower_lr_scale == 0:
+        tower.requires_grad_(False)
+    tower_ids = {id(p) for p in tower.parameters()}
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (id(p) in tower_ids, p.dim() >= 2 and "embed" not in name)
+            groups.setdefault(key, []).append(p)
+    return [
+        {
+            "params": params,
+            "lr": cfg.lr * (cfg.tower_lr_scale if in_tower else 1.0),
+            "weight_decay": cfg.weight_decay if decays else 0.0,
+        }
+        for (in_tower, decays), params in sorted(groups.items())
+    ]
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -246,13 +284,7 @@ def train(
         vision_history = _pretrain_vision(model, processor, world, size, cfg) if cfg.vision_steps else []
         if on_log is not None and vision_history:
             on_log(vision_history[-1])
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(0.9, 0.98),
-        )
+        opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
         batches = _batches(world, encoder, cfg)
         history: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/causalmm plumbing
+	$(VENV)/bin/causalmm demo
 
 lint: install
 	$(PY) -m ruff check src tests

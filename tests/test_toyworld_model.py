@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from transformers import LlavaForConditionalGeneration
 from causalmm.api import CausalMM
 from causalmm.config import CausalMMConfig
 from causalmm.toyworld import WorldConfig, train_sample, vocabulary
-from causalmm.toyworld.model import ModelSize, build_config, build_processor, build_tokenizer
-from causalmm.toyworld.study import group_rates, questions
+from causalmm.toyworld.demo import METHODS
+from causalmm.toyworld.model import ModelSize, build_config, build_processor, build_tokenizer, shipped_model_path
+from causalmm.toyworld.study import answer, group_rates, questions
 from causalmm.toyworld.train import IGNORE, TrainConfig, _Encoder, collate, train
 
 WORLD = WorldConfig()
@@ -192,3 +194,71 @@ def test_demo_cli_bad_input(tmp_path, causalmm_cli):
     assert proc.returncode == 2 and "--seeds" in proc.stderr
     proc = causalmm_cli("demo", "--model", str(tmp_path / "nope"), check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the shipped model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    return CausalMM.from_pretrained(str(shipped_model_path()), CausalMMConfig(method="regular"))
+
+
+def test_shipped_model_is_small_documented_and_reproducible_by_the_default_command(shipped):
+    path = shipped_model_path()
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 20 * 2**20
+    record = json.loads((path / "training.json").read_text())
+    assert record["wall_time_s"] <= 20 * 60
+    # `causalmm toyworld train --seed 0` (all defaults) is the command that made it
+    as_json = lambda obj: json.loads(json.dumps(asdict(obj)))  # noqa: E731  (tuples read back as lists)
+    assert record["train"] == as_json(TrainConfig()) and record["world"] == as_json(WORLD)
+    assert shipped.model.config.model_type == "llava"
+    tuning = json.loads((path / "tuning.json").read_text())
+    assert tuning["split"] == "val" and set(tuning["chosen"]) == set(METHODS)
+
+
+def test_shipped_model_is_grounded_and_shows_the_prior(shipped):
+    """Trained, not random: on unseen val images it sees present objects and rejects most absent ones, yet a
+    favoured absent object still draws a "yes" far more often than another absent one (the prior at work)."""
+    images, qs = questions(WORLD, "val", 20)
+    rates = group_rates(answer(shipped, CausalMMConfig(method="regular"), images, qs, [0]), qs, n_boot=0)
+    assert rates["present"]["mean"] >= 0.6
+    assert rates["other_absent"]["mean"] <= 0.4
+    assert rates["prior_conflict"]["mean"] >= rates["other_absent"]["mean"] + 0.3
+
+
+def test_shipped_model_answers_in_the_worlds_words(shipped):
+    image = train_sample(WORLD, 123).image
+    yes_no = shipped.generate(image, "Is there a cup in the image? Please answer this question with one word.")
+    assert yes_no.text.strip().lower().rstrip(".") in ("yes", "no")
+    colour = shipped.generate(image, "What color is the apple? Please answer this question with one word.")
+    assert colour.text.strip().lower().rstrip(".") in WORLD.colours
+
+
+def test_demo_cli_defaults_to_the_shipped_model(tmp_path, causalmm_cli):
+    out = tmp_path / "demo"
+    causalmm_cli("demo", "--images", "2", "--seeds", "0", "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings_source"].startswith("chosen on the val split")
+    assert metrics["model"] == str(shipped_model_path())
+
+
+def test_tune_applies_its_rule(smoke_model, tmp_path):
+    """Per method: the lowest prior-conflict rate among settings within ``max_drop`` of regular's
+    prior-consistent accuracy; if none qualifies, the most accurate one, flagged."""
+    import shutil
+
+    from causalmm.toyworld.demo import tune
+
+    model = shutil.copytree(smoke_model, tmp_path / "model")
+    out = tune(model, n_images=2, methods=("regular", "causalmm/language"), write=True, log=lambda _: None)
+    written = json.loads((model / "tuning.json").read_text())
+    assert written["chosen"] == json.loads(json.dumps(out["chosen"])) and written["split"] == "val"
+    floor = out["grid"]["regular"][0]["rates"]["prior_consistent"] - 0.02
+    rows = out["grid"]["causalmm/language"]
+    best = out["chosen"]["causalmm/language"]
+    ok = [r for r in rows if r["rates"]["prior_consistent"] >= floor - 1e-12]
+    assert best["admissible"] == bool(ok)
+    if ok:
+        assert best["rates"]["prior_consistent"] >= floor - 1e-12
+        assert best["rates"]["prior_conflict"] == min(r["rates"]["prior_conflict"] for r in ok)
+    else:
+        assert best["rates"]["prior_consistent"] == max(r["rates"]["prior_consistent"] for r in rows)

@@ -433,7 +433,7 @@ def demo(
         Path | None, typer.Option(help="A toy-world model directory (default: the one shipped in the package).")
     ] = None,
     out: Annotated[Path, typer.Option(help="Where metrics.json and demo.png go.")] = Path("runs/demo"),
-    images: Annotated[int, typer.Option(help="Test-split images (every object is asked about each).")] = 80,
+    images: Annotated[int, typer.Option(help="Test-split images (every object is asked about each).")] = 240,
     seeds: Annotated[str, typer.Option(help="Counterfactual seeds, comma-separated.")] = "0,1,2",
     batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 32,
 ) -> None:
@@ -551,7 +551,7 @@ def toyworld_train(
     batch_size: Annotated[int | None, typer.Option(help="Samples per step (default: the shipped model's).")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads (results are reproducible for a fixed count).")] = 2,
 ) -> None:
-    """Train the toy-world LLaVA from scratch on generated data (about 12 minutes on 2 CPU cores)."""
+    """Train the toy-world LLaVA from scratch on generated data (about 14 minutes on 2 CPU cores)."""
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -587,7 +587,7 @@ def toyworld_train(
 @toyworld_app.command("tune")
 def toyworld_tune(
     model: Annotated[Path | None, typer.Option(help="Model directory (default: the shipped one).")] = None,
-    images: Annotated[int, typer.Option(help="Val-split images.")] = 40,
+    images: Annotated[int, typer.Option(help="Val-split images.")] = 80,
     max_drop: Annotated[float, typer.Option(help="Largest prior-consistent accuracy loss allowed.")] = 0.02,
 ) -> None:
     """Choose each method's settings on the val split; writes tuning.json beside the model (the demo reads it)."""

@@ -100,7 +100,7 @@ def load_settings(path: Path) -> tuple[dict[str, dict[str, Any]], str]:
 def tune(
     model: str | Path | None = None,
     *,
-    n_images: int = 40,
+    n_images: int = 80,
     seed: int = 0,
     max_drop: float = 0.02,
     batch_size: int = 32,
@@ -130,9 +130,12 @@ def tune(
     floor = results["regular"][0]["rates"]["prior_consistent"] - max_drop if "regular" in results else 0.0
     chosen = {}
     for method, rows in results.items():
-        ok = [r for r in rows if r["rates"]["prior_consistent"] >= floor - 1e-12] or rows
-        best = min(ok, key=lambda r: (r["rates"]["prior_conflict"], -r["rates"]["prior_consistent"]))
-        chosen[method] = best
+        ok = [r for r in rows if r["rates"]["prior_consistent"] >= floor - 1e-12]
+        if ok:
+            best = min(ok, key=lambda r: (r["rates"]["prior_conflict"], -r["rates"]["prior_consistent"]))
+        else:  # nothing keeps accuracy: the least damaging setting, flagged, never the most aggressive one
+            best = max(rows, key=lambda r: (r["rates"]["prior_consistent"], -r["rates"]["prior_conflict"]))
+        chosen[method] = {**best, "admissible": bool(ok)}
     out = {
         "format": "causalmm-toyworld-tuning/1",
         "split": "val",
@@ -141,7 +144,8 @@ def tune(
         "seed": seed,
         "rule": (
             f"per method, the lowest prior_conflict false-yes rate among settings whose prior_consistent accuracy "
-            f"is at least regular's minus {max_drop} (val split, one counterfactual seed)"
+            f"is at least regular's minus {max_drop} (val split, one counterfactual seed); where no setting "
+            f"qualifies, the one with the highest prior_consistent accuracy, marked admissible=false"
         ),
         "chosen": chosen,
         "grid": results,
@@ -156,7 +160,7 @@ def demo(
     model: str | Path | None = None,
     *,
     out: str | Path = "runs/demo",
-    n_images: int = 80,
+    n_images: int = 240,
     seeds: Sequence[int] = (0, 1, 2),
     batch_size: int = 32,
     n_boot: int = 2000,

@@ -41,7 +41,7 @@ class TrainConfig:
     """Optimisation settings. ``seed`` seeds the initialisation and picks the stretch of the stream used."""
 
     seed: int = 0
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.05

@@ -262,3 +262,25 @@ def test_tune_applies_its_rule(smoke_model, tmp_path):
         assert best["rates"]["prior_conflict"] == min(r["rates"]["prior_conflict"] for r in ok)
     else:
         assert best["rates"]["prior_consistent"] == max(r["rates"]["prior_consistent"] for r in rows)
+
+
+def test_readme_figure_example_on_the_shipped_model(tmp_path, causalmm_cli):
+    """The README's visualize/explain example, as a user runs it: the factual branch answers the prior's
+    "yes" for an absent kite, the language contrast turns it into "no"; the figure is written."""
+    causalmm_cli("toyworld", "splits", "--out", tmp_path / "tw", "--val-images", "1", "--test-images", "11")
+    image = tmp_path / "tw" / "test" / "images" / "000000400011.png"
+    rows = [json.loads(line) for line in (tmp_path / "tw" / "test" / "pope_all.jsonl").read_text().splitlines()]
+    assert {"image": image.name, "object": "kite", "label": "no"}.items() <= next(
+        r for r in rows if r["image"] == image.name and r["object"] == "kite"
+    ).items()
+    prompt = "Is there a kite in the image? Please answer this question with one word."
+    model = str(shipped_model_path())
+    png = tmp_path / "maps.png"
+    causalmm_cli("visualize", "--model", model, "--image", image, "--prompt", prompt, "--language-layers", "all",
+                 "--out", png)  # fmt: skip
+    with Image.open(png) as im:
+        assert im.size == (1800, 600)  # 2 rows x (image + factual + 4 methods) panels of 300 px
+    proc = causalmm_cli("explain", "--model", model, "--image", image, "--prompt", prompt, "--mode", "language",
+                        "--language-layers", "all", "--gamma", "4", "--epsilon", "0.01", "--json")  # fmt: skip
+    step = json.loads(proc.stdout)["steps"][0]
+    assert step["top"]["factual"][0]["text"] == "yes" and step["token"] == "no" and step["flipped"]

@@ -132,6 +132,43 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def cpu_peak_in_this_process(run: Any) -> int:
+    """Bytes of resident memory ``run()`` adds at its peak (Linux): free pages go back to the OS first
+    (``malloc_trim``), the kernel's high-water mark is reset (``clear_refs`` 5), and VmHWM is read after.
+    Meaningful in a fresh process that ran nothing else big, which is how ``--memory`` calls it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def cpu_peaks(preset: str, names: list[str], new_tokens: int) -> dict[str, int]:
+    """Each configuration's CPU peak, each in its own fresh interpreter (so no freed pages are reused)."""
+    import json
+    import subprocess
+
+    out = {}
+    for name in names:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--preset", preset, "--new-tokens", str(new_tokens), "--peak-of", name],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+        print(f"peak {name}: {out[name] / 2**20:.0f} MiB", file=sys.stderr)
+    return out
+
+
 class _StepClock:
     """Timestamps of every forward call of the model: the first is the prefill, the rest are decode steps."""
 
@@ -243,6 +280,34 @@ def run_sequential(
     return Sample(prefill, (t1 - t_first) / max(1, n - 1), peak.value)
 
 
+def mitigv_vcd(cm: CausalMM) -> Any | None:
+    """mitigv's VCD (a peer library on transformers 5) on the same model, eos disabled; None if not installed."""
+    try:
+        from mitigv import load_mitigator
+    except ImportError:
+        return None
+    vcd = load_mitigator(
+        "vcd", model=cm.model, processor=cm.adapter.processor, model_type="llava", alpha=1.0, beta=0.1
+    )
+    vcd._eos_token_id = lambda: None  # full length, as for our engine
+    return vcd
+
+
+def run_mitigv(vcd: Any, image: Image.Image, prompt: str, n: int, device: str) -> Sample:
+    """Its prefill is the time of a 1-token call; per token, the difference to an n-token call over n - 1."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with _Peak(device) as peak:
+        t0 = time.perf_counter()
+        vcd(image, prompt, max_new_tokens=1)
+        sync()
+        t1 = time.perf_counter()
+        vcd(image, prompt, max_new_tokens=n)
+        sync()
+        t2 = time.perf_counter()
+    first = t1 - t0
+    return Sample(first, ((t2 - t1) - first) / max(1, n - 1), peak.value)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------
@@ -277,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda for llava7b, else cpu")
     parser.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    parser.add_argument(
+        "--memory", action="store_true", help="CPU: also measure each config's peak RSS, each in a fresh process"
+    )
+    parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one config's CPU peak
     args = parser.parse_args(argv)
     resolved = resolve_device(args.preset, args.device)
     if resolved is None:
@@ -288,15 +357,34 @@ def main(argv: list[str] | None = None) -> int:
     image = Image.radial_gradient("L").resize((400, 300)).convert("RGB")
     prompt = "Please describe this image in detail."
     configs = [c for c in CONFIGS if not args.only or any(o in c[0] for o in args.only.split(","))]
-    results: dict[str, list[Sample]] = {name: [] for name, _, _ in configs}
+    vcd = mitigv_vcd(cm)
+    if vcd is not None and not args.only:
+        configs.append(("mitigv vcd (peer)", "mitigv", CausalMMConfig(method="vcd")))
+
+    def run(kind: str, cfg: CausalMMConfig, n: int) -> Sample:
+        if kind == "mitigv":
+            return run_mitigv(vcd, image, prompt, n, device)
+        return (run_engine if kind == "engine" else run_sequential)(cm, cfg, image, prompt, n, device)
+
     run_engine(cm, configs[0][2], image, prompt, 2, device)  # warm-up
+    if args.peak_of is not None:
+        import json
+
+        kind, cfg = next((k, c) for name, k, c in configs if name == args.peak_of)
+        print(json.dumps({"peak_bytes": cpu_peak_in_this_process(lambda: run(kind, cfg, args.new_tokens))}))
+        return 0
+    results: dict[str, list[Sample]] = {name: [] for name, _, _ in configs}
     for rep in range(args.reps):
         for name, kind, cfg in configs:
-            fn = run_engine if kind == "engine" else run_sequential
-            results[name].append(fn(cm, cfg, image, prompt, args.new_tokens, device))
+            results[name].append(run(kind, cfg, args.new_tokens))
             print(
                 f"rep {rep + 1}/{args.reps} {name}: {results[name][-1].per_token * 1e3:.1f} ms/token", file=sys.stderr
             )
+    cuda = device.startswith("cuda")
+    if args.memory and not cuda:
+        for name, peak in cpu_peaks(args.preset, [c[0] for c in configs], args.new_tokens).items():
+            for sample in results[name]:
+                sample.peak = peak
     ref = statistics.median(s.per_token for s in results[configs[0][0]])
     ref_mem = max(1, statistics.median(s.peak for s in results[configs[0][0]]))
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores visible)"
@@ -310,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(pt)
         pre = statistics.median(s.prefill * 1e3 for s in rs)
         mem = statistics.median(s.peak for s in rs)
-        mem_cells = f"{mem / 2**20:.0f} | {mem / ref_mem:.2f}" if device.startswith("cuda") else "n/a | n/a"
+        mem_cells = f"{mem / 2**20:.0f} | {mem / ref_mem:.2f}" if cuda or args.memory else "n/a | n/a"
         print(
             f"| {name} | {med:.1f} [{min(pt):.1f}, {max(pt):.1f}] | {med / (ref * 1e3):.2f} | {pre:.0f} | {mem_cells} |"
         )
@@ -319,12 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     if seq and ours:
         speedup = statistics.median(s.per_token for s in seq) / statistics.median(s.per_token for s in ours)
         print(f"\nmultimodal: engine is {speedup:.2f}× faster per token than the sequential reference")
-    try:
-        import mitigv  # noqa: F401
-
-        print("\nmitigv is installed but its timing is not wired yet")
-    except ImportError:
-        print("\nmitigv not installed: its VCD was not timed")
+    if vcd is None:
+        print("\nmitigv not installed (`pip install mitigv`): its VCD was not timed")
+    elif "mitigv vcd (peer)" in results and "vcd" in results:
+        theirs = statistics.median(s.per_token for s in results["mitigv vcd (peer)"])
+        ours = statistics.median(s.per_token for s in results["vcd"])
+        print(f"vcd: our engine is {theirs / ours:.2f}× faster per token than mitigv's VCD on the same model")
+    if not cuda:
+        note = "each in a fresh process (peak RSS above the loaded model)" if args.memory else "not measured (--memory)"
+        print(f"CPU peak memory: {note}")
     return 0
 
 

@@ -137,10 +137,10 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
 
 
-def cpu_peak_in_this_process(run: Any) -> int:
-    """Bytes of resident memory ``run()`` adds at its peak (Linux): free pages go back to the OS first
-    (``malloc_trim``), the kernel's high-water mark is reset (``clear_refs`` 5), and VmHWM is read after.
-    Meaningful in a fresh process that ran nothing else big, which is how ``--memory`` calls it."""
+def cpu_peak_in_this_process(run: Any) -> tuple[int, int]:
+    """(bytes of resident memory ``run()`` adds at its peak, resident bytes before it) on Linux: free pages go
+    back to the OS first (``malloc_trim``), the kernel's high-water mark is reset (``clear_refs`` 5), and VmHWM
+    is read after. Meaningful in a fresh process that ran nothing else big, which is how ``--memory`` calls it."""
     import ctypes
     import gc
 
@@ -150,11 +150,12 @@ def cpu_peak_in_this_process(run: Any) -> int:
         fh.write("5")
     base = _status_kib("VmRSS")
     run()
-    return (_status_kib("VmHWM") - base) * 1024
+    return (_status_kib("VmHWM") - base) * 1024, base * 1024
 
 
-def cpu_peaks(preset: str, names: list[str], new_tokens: int) -> dict[str, int]:
-    """Each configuration's CPU peak, each in its own fresh interpreter (so no freed pages are reused)."""
+def cpu_peaks(preset: str, names: list[str], new_tokens: int) -> dict[str, tuple[int, int]]:
+    """Each configuration's CPU (peak above the loaded model, resident before the run), each in its own fresh
+    interpreter (so no freed pages are reused)."""
     import json
     import subprocess
 
@@ -164,8 +165,9 @@ def cpu_peaks(preset: str, names: list[str], new_tokens: int) -> dict[str, int]:
             [sys.executable, __file__, "--preset", preset, "--new-tokens", str(new_tokens), "--peak-of", name],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-        print(f"peak {name}: {out[name] / 2**20:.0f} MiB", file=sys.stderr)
+        rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[name] = (rec["peak_bytes"], rec["base_bytes"])
+        print(f"peak {name}: +{out[name][0] / 2**20:.0f} MiB over {out[name][1] / 2**20:.0f} MiB", file=sys.stderr)
     return out
 
 
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         kind, cfg = next((k, c) for name, k, c in configs if name == args.peak_of)
-        print(json.dumps({"peak_bytes": cpu_peak_in_this_process(lambda: run(kind, cfg, args.new_tokens))}))
+        peak, base = cpu_peak_in_this_process(lambda: run(kind, cfg, args.new_tokens))
+        print(json.dumps({"peak_bytes": peak, "base_bytes": base}))
         return 0
     results: dict[str, list[Sample]] = {name: [] for name, _, _ in configs}
     for rep in range(args.reps):
@@ -381,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"rep {rep + 1}/{args.reps} {name}: {results[name][-1].per_token * 1e3:.1f} ms/token", file=sys.stderr
             )
     cuda = device.startswith("cuda")
+    resident = {}
     if args.memory and not cuda:
-        for name, peak in cpu_peaks(args.preset, [c[0] for c in configs], args.new_tokens).items():
+        for name, (peak, base) in cpu_peaks(args.preset, [c[0] for c in configs], args.new_tokens).items():
+            resident[name] = base
             for sample in results[name]:
                 sample.peak = peak
     ref = statistics.median(s.per_token for s in results[configs[0][0]])
@@ -413,9 +418,15 @@ def main(argv: list[str] | None = None) -> int:
         theirs = statistics.median(s.per_token for s in results["mitigv vcd (peer)"])
         ours = statistics.median(s.per_token for s in results["vcd"])
         print(f"vcd: our engine is {theirs / ours:.2f}× faster per token than mitigv's VCD on the same model")
-    if not cuda:
-        note = "each in a fresh process (peak RSS above the loaded model)" if args.memory else "not measured (--memory)"
-        print(f"CPU peak memory: {note}")
+    if resident:
+        model = statistics.median(resident.values())
+        first = configs[0][0]
+        total = {n: model + statistics.median(s.peak for s in results[n]) for n, _, _ in configs}
+        print(f"CPU peak memory: each config in a fresh process; the table gives RSS above the loaded model "
+              f"({model / 2**20:.0f} MiB resident before the run). Including it, × regular: "
+              + ", ".join(f"{n} {total[n] / total[first]:.2f}" for n, _, _ in configs))  # fmt: skip
+    elif not cuda:
+        print("CPU peak memory: not measured (pass --memory)")
     return 0
 
 

@@ -3,6 +3,7 @@
     python benchmarks/decode_speed.py                       # CPU preset (~50M LLaVA, 576 image tokens)
     python benchmarks/decode_speed.py --preset llava7b      # 7B-shaped LLaVA-1.5 in bf16, CUDA only
     python benchmarks/decode_speed.py --preset tiny --new-tokens 8 --reps 1    # a smoke run
+    python benchmarks/decode_speed.py --memory              # CPU: also peak RSS, one fresh process per config
 
 For each configuration it measures prefill time, per-token decode latency and peak memory, repeating the
 configurations interleaved (rep 1 of every config, then rep 2, ...) so drift hits all alike, and prints
@@ -11,7 +12,7 @@ depend on them, and generation is forced to the full length (eos disabled).
 
 The *sequential reference* runs every branch as its own batch-1 forward pass per token with its own KV cache,
 which is what the original CausalMM code and its peers do; our engine runs all branches as rows of one
-batched forward per step.
+batched forward per step. Where the peer library ``mitigv`` is installed, its VCD runs on the same model too.
 """
 
 from __future__ import annotations

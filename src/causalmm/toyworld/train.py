@@ -3,8 +3,9 @@
 Each step draws ``batch_size`` fresh samples (:func:`~causalmm.toyworld.splits.train_sample`; the world is
 endless, so nothing repeats and nothing is shipped) and minimises cross-entropy on the answer tokens only
 (and the ``</s>`` that closes each answer); prompts and image tokens carry no loss. AdamW with linear warm-up
-and cosine decay. The same ``seed``, world, size, step count and thread count give the same weights (one
-machine: float reductions depend on the CPU's kernels).
+and cosine decay. Stage 1 first teaches the vision tower what each patch and the whole image hold; stage 2
+keeps it frozen (as LLaVA keeps CLIP) while the projector and LLM learn. The same ``seed``, world, size, step
+count and thread count give the same weights (one machine: float reductions depend on the CPU's kernels).
 
 Output: a ``from_pretrained`` directory (safetensors weights, processor, tokenizer, generation config) plus
 ``training.json``: the configs, the loss and answer accuracy per logged step, the wall time.

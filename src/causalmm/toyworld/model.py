@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..tiny import llava_chat_template
 from .world import SPECIAL_TOKENS, WorldConfig, vocabulary
 
 __all__ = [
@@ -41,20 +42,7 @@ __all__ = [
 ]
 
 #: llava-1.5's template with an end-of-turn ``</s>`` after each answer (the model learns to stop)
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
-    "{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' ' }}{% endfor %}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+CHAT_TEMPLATE = llava_chat_template(eos_after_answer=True)
 
 # CLIP's normalisation (what llava-1.5's processor uses)
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

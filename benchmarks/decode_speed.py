@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,42 +94,25 @@ def build_llava(preset: str, device: str, dtype: torch.dtype) -> CausalMM:
 
 
 class _Peak:
-    """Peak memory above the level at entry: CUDA allocator stats. On CPU the sampled RSS is recorded but not
-    reported: the allocator reuses freed pages, so RSS is no per-run peak (see benchmarks/README.md)."""
+    """Peak CUDA memory above the level at entry (allocator stats). On CPU it measures nothing: RSS in a
+    long-lived process is no per-run peak (freed pages are reused), so ``--memory`` measures each configuration
+    in a fresh process instead (:func:`cpu_peaks`), and no sampling thread disturbs the timings."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
+        self.value = 0
 
     def __enter__(self) -> _Peak:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self.peak = _rss()
-            self.stop = False
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
         return self
-
-    def _sample(self) -> None:
-        while not self.stop:
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.002)
 
     def __exit__(self, *exc: Any) -> None:
         if self.cuda:
             torch.cuda.synchronize()
             self.value = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.stop = True
-            self.thread.join()
-            self.value = max(self.peak, _rss()) - self.base
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _status_kib(field: str) -> int:

@@ -75,14 +75,18 @@ class CausalMM:
         *,
         base: str = "sdpa",
         reuse_prefix: bool = True,
+        share_layers: bool = True,
     ) -> None:
         self.config = config or CausalMMConfig()
         #: share the prefill of a common prompt prefix between rows (see :class:`Engine`); ``False`` is the
         #: reference path that prefills every row in full
         self.reuse_prefix = reuse_prefix
+        #: run the LLM layers below the first intervened one once for a language row and its factual row;
+        #: ``False`` is the reference path that runs every row through every layer
+        self.share_layers = share_layers
         model.eval()
         self.adapter: Adapter = get_adapter(model, processor, base=base)
-        self.engine = Engine(self.adapter, self.config, reuse_prefix=reuse_prefix)
+        self.engine = Engine(self.adapter, self.config, reuse_prefix=reuse_prefix, share_layers=share_layers)
 
     @classmethod
     def from_pretrained(
@@ -92,11 +96,12 @@ class CausalMM:
         *,
         base: str = "sdpa",
         reuse_prefix: bool = True,
+        share_layers: bool = True,
         **hf_kwargs: Any,
     ) -> CausalMM:
         """Load a model and its processor (local directory or hub id) and wrap them."""
         model, processor = _load_pretrained(str(name_or_path), **hf_kwargs)
-        return cls(model, processor, config, base=base, reuse_prefix=reuse_prefix)
+        return cls(model, processor, config, base=base, reuse_prefix=reuse_prefix, share_layers=share_layers)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -106,12 +111,16 @@ class CausalMM:
     def processor(self) -> Any:
         return self.adapter.processor
 
-    def with_config(self, config: CausalMMConfig, *, reuse_prefix: bool | None = None) -> CausalMM:
-        """The same model under another config (no reload); ``reuse_prefix`` defaults to this one's."""
+    def with_config(
+        self, config: CausalMMConfig, *, reuse_prefix: bool | None = None, share_layers: bool | None = None
+    ) -> CausalMM:
+        """The same model under another config (no reload); ``reuse_prefix`` and ``share_layers`` default to
+        this one's."""
         other = object.__new__(CausalMM)
         other.reuse_prefix = self.reuse_prefix if reuse_prefix is None else reuse_prefix
+        other.share_layers = self.share_layers if share_layers is None else share_layers
         other.config, other.adapter = config, self.adapter
-        other.engine = Engine(self.adapter, config, reuse_prefix=other.reuse_prefix)
+        other.engine = Engine(self.adapter, config, reuse_prefix=other.reuse_prefix, share_layers=other.share_layers)
         return other
 
     def generate(

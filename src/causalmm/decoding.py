@@ -8,11 +8,14 @@ The chosen token is appended to every row of that prompt.
 
 With ``reuse_prefix`` (the default where the adapter supports it), rows that compute the same thing over a
 shared prompt prefix (questions about one image, with the same image features) prefill that prefix once and
-fork its KV cache; see :meth:`Engine._prefill_shared`.
+fork its KV cache; see :meth:`Engine._prefill_shared`. With ``share_layers`` (the default where the adapter
+supports it), a language-branch row runs the LLM layers below the first intervened one only through its
+factual row, whose output and KV cache there it reuses (``causalmm.sharing``), in prefill and decode alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +31,7 @@ from .attention import Intervention, SiteRule, intervene
 from .config import CausalMMConfig, ConfigError, resolve_layers
 from .interventions import diffusion_noise
 from .methods import Branch, branches_for
+from .sharing import RowPlan, select_cache_rows, share_lower_layers
 
 __all__ = ["Engine", "GenerationOptions", "GenerationResult", "contrast", "derive_seed"]
 
@@ -169,12 +173,19 @@ class Engine:
     the features of an image repeated in the batch once). It is used only where the adapter declares
     :attr:`Adapter.supports_prefix_reuse` and the cache is plain full-attention layers; ``False`` keeps the
     reference path (every row prefilled in full), which the parity tests compare against.
+
+    ``share_layers``: rows that compute the same thing below the first intervened LLM layer (a language-branch
+    row and its prompt's factual row) run those layers once; used where the adapter declares
+    :attr:`Adapter.supports_layer_sharing`. ``False`` runs every row through every layer.
     """
 
-    def __init__(self, adapter: Adapter, config: CausalMMConfig, *, reuse_prefix: bool = True) -> None:
+    def __init__(
+        self, adapter: Adapter, config: CausalMMConfig, *, reuse_prefix: bool = True, share_layers: bool = True
+    ) -> None:
         self.adapter = adapter
         self.config = config
         self.reuse_prefix = reuse_prefix
+        self.share_layers = share_layers
         self.branches = branches_for(config)
         self.vision_rule = self.language_rule = None
         if any(b.vision for b in self.branches):
@@ -217,11 +228,12 @@ class Engine:
         self._text_config = text_cfg
         # In effect only where requested and supported. Forking and left-padding a cache is only sound for
         # plain growing layers (no sliding window).
-        self.prefix_reuse = bool(
-            reuse_prefix
-            and adapter.supports_prefix_reuse
-            and all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_cfg).layers)
-        )
+        plain_cache = all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_cfg).layers)
+        self.prefix_reuse = bool(reuse_prefix and adapter.supports_prefix_reuse and plain_cache)
+        #: decoder layers ``0 .. share_low-1`` run once for rows that compute the same there (0: no sharing)
+        self.share_low = 0
+        if share_layers and adapter.supports_layer_sharing and plain_cache and self.language_rule is not None:
+            self.share_low = min(self.language_rule.layers)
         mcfg = adapter.model.config
         self._image_tokens = {
             v
@@ -298,10 +310,17 @@ class Engine:
         positions: torch.Tensor,
         cache: DynamicCache,
         language_rows: dict[int, torch.Generator],
+        plan: RowPlan | None = None,
     ) -> Any:
-        """One forward of the LLM with the language intervention on ``language_rows`` (batch indices)."""
+        """One forward of the LLM with the language intervention on ``language_rows`` (batch indices); with a
+        ``plan``, the layers below :attr:`share_low` run on ``plan.keep`` only (their cache holds those rows)."""
         state = Intervention(language=self.language_rule, language_rows=language_rows)
-        with intervene(state):
+        shared = (
+            share_lower_layers(self.adapter.lm_layers[: self.share_low], plan)
+            if plan is not None and self.share_low
+            else contextlib.nullcontext()
+        )
+        with intervene(state), shared:
             return self.adapter.model(
                 **inputs,
                 attention_mask=mask,
@@ -311,8 +330,18 @@ class Engine:
                 logits_to_keep=1,
             )
 
-    def _prefill_full(self, encs, imgs, rows, row_feature, lang_gens) -> _Prefill:
-        """The reference prefill: every row's whole prompt, left-padded, in one forward."""
+    def _plan(self, keys: list[Any]) -> RowPlan | None:
+        """The sharing plan of a batch whose rows have lower-layer keys ``keys`` (rows with equal keys compute
+        the same below :attr:`share_low`; ``None`` shares with no row), or ``None`` where no row shares."""
+        if not self.share_low:
+            return None
+        first: dict[Any, int] = {}
+        plan = RowPlan([j if k is None else first.setdefault(k, j) for j, k in enumerate(keys)])
+        return plan if plan.shares else None
+
+    def _prefill_full(self, encs, imgs, rows, row_feature, lang_gens, lower_key) -> _Prefill:
+        """The reference prefill: every row's whole prompt, left-padded, in one forward (the layers below
+        :attr:`share_low` on the rows of ``lower_key``'s plan only, whose cache keeps those rows)."""
         ad = self.adapter
         batch = self._collate_tokens(encs, rows)
         positions = ad.prefill_positions(batch, self._meta(imgs, rows, list(range(len(rows)))))
@@ -323,7 +352,8 @@ class Engine:
             **fwd_extra,
             **ad.features_input([row_feature(r) for r in rows]),
         }
-        out = self._forward(inputs, batch["attention_mask"], positions, cache, dict(lang_gens))
+        plan = self._plan([lower_key(r) for r in rows])
+        out = self._forward(inputs, batch["attention_mask"], positions, cache, dict(lang_gens), plan)
         return out.logits[:, -1].float(), cache, batch["attention_mask"], positions
 
     def _shared_prefix(self, encs: list[dict[str, torch.Tensor]]) -> int:
@@ -345,7 +375,7 @@ class Engine:
             return 0
         return n
 
-    def _prefill_shared(self, encs, imgs, rows, row_feature, share_key, lang_gens) -> _Prefill | None:
+    def _prefill_shared(self, encs, imgs, rows, row_feature, share_key, lang_gens, lower_key) -> _Prefill | None:
         """Prefill with shared prefixes; ``None`` where no two rows share one (then use :meth:`_prefill_full`).
 
         Rows with the same :func:`share_key` (same features, no LLM intervention) and a common token prefix
@@ -359,6 +389,11 @@ class Engine:
         get ``ls`` masked cache slots on the left, so every row keeps only left padding before its own tokens
         (the language intervention draws its random maps over a row's real keys). The merged cache, mask and
         last positions are in ``rows`` order, as :meth:`_prefill_full` returns them.
+
+        Shared lower layers: in forward A, rows that share nothing share those layers where they can (a
+        language row with its factual row or its other draws); the merged cache then keeps, below
+        :attr:`share_low`, the rows of ``lower_key``'s plan (a language row continues from its factual row's
+        states there, whichever way those were laid out: each row's mask and positions follow its own layout).
         """
         ad = self.adapter
         keys = [k for k in _TOKEN_KEYS if k in encs[0]]
@@ -420,7 +455,10 @@ class Engine:
         feats = [row_feature(rows[members[0]]) for members, _ in split] + [row_feature(rows[i]) for i in alone]
         inputs_a = {"input_ids": a_batch["input_ids"], **extra(a_batch), **ad.features_input(feats)}
         lang = {g + j: lang_gens[i] for j, i in enumerate(alone) if i in lang_gens}
-        out_a = self._forward(inputs_a, a_batch["attention_mask"], a_pos, cache_a, lang)
+        plan_a = self._plan([None] * g + [lower_key(rows[i]) for i in alone])
+        out_a = self._forward(inputs_a, a_batch["attention_mask"], a_pos, cache_a, lang, plan_a)
+        if plan_a is not None:  # every row of forward A back in the lower layers, for the merge below
+            select_cache_rows(cache_a, self.share_low, None, plan_a.gather)
         self.prefill_stats = {"groups": g, "prefix_tokens": sum(p for _, p in split), "shared_rows": len(reusing)}
 
         fork = torch.tensor([group_of[i] for i in reusing], device=ad.device)
@@ -441,6 +479,9 @@ class Engine:
             ],
             config=self._text_config,
         )
+        plan = self._plan([lower_key(r) for r in rows])
+        if plan is not None:
+            select_cache_rows(cache, self.share_low, None, plan.keep)
         mask = torch.cat([s_batch["attention_mask"], pad(a_batch["attention_mask"][g:], (ls, 0))])[perm]
         positions = torch.cat([s_pos[..., -1:], a_pos[..., g:, -1:]], dim=-2)[..., perm, :]
         logits = torch.cat([out_b.logits[:, -1], out_a.logits[g:, -1]]).float()[perm]
@@ -502,6 +543,12 @@ class Engine:
                 return ("factual", frep[r.prompt], 0)
             return ("vision" if r.branch.vision else "noise", vrep[r.prompt], r.draw)
 
+        def lower_key(r: _Row) -> tuple:
+            """Rows with equal keys compute the same below the first intervened LLM layer."""
+            if r.branch is None or not (r.branch.vision or r.branch.noise):
+                return (r.prompt, "factual", 0)
+            return (r.prompt, "vision" if r.branch.vision else "noise", r.draw)
+
         lang_gens = {
             i: torch.Generator(device=ad.device).manual_seed(
                 derive_seed(seeds[r.prompt], "language", r.branch.name, r.draw)
@@ -513,13 +560,15 @@ class Engine:
         #: what the last call's prefill shared (diagnostics): prefix groups, their tokens, rows that reused one
         self.prefill_stats = {"groups": 0, "prefix_tokens": 0, "shared_rows": 0}
         if self.prefix_reuse:
-            prefill = self._prefill_shared(encs, imgs, rows, row_feature, share_key, lang_gens)
+            prefill = self._prefill_shared(encs, imgs, rows, row_feature, share_key, lang_gens, lower_key)
         if prefill is None:
-            prefill = self._prefill_full(encs, imgs, rows, row_feature, lang_gens)
+            prefill = self._prefill_full(encs, imgs, rows, row_feature, lang_gens, lower_key)
         logits, cache, mask, positions = prefill
         sample_gens = [torch.Generator(device="cpu").manual_seed(derive_seed(s, "sample")) for s in seeds]
 
         active = list(range(len(rows)))  # rows still in the batch, in batch order
+        plan = self._plan([lower_key(r) for r in rows])
+        low_rows = active if plan is None else plan.keep  # rows in the cache's shared lower layers
         out_ids: list[list[int]] = [[] for _ in range(n)]
         done: list[str | None] = [None] * n
         record: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(n)]
@@ -565,14 +614,20 @@ class Engine:
             ]
             if len(keep) < len(active):
                 sel = torch.tensor(keep, device=mask.device)
-                cache.batch_select_indices(sel)
-                mask, positions = mask[sel], positions[..., sel, :]
                 active = [active[j] for j in keep]
+                plan = self._plan([lower_key(rows[i]) for i in active])
+                kept_low = active if plan is None else [active[j] for j in plan.keep]
+                at = {i: j for j, i in enumerate(low_rows)}
+                # a row leaves with its prompt (or, in legacy mode, with the other counterfactual rows), so the
+                # rows left in the lower layers are the sources of the rows left
+                select_cache_rows(cache, self.share_low, keep, [at[i] for i in kept_low])
+                low_rows = kept_low
+                mask, positions = mask[sel], positions[..., sel, :]
             nxt = torch.tensor([[out_ids[rows[i].prompt][-1]] for i in active], device=mask.device)
             positions = ad.next_positions(positions)
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             lang = {j: lang_gens[i] for j, i in enumerate(active) if i in lang_gens}
-            logits = self._forward({"input_ids": nxt}, mask, positions, cache, lang).logits[:, -1].float()
+            logits = self._forward({"input_ids": nxt}, mask, positions, cache, lang, plan).logits[:, -1].float()
         results = []
         for p in range(n):
             text = texts[p] if done[p] == "stop" else self.tokenizer.decode(out_ids[p], skip_special_tokens=True)

@@ -95,6 +95,11 @@ class Adapter:
     #: adapter cannot know (crops, tiles, sub-images, one sequence for all images as in Pixtral), so it counts
     #: one unit per image and runs each intervened image through the tower on its own.
     batched_vision_interventions = False
+    #: whether the engine may run the LLM layers below the first intervened one once for a language-branch
+    #: row and its factual row (``causalmm.sharing``; proven token-identical by tests/test_layer_sharing.py
+    #: for the families that set it). Off by default: a family may act on per-row inputs between decoder
+    #: layers (Qwen3-VL adds its deepstack features there).
+    supports_layer_sharing = False
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, base: str = "sdpa") -> None:
         self.model = model
@@ -122,6 +127,9 @@ class Adapter:
         )
         if not self.vision_attn or not self.lm_attn:
             raise UnsupportedModelError(f"{name}: found no attention modules in its vision tower or its LLM")
+        parent = {id(c): m for m in self.lm.modules() for c in m.children()}
+        #: the decoder layer holding each of :attr:`lm_attn`, in the same order
+        self.lm_layers = [parent[id(m)] for m in self.lm_attn]
         self.packed = "grid_thw" in inspect.signature(type(self.tower).forward).parameters
         for i, m in enumerate(self.vision_attn):
             setattr(m, SITE_ATTR, Site("vision", i, packed=self.packed))

@@ -18,6 +18,7 @@ class LlavaAdapter(Adapter):
     supports_gate = True
     batched_vision_interventions = True
     supports_prefix_reuse = True
+    supports_layer_sharing = True
 
     @property
     def n_vision_layers(self) -> int:

@@ -18,6 +18,7 @@ class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     batched_vision_interventions = True
     supports_prefix_reuse = True
+    supports_layer_sharing = True
 
     def prefill_positions(self, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> torch.Tensor:
         inner = self.model.model

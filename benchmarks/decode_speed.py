@@ -186,9 +186,12 @@ class Sample:
     peak: int
 
 
-def run_engine(cm: CausalMM, config: CausalMMConfig, image: Image.Image, prompt: str, n: int, device: str) -> Sample:
-    """One generation of ``n`` tokens with our engine (all branches batched)."""
-    runner = cm.with_config(config)
+def run_engine(
+    cm: CausalMM, config: CausalMMConfig, image: Image.Image, prompt: str, n: int, device: str, share: bool = True
+) -> Sample:
+    """One generation of ``n`` tokens with our engine (all branches batched); ``share=False`` turns off the shared
+    lower LLM layers of language rows (the before of that optimisation)."""
+    runner = cm.with_config(config, share_layers=share)
     runner.engine.eos = set()
     with _Peak(device) as peak, _StepClock(cm.model, device) as clock:
         t0 = clock._now()
@@ -301,7 +304,9 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("regular greedy", "engine", CausalMMConfig(method="regular")),
     ("causalmm vision K=1", "engine", CausalMMConfig(mode="vision")),
     ("causalmm language K=1", "engine", CausalMMConfig(mode="language")),
+    ("causalmm language K=1, no layer sharing", "unshared", CausalMMConfig(mode="language")),
     ("causalmm multimodal K=1", "engine", CausalMMConfig(mode="multimodal")),
+    ("causalmm multimodal K=1, no layer sharing", "unshared", CausalMMConfig(mode="multimodal")),
     ("causalmm joint K=1", "engine", CausalMMConfig(mode="joint")),
     ("causalmm vision K=4", "engine", CausalMMConfig(mode="vision", num_cf_samples=4)),
     ("causalmm multimodal K=4", "engine", CausalMMConfig(mode="multimodal", num_cf_samples=4)),
@@ -349,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     def run(kind: str, cfg: CausalMMConfig, n: int) -> Sample:
         if kind == "mitigv":
             return run_mitigv(vcd, image, prompt, n, device)
-        return (run_engine if kind == "engine" else run_sequential)(cm, cfg, image, prompt, n, device)
+        if kind == "sequential":
+            return run_sequential(cm, cfg, image, prompt, n, device)
+        return run_engine(cm, cfg, image, prompt, n, device, share=kind == "engine")
 
     run_engine(cm, configs[0][2], image, prompt, 2, device)  # warm-up
     if args.peak_of is not None:

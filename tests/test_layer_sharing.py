@@ -17,7 +17,7 @@ from causalmm.tiny import FAMILIES
 PROMPTS = [
     "Is there a cat in the image?",
     "Describe the image.",
-    "Is there a dog in the image?",
+    "Is there a dog on the left side of the picture?",  # shares image 0 with a shorter prompt: middle padding
     "What color is the object?",
 ]
 
@@ -30,16 +30,18 @@ CONFIGS = {
 
 
 def _rows_per_layer(cm):
-    """Record the batch size each decoder layer's attention receives, per forward."""
-    seen: list[tuple[int, int]] = []
+    """Record, per forward of the model, the batch size each decoder layer's attention receives."""
+    calls: list[dict[int, int]] = []
 
     def record(i):
-        return lambda m, args, kwargs: seen.append((i, int((args or (kwargs["hidden_states"],))[0].shape[0])))
+        def hook(m, args, kwargs):
+            calls[-1][i] = int((args or (kwargs["hidden_states"],))[0].shape[0])
 
-    hooks = [
-        attn.register_forward_pre_hook(record(i), with_kwargs=True) for i, attn in enumerate(cm.adapter.lm_attn)
-    ]
-    return seen, hooks
+        return hook
+
+    hooks = [cm.model.register_forward_pre_hook(lambda *a: calls.append({}))]
+    hooks += [attn.register_forward_pre_hook(record(i), with_kwargs=True) for i, attn in enumerate(cm.adapter.lm_attn)]
+    return calls, hooks
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -55,7 +57,7 @@ def test_shared_layers_give_the_reference_tokens_and_logits(family, name, reuse,
     imgs = [images[0], images[1], images[0], images[2]]
     for seeds in ([7] * 4, [11, 12, 13, 14]):
         kw = dict(max_new_tokens=5, seeds=seeds, return_branch_logits=True)
-        seen, hooks = _rows_per_layer(cm)
+        calls, hooks = _rows_per_layer(cm)
         try:
             got = shared.generate(imgs, PROMPTS, **kw)
         finally:
@@ -69,11 +71,17 @@ def test_shared_layers_give_the_reference_tokens_and_logits(family, name, reuse,
                 assert torch.allclose(g.branch_logits[key], w.branch_logits[key], atol=1e-4), key
             # the language branch is not the factual branch (else equal outputs would prove nothing)
             assert not torch.allclose(w.branch_logits["L"], w.branch_logits["factual"], atol=1e-3)
-        # every forward: the layers below `low` saw fewer rows than the layers from `low` on
-        per_call = [seen[i : i + len(cm.adapter.lm_layers)] for i in range(0, len(seen), len(cm.adapter.lm_layers))]
-        assert any(c[low - 1][1] < c[low][1] for c in per_call), per_call
-        for c in per_call:
-            assert all(c[j][1] == c[0][1] for j in range(low)) and all(c[j][1] == c[low][1] for j in range(low, len(c)))
+        # the layers below `low` ran on fewer rows than the layers from `low` on (in some forwards not at all:
+        # language rows fed their factual row's states), in prefill and in every decode step
+        n = len(cm.adapter.lm_layers)
+        assert all(set(c) in (set(range(n)), set(range(low, n))) for c in calls), calls
+        for c in calls:  # one batch size below `low` (or none), one from `low` on
+            assert len({c[j] for j in range(low) if j in c}) <= 1 and len({c[j] for j in range(low, n)}) == 1
+        if name != "legacy":  # (legacy: the counterfactual rows leave after the first token)
+            assert all(c[low - 1] < c[low] for c in calls[-4:]), calls
+        assert any(c.get(low - 1, 0) < c[low] for c in calls[:-4]), calls  # in prefill
+        if reuse and name != "legacy":  # prompts 0 and 2 share image 0's prefix, so their language rows are fed
+            assert shared.engine.prefill_stats["fed_rows"] >= 2 * shared.config.num_cf_samples
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -185,25 +185,28 @@ def _counterfactual_rows(module, query, key, value, attention_mask, scaling, kwa
     allowed = allowed.expand(query.shape[0], -1, -1, -1)[idx] if allowed.shape[0] > 1 else allowed
     allowed = allowed.expand(len(rows), q.shape[1], -1, -1)
     probs = _probs(q, k, allowed, scaling, kwargs.get("softcap"))
-    heads = list(rule.heads) if rule.heads is not None else slice(None)
-    cf = probs.clone()
     nq, nk = probs.shape[2], probs.shape[3]
+    heads = torch.tensor(rule.heads if rule.heads is not None else range(probs.shape[1]), device=probs.device)
+    cf = probs.clone()
     for i, (_, gen) in enumerate(rows):
-        # Crop to the row's real tokens (left padding is leading keys the last query cannot see) so the
-        # random draws have the same shape, hence the same values, whatever the batch composition.
+        # Compact to the row's real tokens (the keys its last query may see: padding, left or in the middle of
+        # a forked layout, is left out) so the random draws have the same shape, hence the same values,
+        # whatever the batch composition and cache layout.
         last = allowed[i, 0, -1]
-        k0 = int(last.nonzero()[0]) if bool(last.any()) else 0
-        q0 = max(0, k0 - (nk - nq))
-        sub = probs[i : i + 1, heads, q0:, k0:]
+        real = last.nonzero().squeeze(-1) if bool(last.any()) else torch.arange(nk, device=last.device)
+        qr = real[real >= nk - nq] - (nk - nq)  # the queries are the last nq positions
+        h, q, k = heads[:, None, None], qr[None, :, None], real[None, None, :]
         new = counterfactual_attention(
-            sub,
+            probs[i, h, q, k][None],
             rule.method,
-            key_mask=allowed[i : i + 1, heads, q0:, k0:],
+            key_mask=allowed[i, h, q, k][None],
             generator=gen,
             renormalize=rule.renormalize,
         )
-        cf[i : i + 1, heads, q0:, k0:] = new
-        cf[i : i + 1, heads, :, :k0] = 0.0
+        padding = torch.ones(nk, dtype=torch.bool, device=cf.device)
+        padding[real] = False
+        cf[i, heads] = cf[i, heads].masked_fill(padding, 0.0)  # no weight on padding keys
+        cf[i, h, q, k] = new[0].to(cf.dtype)
     state = active()
     if state is not None and state.on_probs is not None:
         state.on_probs(getattr(module, SITE_ATTR), [r for r, _ in rows], probs, cf)

@@ -31,7 +31,7 @@ from .attention import Intervention, SiteRule, intervene
 from .config import CausalMMConfig, ConfigError, resolve_layers
 from .interventions import diffusion_noise
 from .methods import Branch, branches_for
-from .sharing import RowPlan, select_cache_rows, share_lower_layers
+from .sharing import RowPlan, capture_input, feed_lower_layers, select_cache_rows, share_lower_layers
 
 __all__ = ["Engine", "GenerationOptions", "GenerationResult", "contrast", "derive_seed"]
 
@@ -390,10 +390,14 @@ class Engine:
         (the language intervention draws its random maps over a row's real keys). The merged cache, mask and
         last positions are in ``rows`` order, as :meth:`_prefill_full` returns them.
 
-        Shared lower layers: in forward A, rows that share nothing share those layers where they can (a
-        language row with its factual row or its other draws); the merged cache then keeps, below
-        :attr:`share_low`, the rows of ``lower_key``'s plan (a language row continues from its factual row's
-        states there, whichever way those were laid out: each row's mask and positions follow its own layout).
+        Shared lower layers: a language row whose factual row reuses a prefix does not run the layers below
+        :attr:`share_low` at all. Forwards A and B keep the hidden states entering that layer; forward C runs
+        those language rows over their factual row's layout ``[padding, prefix, padding, suffix]`` from that
+        layer on, fed the factual row's states (its random maps are drawn over the real tokens only, so the
+        middle padding changes nothing). In forward A the other rows share those layers where they can (a
+        language row with its factual row or its other draws). The merged cache keeps, below
+        :attr:`share_low`, the rows of ``lower_key``'s plan: each row's mask and positions follow its own
+        layout, and a language row's source has the same real tokens at the same positions.
         """
         ad = self.adapter
         keys = [k for k in _TOKEN_KEYS if k in encs[0]]
@@ -411,8 +415,12 @@ class Engine:
         plen_of = {i: plen for members, plen in split for i in members}
         group_of = {i: g for g, (members, _) in enumerate(split) for i in members}
         reusing = sorted(plen_of)
-        alone = [i for i in range(len(rows)) if i not in plen_of]
+        plan = self._plan([lower_key(r) for r in rows])
+        source = dict(enumerate(range(len(rows)) if plan is None else (plan.keep[j] for j in plan.gather)))
+        fed = [i for i in range(len(rows)) if source[i] != i and source[i] in plen_of]  # forward C
+        alone = [i for i in range(len(rows)) if i not in plen_of and i not in fed]
         g = len(split)
+        low = self.share_low
 
         def tok(i: int, key: str) -> torch.Tensor:
             return encs[rows[i].prompt][key][0]
@@ -456,35 +464,62 @@ class Engine:
         inputs_a = {"input_ids": a_batch["input_ids"], **extra(a_batch), **ad.features_input(feats)}
         lang = {g + j: lang_gens[i] for j, i in enumerate(alone) if i in lang_gens}
         plan_a = self._plan([None] * g + [lower_key(rows[i]) for i in alone])
-        out_a = self._forward(inputs_a, a_batch["attention_mask"], a_pos, cache_a, lang, plan_a)
+        entering = ad.lm_layers[low] if fed else torch.nn.Identity()  # only forward C needs the states
+        with capture_input(entering) as h_a:
+            out_a = self._forward(inputs_a, a_batch["attention_mask"], a_pos, cache_a, lang, plan_a)
         if plan_a is not None:  # every row of forward A back in the lower layers, for the merge below
-            select_cache_rows(cache_a, self.share_low, None, plan_a.gather)
-        self.prefill_stats = {"groups": g, "prefix_tokens": sum(p for _, p in split), "shared_rows": len(reusing)}
+            select_cache_rows(cache_a, low, None, plan_a.gather)
+        self.prefill_stats = {
+            "groups": g,
+            "prefix_tokens": sum(p for _, p in split),
+            "shared_rows": len(reusing),
+            "fed_rows": len(fed),
+        }
 
         fork = torch.tensor([group_of[i] for i in reusing], device=ad.device)
         cache_b = DynamicCache([(lay.keys[fork], lay.values[fork]) for lay in cache_a.layers], config=self._text_config)
         inputs_b = {"input_ids": s_batch["input_ids"][:, la:], **extra(s_batch, la)}
-        out_b = self._forward(inputs_b, s_batch["attention_mask"], s_pos[..., la:], cache_b, {})
+        with capture_input(entering) as h_b:
+            out_b = self._forward(inputs_b, s_batch["attention_mask"], s_pos[..., la:], cache_b, {})
 
-        order = reusing + alone
-        perm = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=ad.device)
-        pad = torch.nn.functional.pad
-        cache = DynamicCache(
-            [
-                (
-                    torch.cat([lb.keys, pad(lay.keys[g:], (0, 0, ls, 0))])[perm],
-                    torch.cat([lb.values, pad(lay.values[g:], (0, 0, ls, 0))])[perm],
-                )
-                for lb, lay in zip(cache_b.layers, cache_a.layers, strict=True)
-            ],
-            config=self._text_config,
+        s_row = {i: j for j, i in enumerate(reusing)}
+        fed_s = torch.tensor([s_row[source[i]] for i in fed], dtype=torch.long, device=ad.device)
+        if fed:  # forward C: from layer `low` on, over the source's layout, fed the source's states
+            hidden = torch.cat([h_a[0][[group_of[source[i]] for i in fed]], h_b[0][fed_s]], dim=1)
+            cache_c = DynamicCache(config=self._text_config)
+            inputs_c = {
+                "input_ids": s_batch["input_ids"][fed_s],
+                **{k: v[fed_s] for k, v in extra(s_batch).items()},
+                **ad.features_input([row_feature(rows[i]) for i in fed]),
+            }
+            lang_c = {j: lang_gens[i] for j, i in enumerate(fed) if i in lang_gens}
+            with feed_lower_layers(ad.lm_layers[:low], hidden):
+                out_c = self._forward(inputs_c, s_batch["attention_mask"][fed_s], s_pos[..., fed_s, :], cache_c, lang_c)
+
+        # Merge in `rows` order: layers from `low` on hold every row (reusing, fed, alone); the layers below
+        # hold the rows of the sharing plan (no fed row is among them).
+        upper, lower = reusing + fed + alone, reusing + alone
+        up_idx = torch.tensor([upper.index(i) for i in range(len(rows))], device=ad.device)
+        low_idx = torch.tensor(
+            [lower.index(i) for i in (plan.keep if plan is not None else range(len(rows)))], device=ad.device
         )
-        plan = self._plan([lower_key(r) for r in rows])
-        if plan is not None:
-            select_cache_rows(cache, self.share_low, None, plan.keep)
-        mask = torch.cat([s_batch["attention_mask"], pad(a_batch["attention_mask"][g:], (ls, 0))])[perm]
-        positions = torch.cat([s_pos[..., -1:], a_pos[..., g:, -1:]], dim=-2)[..., perm, :]
-        logits = torch.cat([out_b.logits[:, -1], out_a.logits[g:, -1]]).float()[perm]
+        pad = torch.nn.functional.pad
+        merged = []
+        for n_layer, (lb, lay) in enumerate(zip(cache_b.layers, cache_a.layers, strict=True)):
+            kv = []
+            for attr in ("keys", "values"):
+                parts = [getattr(lb, attr)]
+                if fed and n_layer >= low:
+                    parts.append(getattr(cache_c.layers[n_layer], attr))
+                parts.append(pad(getattr(lay, attr)[g:], (0, 0, ls, 0)))
+                kv.append(torch.cat(parts)[up_idx if n_layer >= low else low_idx])
+            merged.append(tuple(kv))
+        cache = DynamicCache(merged, config=self._text_config)
+        s_mask = s_batch["attention_mask"]
+        mask = torch.cat([s_mask, s_mask[fed_s], pad(a_batch["attention_mask"][g:], (ls, 0))])[up_idx]
+        positions = torch.cat([s_pos[..., -1:], s_pos[..., fed_s, -1:], a_pos[..., g:, -1:]], dim=-2)[..., up_idx, :]
+        fed_logits = [out_c.logits[:, -1]] if fed else []
+        logits = torch.cat([out_b.logits[:, -1], *fed_logits, out_a.logits[g:, -1]]).float()[up_idx]
         return logits, cache, mask, positions
 
     # -- generation --------------------------------------------------------------------------------
@@ -496,20 +531,26 @@ class Engine:
         options: GenerationOptions | None = None,
         *,
         seeds: list[int] | None = None,
+        image_seeds: list[int] | None = None,
         return_branch_logits: bool = False,
     ) -> list[GenerationResult]:
         """Generate one answer per (image, prompt); see :class:`GenerationOptions`.
 
         ``seeds`` gives each sample its own seed (default: ``config.seed`` for all), so a sample's output does
-        not depend on what else is in the batch.
+        not depend on what else is in the batch. ``image_seeds`` (default: ``seeds``) seeds a sample's
+        image-side draws (the vision branch's counterfactual attention, VCD's noise) on their own: give the
+        questions about one image one image seed, and their counterfactual image features are computed once
+        and their image prefix is prefilled once (``causalmm eval`` does, per image and run seed).
         """
         opts = options or GenerationOptions()
         cfg, ad = self.config, self.adapter
         n = len(prompts)
         seeds = [cfg.seed] * n if seeds is None else [int(s) for s in seeds]
-        if len(images) != n or len(seeds) != n:
+        image_seeds = seeds if image_seeds is None else [int(s) for s in image_seeds]
+        if len(images) != n or len(seeds) != n or len(image_seeds) != n:
             raise ValueError(
-                f"got {len(images)} images, {n} prompts and {len(seeds)} seeds; give one of each per sample"
+                f"got {len(images)} images, {n} prompts, {len(seeds)} seeds and {len(image_seeds)} image seeds; "
+                "give one of each per sample"
             )
         encs = [ad.encode(img, prompt) for img, prompt in zip(images, prompts, strict=True)]
         imgs = [ad.image_inputs(e) for e in encs]
@@ -517,18 +558,18 @@ class Engine:
         rows = [_Row(p, None) for p in range(n)]
         rows += [_Row(p, b, k) for p in range(n) for b in self.branches for k in range(draws)]
         # Representative prompt of each prompt's features: itself, or (reuse) the first prompt with the same
-        # image (factual) / the same image and seed (vision, noise draws are seeded per sample).
+        # image (factual) / the same image and image seed (vision and noise draws).
         frep = vrep = list(range(n))
         if self.prefix_reuse:
             memo: dict[int, str] = {}
             digests = [_image_digest(im, memo) for im in images]
             frep = _first_of(digests)
-            vrep = _first_of(list(zip(digests, seeds, strict=True)))
-        feats = {"factual": self._shared_features(imgs, "factual", seeds, draws, frep)}
+            vrep = _first_of(list(zip(digests, image_seeds, strict=True)))
+        feats = {"factual": self._shared_features(imgs, "factual", image_seeds, draws, frep)}
         if any(b.vision for b in self.branches):
-            feats["vision"] = self._shared_features(imgs, "vision", seeds, draws, vrep)
+            feats["vision"] = self._shared_features(imgs, "vision", image_seeds, draws, vrep)
         if any(b.noise for b in self.branches):
-            feats["noise"] = self._shared_features(imgs, "noise", seeds, draws, vrep)
+            feats["noise"] = self._shared_features(imgs, "noise", image_seeds, draws, vrep)
 
         def row_feature(r: _Row) -> torch.Tensor:
             if r.branch is None or not (r.branch.vision or r.branch.noise):

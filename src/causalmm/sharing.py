@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-__all__ = ["RowPlan", "share_lower_layers", "select_cache_rows"]
+__all__ = ["RowPlan", "capture_input", "feed_lower_layers", "share_lower_layers", "select_cache_rows"]
 
 
 class RowPlan:
@@ -105,6 +105,44 @@ def share_lower_layers(layers: Sequence[torch.nn.Module], plan: RowPlan) -> Iter
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def capture_input(layer: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the hidden states ``layer`` receives, one tensor per forward run inside the block."""
+    got: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        got.append((args or (kwargs["hidden_states"],))[0])
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def feed_lower_layers(layers: Sequence[torch.nn.Module], hidden: torch.Tensor) -> Iterator[None]:
+    """Skip the decoder ``layers`` (the ones below the first intervened layer) in the forwards run inside the
+    block: the last of them returns ``hidden``, the states another forward computed there for these rows (in
+    the same token layout), and the others pass their input on. Their cache layers are left untouched."""
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def feed(hidden_states, *args, **kwargs):
+        if hidden_states.shape[:2] != hidden.shape[:2]:
+            raise RuntimeError(f"fed states {tuple(hidden.shape)} do not fit the batch {tuple(hidden_states.shape)}")
+        return hidden
+
+    for layer in layers:
+        layer.forward = feed if layer is layers[-1] else passthrough
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def select_cache_rows(cache: DynamicCache, low: int, upper: Sequence[int] | None, lower: Sequence[int] | None) -> None:

@@ -67,7 +67,11 @@ def test_eval_writes_the_run_folder_and_a_rerun_is_a_noop(reference_run, causalm
     lines = (out / "predictions.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert [r["id"] for r in recs] == [str(i) for i in range(1, 9)]
-    assert {"text", "answer", "parseable", "label", "seed", "sample_seed", "question"} <= recs[0].keys()
+    assert {"text", "answer", "parseable", "label", "seed", "sample_seed", "image_seed", "question"} <= recs[0].keys()
+    # one image seed per image (a.png: ids 1-3, b.png: 4-6, c.png: 7-8), one sample seed per question
+    assert len({r["sample_seed"] for r in recs}) == 8
+    assert [len({r["image_seed"] for r in recs[lo:hi]}) for lo, hi in ((0, 3), (3, 6), (6, 8))] == [1, 1, 1]
+    assert len({r["image_seed"] for r in recs}) == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_samples"] == 8 and metrics["method"] == "causalmm"
     assert set(metrics["metrics"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio", "unparseable"}
@@ -272,3 +276,14 @@ def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
     assert same["diff"] == 0 and same["p"] == 1.0
     worse = paired_bootstrap(bench, good, bad, "accuracy", n_boot=200)
     assert worse["diff"] == pytest.approx(-50.0) and worse["p"] < 0.01
+
+
+def test_a_run_folder_from_before_image_seeds_is_not_resumed(tmp_path):
+    """Image-side draws seeded per sample (older runs) and per image must not mix in one predictions file."""
+    from causalmm.benchmarks.runner import IMAGE_SEEDS, RunMismatchError, check_run_info
+
+    info = {"benchmark": "pope", "options": {}, "model": "m", "config": {}, "generation": {}, "seeds": [0]}
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    with pytest.raises(RunMismatchError, match="image_seeds"):
+        check_run_info(tmp_path, {**info, "image_seeds": IMAGE_SEEDS})
+    assert check_run_info(tmp_path, info)["seeds"] == [0]

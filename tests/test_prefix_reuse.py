@@ -130,3 +130,35 @@ def test_rows_that_share_nothing_take_the_reference_path(loaded, images):
         handle.remove()
     assert cm.engine.prefill_stats["shared_rows"] == 0
     assert len(seen) == 1  # one prefill forward, as the reference path
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["vision", "vcd", "multimodal-k2"])
+def test_image_seeds_let_counterfactual_image_rows_share_the_prefix(family, name, loaded, images):
+    """Per-sample seeds, one image seed per image (as `causalmm eval` runs): the vision/noise rows of the
+    questions on one image share their features and their prefix, and every output is the reference's and
+    the one each sample gets alone."""
+    cm = loaded(family)
+    cfg = CONFIGS[name]
+    reuse, ref = cm.with_config(cfg, reuse_prefix=True), cm.with_config(cfg, reuse_prefix=False)
+    imgs, prompts = _batch(images)
+    seeds = [11, 12, 13, 14, 15, 16]
+    image_seeds = [100, 101, 100, 100, 102, 101]  # one per image (the copy of image 0 has equal pixels)
+    kw = dict(max_new_tokens=4, seeds=seeds, image_seeds=image_seeds, return_branch_logits=True)
+    got = reuse.generate(imgs, prompts, **kw)
+    shared = reuse.engine.prefill_stats["shared_rows"]
+    reuse.generate(imgs, prompts, max_new_tokens=4, seeds=seeds)  # image seeds = sample seeds
+    assert shared > reuse.engine.prefill_stats["shared_rows"]  # the counterfactual image rows joined groups
+    want = ref.generate(imgs, prompts, **kw)
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        for key in w.branch_logits:
+            assert torch.allclose(g.branch_logits[key], w.branch_logits[key], atol=1e-4), key
+    for i in (0, 4):
+        one = dict(max_new_tokens=4, seeds=seeds[i : i + 1], image_seeds=image_seeds[i : i + 1])
+        assert reuse.generate([imgs[i]], [prompts[i]], **one)[0].token_ids == got[i].token_ids
+    # the image seed is what the image-side draws follow: another one changes the counterfactual branch
+    one = dict(max_new_tokens=4, seeds=seeds[:1], image_seeds=[999], return_branch_logits=True)
+    other = reuse.generate(imgs[:1], prompts[:1], **one)[0].branch_logits
+    branch = next(k for k in got[0].branch_logits if k not in ("factual", "combined"))
+    assert not torch.allclose(other[branch], got[0].branch_logits[branch])

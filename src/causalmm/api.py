@@ -129,6 +129,7 @@ class CausalMM:
         prompts: str | list[str],
         *,
         seeds: list[int] | None = None,
+        image_seeds: list[int] | None = None,
         return_branch_logits: bool = False,
         **generation_kwargs: Any,
     ) -> GenerationResult | list[GenerationResult]:
@@ -136,7 +137,7 @@ class CausalMM:
 
         ``generation_kwargs`` are :class:`GenerationOptions` fields (``max_new_tokens``, ``do_sample``,
         ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``stop_strings``). A single prompt
-        gives a single result, a list gives a list.
+        gives a single result, a list gives a list. ``seeds`` / ``image_seeds``: see :meth:`Engine.generate`.
         """
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
@@ -152,6 +153,6 @@ class CausalMM:
         except TypeError as err:
             raise InputError(f"unknown generation option: {err}") from err
         results = self.engine.generate(
-            pil, prompt_list, options, seeds=seeds, return_branch_logits=return_branch_logits
+            pil, prompt_list, options, seeds=seeds, image_seeds=image_seeds, return_branch_logits=return_branch_logits
         )
         return results[0] if single else results

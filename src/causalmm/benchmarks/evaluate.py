@@ -12,7 +12,16 @@ from .. import __version__
 from ..config import CausalMMConfig
 from . import get_benchmark
 from .base import Benchmark, BenchmarkError, Sample, check_images
-from .runner import check_run_info, finalize, limit_samples, load_done, pending, run_samples, write_run_info
+from .runner import (
+    IMAGE_SEEDS,
+    check_run_info,
+    finalize,
+    limit_samples,
+    load_done,
+    pending,
+    run_samples,
+    write_run_info,
+)
 from .stats import bootstrap_ci
 
 __all__ = ["evaluate", "load_run_samples", "plan_run", "sample_image", "score_predictions"]
@@ -75,6 +84,7 @@ def plan_run(
         "images": str(images) if images else None,
         "seeds": seeds,
         "limit": limit,
+        "image_seeds": IMAGE_SEEDS,
         "causalmm_version": __version__,
     }
     return bench, samples, info
@@ -127,9 +137,15 @@ def evaluate(
     if pending(samples, seeds, done, out)[rank::world]:
         cm = _model(causalmm, model, config, base, _process_hf_kwargs(hf_kwargs, world))
 
-        def generate(batch: Sequence[Sample], sample_seeds: Sequence[int]) -> list[dict[str, Any]]:
+        def generate(
+            batch: Sequence[Sample], sample_seeds: Sequence[int], image_seeds: Sequence[int]
+        ) -> list[dict[str, Any]]:
             results = cm.generate(
-                [sample_image(s) for s in batch], [s.prompt for s in batch], seeds=list(sample_seeds), **generation
+                [sample_image(s) for s in batch],
+                [s.prompt for s in batch],
+                seeds=list(sample_seeds),
+                image_seeds=list(image_seeds),
+                **generation,
             )
             return [{"text": r.text, "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)} for r in results]
 

@@ -12,11 +12,15 @@ A run folder holds:
 * the benchmark's own formats (MME ``Your_Results``, VLind ``data.json``) for the official scripts.
 
 Every sample gets its own seed, ``derive_seed(run_seed, sample_id)``, so its output does not depend on the
-batch it ran in, on the limit, or on how many processes shared the run.
+batch it ran in, on the limit, or on how many processes shared the run. Its image-side draws (the vision
+branch's counterfactual attention, VCD's noise) are seeded per image instead, ``derive_seed(run_seed, "image",
+digest of the image)``: the questions about one image then share their counterfactual image features, which
+are computed once, and their image prefix, which is prefilled once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -29,9 +33,11 @@ from .base import Benchmark, BenchmarkError, Sample
 from .stats import bootstrap_ci, seed_metrics
 
 __all__ = [
+    "IMAGE_SEEDS",
     "RunMismatchError",
     "check_run_info",
     "finalize",
+    "image_digest",
     "limit_samples",
     "load_done",
     "load_records",
@@ -42,13 +48,15 @@ __all__ = [
 ]
 
 #: run.json fields that must agree between a run and its resumption
-IDENTITY = ("benchmark", "options", "model", "config", "generation")
+IDENTITY = ("benchmark", "options", "model", "config", "generation", "image_seeds")
+#: how image-side draws are seeded (in run.json: a run made another way is not resumed with this one)
+IMAGE_SEEDS = "per image: derive_seed(run_seed, 'image', blake2b of the image file)"
 
 #: finished records that are not part of the current run (kept, so a later larger run reuses them)
 OUTSIDE = "predictions.outside-run.jsonl"
 
-#: ``generate(samples, seeds) -> list of dicts with at least "text"`` (one per sample)
-GenerateFn = Callable[[Sequence[Sample], Sequence[int]], list[dict[str, Any]]]
+#: ``generate(samples, seeds, image_seeds) -> list of dicts with at least "text"`` (one per sample)
+GenerateFn = Callable[[Sequence[Sample], Sequence[int], Sequence[int]], list[dict[str, Any]]]
 
 
 class RunMismatchError(BenchmarkError):
@@ -201,13 +209,16 @@ def run_samples(
     mine_total = total if world == 1 else len(todo)
     mine_done = total - len(todo_all) if world == 1 else 0
     written = 0
+    digests: dict[Any, str] = {}
     with path.open("a", encoding="utf-8") as fh, _progress(label, mine_total, mine_done, show) as advance:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             sample_seeds = [derive_seed(seed, s.id) for seed, s in chunk]
-            outputs = generate([s for _, s in chunk], sample_seeds)
-            for (seed, s), sample_seed, gen in zip(chunk, sample_seeds, outputs, strict=True):
-                rec = {"id": s.id, "seed": int(seed), "sample_seed": sample_seed, **s.meta, **gen}
+            image_seeds = [derive_seed(seed, "image", image_digest(s, digests)) for seed, s in chunk]
+            outputs = generate([s for _, s in chunk], sample_seeds, image_seeds)
+            for (seed, s), sample_seed, image_seed, gen in zip(chunk, sample_seeds, image_seeds, outputs, strict=True):
+                rec = {"id": s.id, "seed": int(seed), "sample_seed": sample_seed, "image_seed": image_seed}
+                rec.update({**s.meta, **gen})
                 rec.update(bench.parse(rec))
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             fh.flush()
@@ -215,6 +226,22 @@ def run_samples(
             written += len(chunk)
             advance(len(chunk))
     return written
+
+
+def image_digest(sample: Sample, memo: dict[Any, str] | None = None) -> str:
+    """A digest of a sample's image file (or encoded bytes): equal images get equal image seeds, wherever the
+    files lie. ``memo`` caches it per path."""
+    image = sample.image
+    if image is None:
+        return "no image"
+    key = image if isinstance(image, bytes) else str(image)
+    if memo is not None and key in memo:
+        return memo[key]
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if memo is not None and not isinstance(image, bytes):
+        memo[key] = digest
+    return digest
 
 
 def finalize(

@@ -10,9 +10,11 @@ as in the official files) to a temporary folder and runs them through the real `
 random weights, so answers run to ``--max-new-tokens`` unless the model happens to emit eos). For regular
 decoding and CausalMM multimodal it measures questions per second of
 
-* ``naive``: batch size 1, prefix reuse off (every question prefilled alone, image included);
-* ``batched``: batch size ``--batch-size``, prefix reuse off (batching alone);
-* ``reuse``: batch size ``--batch-size``, prefix reuse on (the image prefix prefilled once per image).
+* ``naive``: batch size 1, prefix reuse and layer sharing off (every question prefilled alone, image included,
+  every branch row through every LLM layer);
+* ``batched``: batch size ``--batch-size``, reuse and sharing off (batching alone);
+* ``reuse``: batch size ``--batch-size``, reuse and sharing on (the image prefix prefilled once per image and
+  image-side draw; language rows skip the LLM layers below the first intervened one).
 
 Configurations are interleaved per repetition; the ratios to ``naive`` are printed, and the predictions of
 the three variants are checked to be identical.
@@ -109,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     base = build_llava(args.preset, device, dtype)
     models = {
-        "naive": base.with_config(base.config, reuse_prefix=False),
-        "batched": base.with_config(base.config, reuse_prefix=False),
-        "reuse": base.with_config(base.config, reuse_prefix=True),
+        "naive": base.with_config(base.config, reuse_prefix=False, share_layers=False),
+        "batched": base.with_config(base.config, reuse_prefix=False, share_layers=False),
+        "reuse": base.with_config(base.config, reuse_prefix=True, share_layers=True),
     }
     batch = {"naive": 1, "batched": args.batch_size, "reuse": args.batch_size}
     n_questions = args.images * args.questions
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         f"POPE-style: {args.images} images x {args.questions} questions, max {args.max_new_tokens} new tokens, "
         f"batch size {args.batch_size}, {args.reps} interleaved repetition(s), torch {torch.__version__}\n"
     )
-    print("| method | variant | batch | prefix reuse | questions/s (median) | × naive | predictions = naive |")
+    print("| method | variant | batch | reuse + sharing | questions/s (median) | × naive | predictions = naive |")
     print("|---|---|---|---|---|---|---|")
     for method in METHODS:
         ref = statistics.median(times[(method, "naive")])

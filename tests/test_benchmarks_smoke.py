@@ -1,0 +1,56 @@
+"""The benchmark scripts run from a clone with one command each (tiny preset: seconds). Their numbers are
+not checked here (speed lives in benchmarks, never in tests); their tables and the prediction check are."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--preset", "tiny", *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _rows(table: str, key_columns: int = 1) -> dict[str, list[str]]:
+    """The markdown table's body rows, keyed by their first ``key_columns`` cells joined by a space."""
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[1:]]
+    return {" ".join(r[:key_columns]): r for r in rows}
+
+
+def test_decode_speed_prints_every_configuration_with_ratios():
+    only = "regular,language K=1,multimodal K=1,sequential ref. multimodal"
+    out = _run("decode_speed.py", "--new-tokens", "3", "--reps", "1", "--only", only)
+    rows = _rows(out)
+    want = [
+        "regular greedy",
+        "causalmm language K=1",
+        "causalmm language K=1, no layer sharing",
+        "causalmm multimodal K=1",
+        "causalmm multimodal K=1, no layer sharing",
+        "sequential ref. multimodal",
+    ]
+    assert list(rows) == want
+    assert rows["regular greedy"][2] == "1.00"
+    assert all(re.fullmatch(r"\d+\.\d\d", r[2]) and float(r[2]) > 0 for r in rows.values())
+    assert re.search(r"engine is \d+\.\d\d× faster per token than the sequential reference", out)
+
+
+def test_eval_throughput_runs_the_real_eval_path_and_predictions_agree():
+    out = _run("eval_throughput.py", "--images", "2", "--reps", "1", "--max-new-tokens", "2")
+    rows = _rows(out, key_columns=2)
+    assert len(rows) == 6
+    for method in ("regular", "causalmm multimodal"):
+        for variant in ("naive", "batched", "reuse"):
+            cells = rows[f"{method} {variant}"]
+            assert cells[-1] == "yes", cells  # reuse and sharing change no prediction
+            assert float(cells[4]) > 0

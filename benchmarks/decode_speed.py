@@ -281,17 +281,31 @@ def mitigv_vcd(cm: CausalMM) -> Any | None:
     return vcd
 
 
-def run_mitigv(vcd: Any, image: Image.Image, prompt: str, n: int, device: str) -> Sample:
-    """Its prefill is the time of a 1-token call; per token, the difference to an n-token call over n - 1."""
+def run_mitigv(vcd: Any, model: torch.nn.Module, image: Image.Image, prompt: str, n: int, device: str) -> Sample:
+    """Its prefill is the time of a 1-token call; per token, the difference to an n-token call over n - 1.
+
+    It returns text only, so the tokens it generated are counted from the model's forward calls: the n-token
+    call must make n times the calls of the 1-token call, or the timing would be of a shorter answer."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    with _Peak(device) as peak:
-        t0 = time.perf_counter()
-        vcd(image, prompt, max_new_tokens=1)
-        sync()
-        t1 = time.perf_counter()
-        vcd(image, prompt, max_new_tokens=n)
-        sync()
-        t2 = time.perf_counter()
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with _Peak(device) as peak:
+            t0 = time.perf_counter()
+            vcd(image, prompt, max_new_tokens=1)
+            sync()
+            t1 = time.perf_counter()
+            one = len(calls)
+            vcd(image, prompt, max_new_tokens=n)
+            sync()
+            t2 = time.perf_counter()
+    finally:
+        handle.remove()
+    if one == 0 or len(calls) - one != n * one:
+        raise RuntimeError(
+            f"mitigv's {n}-token call made {len(calls) - one} forward calls, its 1-token call {one}: it did not "
+            "generate the full length, so its time per token would be wrong"
+        )
     first = t1 - t0
     return Sample(first, ((t2 - t1) - first) / max(1, n - 1), peak.value)
 
@@ -347,13 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     image = Image.radial_gradient("L").resize((400, 300)).convert("RGB")
     prompt = "Please describe this image in detail."
     configs = [c for c in CONFIGS if not args.only or any(o in c[0] for o in args.only.split(","))]
+    if not configs:
+        names = ", ".join(name for name, _, _ in CONFIGS)
+        print(f"--only {args.only!r} matches no configuration; the names are: {names}", file=sys.stderr)
+        return 2
     vcd = mitigv_vcd(cm)
     if vcd is not None and not args.only:
         configs.append(("mitigv vcd (peer)", "mitigv", CausalMMConfig(method="vcd")))
 
     def run(kind: str, cfg: CausalMMConfig, n: int) -> Sample:
         if kind == "mitigv":
-            return run_mitigv(vcd, image, prompt, n, device)
+            return run_mitigv(vcd, cm.model, image, prompt, n, device)
         if kind == "sequential":
             return run_sequential(cm, cfg, image, prompt, n, device)
         return run_engine(cm, cfg, image, prompt, n, device, share=kind == "engine")

@@ -48,14 +48,14 @@ class RowPlan:
         return len(self.keep) < self.batch
 
 
-def _take(x: Any, rows: torch.Tensor, batch: int, name: str) -> Any:
+def _take(x: Any, rows: torch.Tensor, batch: int) -> Any:
     """``x`` with batch dimension 0 cut to ``rows`` (tensors of that batch size; tuples item by item)."""
     if isinstance(x, torch.Tensor):
         if x.dim() == 0 or x.shape[0] != batch:
             return x  # broadcast over rows (a (1, 1, q, k) mask) or not per row
         return x.index_select(0, rows.to(x.device))
     if isinstance(x, tuple):
-        return tuple(_take(t, rows, batch, name) for t in x)
+        return tuple(_take(t, rows, batch) for t in x)
     return x
 
 
@@ -66,7 +66,7 @@ def _slice_inputs(args: tuple, kwargs: dict[str, Any], rows: torch.Tensor, batch
     out: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key in ("attention_mask", "position_embeddings"):
-            out[key] = _take(value, rows, batch, key)
+            out[key] = _take(value, rows, batch)
         elif key == "position_ids" and isinstance(value, torch.Tensor) and value.dim() >= 2:
             out[key] = value.index_select(-2, rows.to(value.device)) if value.shape[-2] == batch else value
         elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:

@@ -339,9 +339,9 @@ class Engine:
         plan = RowPlan([j if k is None else first.setdefault(k, j) for j, k in enumerate(keys)])
         return plan if plan.shares else None
 
-    def _prefill_full(self, encs, imgs, rows, row_feature, lang_gens, lower_key) -> _Prefill:
+    def _prefill_full(self, encs, imgs, rows, row_feature, lang_gens, plan) -> _Prefill:
         """The reference prefill: every row's whole prompt, left-padded, in one forward (the layers below
-        :attr:`share_low` on the rows of ``lower_key``'s plan only, whose cache keeps those rows)."""
+        :attr:`share_low` on the rows ``plan`` keeps only, whose cache keeps those rows)."""
         ad = self.adapter
         batch = self._collate_tokens(encs, rows)
         positions = ad.prefill_positions(batch, self._meta(imgs, rows, list(range(len(rows)))))
@@ -352,7 +352,6 @@ class Engine:
             **fwd_extra,
             **ad.features_input([row_feature(r) for r in rows]),
         }
-        plan = self._plan([lower_key(r) for r in rows])
         out = self._forward(inputs, batch["attention_mask"], positions, cache, dict(lang_gens), plan)
         return out.logits[:, -1].float(), cache, batch["attention_mask"], positions
 
@@ -375,7 +374,9 @@ class Engine:
             return 0
         return n
 
-    def _prefill_shared(self, encs, imgs, rows, row_feature, share_key, lang_gens, lower_key) -> _Prefill | None:
+    def _prefill_shared(
+        self, encs, imgs, rows, row_feature, share_key, lang_gens, lower_key, plan
+    ) -> _Prefill | None:
         """Prefill with shared prefixes; ``None`` where no two rows share one (then use :meth:`_prefill_full`).
 
         Rows with the same :func:`share_key` (same features, no LLM intervention) and a common token prefix
@@ -396,8 +397,8 @@ class Engine:
         layer on, fed the factual row's states (its random maps are drawn over the real tokens only, so the
         middle padding changes nothing). In forward A the other rows share those layers where they can (a
         language row with its factual row or its other draws). The merged cache keeps, below
-        :attr:`share_low`, the rows of ``lower_key``'s plan: each row's mask and positions follow its own
-        layout, and a language row's source has the same real tokens at the same positions.
+        :attr:`share_low`, the rows ``plan`` (built from ``lower_key``) keeps: each row's mask and positions
+        follow its own layout, and a language row's source has the same real tokens at the same positions.
         """
         ad = self.adapter
         keys = [k for k in _TOKEN_KEYS if k in encs[0]]
@@ -415,8 +416,7 @@ class Engine:
         plen_of = {i: plen for members, plen in split for i in members}
         group_of = {i: g for g, (members, _) in enumerate(split) for i in members}
         reusing = sorted(plen_of)
-        plan = self._plan([lower_key(r) for r in rows])
-        source = dict(enumerate(range(len(rows)) if plan is None else (plan.keep[j] for j in plan.gather)))
+        source = list(range(len(rows))) if plan is None else plan.sources
         fed = [i for i in range(len(rows)) if source[i] != i and source[i] in plen_of]  # forward C
         alone = [i for i in range(len(rows)) if i not in plen_of and i not in fed]
         g = len(split)
@@ -464,8 +464,12 @@ class Engine:
         inputs_a = {"input_ids": a_batch["input_ids"], **extra(a_batch), **ad.features_input(feats)}
         lang = {g + j: lang_gens[i] for j, i in enumerate(alone) if i in lang_gens}
         plan_a = self._plan([None] * g + [lower_key(rows[i]) for i in alone])
-        entering = ad.lm_layers[low] if fed else torch.nn.Identity()  # only forward C needs the states
-        with capture_input(entering) as h_a:
+
+        def entering() -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+            """The states entering layer `low`, which only forward C needs."""
+            return capture_input(ad.lm_layers[low]) if fed else contextlib.nullcontext([])
+
+        with entering() as h_a:
             out_a = self._forward(inputs_a, a_batch["attention_mask"], a_pos, cache_a, lang, plan_a)
         if plan_a is not None:  # every row of forward A back in the lower layers, for the merge below
             select_cache_rows(cache_a, low, None, plan_a.gather)
@@ -479,7 +483,7 @@ class Engine:
         fork = torch.tensor([group_of[i] for i in reusing], device=ad.device)
         cache_b = DynamicCache([(lay.keys[fork], lay.values[fork]) for lay in cache_a.layers], config=self._text_config)
         inputs_b = {"input_ids": s_batch["input_ids"][:, la:], **extra(s_batch, la)}
-        with capture_input(entering) as h_b:
+        with entering() as h_b:
             out_b = self._forward(inputs_b, s_batch["attention_mask"], s_pos[..., la:], cache_b, {})
 
         s_row = {i: j for j, i in enumerate(reusing)}
@@ -597,18 +601,18 @@ class Engine:
             for i, r in enumerate(rows)
             if r.branch is not None and r.branch.language
         }
+        plan = self._plan([lower_key(r) for r in rows])  # which rows share the layers below `share_low`
         prefill = None
         #: what the last call's prefill shared (diagnostics): prefix groups, their tokens, rows that reused one
         self.prefill_stats = {"groups": 0, "prefix_tokens": 0, "shared_rows": 0}
         if self.prefix_reuse:
-            prefill = self._prefill_shared(encs, imgs, rows, row_feature, share_key, lang_gens, lower_key)
+            prefill = self._prefill_shared(encs, imgs, rows, row_feature, share_key, lang_gens, lower_key, plan)
         if prefill is None:
-            prefill = self._prefill_full(encs, imgs, rows, row_feature, lang_gens, lower_key)
+            prefill = self._prefill_full(encs, imgs, rows, row_feature, lang_gens, plan)
         logits, cache, mask, positions = prefill
         sample_gens = [torch.Generator(device="cpu").manual_seed(derive_seed(s, "sample")) for s in seeds]
 
         active = list(range(len(rows)))  # rows still in the batch, in batch order
-        plan = self._plan([lower_key(r) for r in rows])
         low_rows = active if plan is None else plan.keep  # rows in the cache's shared lower layers
         out_ids: list[list[int]] = [[] for _ in range(n)]
         done: list[str | None] = [None] * n

@@ -39,6 +39,7 @@ class RowPlan:
         if missing:
             raise ValueError(f"rows {sorted(set(missing))} are sources of other rows but not their own source")
         self.batch = len(sources)
+        self.sources = list(sources)
         self.keep = keep
         self.gather = [at[s] for s in sources]
 

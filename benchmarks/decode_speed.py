@@ -1,14 +1,17 @@
 """Decode speed of CausalMM against regular decoding, measured side by side in one run.
 
     python benchmarks/decode_speed.py                       # CPU preset (~50M LLaVA, 576 image tokens)
+    python benchmarks/decode_speed.py --preset toyworld     # the embedded toy-world model (trained, 16 image tokens)
     python benchmarks/decode_speed.py --preset llava7b      # 7B-shaped LLaVA-1.5 in bf16, CUDA only
     python benchmarks/decode_speed.py --preset tiny --new-tokens 8 --reps 1    # a smoke run
     python benchmarks/decode_speed.py --memory              # CPU: also peak RSS, one fresh process per config
 
 For each configuration it measures prefill time, per-token decode latency and peak memory, repeating the
 configurations interleaved (rep 1 of every config, then rep 2, ...) so drift hits all alike, and prints
-medians, spreads and ratios to regular greedy decoding. Weights are random (no download): speed does not
-depend on them, and generation is forced to the full length (eos disabled).
+medians, spreads and ratios to regular greedy decoding. Weights are random (no download; speed does not
+depend on them) except for the toy-world preset's, and generation is forced to the full length (eos disabled).
+Rows marked "eager attention" run every attention call on eager maths, as the original code does: the before of
+routing the calls that are not intervened to SDPA.
 
 The *sequential reference* runs every branch as its own batch-1 forward pass per token with its own KV cache,
 which is what the original CausalMM code and its peers do; our engine runs all branches as rows of one
@@ -22,6 +25,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,7 @@ import torch
 from PIL import Image
 
 from causalmm import CausalMM, CausalMMConfig
-from causalmm.attention import Intervention, intervene
+from causalmm.attention import Intervention, attention_name, intervene
 from causalmm.decoding import GenerationOptions, contrast, derive_seed
 
 # --------------------------------------------------------------------------------------------------------
@@ -86,6 +91,29 @@ def build_llava(preset: str, device: str, dtype: torch.dtype) -> CausalMM:
         chat_template=_LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1,
     )  # fmt: skip
     return CausalMM(model, processor, CausalMMConfig(method="regular"), base="sdpa")
+
+
+def build_toyworld(device: str) -> tuple[CausalMM, Image.Image, str]:
+    """The embedded toy-world model (trained weights, shipped in the package), a test-split scene of the world it
+    was trained on, and the caption prompt it was trained with."""
+    from causalmm.toyworld.demo import trained_world
+    from causalmm.toyworld.model import shipped_model_path
+    from causalmm.toyworld.splits import eval_scenes
+    from causalmm.toyworld.world import CAPTION_PROMPT, render
+
+    path = shipped_model_path()
+    cm = CausalMM.from_pretrained(str(path), CausalMMConfig(method="regular"), base="sdpa")
+    cm.model.to(device)
+    world = trained_world(path)
+    return cm, render(world, eval_scenes(world, "test", 1)[0]), CAPTION_PROMPT
+
+
+def build(preset: str, device: str, dtype: torch.dtype) -> tuple[CausalMM, Image.Image, str]:
+    """(model, image, prompt) of a preset; generation is forced to the full length by the runners (eos off)."""
+    if preset == "toyworld":
+        return build_toyworld(device)
+    image = Image.radial_gradient("L").resize((400, 300)).convert("RGB")
+    return build_llava(preset, device, dtype), image, "Please describe this image in detail."
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -177,6 +205,18 @@ class _StepClock:
     def __exit__(self, *exc: Any) -> None:
         for h in self.handles:
             h.remove()
+
+
+@contextmanager
+def attention_base(cm: CausalMM, base: str) -> Iterator[None]:
+    """Run every attention call that is not intervened on ``base`` ("eager": the before of the SDPA optimisation,
+    as the original code runs all attention), then switch the model back."""
+    before = cm.adapter.lm_attn[0].config._attn_implementation
+    cm.model.set_attn_implementation(attention_name(base))
+    try:
+        yield
+    finally:
+        cm.model.set_attn_implementation(before)
 
 
 @dataclass
@@ -322,12 +362,18 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("causalmm multimodal K=1", "engine", CausalMMConfig(mode="multimodal")),
     ("causalmm multimodal K=1, no layer sharing", "unshared", CausalMMConfig(mode="multimodal")),
     ("causalmm joint K=1", "engine", CausalMMConfig(mode="joint")),
+    ("regular greedy, eager attention", "eager", CausalMMConfig(method="regular")),
+    ("causalmm vision K=1, eager attention", "eager", CausalMMConfig(mode="vision")),
+    ("causalmm multimodal K=1, eager attention", "eager", CausalMMConfig(mode="multimodal")),
     ("causalmm vision K=4", "engine", CausalMMConfig(mode="vision", num_cf_samples=4)),
     ("causalmm multimodal K=4", "engine", CausalMMConfig(mode="multimodal", num_cf_samples=4)),
     ("vcd", "engine", CausalMMConfig(method="vcd")),
     ("sequential ref. vision", "sequential", CausalMMConfig(mode="vision")),
     ("sequential ref. multimodal", "sequential", CausalMMConfig(mode="multimodal")),
 ]
+
+
+PRESETS = ("cpu", "toyworld", "llava7b", "tiny")
 
 
 def resolve_device(preset: str, device: str | None) -> tuple[str, torch.dtype] | None:
@@ -341,7 +387,7 @@ def resolve_device(preset: str, device: str | None) -> tuple[str, torch.dtype] |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=("cpu", "llava7b", "tiny"), default="cpu")
+    parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda for llava7b, else cpu")
@@ -356,10 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, dtype = resolved
     torch.set_grad_enabled(False)
-    cm = build_llava(args.preset, device, dtype)
+    cm, image, prompt = build(args.preset, device, dtype)
     n_params = sum(p.numel() for p in cm.model.parameters())
-    image = Image.radial_gradient("L").resize((400, 300)).convert("RGB")
-    prompt = "Please describe this image in detail."
     configs = [c for c in CONFIGS if not args.only or any(o in c[0] for o in args.only.split(","))]
     if not configs:
         names = ", ".join(name for name, _, _ in CONFIGS)
@@ -374,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_mitigv(vcd, cm.model, image, prompt, n, device)
         if kind == "sequential":
             return run_sequential(cm, cfg, image, prompt, n, device)
-        return run_engine(cm, cfg, image, prompt, n, device, share=kind == "engine")
+        if kind == "eager":
+            with attention_base(cm, "eager"):
+                return run_engine(cm, cfg, image, prompt, n, device)
+        return run_engine(cm, cfg, image, prompt, n, device, share=kind != "unshared")
 
     run_engine(cm, configs[0][2], image, prompt, 2, device)  # warm-up
     if args.peak_of is not None:
@@ -401,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = statistics.median(s.per_token for s in results[configs[0][0]])
     ref_mem = max(1, statistics.median(s.peak for s in results[configs[0][0]]))
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores visible)"
-    print(f"\n## decode speed — preset {args.preset} ({n_params / 1e6:.0f}M params, {dtype}), {gpu}")
+    print(f"\n## decode speed — preset {args.preset} ({n_params / 1e6:.3g}M params, {dtype}), {gpu}")
     print(f"{args.new_tokens} new tokens, {args.reps} interleaved repetitions, torch {torch.__version__}\n")
     print("| configuration | per-token ms (median [min, max]) | × regular | prefill ms | peak MiB | × regular mem |")
     print("|---|---|---|---|---|---|")

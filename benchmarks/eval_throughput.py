@@ -1,13 +1,16 @@
 """Evaluation throughput on a POPE-style workload (several questions per image), with and without prefix reuse.
 
     python benchmarks/eval_throughput.py                         # CPU preset (LLaVA shape, 576 image tokens)
+    python benchmarks/eval_throughput.py --preset toyworld       # the embedded toy-world model on its own POPE
     python benchmarks/eval_throughput.py --preset llava7b        # 7B-shaped LLaVA-1.5 in bf16, CUDA only
     python benchmarks/eval_throughput.py --preset tiny --images 2 --reps 1     # a smoke run
 
 It writes random textured images and a POPE question file (``--questions`` consecutive questions per image,
 as in the official files) to a temporary folder and runs them through the real ``causalmm eval`` path,
 :func:`causalmm.benchmarks.evaluate.evaluate`, with a preloaded model (the presets of ``decode_speed.py``,
-random weights, so answers run to ``--max-new-tokens`` unless the model happens to emit eos). For regular
+random weights, so answers run to ``--max-new-tokens`` unless the model happens to emit eos). The ``toyworld``
+preset is the trained embedded model on its own POPE questions (test-split scenes), so answers end at eos after
+a word, as a real model's POPE answers do. For regular
 decoding and CausalMM multimodal it measures questions per second of
 
 * ``naive``: batch size 1, prefix reuse and layer sharing off (every question prefilled alone, image included,
@@ -35,7 +38,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import build_llava, resolve_device  # noqa: E402
+from decode_speed import PRESETS, build, resolve_device  # noqa: E402
 
 from causalmm import CausalMM, CausalMMConfig  # noqa: E402
 from causalmm.benchmarks.evaluate import evaluate  # noqa: E402
@@ -71,6 +74,26 @@ def write_workload(root: Path, n_images: int, per_image: int) -> Path:
     return path
 
 
+def write_toyworld_workload(root: Path, n_images: int) -> Path:
+    """The toy world's own POPE questions (random split: 3 present and 3 absent objects per image) on test-split
+    scenes of the world the shipped model was trained on, so the trained model answers as it would in an eval."""
+    from causalmm.toyworld.demo import trained_world
+    from causalmm.toyworld.model import shipped_model_path
+    from causalmm.toyworld.splits import eval_scenes, pope_questions
+    from causalmm.toyworld.world import render
+
+    world = trained_world(shipped_model_path())
+    (root / "images").mkdir(parents=True)
+    scenes = eval_scenes(world, "test", n_images)
+    names = [f"test_{i:05d}.png" for i in range(n_images)]
+    for scene, name in zip(scenes, names, strict=True):
+        render(world, scene).save(root / "images" / name)
+    rows = pope_questions(world, "test", scenes, names)["random"]
+    path = root / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def run_once(
     cm: CausalMM, config: CausalMMConfig, data: Path, out: Path, batch_size: int, max_new_tokens: int
 ) -> tuple[float, list[str]]:
@@ -96,9 +119,11 @@ def run_once(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=("cpu", "llava7b", "tiny"), default="cpu")
+    parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--questions", type=int, default=6, help="questions per image (POPE: 6)")
+    parser.add_argument(
+        "--questions", type=int, default=6, help="questions per image (POPE: 6); toyworld: its split's own, 6"
+    )
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="POPE's default limit is 16")
     parser.add_argument("--reps", type=int, default=1)
@@ -109,20 +134,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, dtype = resolved
     torch.set_grad_enabled(False)
-    base = build_llava(args.preset, device, dtype)
+    base = build(args.preset, device, dtype)[0]
     models = {
         "naive": base.with_config(base.config, reuse_prefix=False, share_layers=False),
         "batched": base.with_config(base.config, reuse_prefix=False, share_layers=False),
         "reuse": base.with_config(base.config, reuse_prefix=True, share_layers=True),
     }
     batch = {"naive": 1, "batched": args.batch_size, "reuse": args.batch_size}
-    n_questions = args.images * args.questions
     times: dict[tuple[str, str], list[float]] = {}
     texts: dict[tuple[str, str], list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_workload(Path(tmp) / "pope", args.images, args.questions)
-        warm = Image.open(data.parent / "images" / "img0.png")
-        models["reuse"].generate([warm, warm], ["Is there a dog?", "Is there a cat?"], max_new_tokens=2)
+        if args.preset == "toyworld":
+            data = write_toyworld_workload(Path(tmp) / "pope", args.images)
+        else:
+            data = write_workload(Path(tmp) / "pope", args.images, args.questions)
+        n_questions = len(data.read_text(encoding="utf-8").splitlines())
+        per_image = n_questions // args.images
+        first = [json.loads(x) for x in data.read_text(encoding="utf-8").splitlines()[:2]]
+        warm = Image.open(data.parent / "images" / first[0]["image"])
+        models["reuse"].generate([warm, warm], [q["text"] for q in first], max_new_tokens=2)
         for rep in range(args.reps):
             for method, config in METHODS.items():
                 for variant in VARIANTS:
@@ -136,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
     n_params = sum(p.numel() for p in base.model.parameters())
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores visible)"
-    print(f"\n## eval throughput — preset {args.preset} ({n_params / 1e6:.0f}M params, {dtype}), {where}")
+    print(f"\n## eval throughput — preset {args.preset} ({n_params / 1e6:.3g}M params, {dtype}), {where}")
     print(
-        f"POPE-style: {args.images} images x {args.questions} questions, max {args.max_new_tokens} new tokens, "
+        f"POPE-style: {args.images} images x {per_image} questions, max {args.max_new_tokens} new tokens, "
         f"batch size {args.batch_size}, {args.reps} interleaved repetition(s), torch {torch.__version__}\n"
     )
     print("| method | variant | batch | reuse + sharing | questions/s (median) | × naive | predictions = naive |")

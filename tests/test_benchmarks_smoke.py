@@ -10,10 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, preset: str = "tiny") -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--preset", "tiny", *args],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--preset", preset, *args],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,6 +37,8 @@ def test_decode_speed_prints_every_configuration_with_ratios():
         "causalmm language K=1, no layer sharing",
         "causalmm multimodal K=1",
         "causalmm multimodal K=1, no layer sharing",
+        "regular greedy, eager attention",
+        "causalmm multimodal K=1, eager attention",
         "sequential ref. multimodal",
     ]
     assert list(rows) == want
@@ -54,3 +56,35 @@ def test_eval_throughput_runs_the_real_eval_path_and_predictions_agree():
             cells = rows[f"{method} {variant}"]
             assert cells[-1] == "yes", cells  # reuse and sharing change no prediction
             assert float(cells[4]) > 0
+
+
+def test_decode_speed_toyworld_preset_runs_the_shipped_model():
+    out = _run("decode_speed.py", "--new-tokens", "3", "--reps", "1", "--only", "vision K=1", preset="toyworld")
+    assert "preset toyworld (0.833M params" in out
+    rows = _rows(out)
+    assert list(rows) == ["causalmm vision K=1", "causalmm vision K=1, eager attention"]
+
+
+def test_eval_throughput_toyworld_preset_answers_its_own_pope_questions():
+    out = _run("eval_throughput.py", "--images", "2", "--reps", "1", preset="toyworld")
+    assert "2 images x 6 questions" in out
+    rows = _rows(out, key_columns=2)
+    assert all(rows[f"{m} {v}"][-1] == "yes" for m in ("regular", "causalmm multimodal") for v in ("naive", "reuse"))
+
+
+def test_attention_base_switches_every_attention_call_and_restores_it():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from decode_speed import attention_base, build
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    cm, image, _ = build("tiny", "cpu", torch.float32)
+    impls = lambda: {m.config._attn_implementation for m in (*cm.adapter.vision_attn, *cm.adapter.lm_attn)}  # noqa: E731
+    assert impls() == {"causalmm_sdpa"}
+    with attention_base(cm, "eager"):
+        assert impls() == {"causalmm_eager"}
+        out = cm.model(**cm.adapter.encode(image, "hi"), output_attentions=True)
+        assert all(a is not None for a in out.attentions)  # eager returns the weights sdpa does not
+    assert impls() == {"causalmm_sdpa"}

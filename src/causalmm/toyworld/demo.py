@@ -76,7 +76,7 @@ def _load(model: str | Path | None) -> tuple[Any, Path]:
     return CausalMM.from_pretrained(str(path), CausalMMConfig(method="regular")), path
 
 
-def _world(path: Path) -> WorldConfig:
+def trained_world(path: Path) -> WorldConfig:
     """The world a model was trained on (its training.json), so questions come from the same world."""
     record = path / "training.json"
     if not record.is_file():
@@ -110,7 +110,7 @@ def tune(
 ) -> dict[str, Any]:
     """Sweep each method's settings on the val split; keep the best admissible one per method."""
     cm, path = _load(model)
-    world = _world(path)
+    world = trained_world(path)
     images, qs = questions(world, "val", n_images)
     n_vision = cm.adapter.model.config.vision_config.num_hidden_layers
     n_text = cm.adapter.model.config.text_config.num_hidden_layers
@@ -170,7 +170,7 @@ def demo(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     cm, path = _load(model)
-    world = _world(path)
+    world = trained_world(path)
     settings, source = load_settings(path)
     images, qs = questions(world, "test", n_images)
     runs = {m: (list(seeds)[:1] if settings[m]["method"] == "regular" else list(seeds)) for m in METHODS}

@@ -76,17 +76,17 @@ class CausalMM:
         base: str = "sdpa",
         reuse_prefix: bool = True,
         share_layers: bool = True,
+        plausible_head: bool = True,
     ) -> None:
         self.config = config or CausalMMConfig()
-        #: share the prefill of a common prompt prefix between rows (see :class:`Engine`); ``False`` is the
-        #: reference path that prefills every row in full
-        self.reuse_prefix = reuse_prefix
-        #: run the LLM layers below the first intervened one once for a language row and its factual row;
-        #: ``False`` is the reference path that runs every row through every layer
-        self.share_layers = share_layers
+        #: the engine's optimisations (see :class:`Engine`), each proven token-identical to its reference path
+        #: (``False``): ``reuse_prefix`` prefills a common prompt prefix once, ``share_layers`` runs the LLM layers
+        #: below the first intervened one once for a language row and its factual row, ``plausible_head``
+        #: computes counterfactual logits on the plausible tokens only
+        self.switches = {"reuse_prefix": reuse_prefix, "share_layers": share_layers, "plausible_head": plausible_head}
         model.eval()
         self.adapter: Adapter = get_adapter(model, processor, base=base)
-        self.engine = Engine(self.adapter, self.config, reuse_prefix=reuse_prefix, share_layers=share_layers)
+        self.engine = Engine(self.adapter, self.config, **self.switches)
 
     @classmethod
     def from_pretrained(
@@ -97,11 +97,13 @@ class CausalMM:
         base: str = "sdpa",
         reuse_prefix: bool = True,
         share_layers: bool = True,
+        plausible_head: bool = True,
         **hf_kwargs: Any,
     ) -> CausalMM:
         """Load a model and its processor (local directory or hub id) and wrap them."""
         model, processor = _load_pretrained(str(name_or_path), **hf_kwargs)
-        return cls(model, processor, config, base=base, reuse_prefix=reuse_prefix, share_layers=share_layers)
+        switches = {"reuse_prefix": reuse_prefix, "share_layers": share_layers, "plausible_head": plausible_head}
+        return cls(model, processor, config, base=base, **switches)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -112,15 +114,20 @@ class CausalMM:
         return self.adapter.processor
 
     def with_config(
-        self, config: CausalMMConfig, *, reuse_prefix: bool | None = None, share_layers: bool | None = None
+        self,
+        config: CausalMMConfig,
+        *,
+        reuse_prefix: bool | None = None,
+        share_layers: bool | None = None,
+        plausible_head: bool | None = None,
     ) -> CausalMM:
-        """The same model under another config (no reload); ``reuse_prefix`` and ``share_layers`` default to
-        this one's."""
+        """The same model under another config (no reload); the switches (see :attr:`switches`) default to this
+        one's."""
         other = object.__new__(CausalMM)
-        other.reuse_prefix = self.reuse_prefix if reuse_prefix is None else reuse_prefix
-        other.share_layers = self.share_layers if share_layers is None else share_layers
+        given = {"reuse_prefix": reuse_prefix, "share_layers": share_layers, "plausible_head": plausible_head}
+        other.switches = {k: self.switches[k] if v is None else v for k, v in given.items()}
         other.config, other.adapter = config, self.adapter
-        other.engine = Engine(self.adapter, config, reuse_prefix=other.reuse_prefix, share_layers=other.share_layers)
+        other.engine = Engine(self.adapter, config, **other.switches)
         return other
 
     def generate(

@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from .adapters import Adapter
 from .attention import Intervention, SiteRule, intervene
 from .config import CausalMMConfig, ConfigError, resolve_layers
+from .head import head_on_rows, plausible, plausible_logits
 from .interventions import diffusion_noise
 from .methods import Branch, branches_for
 from .sharing import RowPlan, capture_input, feed_lower_layers, select_cache_rows, share_lower_layers
@@ -59,9 +60,7 @@ def contrast(
         fl = torch.log_softmax(fl, -1)
         cfs = [torch.log_softmax(c, -1) for c in cfs]
     z = fl + gamma * sum((fl - c for c in cfs), torch.zeros_like(fl))
-    # p(i) < eps * max p  <=>  logit(i) < log(eps) + max logit  (softmax shares the normaliser)
-    cutoff = factual.float().amax(-1, keepdim=True) + (np.log(epsilon) if epsilon > 0 else -np.inf)
-    return z.masked_fill(factual.float() < cutoff, float("-inf"))
+    return z.masked_fill(~plausible(factual, epsilon), float("-inf"))
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -177,15 +176,24 @@ class Engine:
     ``share_layers``: rows that compute the same thing below the first intervened LLM layer (a language-branch
     row and its prompt's factual row) run those layers once; used where the adapter declares
     :attr:`Adapter.supports_layer_sharing`. ``False`` runs every row through every layer.
+
+    ``plausible_head``: in decode steps the LM head runs on the factual rows only, and the counterfactual rows'
+    logits are computed on the tokens the plausibility cut keeps, the only ones the rule reads
+    (``causalmm.head``); used where the adapter declares :attr:`Adapter.plain_lm_head`, with raw-logit contrast,
+    ``epsilon > 0`` and no branch logits requested. ``False`` runs the head on every row.
     """
 
     def __init__(
-        self, adapter: Adapter, config: CausalMMConfig, *, reuse_prefix: bool = True, share_layers: bool = True
+        self,
+        adapter: Adapter,
+        config: CausalMMConfig,
+        *,
+        reuse_prefix: bool = True,
+        share_layers: bool = True,
+        plausible_head: bool = True,
     ) -> None:
         self.adapter = adapter
         self.config = config
-        self.reuse_prefix = reuse_prefix
-        self.share_layers = share_layers
         self.branches = branches_for(config)
         self.vision_rule = self.language_rule = None
         if any(b.vision for b in self.branches):
@@ -234,6 +242,18 @@ class Engine:
         self.share_low = 0
         if share_layers and adapter.supports_layer_sharing and plain_cache and self.language_rule is not None:
             self.share_low = min(self.language_rule.layers)
+        head = adapter.model.get_output_embeddings()
+        #: the LM head when decode steps compute counterfactual logits on the plausible tokens only, else None
+        self.head = (
+            head
+            if plausible_head
+            and adapter.plain_lm_head
+            and type(head) is torch.nn.Linear  # not a quantised subclass, whose weight cannot be sliced
+            and self.branches
+            and config.contrast == "logits"
+            and config.epsilon > 0
+            else None
+        )
         mcfg = adapter.model.config
         self._image_tokens = {
             v
@@ -329,6 +349,31 @@ class Engine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+
+    def _step(
+        self,
+        inputs: dict[str, Any],
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        language_rows: dict[int, torch.Generator],
+        plan: RowPlan | None,
+        rows: list[_Row],
+        full_head: bool = False,
+    ) -> torch.Tensor:
+        """Next-token logits ``(rows, vocab)`` of one decode step (float32). With :attr:`head`, the counterfactual
+        rows' logits are exact on the plausible tokens only (the only ones the rule reads); ``full_head`` (branch
+        logits asked for) computes them whole."""
+        cf = [j for j, r in enumerate(rows) if r.branch is not None]
+        if self.head is None or full_head or not cf:
+            return self._forward(inputs, mask, positions, cache, language_rows, plan).logits[:, -1].float()
+        fact = [j for j, r in enumerate(rows) if r.branch is None]
+        with head_on_rows(self.head, fact) as kept:
+            out = self._forward(inputs, mask, positions, cache, language_rows, plan)
+        at = {rows[j].prompt: k for k, j in enumerate(fact)}
+        return plausible_logits(
+            self.head, kept["hidden"][:, -1], out.logits[:, -1], [at[r.prompt] for r in rows], cf, self.config.epsilon
+        )
 
     def _plan(self, keys: list[Any]) -> RowPlan | None:
         """The sharing plan of a batch whose rows have lower-layer keys ``keys`` (rows with equal keys compute
@@ -672,7 +717,10 @@ class Engine:
             positions = ad.next_positions(positions)
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             lang = {j: lang_gens[i] for j, i in enumerate(active) if i in lang_gens}
-            logits = self._forward({"input_ids": nxt}, mask, positions, cache, lang, plan).logits[:, -1].float()
+            logits = self._step(
+                {"input_ids": nxt}, mask, positions, cache, lang, plan, [rows[i] for i in active],
+                full_head=return_branch_logits,
+            )  # fmt: skip
         results = []
         for p in range(n):
             text = texts[p] if done[p] == "stop" else self.tokenizer.decode(out_ids[p], skip_special_tokens=True)

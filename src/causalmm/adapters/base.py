@@ -100,6 +100,10 @@ class Adapter:
     #: for the families that set it). Off by default: a family may act on per-row inputs between decoder
     #: layers (Qwen3-VL adds its deepstack features there).
     supports_layer_sharing = False
+    #: whether the model's logits are exactly ``get_output_embeddings()`` applied to the last hidden states
+    #: (no soft-capping or scaling after the head), so the engine may compute a counterfactual row's logits
+    #: itself on the plausible tokens only (``causalmm.head``). Off by default: Gemma-style families cap them.
+    plain_lm_head = False
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, base: str = "sdpa") -> None:
         self.model = model

@@ -19,6 +19,7 @@ class LlavaAdapter(Adapter):
     batched_vision_interventions = True
     supports_prefix_reuse = True
     supports_layer_sharing = True
+    plain_lm_head = True
 
     @property
     def n_vision_layers(self) -> int:

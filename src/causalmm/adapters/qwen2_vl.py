@@ -19,6 +19,7 @@ class Qwen2VLAdapter(Adapter):
     batched_vision_interventions = True
     supports_prefix_reuse = True
     supports_layer_sharing = True
+    plain_lm_head = True
 
     def prefill_positions(self, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> torch.Tensor:
         inner = self.model.model

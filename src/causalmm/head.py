@@ -1,0 +1,82 @@
+"""Counterfactual next-token logits only where the plausibility cut lets them count.
+
+The decoding rule (SPEC 1.3) sets the score to ``-inf`` wherever the factual probability is below ``epsilon``
+times its maximum, so a counterfactual row's logits matter on that plausible set only: usually a handful of
+tokens out of a vocabulary of 32k-150k. During decoding the engine therefore runs the LM head on the factual
+rows alone (:func:`head_on_rows` hands the head those rows' hidden states and keeps the whole batch's), and
+:func:`plausible_logits` computes the counterfactual rows' logits on the union of the batch's plausible sets.
+Outside that set a counterfactual row gets its factual row's logits, where the contrast is masked anyway.
+
+Only raw-logit contrast allows it (a log-prob contrast needs each row's full normaliser), and only a plain
+``nn.Linear`` head whose output the model returns unchanged (no soft-capping or scaling after it): the engine
+checks both (:attr:`causalmm.adapters.Adapter.plain_lm_head`). On a GPU at batch 2-3 the head is memory-bound
+and this saves little; on a CPU whose BLAS pays per row it removes most of a counterfactual row's head cost
+(``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["head_on_rows", "plausible", "plausible_logits"]
+
+
+def plausible(factual: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Bool mask ``(..., vocab)`` of the tokens whose factual probability is at least ``epsilon`` times the
+    maximum (all tokens for ``epsilon = 0``). In logits: ``l_i >= max_j l_j + log(epsilon)``, since the softmax
+    shares one normaliser.
+
+    >>> plausible(torch.tensor([2.0, 1.0, -3.0]), 0.1)
+    tensor([ True,  True, False])
+    """
+    fl = factual.float()
+    return fl >= fl.amax(-1, keepdim=True) + (math.log(epsilon) if epsilon > 0 else -math.inf)
+
+
+@contextmanager
+def head_on_rows(head: torch.nn.Module, rows: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside, ``head`` computes only batch rows ``rows`` of its input (so the model returns logits of those rows,
+    in that order); the yielded dict's ``"hidden"`` holds the whole input of the last call."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def pre(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        kept["hidden"] = hidden
+        return (hidden.index_select(0, torch.tensor(rows, device=hidden.device)), *args[1:])
+
+    handle = head.register_forward_pre_hook(pre)
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+def plausible_logits(
+    head: torch.nn.Linear,
+    hidden: torch.Tensor,
+    factual: torch.Tensor,
+    factual_of: list[int],
+    counterfactual: list[int],
+    epsilon: float,
+) -> torch.Tensor:
+    """Next-token logits ``(rows, vocab)`` (float32) of every row, exact wherever the contrast reads them.
+
+    ``hidden``: every row's last hidden state ``(rows, d)``; ``factual``: the factual rows' logits ``(F, vocab)``;
+    ``factual_of[j]``: the factual row (an index into ``factual``) of row ``j``'s prompt; ``counterfactual``: the
+    rows whose logits are computed here, on the columns some factual row finds plausible. Every other entry of
+    a row is its factual row's logit (a factual row gets its own logits whole).
+    """
+    fl = factual.float()
+    out = fl[torch.tensor(factual_of, device=fl.device)]
+    if counterfactual:
+        cols = plausible(fl, epsilon).any(0).nonzero().squeeze(1)
+        idx = torch.tensor(counterfactual, device=fl.device)
+        bias = None if head.bias is None else head.bias[cols]
+        sub = F.linear(hidden.index_select(0, idx.to(hidden.device)), head.weight[cols], bias).float()
+        out[idx[:, None], cols[None, :]] = sub.to(out.device)
+    return out

@@ -1,0 +1,164 @@
+"""Counterfactual logits on the plausible tokens only (``causalmm.head``): the rule's output is unchanged.
+
+The reference is the same engine with ``plausible_head=False`` (the LM head on every row)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from causalmm import CausalMMConfig
+from causalmm.adapters import Adapter
+from causalmm.decoding import contrast
+from causalmm.head import head_on_rows, plausible, plausible_logits
+from causalmm.tiny import FAMILIES
+
+PROMPTS = ["Is there a cat in the image?", "Describe the image.", "Is there a dog on the left?", "What color is it?"]
+
+CONFIGS = {
+    "vision": CausalMMConfig(mode="vision", vision_layers="all"),
+    "language": CausalMMConfig(mode="language", language_layers="2-3"),
+    "multimodal-k2": CausalMMConfig(mode="multimodal", language_layers=[-1], vision_layers="all", num_cf_samples=2),
+    "joint": CausalMMConfig(mode="joint", language_layers=[1], vision_layers="all", gamma=0.5, epsilon=0.01),
+    "vcd": CausalMMConfig(method="vcd"),
+    "legacy": CausalMMConfig(mode="multimodal", language_layers=[-1], legacy=True),
+}
+
+
+# -- the pure parts ----------------------------------------------------------------------------------------
+
+
+def test_plausible_is_the_cut_of_the_rule():
+    g = torch.Generator().manual_seed(0)
+    factual = torch.randn(3, 50, generator=g) * 3
+    for eps in (0.5, 0.1, 1e-3):
+        keep = plausible(factual, eps)
+        probs = factual.softmax(-1)
+        want = probs >= eps * probs.amax(-1, keepdim=True)
+        # equal up to rounding at the boundary: none of these draws lies within 1e-6 of it
+        assert torch.equal(keep, want)
+        z = contrast(factual, [torch.randn(3, 50, generator=g)], gamma=1.0, epsilon=eps)
+        assert torch.equal(torch.isfinite(z), keep)
+    assert plausible(factual, 0.0).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_plausible_logits_are_exact_where_the_rule_reads_them(bias):
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 40, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(40, 16, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(40, generator=g))
+    # rows: prompt 0 = (factual 0, cf 1, cf 2), prompt 1 = (factual 3, cf 4)
+    hidden = torch.randn(5, 16, generator=g)
+    full = head(hidden).detach()
+    factual_rows, factual_of, cf = [0, 3], [0, 0, 0, 1, 1], [1, 2, 4]
+    eps = 0.05
+    got = plausible_logits(head, hidden, full[factual_rows], factual_of, cf, eps)
+    assert got.shape == (5, 40) and got.dtype == torch.float32
+    keep = plausible(full[factual_rows], eps)
+    assert 0 < int(keep.sum()) < 40  # a real cut: some tokens are computed, some are not
+    cols = keep.any(0)
+    for j, f in enumerate(factual_of):
+        if j in cf:  # exact on the union of the plausible sets, the factual row's logits elsewhere
+            assert torch.allclose(got[j, cols], full[j, cols], atol=1e-5)
+            assert torch.equal(got[j, ~cols], full[factual_rows[f], ~cols])
+        else:
+            assert torch.equal(got[j], full[j])
+    for f, rows in ((0, [1, 2]), (1, [4])):  # the rule's output is the full head's
+        want = contrast(full[factual_rows[f]], [full[r] for r in rows], gamma=0.7, epsilon=eps)
+        z = contrast(got[factual_rows[f]], [got[r] for r in rows], gamma=0.7, epsilon=eps)
+        assert torch.equal(torch.isinf(z), torch.isinf(want))
+        assert torch.allclose(z[~torch.isinf(z)], want[~torch.isinf(want)], atol=1e-5)
+
+
+def test_head_on_rows_runs_the_head_on_those_rows_and_keeps_the_input():
+    head = torch.nn.Linear(4, 6)
+    hidden = torch.randn(3, 1, 4)
+    with head_on_rows(head, [2, 0]) as kept:
+        out = head(hidden)
+    assert torch.equal(out, head(hidden[[2, 0]]))
+    assert kept["hidden"] is hidden
+    assert torch.equal(head(hidden), head(hidden).detach())  # the hook is gone: all rows again
+    assert head(hidden).shape[0] == 3
+    with pytest.raises(RuntimeError, match="boom"), head_on_rows(head, [0]):
+        raise RuntimeError("boom")
+    assert not head._forward_pre_hooks
+
+
+# -- the engine --------------------------------------------------------------------------------------------
+
+
+def _head_rows(cm):
+    """Rows the LM head receives, per call."""
+    sizes: list[int] = []
+    hook = cm.model.get_output_embeddings().register_forward_hook(lambda m, a, out: sizes.append(out.shape[0]))
+    return sizes, hook
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_plausible_head_gives_the_reference_tokens(family, name, loaded, images):
+    cm = loaded(family)
+    cfg = CONFIGS[name]
+    fast = cm.with_config(cfg, plausible_head=True)
+    ref = cm.with_config(cfg, plausible_head=False)
+    assert fast.engine.head is cm.model.get_output_embeddings() and ref.engine.head is None
+    imgs = [images[0], images[1], images[0], images[2]]
+    for kw in (
+        dict(max_new_tokens=6, seeds=[3, 4, 5, 6]),
+        dict(max_new_tokens=6, seeds=[3, 4, 5, 6], do_sample=True, temperature=1.5),
+    ):
+        sizes, hook = _head_rows(cm)
+        try:
+            got = fast.generate(imgs, PROMPTS, **kw)
+            n_fast = len(sizes)
+            want = ref.generate(imgs, PROMPTS, **kw)
+        finally:
+            hook.remove()
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        # the 5 decode steps: the head ran on the factual rows only, where the reference ran it on every row
+        # (legacy: only the factual rows are left after the first token)
+        n_rows = len(PROMPTS) * (1 + (0 if cfg.legacy else len(fast.engine.branches) * cfg.num_cf_samples))
+        assert sizes[n_fast - 5 : n_fast] == [len(PROMPTS)] * 5 and sizes[-5:] == [n_rows] * 5, sizes
+    # the contrast acts (else equal tokens would prove nothing): gamma 0 gives other tokens somewhere
+    plain = cm.with_config(dataclasses.replace(cfg, gamma=0.0))
+    kw = dict(max_new_tokens=6, seeds=[3, 4, 5, 6])
+    assert [r.token_ids for r in plain.generate(imgs, PROMPTS, **kw)] != [w.token_ids for w in want]
+
+
+def test_prompts_leaving_the_batch_keep_their_factual_rows_right(loaded, images):
+    """A prompt that stops early leaves the batch: the factual row of every prompt left must stay paired."""
+    cm = loaded("llava")
+    cfg = CausalMMConfig(mode="multimodal", language_layers=[-1], vision_layers="all")
+    ref = cm.with_config(cfg, plausible_head=False)
+    got = cm.with_config(cfg, plausible_head=True)
+    kw = dict(max_new_tokens=8, seeds=[1, 2, 3])
+    stop = ref.generate(images[:3], PROMPTS[:3], **kw)[1].token_ids[2]  # prompt 1 stops at its third token
+    ref.engine.eos = got.engine.eos = {stop}
+    out = got.generate(images[:3], PROMPTS[:3], **kw)
+    want = ref.generate(images[:3], PROMPTS[:3], **kw)
+    assert [o.token_ids for o in out] == [w.token_ids for w in want]
+    assert out[1].finish_reason == "eos" and len(out[1].token_ids) == 3
+    assert any(len(o.token_ids) == 8 for o in out)
+
+
+def test_plausible_head_is_off_where_the_rule_needs_full_logits(loaded, images):
+    cm = loaded("llava")
+    head = cm.model.get_output_embeddings()
+    assert cm.with_config(CausalMMConfig(mode="vision")).engine.head is head
+    assert cm.with_config(CausalMMConfig(mode="vision", epsilon=0.0)).engine.head is None  # no cut
+    assert cm.with_config(CausalMMConfig(mode="vision", contrast="logprobs")).engine.head is None  # normalisers
+    assert cm.with_config(CausalMMConfig(method="regular")).engine.head is None  # nothing to contrast
+    assert not Adapter.plain_lm_head  # the generic adapter: a family may cap or scale its logits
+    # branch logits asked for: the head runs on every row, and they are whole (finite everywhere)
+    sizes, hook = _head_rows(cm)
+    try:
+        res = cm.with_config(CausalMMConfig(mode="vision")).generate(
+            images[0], PROMPTS[0], max_new_tokens=3, return_branch_logits=True
+        )
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 2]
+    assert torch.isfinite(res.branch_logits["V"]).all()

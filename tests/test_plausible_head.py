@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+import causalmm.head as head_module
 from causalmm import CausalMMConfig
 from causalmm.adapters import Adapter
 from causalmm.decoding import contrast
-from causalmm.head import head_on_rows, plausible, plausible_logits
+from causalmm.head import DENSE_FRACTION, head_on_rows, plausible, plausible_logits
 from causalmm.tiny import FAMILIES
 
 PROMPTS = ["Is there a cat in the image?", "Describe the image.", "Is there a dog on the left?", "What color is it?"]
@@ -73,6 +74,21 @@ def test_plausible_logits_are_exact_where_the_rule_reads_them(bias):
         assert torch.allclose(z[~torch.isinf(z)], want[~torch.isinf(want)], atol=1e-5)
 
 
+def test_a_flat_distribution_gets_the_whole_head():
+    """Where much of the vocabulary is plausible, the counterfactual rows get the head's own output, whole."""
+    head = torch.nn.Linear(8, 40)
+    hidden = torch.randn(2, 8)
+    full = head(hidden).detach()
+    flat = torch.zeros(1, 40)
+    flat[0, :11] = 1.0  # 11 of 40 plausible at epsilon 0.5: over a quarter
+    got = plausible_logits(head, hidden, flat, [0, 0], [1], 0.5)
+    assert plausible(flat, 0.5).sum() * DENSE_FRACTION > 40
+    assert torch.allclose(got[1], full[1], atol=1e-6) and torch.equal(got[0], flat[0])
+    flat[0, 10] = 0.0  # 10 of 40: sliced
+    got = plausible_logits(head, hidden, flat, [0, 0], [1], 0.5)
+    assert torch.equal(got[1, 10:], flat[0, 10:]) and torch.allclose(got[1, :10], full[1, :10], atol=1e-6)
+
+
 def test_head_on_rows_runs_the_head_on_those_rows_and_keeps_the_input():
     head = torch.nn.Linear(4, 6)
     hidden = torch.randn(3, 1, 4)
@@ -99,7 +115,11 @@ def _head_rows(cm):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_plausible_head_gives_the_reference_tokens(family, name, loaded, images):
+@pytest.mark.parametrize("fraction", [1, 10**9], ids=["sliced", "dense"])
+def test_plausible_head_gives_the_reference_tokens(family, name, fraction, loaded, images, monkeypatch):
+    """Both ways of computing the counterfactual rows' logits: on the plausible columns (``DENSE_FRACTION`` 1:
+    always, however many) and whole (the tiny models' flat distributions mostly take this way by default)."""
+    monkeypatch.setattr(head_module, "DENSE_FRACTION", fraction)
     cm = loaded(family)
     cfg = CONFIGS[name]
     fast = cm.with_config(cfg, plausible_head=True)
@@ -121,15 +141,18 @@ def test_plausible_head_gives_the_reference_tokens(family, name, loaded, images)
         # the 5 decode steps: the head ran on the factual rows only, where the reference ran it on every row
         # (legacy: only the factual rows are left after the first token)
         n_rows = len(PROMPTS) * (1 + (0 if cfg.legacy else len(fast.engine.branches) * cfg.num_cf_samples))
-        assert sizes[n_fast - 5 : n_fast] == [len(PROMPTS)] * 5 and sizes[-5:] == [n_rows] * 5, sizes
+        assert sizes[-5:] == [n_rows] * 5, sizes
+        if fraction == 1:
+            assert sizes[n_fast - 5 : n_fast] == [len(PROMPTS)] * 5, sizes
     # the contrast acts (else equal tokens would prove nothing): gamma 0 gives other tokens somewhere
     plain = cm.with_config(dataclasses.replace(cfg, gamma=0.0))
     kw = dict(max_new_tokens=6, seeds=[3, 4, 5, 6])
     assert [r.token_ids for r in plain.generate(imgs, PROMPTS, **kw)] != [w.token_ids for w in want]
 
 
-def test_prompts_leaving_the_batch_keep_their_factual_rows_right(loaded, images):
+def test_prompts_leaving_the_batch_keep_their_factual_rows_right(loaded, images, monkeypatch):
     """A prompt that stops early leaves the batch: the factual row of every prompt left must stay paired."""
+    monkeypatch.setattr(head_module, "DENSE_FRACTION", 1)
     cm = loaded("llava")
     cfg = CausalMMConfig(mode="multimodal", language_layers=[-1], vision_layers="all")
     ref = cm.with_config(cfg, plausible_head=False)

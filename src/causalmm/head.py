@@ -23,7 +23,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["head_on_rows", "plausible", "plausible_logits"]
+__all__ = ["DENSE_FRACTION", "head_on_rows", "plausible", "plausible_logits"]
+
+#: above ``1 / DENSE_FRACTION`` of the vocabulary plausible, the counterfactual rows get the whole head: copying
+#: that many rows of its weight would cost more than the product it saves
+DENSE_FRACTION = 4
 
 
 def plausible(factual: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -68,15 +72,22 @@ def plausible_logits(
 
     ``hidden``: every row's last hidden state ``(rows, d)``; ``factual``: the factual rows' logits ``(F, vocab)``;
     ``factual_of[j]``: the factual row (an index into ``factual``) of row ``j``'s prompt; ``counterfactual``: the
-    rows whose logits are computed here, on the columns some factual row finds plausible. Every other entry of
-    a row is its factual row's logit (a factual row gets its own logits whole).
+    rows whose logits are computed here, on the columns some factual row finds plausible (on all of them where
+    more than ``1 / DENSE_FRACTION`` of the vocabulary is). Every other entry of a counterfactual row is its
+    factual row's logit; a factual row gets its own logits whole.
     """
     fl = factual.float()
     out = fl[torch.tensor(factual_of, device=fl.device)]
-    if counterfactual:
-        cols = plausible(fl, epsilon).any(0).nonzero().squeeze(1)
-        idx = torch.tensor(counterfactual, device=fl.device)
-        bias = None if head.bias is None else head.bias[cols]
-        sub = F.linear(hidden.index_select(0, idx.to(hidden.device)), head.weight[cols], bias).float()
-        out[idx[:, None], cols[None, :]] = sub.to(out.device)
+    if not counterfactual:
+        return out
+    idx = torch.tensor(counterfactual, device=fl.device)
+    h = hidden.index_select(0, idx.to(hidden.device))
+    cols = plausible(fl, epsilon).any(0).nonzero().squeeze(1)
+    if cols.numel() * DENSE_FRACTION > fl.shape[-1]:
+        # a flat distribution keeps much of the vocabulary: slicing the weight would cost more than the head
+        out[idx] = head(h).float().to(out.device)
+        return out
+    bias = None if head.bias is None else head.bias[cols]
+    sub = F.linear(h, head.weight[cols], bias).float()
+    out[idx[:, None], cols[None, :]] = sub.to(out.device)
     return out

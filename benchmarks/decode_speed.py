@@ -10,8 +10,10 @@ For each configuration it measures prefill time, per-token decode latency and pe
 configurations interleaved (rep 1 of every config, then rep 2, ...) so drift hits all alike, and prints
 medians, spreads and ratios to regular greedy decoding. Weights are random (no download; speed does not
 depend on them) except for the toy-world preset's, and generation is forced to the full length (eos disabled).
-Rows marked "eager attention" run every attention call on eager maths, as the original code does: the before of
-routing the calls that are not intervened to SDPA.
+Before/after rows of the optimisations: "eager attention" runs every attention call on eager maths, as the
+original code does (the before of routing the calls that are not intervened to SDPA); "no layer sharing" runs
+language rows through every LLM layer; "full head" runs the LM head on every row in decode steps (the before of
+computing counterfactual logits on the plausible tokens only, ``causalmm.head``).
 
 The *sequential reference* runs every branch as its own batch-1 forward pass per token with its own KV cache,
 which is what the original CausalMM code and its peers do; our engine runs all branches as rows of one
@@ -81,6 +83,11 @@ def build_llava(preset: str, device: str, dtype: torch.dtype) -> CausalMM:
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype)
+        # A trained model's next-token distribution is peaked: a handful of tokens pass the plausibility cut.
+        # Random weights of the usual scale give logits of std ~0.5, so nearly the whole vocabulary would, and
+        # the counterfactual logits could not be computed on the plausible tokens only. Logits of std 3
+        # (hidden states of unit RMS after the final norm) leave about ten of 32k at epsilon 0.1.
+        torch.nn.init.normal_(model.lm_head.weight, std=3.0 / th**0.5)
     model.generation_config.eos_token_id = None
     size = shapes["image"]
     improc = CLIPImageProcessorPil(
@@ -227,11 +234,11 @@ class Sample:
 
 
 def run_engine(
-    cm: CausalMM, config: CausalMMConfig, image: Image.Image, prompt: str, n: int, device: str, share: bool = True
+    cm: CausalMM, config: CausalMMConfig, image: Image.Image, prompt: str, n: int, device: str, **switches: bool
 ) -> Sample:
-    """One generation of ``n`` tokens with our engine (all branches batched); ``share=False`` turns off the shared
-    lower LLM layers of language rows (the before of that optimisation)."""
-    runner = cm.with_config(config, share_layers=share)
+    """One generation of ``n`` tokens with our engine (all branches batched); ``switches`` turn optimisations off
+    (``share_layers=False``, ``plausible_head=False``: the before of each)."""
+    runner = cm.with_config(config, **switches)
     runner.engine.eos = set()
     with _Peak(device) as peak, _StepClock(cm.model, device) as clock:
         t0 = clock._now()
@@ -308,6 +315,23 @@ def run_sequential(
     return Sample(prefill, (t1 - t_first) / max(1, n - 1), peak.value)
 
 
+def plausible_set_size(cm: CausalMM, image: Image.Image, prompt: str, n: int) -> tuple[float, int]:
+    """(median number of tokens the plausibility cut keeps per decode step, vocabulary size), from the factual
+    row's logits of a vision K=1 run: what ``plausible_head`` computes the counterfactual logits on."""
+    from causalmm.head import plausible
+
+    config = CausalMMConfig(mode="vision")
+    sizes: list[int] = []
+    hook = cm.model.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: sizes.extend(plausible(out[:, -1], config.epsilon).sum(-1).tolist())
+    )
+    try:
+        run_engine(cm, config, image, prompt, n, "cpu" if cm.adapter.device.type == "cpu" else "cuda")
+    finally:
+        hook.remove()
+    return statistics.median(sizes[2:]), cm.model.get_output_embeddings().out_features  # after the prefill
+
+
 def mitigv_vcd(cm: CausalMM) -> Any | None:
     """mitigv's VCD (a peer library on transformers 5) on the same model, eos disabled; None if not installed."""
     try:
@@ -362,6 +386,8 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("causalmm multimodal K=1", "engine", CausalMMConfig(mode="multimodal")),
     ("causalmm multimodal K=1, no layer sharing", "unshared", CausalMMConfig(mode="multimodal")),
     ("causalmm joint K=1", "engine", CausalMMConfig(mode="joint")),
+    ("causalmm vision K=1, full head", "full head", CausalMMConfig(mode="vision")),
+    ("causalmm multimodal K=1, full head", "full head", CausalMMConfig(mode="multimodal")),
     ("regular greedy, eager attention", "eager", CausalMMConfig(method="regular")),
     ("causalmm vision K=1, eager attention", "eager", CausalMMConfig(mode="vision")),
     ("causalmm multimodal K=1, eager attention", "eager", CausalMMConfig(mode="multimodal")),
@@ -372,6 +398,9 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("sequential ref. multimodal", "sequential", CausalMMConfig(mode="multimodal")),
 ]
 
+
+#: the optimisation a configuration kind turns off (its before/after rows)
+SWITCHES_OFF = {"unshared": {"share_layers": False}, "full head": {"plausible_head": False}}
 
 PRESETS = ("cpu", "toyworld", "llava7b", "tiny")
 
@@ -421,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "eager":
             with attention_base(cm, "eager"):
                 return run_engine(cm, cfg, image, prompt, n, device)
-        return run_engine(cm, cfg, image, prompt, n, device, share=kind != "unshared")
+        return run_engine(cm, cfg, image, prompt, n, device, **SWITCHES_OFF.get(kind, {}))
 
     run_engine(cm, configs[0][2], image, prompt, 2, device)  # warm-up
     if args.peak_of is not None:
@@ -462,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {med:.1f} [{min(pt):.1f}, {max(pt):.1f}] | {med / (ref * 1e3):.2f} | {pre:.0f} | {mem_cells} |"
         )
+    kept, vocab = plausible_set_size(cm, image, prompt, args.new_tokens)
+    print(f"\nplausible tokens per decode step (factual row, epsilon 0.1): median {kept:g} of {vocab}")
     seq = results.get("sequential ref. multimodal")
     ours = results.get("causalmm multimodal K=1")
     if seq and ours:

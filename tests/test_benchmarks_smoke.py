@@ -37,6 +37,7 @@ def test_decode_speed_prints_every_configuration_with_ratios():
         "causalmm language K=1, no layer sharing",
         "causalmm multimodal K=1",
         "causalmm multimodal K=1, no layer sharing",
+        "causalmm multimodal K=1, full head",
         "regular greedy, eager attention",
         "causalmm multimodal K=1, eager attention",
         "sequential ref. multimodal",
@@ -45,6 +46,8 @@ def test_decode_speed_prints_every_configuration_with_ratios():
     assert rows["regular greedy"][2] == "1.00"
     assert all(re.fullmatch(r"\d+\.\d\d", r[2]) and float(r[2]) > 0 for r in rows.values())
     assert re.search(r"engine is \d+\.\d\d× faster per token than the sequential reference", out)
+    kept = re.search(r"plausible tokens per decode step \(factual row, epsilon 0.1\): median ([\d.]+) of 1024", out)
+    assert kept and 1 <= float(kept.group(1)) < 256  # the preset's peaked head: the plausible set is small
 
 
 def test_eval_throughput_runs_the_real_eval_path_and_predictions_agree():
@@ -62,7 +65,7 @@ def test_decode_speed_toyworld_preset_runs_the_shipped_model():
     out = _run("decode_speed.py", "--new-tokens", "3", "--reps", "1", "--only", "vision K=1", preset="toyworld")
     assert "preset toyworld (0.833M params" in out
     rows = _rows(out)
-    assert list(rows) == ["causalmm vision K=1", "causalmm vision K=1, eager attention"]
+    assert list(rows) == [f"causalmm vision K=1{x}" for x in ("", ", full head", ", eager attention")]
 
 
 def test_eval_throughput_toyworld_preset_answers_its_own_pope_questions():

@@ -315,7 +315,7 @@ def run_sequential(
     return Sample(prefill, (t1 - t_first) / max(1, n - 1), peak.value)
 
 
-def plausible_set_size(cm: CausalMM, image: Image.Image, prompt: str, n: int) -> tuple[float, int]:
+def plausible_set_size(cm: CausalMM, image: Image.Image, prompt: str, n: int, device: str) -> tuple[float, int]:
     """(median number of tokens the plausibility cut keeps per decode step, vocabulary size), from the factual
     row's logits of a vision K=1 run: what ``plausible_head`` computes the counterfactual logits on."""
     from causalmm.head import plausible
@@ -326,7 +326,7 @@ def plausible_set_size(cm: CausalMM, image: Image.Image, prompt: str, n: int) ->
         lambda m, a, out: sizes.extend(plausible(out[:, -1], config.epsilon).sum(-1).tolist())
     )
     try:
-        run_engine(cm, config, image, prompt, n, "cpu" if cm.adapter.device.type == "cpu" else "cuda")
+        run_engine(cm, config, image, prompt, n, device)
     finally:
         hook.remove()
     return statistics.median(sizes[2:]), cm.model.get_output_embeddings().out_features  # after the prefill
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {med:.1f} [{min(pt):.1f}, {max(pt):.1f}] | {med / (ref * 1e3):.2f} | {pre:.0f} | {mem_cells} |"
         )
-    kept, vocab = plausible_set_size(cm, image, prompt, args.new_tokens)
+    kept, vocab = plausible_set_size(cm, image, prompt, args.new_tokens, device)
     print(f"\nplausible tokens per decode step (factual row, epsilon 0.1): median {kept:g} of {vocab}")
     seq = results.get("sequential ref. multimodal")
     ours = results.get("causalmm multimodal K=1")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from causalmm.attention import Intervention, SiteRule, intervene
+from causalmm.attention import Draws, Intervention, SiteRule, _blocks, intervene
 from causalmm.tiny import FAMILIES
 
 Q = "Describe the image in detail."
@@ -78,6 +78,68 @@ def test_language_intervention_respects_layers_and_heads(family, loaded, images)
     # the causal mask is respected: nothing above the diagonal
     q = cf.shape[-2]
     assert torch.all(torch.triu(cf[0, 0], diagonal=cf.shape[-1] - q + 1) == 0)
+
+
+def _maps_of_one_prompt(ad, image, prompt, rule, gen):
+    """The counterfactual maps ``(layer, heads, q, k)`` of one prompt run alone, and its image prefix length."""
+    enc = ad.encode(image, prompt)
+    imgs = ad.image_inputs(enc)
+    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    meta = ad.collate_images([{k: v for k, v in imgs.items() if k != "pixel_values"}])
+    pos = ad.prefill_positions(batch, meta)
+    image_token = ad.model.config.image_token_id
+    prefix = int((enc["input_ids"][0] == image_token).nonzero()[-1]) + 1
+    seen = []
+    state = Intervention(language=rule, language_rows={0: gen(prefix)}, on_probs=lambda s, r, f, c: seen.append(c[0]))
+    _logits(ad, batch, ad.image_features(ad.collate_images([imgs])), pos, state)
+    return torch.stack(seen), prefix
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["random", "shuffle"])
+def test_draws_split_at_the_image_prefix(family, method, loaded, images):
+    """Two questions on one image, one prefix stream, two sample streams: the maps of the queries in the image
+    prefix are equal (so that prefix can be prefilled once for both), the later ones differ; a plain generator
+    draws every query from one stream."""
+    ad = loaded(family).adapter
+    rule = SiteRule(method, frozenset(range(ad.n_language_layers)))
+
+    def draws(sample_seed):
+        return lambda n: Draws(torch.Generator().manual_seed(sample_seed), torch.Generator().manual_seed(5), n)
+
+    a, n = _maps_of_one_prompt(ad, images[0], Q, rule, draws(1))
+    b, n_b = _maps_of_one_prompt(ad, images[0], "Is there a dog?", rule, draws(2))
+    assert n == n_b and a.shape[-1] > n + 1 and b.shape[-1] > n + 1
+    assert torch.equal(a[..., :n, :n], b[..., :n, :n])
+    assert torch.all(a[..., :n, n:] == 0)  # causal: nothing past the prefix
+    assert not torch.equal(a[..., n, : n + 1], b[..., n, : n + 1])  # the first query after it: own stream
+    # the same sample stream over the same prompt draws the same maps after the prefix too
+    again, _ = _maps_of_one_prompt(ad, images[0], Q, rule, draws(1))
+    assert torch.equal(again, a)
+    plain, _ = _maps_of_one_prompt(ad, images[0], Q, rule, lambda n: torch.Generator().manual_seed(5))
+    assert not torch.equal(plain[..., :n, :n], a[..., :n, :n])
+
+
+def test_draws_blocks_split_queries_and_fall_back_where_the_prefix_sees_past_it():
+    """The blocks of one row: prefix queries over the prefix keys, later queries over every real key; with
+    bidirectional attention over the prompt (a prefix query sees a later key) the whole row takes one stream."""
+    k = 6
+    real = torch.tensor([1, 2, 3, 4, 5])  # key 0 is padding
+    causal = torch.tril(torch.ones(k, k, dtype=torch.bool))[None]
+    causal[..., 0] = False
+    g, pg = torch.Generator(), torch.Generator()
+    blocks = _blocks(causal[:, 1:], real, torch.arange(5), Draws(g, pg, 2))
+    assert [(q.tolist(), kk.tolist(), gen) for q, kk, gen in blocks] == [
+        ([0, 1], [1, 2], pg),
+        ([2, 3, 4], [1, 2, 3, 4, 5], g),
+    ]
+    # a decode step (one query, after the prefix) and a row with no image prefix take the sample stream only
+    assert [gen for *_, gen in _blocks(causal[:, -1:], real, torch.tensor([0]), Draws(g, pg, 2))] == [g]
+    assert [gen for *_, gen in _blocks(causal[:, 1:], real, torch.arange(5), Draws(g, pg, 0))] == [g]
+    full = causal.clone()
+    full[..., 1:] = True
+    assert [gen for *_, gen in _blocks(full[:, 1:], real, torch.arange(5), Draws(g, pg, 2))] == [g]
+    assert [gen for *_, gen in _blocks(causal[:, 1:], real, torch.arange(5), g)] == [g]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -78,15 +78,15 @@ def _common_prefix(seqs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_image_prefix_is_prefilled_once(family, loaded, images):
-    """Six questions on one image: the LLM prefills the common prefix once plus six suffixes, where the
-    reference prefills six whole prompts."""
+    """Six questions on one image: the LLM prefills the image prefix (up to the last image token) once plus six
+    suffixes, where the reference prefills six whole prompts."""
     cm = loaded(family)
     cfg = CausalMMConfig(method="regular")
     imgs, prompts = [images[1]] * 6, PROMPTS
     ids = [cm.adapter.encode(images[1], p)["input_ids"][0].tolist() for p in prompts]
-    prefix = _common_prefix(ids)
     image_token = cm.model.config.image_token_id
-    assert image_token in ids[0][:prefix] and image_token not in ids[0][prefix:]
+    prefix = max(i for i, t in enumerate(ids[0]) if t == image_token) + 1
+    assert prefix <= _common_prefix(ids)
     counts = {}
     for reuse in (False, True):
         seen, handle = _count_llm_tokens(cm)
@@ -133,10 +133,11 @@ def test_rows_that_share_nothing_take_the_reference_path(loaded, images):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("name", ["vision", "vcd", "multimodal-k2"])
+@pytest.mark.parametrize("name", ["vision", "language", "vcd", "multimodal-k2"])
 def test_image_seeds_let_counterfactual_image_rows_share_the_prefix(family, name, loaded, images):
     """Per-sample seeds, one image seed per image (as `causalmm eval` runs): the vision/noise rows of the
-    questions on one image share their features and their prefix, and every output is the reference's and
+    questions on one image share their features and their prefix, the language rows their prefix (its draws
+    follow the image seed), and every output is the reference's and
     the one each sample gets alone."""
     cm = loaded(family)
     cfg = CONFIGS[name]
@@ -162,3 +163,37 @@ def test_image_seeds_let_counterfactual_image_rows_share_the_prefix(family, name
     other = reuse.generate(imgs[:1], prompts[:1], **one)[0].branch_logits
     branch = next(k for k in got[0].branch_logits if k not in ("factual", "combined"))
     assert not torch.allclose(other[branch], got[0].branch_logits[branch])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_language_rows_prefill_the_image_prefix_once_per_image_seed(family, loaded, images):
+    """Six questions on one image, one image seed, six sample seeds: the intervened layers see the image prefix
+    twice (the factual group and the language group) plus twelve suffixes, where the reference sees twelve
+    whole prompts; with six image seeds the language rows cannot share it."""
+    cm = loaded(family)
+    cfg = CausalMMConfig(mode="language", language_layers="all")
+    imgs, prompts = [images[1]] * 6, PROMPTS
+    ids = [cm.adapter.encode(images[1], p)["input_ids"][0].tolist() for p in prompts]
+    image_token = cm.model.config.image_token_id
+    prefix = max(i for i, t in enumerate(ids[0]) if t == image_token) + 1
+    suffix = max(len(s) - prefix for s in ids)
+    seeds = [11, 12, 13, 14, 15, 16]
+    seen = []
+    handle = cm.adapter.lm_layers[-1].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args or (kwargs["hidden_states"],))[0].shape[:2].numel()),
+        with_kwargs=True,
+    )
+    counts, outs = {}, {}
+    try:
+        for reuse, image_seeds in ((False, [100] * 6), (True, [100] * 6), (True, seeds)):
+            seen.clear()
+            run = cm.with_config(cfg, reuse_prefix=reuse)
+            res = run.generate(imgs, prompts, max_new_tokens=1, seeds=seeds, image_seeds=image_seeds)
+            counts[reuse, image_seeds[0]] = sum(seen)
+            outs[reuse, image_seeds[0]] = [r.token_ids for r in res]
+    finally:
+        handle.remove()
+    assert counts[False, 100] == 12 * max(map(len, ids))
+    assert counts[True, 100] == 2 * prefix + 12 * suffix
+    assert counts[True, 11] > prefix + 6 * suffix + 6 * max(map(len, ids)) - 1  # language rows: whole prompts
+    assert outs[True, 100] == outs[False, 100]

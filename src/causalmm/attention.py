@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 from .interventions import counterfactual_attention
 
-__all__ = ["BASES", "Intervention", "Site", "SiteRule", "attention_name", "intervene", "SITE_ATTR"]
+__all__ = ["BASES", "Draws", "Intervention", "Site", "SiteRule", "attention_name", "intervene", "SITE_ATTR"]
 
 #: Attribute an adapter sets on each attention module it wants reachable.
 SITE_ATTR = "_causalmm_site"
@@ -60,20 +60,37 @@ class SiteRule:
     edit: bool = True
 
 
+@dataclass(frozen=True)
+class Draws:
+    """The randomness of one LLM row, split at its image prefix.
+
+    The maps of queries among the row's first ``prefix`` real tokens (the prompt up to its last image token) are
+    drawn from ``prefix_gen``, those of every later query from ``gen``. Seed ``prefix_gen`` per image and ``gen``
+    per sample, and the questions on one image draw the same maps over their common image prefix, so that prefix
+    can be prefilled once for all of them; each later query still draws from its own sample's stream. Both
+    streams are consumed in call order, so the maps do not depend on how the prompt is split across forwards.
+    """
+
+    gen: torch.Generator | None
+    prefix_gen: torch.Generator | None = None
+    prefix: int = 0
+
+
 @dataclass
 class Intervention:
     """The state one forward pass reads: which rows are counterfactual, and with which randomness.
 
     ``vision_targets`` maps ranges of vision *units* (rows of the vision tower's batch, or tokens of a packed
     tower) to the generator that draws that image's counterfactual maps; ``language_rows`` maps LLM batch
-    rows to theirs. Generators are consumed in call order, which is the same whatever else is in the batch.
+    rows to theirs (a generator, or :class:`Draws` to split a row's draws at its image prefix). Generators are
+    consumed in call order, which is the same whatever else is in the batch.
     ``on_probs`` (optional) receives ``(site, rows, factual, counterfactual)`` for analysis.
     """
 
     vision: SiteRule | None = None
     language: SiteRule | None = None
     vision_targets: list[tuple[int, int, torch.Generator | None]] = field(default_factory=list)
-    language_rows: dict[int, torch.Generator | None] = field(default_factory=dict)
+    language_rows: dict[int, torch.Generator | Draws | None] = field(default_factory=dict)
     on_probs: Callable[..., None] | None = None
     # Per-module offsets of the packed/batched vision calls seen in the current tower forward.
     _offsets: dict[int, int] = field(default_factory=dict)
@@ -177,6 +194,31 @@ def _probs(query, key, allowed, scaling, softcap=None) -> torch.Tensor:
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
+def _blocks(allowed: torch.Tensor, real: torch.Tensor, qr: torch.Tensor, gen: torch.Generator | Draws | None):
+    """``(queries, keys, generator)`` blocks one row's counterfactual maps are drawn in.
+
+    ``allowed`` is the row's key mask ``(heads, queries, keys)``, ``real`` its real key positions, ``qr`` the
+    indices of its real queries (the last positions). With :class:`Draws`,
+    the queries within the image prefix draw over the prefix's keys from ``prefix_gen``, which gives the same
+    block whether the prefix is prefilled alone or with the rest of the prompt, and the later queries draw over
+    every real key from ``gen``. A prefix query that may see a key past the prefix (bidirectional image
+    attention) makes the split unsound, so then the whole row draws from ``gen``.
+    """
+    if not isinstance(gen, Draws):
+        return [(qr, real, gen)]
+    first = real.numel() - qr.numel()  # the rank of the first query among the row's real tokens
+    split = min(max(gen.prefix - first, 0), qr.numel())
+    if split == 0:
+        return [(qr, real, gen.gen)]
+    beyond = real[gen.prefix :]
+    if beyond.numel() and bool(allowed[:, qr[:split]][..., beyond].any()):
+        return [(qr, real, gen.gen)]
+    blocks = [(qr[:split], real[: gen.prefix], gen.prefix_gen)]
+    if split < qr.numel():
+        blocks.append((qr[split:], real, gen.gen))
+    return blocks
+
+
 def _counterfactual_rows(module, query, key, value, attention_mask, scaling, kwargs, rule, rows):
     """Attention output ``(n, q, heads, d)`` of the counterfactual rows, with ``a~`` in the selected heads."""
     idx = torch.tensor([r for r, _ in rows], device=query.device)
@@ -195,18 +237,19 @@ def _counterfactual_rows(module, query, key, value, attention_mask, scaling, kwa
         last = allowed[i, 0, -1]
         real = last.nonzero().squeeze(-1) if bool(last.any()) else torch.arange(nk, device=last.device)
         qr = real[real >= nk - nq] - (nk - nq)  # the queries are the last nq positions
-        h, q, k = heads[:, None, None], qr[None, :, None], real[None, None, :]
-        new = counterfactual_attention(
-            probs[i, h, q, k][None],
-            rule.method,
-            key_mask=allowed[i, h, q, k][None],
-            generator=gen,
-            renormalize=rule.renormalize,
-        )
         padding = torch.ones(nk, dtype=torch.bool, device=cf.device)
         padding[real] = False
         cf[i, heads] = cf[i, heads].masked_fill(padding, 0.0)  # no weight on padding keys
-        cf[i, h, q, k] = new[0].to(cf.dtype)
+        for qb, kb, g in _blocks(allowed[i], real, qr, gen):
+            h, q, k = heads[:, None, None], qb[None, :, None], kb[None, None, :]
+            new = counterfactual_attention(
+                probs[i, h, q, k][None],
+                rule.method,
+                key_mask=allowed[i, h, q, k][None],
+                generator=g,
+                renormalize=rule.renormalize,
+            )
+            cf[i, h, q, k] = new[0].to(cf.dtype)
     state = active()
     if state is not None and state.on_probs is not None:
         state.on_probs(getattr(module, SITE_ATTR), [r for r, _ in rows], probs, cf)

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .adapters import Adapter
-from .attention import Intervention, SiteRule, intervene
+from .attention import Draws, Intervention, SiteRule, intervene
 from .config import CausalMMConfig, ConfigError, resolve_layers
 from .head import head_on_rows, plausible, plausible_logits
 from .interventions import diffusion_noise
@@ -329,7 +329,7 @@ class Engine:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache,
-        language_rows: dict[int, torch.Generator],
+        language_rows: dict[int, Draws],
         plan: RowPlan | None = None,
     ) -> Any:
         """One forward of the LLM with the language intervention on ``language_rows`` (batch indices); with a
@@ -356,7 +356,7 @@ class Engine:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache,
-        language_rows: dict[int, torch.Generator],
+        language_rows: dict[int, Draws],
         plan: RowPlan | None,
         rows: list[_Row],
         full_head: bool = False,
@@ -400,23 +400,28 @@ class Engine:
         out = self._forward(inputs, batch["attention_mask"], positions, cache, dict(lang_gens), plan)
         return out.logits[:, -1].float(), cache, batch["attention_mask"], positions
 
-    def _shared_prefix(self, encs: list[dict[str, torch.Tensor]]) -> int:
-        """Length of the token prefix all ``encs`` share (every token key equal), or 0 where it cannot be
-        reused: at least one token of each prompt must follow it, and it must hold every image token (the
-        image features then go in with the prefix, and the suffixes are text)."""
+    def _image_prefix(self, enc: dict[str, torch.Tensor]) -> int:
+        """Length of a prompt's image prefix: its tokens up to and including the last image token (0: none)."""
         if not self._image_tokens:
             return 0
-        limit = min(int(e["input_ids"].shape[1]) for e in encs) - 1
-        n = limit
-        for key in (k for k in _TOKEN_KEYS if k in encs[0]):
-            first = encs[0][key][0, :limit]
-            for e in encs[1:]:
-                diff = (e[key][0, :limit] != first).nonzero()
-                if diff.numel():
-                    n = min(n, int(diff[0]))
-        marks = torch.tensor(sorted(self._image_tokens))
-        if n < 1 or any(torch.isin(e["input_ids"][0, n:], marks).any() for e in encs):
+        at = torch.isin(enc["input_ids"][0], torch.tensor(sorted(self._image_tokens))).nonzero()
+        return int(at[-1]) + 1 if at.numel() else 0
+
+    def _shared_prefix(self, encs: list[dict[str, torch.Tensor]]) -> int:
+        """Length of the image prefix all ``encs`` share (every token key equal), or 0 where it cannot be reused:
+        the prompts must have the same image prefix, and at least one token of each must follow it.
+
+        The prefix ends at the last image token, not at the longest common prefix: that is where a language row's
+        draws switch from its image's stream to its sample's (:class:`~causalmm.attention.Draws`), so every row
+        of a group, language rows included, forks at the same point (a few common text tokens are left to the
+        suffixes)."""
+        n = self._image_prefix(encs[0])
+        if n < 1 or any(self._image_prefix(e) != n or int(e["input_ids"].shape[1]) <= n for e in encs):
             return 0
+        for key in (k for k in _TOKEN_KEYS if k in encs[0]):
+            first = encs[0][key][0, :n]
+            if any(not torch.equal(e[key][0, :n], first) for e in encs[1:]):
+                return 0
         return n
 
     def _prefill_shared(
@@ -424,34 +429,34 @@ class Engine:
     ) -> _Prefill | None:
         """Prefill with shared prefixes; ``None`` where no two rows share one (then use :meth:`_prefill_full`).
 
-        Rows with the same :func:`share_key` (same features, no LLM intervention) and a common token prefix
-        holding the image form a group. Forward A runs one row per group over its prefix, plus the rows that
-        share nothing (language-branch rows: their intervention acts on every prompt token) over their whole
-        prompt, all left-padded to ``la``. The group caches are forked to their rows (a row gather of every
-        layer's keys/values) and forward B runs each row's own suffix, left-padded to ``ls``. A reusing row is
-        laid out as ``[padding, prefix, padding, suffix]``; its position ids come from that whole layout (the
-        adapter's own numbering, M-RoPE included), so its real tokens get exactly the positions of the
-        reference path, and the attention mask hides both paddings. The rows of forward A that share nothing
-        get ``ls`` masked cache slots on the left, so every row keeps only left padding before its own tokens
-        (the language intervention draws its random maps over a row's real keys). The merged cache, mask and
-        last positions are in ``rows`` order, as :meth:`_prefill_full` returns them.
+        Rows with the same :func:`share_key` (same features, and the same language draws over the image prefix,
+        or none) and the same image prefix (:meth:`_shared_prefix`) form a group. Forward A runs one row per
+        group over its prefix, plus the rows that share nothing over their whole prompt, all left-padded to
+        ``la``. The group caches are forked to their rows (a row gather of every layer's keys/values) and
+        forward B runs each row's own suffix, left-padded to ``ls`` (a language row's suffix queries draw from
+        its own sample's stream). A reusing row is laid out as ``[padding, prefix, padding, suffix]``; its
+        position ids come from that whole layout (the adapter's own numbering, M-RoPE included), so its real
+        tokens get exactly the positions of the reference path, and the attention mask hides both paddings. The
+        rows of forward A that share nothing get ``ls`` masked cache slots on the left, so every row keeps only
+        left padding before its own tokens (the language intervention draws its random maps over a row's real
+        keys). The merged cache, mask and last positions are in ``rows`` order, as :meth:`_prefill_full`
+        returns them.
 
-        Shared lower layers: a language row whose factual row reuses a prefix does not run the layers below
-        :attr:`share_low` at all. Forwards A and B keep the hidden states entering that layer; forward C runs
-        those language rows over their factual row's layout ``[padding, prefix, padding, suffix]`` from that
-        layer on, fed the factual row's states (its random maps are drawn over the real tokens only, so the
-        middle padding changes nothing). In forward A the other rows share those layers where they can (a
-        language row with its factual row or its other draws). The merged cache keeps, below
-        :attr:`share_low`, the rows ``plan`` (built from ``lower_key``) keeps: each row's mask and positions
-        follow its own layout, and a language row's source has the same real tokens at the same positions.
+        Shared lower layers: in forwards A and B, rows with the same ``lower_key`` and layout run the layers
+        below :attr:`share_low` once (a language row with its factual row). A language row in no group whose
+        factual row reuses a prefix (its image seed is the only one of its kind) does not run those layers at
+        all: forwards A and B keep the hidden states entering layer ``share_low``, and forward C runs such rows
+        over their factual row's layout ``[padding, prefix, padding, suffix]`` from that layer on, fed the
+        factual row's states (the random maps are drawn over the real tokens only, so the middle padding changes
+        nothing). The merged cache keeps, below :attr:`share_low`, the rows ``plan`` (built from ``lower_key``)
+        keeps: each row's mask and positions follow its own layout, and a language row's source has the same
+        real tokens at the same positions.
         """
         ad = self.adapter
         keys = [k for k in _TOKEN_KEYS if k in encs[0]]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            key = share_key(r)
-            if key is not None:
-                groups.setdefault(key, []).append(i)
+            groups.setdefault(share_key(r), []).append(i)
         split: list[tuple[list[int], int]] = []  # (member rows, prefix length)
         for members in groups.values():
             if len(members) > 1 and (plen := self._shared_prefix([encs[rows[i].prompt] for i in members])):
@@ -462,7 +467,8 @@ class Engine:
         group_of = {i: g for g, (members, _) in enumerate(split) for i in members}
         reusing = sorted(plen_of)
         source = list(range(len(rows))) if plan is None else plan.sources
-        fed = [i for i in range(len(rows)) if source[i] != i and source[i] in plen_of]  # forward C
+        # forward C: rows that share no prefix themselves but whose lower layers are a reusing row's
+        fed = [i for i in range(len(rows)) if i not in plen_of and source[i] != i and source[i] in plen_of]
         alone = [i for i in range(len(rows)) if i not in plen_of and i not in fed]
         g = len(split)
         low = self.share_low
@@ -507,8 +513,10 @@ class Engine:
         cache_a = DynamicCache(config=self._text_config)
         feats = [row_feature(rows[members[0]]) for members, _ in split] + [row_feature(rows[i]) for i in alone]
         inputs_a = {"input_ids": a_batch["input_ids"], **extra(a_batch), **ad.features_input(feats)}
-        lang = {g + j: lang_gens[i] for j, i in enumerate(alone) if i in lang_gens}
-        plan_a = self._plan([None] * g + [lower_key(rows[i]) for i in alone])
+        a_rows = [members[0] for members, _ in split] + alone
+        lang = {j: lang_gens[i] for j, i in enumerate(a_rows) if i in lang_gens}
+        # a group's first row runs the prefix only, an alone row its whole prompt: equal keys need one layout
+        plan_a = self._plan([(j < g, lower_key(rows[i])) for j, i in enumerate(a_rows)])
 
         def entering() -> contextlib.AbstractContextManager[list[torch.Tensor]]:
             """The states entering layer `low`, which only forward C needs."""
@@ -525,11 +533,23 @@ class Engine:
             "fed_rows": len(fed),
         }
 
-        fork = torch.tensor([group_of[i] for i in reusing], device=ad.device)
-        cache_b = DynamicCache([(lay.keys[fork], lay.values[fork]) for lay in cache_a.layers], config=self._text_config)
+        # forward B: every reusing row's suffix on its group's forked cache (below `low`, on the plan's rows)
+        plan_b = self._plan([lower_key(rows[i]) for i in reusing])
+        fork = [group_of[i] for i in reusing]
+        forks = [
+            torch.tensor(fork if plan_b is None or n_layer >= low else [fork[j] for j in plan_b.keep], device=ad.device)
+            for n_layer in range(len(cache_a.layers))
+        ]
+        cache_b = DynamicCache(
+            [(lay.keys[f], lay.values[f]) for lay, f in zip(cache_a.layers, forks, strict=True)],
+            config=self._text_config,
+        )
         inputs_b = {"input_ids": s_batch["input_ids"][:, la:], **extra(s_batch, la)}
+        lang_b = {j: lang_gens[i] for j, i in enumerate(reusing) if i in lang_gens}
         with entering() as h_b:
-            out_b = self._forward(inputs_b, s_batch["attention_mask"], s_pos[..., la:], cache_b, {})
+            out_b = self._forward(inputs_b, s_batch["attention_mask"], s_pos[..., la:], cache_b, lang_b, plan_b)
+        if plan_b is not None:  # every reusing row back in the lower layers, for the merge below
+            select_cache_rows(cache_b, low, None, plan_b.gather)
 
         s_row = {i: j for j, i in enumerate(reusing)}
         fed_s = torch.tensor([s_row[source[i]] for i in fed], dtype=torch.long, device=ad.device)
@@ -587,9 +607,10 @@ class Engine:
 
         ``seeds`` gives each sample its own seed (default: ``config.seed`` for all), so a sample's output does
         not depend on what else is in the batch. ``image_seeds`` (default: ``seeds``) seeds a sample's
-        image-side draws (the vision branch's counterfactual attention, VCD's noise) on their own: give the
-        questions about one image one image seed, and their counterfactual image features are computed once
-        and their image prefix is prefilled once (``causalmm eval`` does, per image and run seed).
+        image-side draws on their own: the vision branch's counterfactual attention, VCD's noise, and the
+        language branch's maps over the image prefix (the prompt up to its last image token). Give the questions
+        about one image one image seed, and their counterfactual image features are computed once and their
+        image prefix is prefilled once for every branch (``causalmm eval`` does, per image and run seed).
         """
         opts = options or GenerationOptions()
         cfg, ad = self.config, self.adapter
@@ -625,13 +646,16 @@ class Engine:
                 return feats["factual"][(r.prompt, 0)]
             return feats["vision" if r.branch.vision else "noise"][(r.prompt, r.draw)]
 
-        def share_key(r: _Row) -> tuple | None:
-            """Rows with equal keys compute the same prefix: same features, no LLM intervention."""
-            if r.branch is not None and r.branch.language:
-                return None
+        def share_key(r: _Row) -> tuple:
+            """Rows with equal keys compute the same image prefix: same features, and the same language draws
+            there (same branch, draw and image seed) or none."""
             if r.branch is None or not (r.branch.vision or r.branch.noise):
-                return ("factual", frep[r.prompt], 0)
-            return ("vision" if r.branch.vision else "noise", vrep[r.prompt], r.draw)
+                key: tuple = ("factual", frep[r.prompt], 0)
+            else:
+                key = ("vision" if r.branch.vision else "noise", vrep[r.prompt], r.draw)
+            if r.branch is not None and r.branch.language:
+                key += ("language", r.branch.name, r.draw, image_seeds[r.prompt])
+            return key
 
         def lower_key(r: _Row) -> tuple:
             """Rows with equal keys compute the same below the first intervened LLM layer."""
@@ -639,13 +663,19 @@ class Engine:
                 return (r.prompt, "factual", 0)
             return (r.prompt, "vision" if r.branch.vision else "noise", r.draw)
 
-        lang_gens = {
-            i: torch.Generator(device=ad.device).manual_seed(
-                derive_seed(seeds[r.prompt], "language", r.branch.name, r.draw)
+        def draws(r: _Row) -> Draws:
+            """A language row's draws: over its image prefix per image seed (so the questions on one image can
+            share that prefix), after it per sample."""
+            gen = torch.Generator(device=ad.device)
+            prefix_gen = torch.Generator(device=ad.device)
+            name = r.branch.name
+            return Draws(
+                gen.manual_seed(derive_seed(seeds[r.prompt], "language", name, r.draw)),
+                prefix_gen.manual_seed(derive_seed(image_seeds[r.prompt], "language prefix", name, r.draw)),
+                self._image_prefix(encs[r.prompt]),
             )
-            for i, r in enumerate(rows)
-            if r.branch is not None and r.branch.language
-        }
+
+        lang_gens = {i: draws(r) for i, r in enumerate(rows) if r.branch is not None and r.branch.language}
         plan = self._plan([lower_key(r) for r in rows])  # which rows share the layers below `share_low`
         prefill = None
         #: what the last call's prefill shared (diagnostics): prefix groups, their tokens, rows that reused one

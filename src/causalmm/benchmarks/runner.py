@@ -50,7 +50,10 @@ __all__ = [
 #: run.json fields that must agree between a run and its resumption
 IDENTITY = ("benchmark", "options", "model", "config", "generation", "image_seeds")
 #: how image-side draws are seeded (in run.json: a run made another way is not resumed with this one)
-IMAGE_SEEDS = "per image: derive_seed(run_seed, 'image', blake2b of the image file)"
+IMAGE_SEEDS = (
+    "per image: derive_seed(run_seed, 'image', blake2b of the image file); seeds the vision branch, VCD's noise "
+    "and the language branch's draws over the image prefix"
+)
 
 #: finished records that are not part of the current run (kept, so a later larger run reuses them)
 OUTSIDE = "predictions.outside-run.jsonl"

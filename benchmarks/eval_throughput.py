@@ -125,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument(
-        "--questions", type=int, default=6, help="questions per image (POPE: 6); toyworld: its split's own, 6"
+        "--questions", type=int, default=None, help="questions per image (default and POPE: 6; toyworld: its own 6)"
     )
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="POPE's default limit is 16")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--device", default=None, help="default: cuda for llava7b, else cpu")
     args = parser.parse_args(argv)
+    if args.preset == "toyworld" and args.questions not in (None, 6):
+        parser.error("--preset toyworld asks its split's own 6 POPE questions per image; leave --questions out")
+    questions = 6 if args.questions is None else args.questions
     resolved = resolve_device(args.preset, args.device)
     if resolved is None:
         return 2
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset == "toyworld":
             data = write_toyworld_workload(Path(tmp) / "pope", args.images)
         else:
-            data = write_workload(Path(tmp) / "pope", args.images, args.questions)
+            data = write_workload(Path(tmp) / "pope", args.images, questions)
         n_questions = len(data.read_text(encoding="utf-8").splitlines())
         per_image = n_questions // args.images
         first = [json.loads(x) for x in data.read_text(encoding="utf-8").splitlines()[:2]]

@@ -75,6 +75,15 @@ def test_eval_throughput_toyworld_preset_answers_its_own_pope_questions():
     assert all(rows[f"{m} {v}"][-1] == "yes" for m in ("regular", "causalmm multimodal") for v in ("naive", "reuse"))
 
 
+def test_eval_throughput_toyworld_preset_refuses_another_question_count():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "eval_throughput.py"), "--preset", "toyworld", "--questions", "4"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--preset toyworld asks its split's own 6 POPE questions per image" in proc.stderr
+
+
 def test_attention_base_switches_every_attention_call_and_restores_it():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

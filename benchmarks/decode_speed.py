@@ -13,7 +13,9 @@ depend on them) except for the toy-world preset's, and generation is forced to t
 Before/after rows of the optimisations: "eager attention" runs every attention call on eager maths, as the
 original code does (the before of routing the calls that are not intervened to SDPA); "no layer sharing" runs
 language rows through every LLM layer; "full head" runs the LM head on every row in decode steps (the before of
-computing counterfactual logits on the plausible tokens only, ``causalmm.head``).
+computing counterfactual logits on the plausible tokens only, ``causalmm.head``). It also times one pass over the
+decoder layers' linear weights with 1, 2 and 3 rows, as ``F.linear`` and laid out as ``W @ x.T``: what this
+machine's BLAS charges per extra row, a floor under any batched engine's ratio here.
 
 The *sequential reference* runs every branch as its own batch-1 forward pass per token with its own KV cache,
 which is what the original CausalMM code and its peers do; our engine runs all branches as rows of one
@@ -402,6 +404,28 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
 #: the optimisation a configuration kind turns off (its before/after rows)
 SWITCHES_OFF = {"unshared": {"share_layers": False}, "full head": {"plausible_head": False}}
 
+def linear_cost_per_row(cm: CausalMM, device: str, reps: int = 5) -> dict[str, list[float]]:
+    """Seconds one pass over every linear weight of the LLM's decoder layers takes, in layer order (the weights
+    one decode step reads, less the LM head), for 1, 2 and 3 rows: as ``F.linear`` (what ``transformers``' layers
+    call) and as the same product laid out ``W @ x.T``. Batching branches as rows is cheap only where a row costs
+    much less than the weights' read; this measures what this machine's BLAS charges per row, in this run."""
+    weights = [m.weight for layer in cm.adapter.lm_layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    out: dict[str, list[float]] = {"F.linear": [], "W @ x.T": []}
+    clock = _StepClock(cm.model, device)
+    for rows in (1, 2, 3):
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+        for name in out:
+            times = []
+            for _ in range(reps + 1):
+                t0 = clock._now()
+                for w in weights:
+                    x = xs[w.shape[1]]
+                    _ = torch.nn.functional.linear(x, w) if name == "F.linear" else w @ x.T
+                times.append(clock._now() - t0)
+            out[name].append(statistics.median(times[1:]))
+    return out
+
+
 PRESETS = ("cpu", "toyworld", "llava7b", "tiny")
 
 
@@ -491,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {med:.1f} [{min(pt):.1f}, {max(pt):.1f}] | {med / (ref * 1e3):.2f} | {pre:.0f} | {mem_cells} |"
         )
+    cost = linear_cost_per_row(cm, device)
+    print("\nlinear weights of the decoder layers, one pass, 1 / 2 / 3 rows (ms, and × 1 row of F.linear):")
+    for name, ts in cost.items():
+        print(f"- {name}: " + " / ".join(f"{t * 1e3:.2f} ({t / cost['F.linear'][0]:.2f}×)" for t in ts))
     kept, vocab = plausible_set_size(cm, image, prompt, args.new_tokens, device)
     print(f"\nplausible tokens per decode step (factual row, epsilon 0.1): median {kept:g} of {vocab}")
     seq = results.get("sequential ref. multimodal")

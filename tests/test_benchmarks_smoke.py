@@ -48,6 +48,10 @@ def test_decode_speed_prints_every_configuration_with_ratios():
     assert re.search(r"engine is \d+\.\d\d× faster per token than the sequential reference", out)
     kept = re.search(r"plausible tokens per decode step \(factual row, epsilon 0.1\): median ([\d.]+) of 1024", out)
     assert kept and 1 <= float(kept.group(1)) < 256  # the preset's peaked head: the plausible set is small
+    cell = r"([\d.]+) \(([\d.]+)×\)"
+    costs = re.findall(rf"^- (F\.linear|W @ x\.T): {cell} / {cell} / {cell}$", out, re.M)
+    assert [c[0] for c in costs] == ["F.linear", "W @ x.T"]
+    assert costs[0][2] == "1.00" and all(float(x) > 0 for c in costs for x in c[1:])
 
 
 def test_eval_throughput_runs_the_real_eval_path_and_predictions_agree():

@@ -404,6 +404,7 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
 #: the optimisation a configuration kind turns off (its before/after rows)
 SWITCHES_OFF = {"unshared": {"share_layers": False}, "full head": {"plausible_head": False}}
 
+
 def linear_cost_per_row(cm: CausalMM, device: str, reps: int = 5) -> dict[str, list[float]]:
     """Seconds one pass over every linear weight of the LLM's decoder layers takes, in layer order (the weights
     one decode step reads, less the LM head), for 1, 2 and 3 rows: as ``F.linear`` (what ``transformers``' layers
@@ -411,17 +412,17 @@ def linear_cost_per_row(cm: CausalMM, device: str, reps: int = 5) -> dict[str, l
     much less than the weights' read; this measures what this machine's BLAS charges per row, in this run."""
     weights = [m.weight for layer in cm.adapter.lm_layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     out: dict[str, list[float]] = {"F.linear": [], "W @ x.T": []}
-    clock = _StepClock(cm.model, device)
+    now = _StepClock(cm.model, device)._now  # synchronises first on CUDA
     for rows in (1, 2, 3):
         xs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=w.dtype) for w in weights}
         for name in out:
             times = []
             for _ in range(reps + 1):
-                t0 = clock._now()
+                t0 = now()
                 for w in weights:
                     x = xs[w.shape[1]]
                     _ = torch.nn.functional.linear(x, w) if name == "F.linear" else w @ x.T
-                times.append(clock._now() - t0)
+                times.append(now() - t0)
             out[name].append(statistics.median(times[1:]))
     return out
 

@@ -198,11 +198,11 @@ def _blocks(allowed: torch.Tensor, real: torch.Tensor, qr: torch.Tensor, gen: to
     """``(queries, keys, generator)`` blocks one row's counterfactual maps are drawn in.
 
     ``allowed`` is the row's key mask ``(heads, queries, keys)``, ``real`` its real key positions, ``qr`` the
-    indices of its real queries (the last positions). With :class:`Draws`,
-    the queries within the image prefix draw over the prefix's keys from ``prefix_gen``, which gives the same
-    block whether the prefix is prefilled alone or with the rest of the prompt, and the later queries draw over
-    every real key from ``gen``. A prefix query that may see a key past the prefix (bidirectional image
-    attention) makes the split unsound, so then the whole row draws from ``gen``.
+    indices of its real queries (the last positions). With :class:`Draws`, the queries within the image prefix
+    draw over the prefix's keys from ``prefix_gen``, which gives the same block whether the prefix is prefilled
+    alone or with the rest of the prompt, and the later queries draw over every real key from ``gen``. A prefix
+    query that may see a key past the prefix (bidirectional image attention) makes the split unsound, so then the
+    whole row draws from ``gen``.
     """
     if not isinstance(gen, Draws):
         return [(qr, real, gen)]

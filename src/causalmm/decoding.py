@@ -255,11 +255,17 @@ class Engine:
             else None
         )
         mcfg = adapter.model.config
-        self._image_tokens = {
-            v
-            for a in ("image_token_id", "image_token_index", "video_token_id")
-            if isinstance(v := getattr(mcfg, a, None), int)
-        }
+        #: the ids that mark image positions in a prompt
+        self._image_tokens = torch.tensor(
+            sorted(
+                {
+                    v
+                    for a in ("image_token_id", "image_token_index", "video_token_id")
+                    if isinstance(v := getattr(mcfg, a, None), int)
+                }
+            ),
+            dtype=torch.long,
+        )
 
     @staticmethod
     def _check_heads(heads: tuple[int, ...] | None, module: torch.nn.Module, where: str) -> None:
@@ -402,9 +408,9 @@ class Engine:
 
     def _image_prefix(self, enc: dict[str, torch.Tensor]) -> int:
         """Length of a prompt's image prefix: its tokens up to and including the last image token (0: none)."""
-        if not self._image_tokens:
+        if not self._image_tokens.numel():
             return 0
-        at = torch.isin(enc["input_ids"][0], torch.tensor(sorted(self._image_tokens))).nonzero()
+        at = torch.isin(enc["input_ids"][0], self._image_tokens).nonzero()
         return int(at[-1]) + 1 if at.numel() else 0
 
     def _shared_prefix(self, encs: list[dict[str, torch.Tensor]]) -> int:
@@ -535,13 +541,14 @@ class Engine:
 
         # forward B: every reusing row's suffix on its group's forked cache (below `low`, on the plan's rows)
         plan_b = self._plan([lower_key(rows[i]) for i in reusing])
-        fork = [group_of[i] for i in reusing]
-        forks = [
-            torch.tensor(fork if plan_b is None or n_layer >= low else [fork[j] for j in plan_b.keep], device=ad.device)
-            for n_layer in range(len(cache_a.layers))
-        ]
+        fork = torch.tensor([group_of[i] for i in reusing], device=ad.device)
+        fork_low = fork if plan_b is None else fork[plan_b.keep]
         cache_b = DynamicCache(
-            [(lay.keys[f], lay.values[f]) for lay, f in zip(cache_a.layers, forks, strict=True)],
+            [
+                (lay.keys[f], lay.values[f])
+                for n_layer, lay in enumerate(cache_a.layers)
+                for f in (fork_low if n_layer < low else fork,)
+            ],
             config=self._text_config,
         )
         inputs_b = {"input_ids": s_batch["input_ids"][:, la:], **extra(s_batch, la)}
@@ -663,6 +670,8 @@ class Engine:
                 return (r.prompt, "factual", 0)
             return (r.prompt, "vision" if r.branch.vision else "noise", r.draw)
 
+        image_prefix = [self._image_prefix(e) for e in encs]
+
         def draws(r: _Row) -> Draws:
             """A language row's draws: over its image prefix per image seed (so the questions on one image can
             share that prefix), after it per sample."""
@@ -672,7 +681,7 @@ class Engine:
             return Draws(
                 gen.manual_seed(derive_seed(seeds[r.prompt], "language", name, r.draw)),
                 prefix_gen.manual_seed(derive_seed(image_seeds[r.prompt], "language prefix", name, r.draw)),
-                self._image_prefix(encs[r.prompt]),
+                image_prefix[r.prompt],
             )
 
         lang_gens = {i: draws(r) for i, r in enumerate(rows) if r.branch is not None and r.branch.language}

@@ -77,13 +77,20 @@ class CausalMM:
         reuse_prefix: bool = True,
         share_layers: bool = True,
         plausible_head: bool = True,
+        preallocate_cache: bool = True,
     ) -> None:
         self.config = config or CausalMMConfig()
         #: the engine's optimisations (see :class:`Engine`), each proven token-identical to its reference path
         #: (``False``): ``reuse_prefix`` prefills a common prompt prefix once, ``share_layers`` runs the LLM layers
         #: below the first intervened one once for a language row and its factual row, ``plausible_head``
-        #: computes counterfactual logits on the plausible tokens only
-        self.switches = {"reuse_prefix": reuse_prefix, "share_layers": share_layers, "plausible_head": plausible_head}
+        #: computes counterfactual logits on the plausible tokens only, ``preallocate_cache`` writes each decode
+        #: step's keys and values in place
+        self.switches = {
+            "reuse_prefix": reuse_prefix,
+            "share_layers": share_layers,
+            "plausible_head": plausible_head,
+            "preallocate_cache": preallocate_cache,
+        }
         model.eval()
         self.adapter: Adapter = get_adapter(model, processor, base=base)
         self.engine = Engine(self.adapter, self.config, **self.switches)
@@ -98,11 +105,17 @@ class CausalMM:
         reuse_prefix: bool = True,
         share_layers: bool = True,
         plausible_head: bool = True,
+        preallocate_cache: bool = True,
         **hf_kwargs: Any,
     ) -> CausalMM:
         """Load a model and its processor (local directory or hub id) and wrap them."""
         model, processor = _load_pretrained(str(name_or_path), **hf_kwargs)
-        switches = {"reuse_prefix": reuse_prefix, "share_layers": share_layers, "plausible_head": plausible_head}
+        switches = {
+            "reuse_prefix": reuse_prefix,
+            "share_layers": share_layers,
+            "plausible_head": plausible_head,
+            "preallocate_cache": preallocate_cache,
+        }
         return cls(model, processor, config, base=base, **switches)
 
     @property
@@ -120,11 +133,17 @@ class CausalMM:
         reuse_prefix: bool | None = None,
         share_layers: bool | None = None,
         plausible_head: bool | None = None,
+        preallocate_cache: bool | None = None,
     ) -> CausalMM:
         """The same model under another config (no reload); the switches (see :attr:`switches`) default to this
         one's."""
         other = object.__new__(CausalMM)
-        given = {"reuse_prefix": reuse_prefix, "share_layers": share_layers, "plausible_head": plausible_head}
+        given = {
+            "reuse_prefix": reuse_prefix,
+            "share_layers": share_layers,
+            "plausible_head": plausible_head,
+            "preallocate_cache": preallocate_cache,
+        }
         other.switches = {k: self.switches[k] if v is None else v for k, v in given.items()}
         other.config, other.adapter = config, self.adapter
         other.engine = Engine(self.adapter, config, **other.switches)

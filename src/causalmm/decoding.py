@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .adapters import Adapter
 from .attention import Draws, Intervention, SiteRule, intervene
+from .cache import growing_cache
 from .config import CausalMMConfig, ConfigError, resolve_layers
 from .head import head_on_rows, plausible, plausible_logits
 from .interventions import diffusion_noise
@@ -139,6 +140,8 @@ def _select(logits: torch.Tensor, opts: GenerationOptions, history: list[int], g
     return int(torch.multinomial(probs.to(gen.device), 1, generator=gen))
 
 
+#: at most this many tokens of room reserved per cache layer at a time (a long answer reallocates every so many)
+_RESERVE_CHUNK = 256
 _TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 #: What a prefill hands to the decode loop, rows in engine order: last-position logits ``(rows, vocab)``, the
 #: cache, the attention mask ``(rows, length)`` and position ids (only the last column is read afterwards).
@@ -181,6 +184,10 @@ class Engine:
     logits are computed on the tokens the plausibility cut keeps, the only ones the rule reads
     (``causalmm.head``); used where the adapter declares :attr:`Adapter.plain_lm_head`, with raw-logit contrast,
     ``epsilon > 0`` and no branch logits requested. ``False`` runs the head on every row.
+
+    ``preallocate_cache``: the decoding KV cache reserves room for the answer at prefill and each step writes
+    its token in place (``causalmm.cache``), where ``DynamicCache`` copies the whole cache of every row at every
+    step; used where the cache is plain full-attention layers. ``False`` keeps ``DynamicCache``.
     """
 
     def __init__(
@@ -191,6 +198,7 @@ class Engine:
         reuse_prefix: bool = True,
         share_layers: bool = True,
         plausible_head: bool = True,
+        preallocate_cache: bool = True,
     ) -> None:
         self.adapter = adapter
         self.config = config
@@ -238,6 +246,7 @@ class Engine:
         # plain growing layers (no sliding window).
         plain_cache = all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_cfg).layers)
         self.prefix_reuse = bool(reuse_prefix and adapter.supports_prefix_reuse and plain_cache)
+        self.preallocate = bool(preallocate_cache and plain_cache)
         #: decoder layers ``0 .. share_low-1`` run once for rows that compute the same there (0: no sharing)
         self.share_low = 0
         if share_layers and adapter.supports_layer_sharing and plain_cache and self.language_rule is not None:
@@ -390,14 +399,22 @@ class Engine:
         plan = RowPlan([j if k is None else first.setdefault(k, j) for j, k in enumerate(keys)])
         return plan if plan.shares else None
 
-    def _prefill_full(self, encs, imgs, rows, row_feature, lang_gens, plan) -> _Prefill:
+    def _cache(self, reserve: int, data: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+        """The cache decoding runs on, holding ``data`` (one ``(keys, values)`` per layer) if given: with
+        :attr:`preallocate`, room for ``reserve`` more tokens per layer (``causalmm.cache``)."""
+        if self.preallocate:
+            return growing_cache(self._text_config, min(reserve, _RESERVE_CHUNK), data)
+        return DynamicCache(data, config=self._text_config)
+
+    def _prefill_full(self, encs, imgs, rows, row_feature, lang_gens, plan, reserve) -> _Prefill:
         """The reference prefill: every row's whole prompt, left-padded, in one forward (the layers below
-        :attr:`share_low` on the rows ``plan`` keeps only, whose cache keeps those rows)."""
+        :attr:`share_low` on the rows ``plan`` keeps only, whose cache keeps those rows); the cache has room for
+        ``reserve`` more tokens."""
         ad = self.adapter
         batch = self._collate_tokens(encs, rows)
         positions = ad.prefill_positions(batch, self._meta(imgs, rows, list(range(len(rows)))))
         fwd_extra = {k: v for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
-        cache = DynamicCache(config=self._text_config)
+        cache = self._cache(reserve)
         inputs = {
             "input_ids": batch["input_ids"],
             **fwd_extra,
@@ -431,7 +448,7 @@ class Engine:
         return n
 
     def _prefill_shared(
-        self, encs, imgs, rows, row_feature, share_key, lang_gens, lower_key, plan
+        self, encs, imgs, rows, row_feature, share_key, lang_gens, lower_key, plan, reserve
     ) -> _Prefill | None:
         """Prefill with shared prefixes; ``None`` where no two rows share one (then use :meth:`_prefill_full`).
 
@@ -590,7 +607,7 @@ class Engine:
                 parts.append(pad(getattr(lay, attr)[g:], (0, 0, ls, 0)))
                 kv.append(torch.cat(parts)[up_idx if n_layer >= low else low_idx])
             merged.append(tuple(kv))
-        cache = DynamicCache(merged, config=self._text_config)
+        cache = self._cache(reserve, merged)
         s_mask = s_batch["attention_mask"]
         mask = torch.cat([s_mask, s_mask[fed_s], pad(a_batch["attention_mask"][g:], (ls, 0))])[up_idx]
         positions = torch.cat([s_pos[..., -1:], s_pos[..., fed_s, -1:], a_pos[..., g:, -1:]], dim=-2)[..., up_idx, :]
@@ -690,9 +707,11 @@ class Engine:
         #: what the last call's prefill shared (diagnostics): prefix groups, their tokens, rows that reused one
         self.prefill_stats = {"groups": 0, "prefix_tokens": 0, "shared_rows": 0}
         if self.prefix_reuse:
-            prefill = self._prefill_shared(encs, imgs, rows, row_feature, share_key, lang_gens, lower_key, plan)
+            prefill = self._prefill_shared(
+                encs, imgs, rows, row_feature, share_key, lang_gens, lower_key, plan, opts.max_new_tokens
+            )
         if prefill is None:
-            prefill = self._prefill_full(encs, imgs, rows, row_feature, lang_gens, plan)
+            prefill = self._prefill_full(encs, imgs, rows, row_feature, lang_gens, plan, opts.max_new_tokens)
         logits, cache, mask, positions = prefill
         sample_gens = [torch.Generator(device="cpu").manual_seed(derive_seed(s, "sample")) for s in seeds]
 

@@ -13,7 +13,8 @@ depend on them) except for the toy-world preset's, and generation is forced to t
 Before/after rows of the optimisations: "eager attention" runs every attention call on eager maths, as the
 original code does (the before of routing the calls that are not intervened to SDPA); "no layer sharing" runs
 language rows through every LLM layer; "full head" runs the LM head on every row in decode steps (the before of
-computing counterfactual logits on the plausible tokens only, ``causalmm.head``). It also times one pass over the
+computing counterfactual logits on the plausible tokens only, ``causalmm.head``); "DynamicCache" grows the KV
+cache by ``torch.cat`` at every step (the before of writing it in place, ``causalmm.cache``). It also times one pass over the
 decoder layers' linear weights with 1, 2 and 3 rows, as ``F.linear`` and laid out as ``W @ x.T``: what this
 machine's BLAS charges per extra row, a floor under any batched engine's ratio here.
 
@@ -393,6 +394,9 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("regular greedy, eager attention", "eager", CausalMMConfig(method="regular")),
     ("causalmm vision K=1, eager attention", "eager", CausalMMConfig(mode="vision")),
     ("causalmm multimodal K=1, eager attention", "eager", CausalMMConfig(mode="multimodal")),
+    ("regular greedy, DynamicCache", "dynamic cache", CausalMMConfig(method="regular")),
+    ("causalmm vision K=1, DynamicCache", "dynamic cache", CausalMMConfig(mode="vision")),
+    ("causalmm multimodal K=1, DynamicCache", "dynamic cache", CausalMMConfig(mode="multimodal")),
     ("causalmm vision K=4", "engine", CausalMMConfig(mode="vision", num_cf_samples=4)),
     ("causalmm multimodal K=4", "engine", CausalMMConfig(mode="multimodal", num_cf_samples=4)),
     ("vcd", "engine", CausalMMConfig(method="vcd")),
@@ -402,7 +406,11 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
 
 
 #: the optimisation a configuration kind turns off (its before/after rows)
-SWITCHES_OFF = {"unshared": {"share_layers": False}, "full head": {"plausible_head": False}}
+SWITCHES_OFF = {
+    "unshared": {"share_layers": False},
+    "full head": {"plausible_head": False},
+    "dynamic cache": {"preallocate_cache": False},
+}
 
 
 def linear_cost_per_row(cm: CausalMM, device: str, reps: int = 5) -> dict[str, list[float]]:

@@ -51,7 +51,7 @@ METHODS = {
 }
 VARIANTS = ("naive", "batched", "reuse")
 #: the engine's optimisations, all off in ``naive`` and ``batched`` and all on in ``reuse``
-OFF = {"reuse_prefix": False, "share_layers": False, "plausible_head": False}
+OFF = {"reuse_prefix": False, "share_layers": False, "plausible_head": False, "preallocate_cache": False}
 
 
 def write_workload(root: Path, n_images: int, per_image: int) -> Path:

@@ -40,6 +40,8 @@ def test_decode_speed_prints_every_configuration_with_ratios():
         "causalmm multimodal K=1, full head",
         "regular greedy, eager attention",
         "causalmm multimodal K=1, eager attention",
+        "regular greedy, DynamicCache",
+        "causalmm multimodal K=1, DynamicCache",
         "sequential ref. multimodal",
     ]
     assert list(rows) == want
@@ -69,7 +71,7 @@ def test_decode_speed_toyworld_preset_runs_the_shipped_model():
     out = _run("decode_speed.py", "--new-tokens", "3", "--reps", "1", "--only", "vision K=1", preset="toyworld")
     assert "preset toyworld (0.833M params" in out
     rows = _rows(out)
-    assert list(rows) == [f"causalmm vision K=1{x}" for x in ("", ", full head", ", eager attention")]
+    assert list(rows) == [f"causalmm vision K=1{x}" for x in ("", ", full head", ", eager attention", ", DynamicCache")]
 
 
 def test_eval_throughput_toyworld_preset_answers_its_own_pope_questions():

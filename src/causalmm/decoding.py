@@ -140,8 +140,9 @@ def _select(logits: torch.Tensor, opts: GenerationOptions, history: list[int], g
     return int(torch.multinomial(probs.to(gen.device), 1, generator=gen))
 
 
-#: at most this many tokens of room reserved per cache layer at a time (a long answer reallocates every so many)
-_RESERVE_CHUNK = 256
+#: at most this many tokens of room reserved per cache layer at a time: a longer answer reallocates (one copy)
+#: every so many tokens, and a row that stops early leaves at most this much unused
+_RESERVE_CHUNK = 64
 _TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 #: What a prefill hands to the decode loop, rows in engine order: last-position logits ``(rows, vocab)``, the
 #: cache, the attention mask ``(rows, length)`` and position ids (only the last column is read afterwards).

@@ -474,7 +474,7 @@ class Engine:
         factual row's states (the random maps are drawn over the real tokens only, so the middle padding changes
         nothing). The merged cache keeps, below :attr:`share_low`, the rows ``plan`` (built from ``lower_key``)
         keeps: each row's mask and positions follow its own layout, and a language row's source has the same
-        real tokens at the same positions.
+        real tokens at the same positions. The merged cache has room for ``reserve`` more tokens.
         """
         ad = self.adapter
         keys = [k for k in _TOKEN_KEYS if k in encs[0]]

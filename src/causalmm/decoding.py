@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -167,6 +168,45 @@ def _first_of(keys: list[Any]) -> list[int]:
 def _lpad(t: torch.Tensor, length: int, fill: int) -> torch.Tensor:
     """A 1-D tensor left-padded with ``fill`` to ``length``."""
     return torch.cat([t.new_full((length - t.numel(),), fill), t])
+
+
+def _extra(batch: dict[str, torch.Tensor], lo: int = 0) -> dict[str, torch.Tensor]:
+    """The per-token inputs besides the ids that a forward takes (token type ids), from column ``lo`` on."""
+    return {k: v[:, lo:] for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
+
+
+@dataclass
+class _Split:
+    """The layout of a shared prefill (:meth:`Engine._prefill_shared`), rows as engine row indices."""
+
+    groups: list[tuple[list[int], int]]  # (member rows, image-prefix length) of each prefix group
+    source: list[int]  # each row's source in the layers below `share_low` (itself where nothing is shared)
+    fed: list[int]  # rows forward C runs: no group of their own, their source reuses a prefix
+    alone: list[int]  # rows that share nothing: forward A runs their whole prompt
+    la: int  # forward A's length (prefixes and alone rows, left-padded)
+    ls: int  # forward B's length (suffixes, left-padded)
+    a_batch: dict[str, torch.Tensor]  # forward A's tokens: one row per group, then the alone rows
+    s_batch: dict[str, torch.Tensor]  # the reusing rows' whole layout `[padding, prefix, padding, suffix]`
+    a_pos: torch.Tensor  # forward A's position ids
+    s_pos: torch.Tensor  # the reusing rows' position ids over their whole layout
+
+    @property
+    def g(self) -> int:
+        return len(self.groups)
+
+    @cached_property
+    def reusing(self) -> list[int]:
+        return sorted(i for members, _ in self.groups for i in members)
+
+    @cached_property
+    def group_of(self) -> dict[int, int]:
+        return {i: k for k, (members, _) in enumerate(self.groups) for i in members}
+
+    @cached_property
+    def fed_sources(self) -> torch.Tensor:
+        """Each fed row's source, as an index into :attr:`reusing` (forward B's rows)."""
+        at = {i: j for j, i in enumerate(self.reusing)}
+        return torch.tensor([at[self.source[i]] for i in self.fed], dtype=torch.long, device=self.s_pos.device)
 
 
 class Engine:
@@ -414,11 +454,10 @@ class Engine:
         ad = self.adapter
         batch = self._collate_tokens(encs, rows)
         positions = ad.prefill_positions(batch, self._meta(imgs, rows, list(range(len(rows)))))
-        fwd_extra = {k: v for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
         cache = self._cache(reserve)
         inputs = {
             "input_ids": batch["input_ids"],
-            **fwd_extra,
+            **_extra(batch),
             **ad.features_input([row_feature(r) for r in rows]),
         }
         out = self._forward(inputs, batch["attention_mask"], positions, cache, dict(lang_gens), plan)
@@ -476,26 +515,40 @@ class Engine:
         keeps: each row's mask and positions follow its own layout, and a language row's source has the same
         real tokens at the same positions. The merged cache has room for ``reserve`` more tokens.
         """
+        sp = self._split(encs, imgs, rows, share_key, plan)
+        if sp is None:
+            return None
+        out_a, cache_a, h_a = self._forward_a(sp, rows, row_feature, lang_gens, lower_key)
+        out_b, cache_b, h_b = self._forward_b(sp, rows, lang_gens, lower_key, cache_a)
+        out_c, cache_c = self._forward_c(sp, rows, row_feature, lang_gens, h_a, h_b) if sp.fed else (None, None)
+        self.prefill_stats = {
+            "groups": sp.g,
+            "prefix_tokens": sum(p for _, p in sp.groups),
+            "shared_rows": len(sp.reusing),
+            "fed_rows": len(sp.fed),
+        }
+        return self._merge(sp, plan, (out_a, out_b, out_c), (cache_a, cache_b, cache_c), reserve)
+
+    def _split(self, encs, imgs, rows, share_key, plan) -> _Split | None:
+        """The layout of a shared prefill (:meth:`_prefill_shared`): its groups, the rows of forwards A, B and C,
+        their left-padded token batches and position ids; ``None`` where no two rows share a prefix."""
         ad = self.adapter
         keys = [k for k in _TOKEN_KEYS if k in encs[0]]
-        groups: dict[tuple, list[int]] = {}
+        by_key: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault(share_key(r), []).append(i)
-        split: list[tuple[list[int], int]] = []  # (member rows, prefix length)
-        for members in groups.values():
+            by_key.setdefault(share_key(r), []).append(i)
+        groups: list[tuple[list[int], int]] = []
+        for members in by_key.values():
             if len(members) > 1 and (plen := self._shared_prefix([encs[rows[i].prompt] for i in members])):
-                split.append((members, plen))
-        if not split:
+                groups.append((members, plen))
+        if not groups:
             return None
-        plen_of = {i: plen for members, plen in split for i in members}
-        group_of = {i: g for g, (members, _) in enumerate(split) for i in members}
-        reusing = sorted(plen_of)
+        plen_of = {i: plen for members, plen in groups for i in members}
         source = list(range(len(rows))) if plan is None else plan.sources
         # forward C: rows that share no prefix themselves but whose lower layers are a reusing row's
         fed = [i for i in range(len(rows)) if i not in plen_of and source[i] != i and source[i] in plen_of]
         alone = [i for i in range(len(rows)) if i not in plen_of and i not in fed]
-        g = len(split)
-        low = self.share_low
+        reusing = sorted(plen_of)
 
         def tok(i: int, key: str) -> torch.Tensor:
             return encs[rows[i].prompt][key][0]
@@ -503,9 +556,9 @@ class Engine:
         def fill(key: str) -> int:
             return self.pad_id if key == "input_ids" else 0
 
-        la = max([plen for _, plen in split] + [tok(i, "input_ids").numel() for i in alone])
+        la = max([plen for _, plen in groups] + [tok(i, "input_ids").numel() for i in alone])
         ls = max(tok(i, "input_ids").numel() - plen_of[i] for i in reusing)
-        a_parts = [(members[0], plen) for members, plen in split] + [(i, None) for i in alone]
+        a_parts = [(members[0], plen) for members, plen in groups] + [(i, None) for i in alone]
         a_batch = {
             key: torch.stack([_lpad(tok(i, key)[:plen], la, fill(key)) for i, plen in a_parts]).to(ad.device)
             for key in keys
@@ -525,43 +578,43 @@ class Engine:
             for key in keys
         }
         s_pos = ad.prefill_positions(s_batch, self._meta(imgs, rows, reusing))
-        a_pos = [s_pos[..., [reusing.index(members[0]) for members, _ in split], :la]]
+        a_pos = [s_pos[..., [reusing.index(members[0]) for members, _ in groups], :la]]
         if alone:
-            f_batch = {key: v[g:] for key, v in a_batch.items()}
+            f_batch = {key: v[len(groups) :] for key, v in a_batch.items()}
             a_pos.append(ad.prefill_positions(f_batch, self._meta(imgs, rows, alone)))
-        a_pos = torch.cat(a_pos, dim=-2)
+        return _Split(groups, source, fed, alone, la, ls, a_batch, s_batch, torch.cat(a_pos, dim=-2), s_pos)
 
-        def extra(batch: dict[str, torch.Tensor], lo: int = 0) -> dict[str, torch.Tensor]:
-            return {k: v[:, lo:] for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
+    def _entering(self, sp: _Split) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        """The states entering layer :attr:`share_low` in a forward, which only forward C needs."""
+        return capture_input(self.adapter.lm_layers[self.share_low]) if sp.fed else contextlib.nullcontext([])
 
-        cache_a = DynamicCache(config=self._text_config)
-        feats = [row_feature(rows[members[0]]) for members, _ in split] + [row_feature(rows[i]) for i in alone]
-        inputs_a = {"input_ids": a_batch["input_ids"], **extra(a_batch), **ad.features_input(feats)}
-        a_rows = [members[0] for members, _ in split] + alone
+    def _forward_a(self, sp: _Split, rows, row_feature, lang_gens, lower_key):
+        """Forward A: each group's first row over its prefix, each row sharing nothing over its whole prompt.
+        Returns the output, the cache (every row of forward A in every layer) and the states entering
+        :attr:`share_low` (if forward C needs them)."""
+        g = sp.g
+        a_rows = [members[0] for members, _ in sp.groups] + sp.alone
+        feats = [row_feature(rows[i]) for i in a_rows]
+        inputs = {"input_ids": sp.a_batch["input_ids"], **_extra(sp.a_batch), **self.adapter.features_input(feats)}
         lang = {j: lang_gens[i] for j, i in enumerate(a_rows) if i in lang_gens}
         # a group's first row runs the prefix only, an alone row its whole prompt: equal keys need one layout
-        plan_a = self._plan([(j < g, lower_key(rows[i])) for j, i in enumerate(a_rows)])
+        plan = self._plan([(j < g, lower_key(rows[i])) for j, i in enumerate(a_rows)])
+        cache = DynamicCache(config=self._text_config)
+        with self._entering(sp) as hidden:
+            out = self._forward(inputs, sp.a_batch["attention_mask"], sp.a_pos, cache, lang, plan)
+        if plan is not None:  # every row of forward A back in the lower layers, for the merge
+            select_cache_rows(cache, self.share_low, None, plan.gather)
+        return out, cache, hidden
 
-        def entering() -> contextlib.AbstractContextManager[list[torch.Tensor]]:
-            """The states entering layer `low`, which only forward C needs."""
-            return capture_input(ad.lm_layers[low]) if fed else contextlib.nullcontext([])
-
-        with entering() as h_a:
-            out_a = self._forward(inputs_a, a_batch["attention_mask"], a_pos, cache_a, lang, plan_a)
-        if plan_a is not None:  # every row of forward A back in the lower layers, for the merge below
-            select_cache_rows(cache_a, low, None, plan_a.gather)
-        self.prefill_stats = {
-            "groups": g,
-            "prefix_tokens": sum(p for _, p in split),
-            "shared_rows": len(reusing),
-            "fed_rows": len(fed),
-        }
-
-        # forward B: every reusing row's suffix on its group's forked cache (below `low`, on the plan's rows)
-        plan_b = self._plan([lower_key(rows[i]) for i in reusing])
-        fork = torch.tensor([group_of[i] for i in reusing], device=ad.device)
-        fork_low = fork if plan_b is None else fork[plan_b.keep]
-        cache_b = DynamicCache(
+    def _forward_b(self, sp: _Split, rows, lang_gens, lower_key, cache_a: DynamicCache):
+        """Forward B: every reusing row's suffix on its group's cache from forward A, forked (below
+        :attr:`share_low`, on the sharing plan's rows). Returns as :meth:`_forward_a` does, rows in
+        ``sp.reusing`` order."""
+        low = self.share_low
+        plan = self._plan([lower_key(rows[i]) for i in sp.reusing])
+        fork = torch.tensor([sp.group_of[i] for i in sp.reusing], device=self.adapter.device)
+        fork_low = fork if plan is None else fork[plan.keep]
+        cache = DynamicCache(
             [
                 (lay.keys[f], lay.values[f])
                 for n_layer, lay in enumerate(cache_a.layers)
@@ -569,50 +622,56 @@ class Engine:
             ],
             config=self._text_config,
         )
-        inputs_b = {"input_ids": s_batch["input_ids"][:, la:], **extra(s_batch, la)}
-        lang_b = {j: lang_gens[i] for j, i in enumerate(reusing) if i in lang_gens}
-        with entering() as h_b:
-            out_b = self._forward(inputs_b, s_batch["attention_mask"], s_pos[..., la:], cache_b, lang_b, plan_b)
-        if plan_b is not None:  # every reusing row back in the lower layers, for the merge below
-            select_cache_rows(cache_b, low, None, plan_b.gather)
+        la = sp.la
+        inputs = {"input_ids": sp.s_batch["input_ids"][:, la:], **_extra(sp.s_batch, la)}
+        lang = {j: lang_gens[i] for j, i in enumerate(sp.reusing) if i in lang_gens}
+        with self._entering(sp) as hidden:
+            out = self._forward(inputs, sp.s_batch["attention_mask"], sp.s_pos[..., la:], cache, lang, plan)
+        if plan is not None:  # every reusing row back in the lower layers, for the merge
+            select_cache_rows(cache, low, None, plan.gather)
+        return out, cache, hidden
 
-        s_row = {i: j for j, i in enumerate(reusing)}
-        fed_s = torch.tensor([s_row[source[i]] for i in fed], dtype=torch.long, device=ad.device)
-        if fed:  # forward C: from layer `low` on, over the source's layout, fed the source's states
-            hidden = torch.cat([h_a[0][[group_of[source[i]] for i in fed]], h_b[0][fed_s]], dim=1)
-            cache_c = DynamicCache(config=self._text_config)
-            inputs_c = {
-                "input_ids": s_batch["input_ids"][fed_s],
-                **{k: v[fed_s] for k, v in extra(s_batch).items()},
-                **ad.features_input([row_feature(rows[i]) for i in fed]),
-            }
-            lang_c = {j: lang_gens[i] for j, i in enumerate(fed) if i in lang_gens}
-            with feed_lower_layers(ad.lm_layers[:low], hidden):
-                out_c = self._forward(inputs_c, s_batch["attention_mask"][fed_s], s_pos[..., fed_s, :], cache_c, lang_c)
+    def _forward_c(self, sp: _Split, rows, row_feature, lang_gens, h_a, h_b):
+        """Forward C: the fed rows from layer :attr:`share_low` on, over their source's layout, fed the source's
+        states from forwards A and B. Returns the output and the cache (layers from :attr:`share_low` on)."""
+        src = sp.fed_sources
+        hidden = torch.cat([h_a[0][[sp.group_of[sp.source[i]] for i in sp.fed]], h_b[0][src]], dim=1)
+        cache = DynamicCache(config=self._text_config)
+        inputs = {
+            "input_ids": sp.s_batch["input_ids"][src],
+            **{k: v[src] for k, v in _extra(sp.s_batch).items()},
+            **self.adapter.features_input([row_feature(rows[i]) for i in sp.fed]),
+        }
+        lang = {j: lang_gens[i] for j, i in enumerate(sp.fed) if i in lang_gens}
+        with feed_lower_layers(self.adapter.lm_layers[: self.share_low], hidden):
+            out = self._forward(inputs, sp.s_batch["attention_mask"][src], sp.s_pos[..., src, :], cache, lang)
+        return out, cache
 
-        # Merge in `rows` order: layers from `low` on hold every row (reusing, fed, alone); the layers below
-        # hold the rows of the sharing plan (no fed row is among them).
-        upper, lower = reusing + fed + alone, reusing + alone
-        up_idx = torch.tensor([upper.index(i) for i in range(len(rows))], device=ad.device)
-        low_idx = torch.tensor(
-            [lower.index(i) for i in (plan.keep if plan is not None else range(len(rows)))], device=ad.device
-        )
+    def _merge(self, sp: _Split, plan: RowPlan | None, outs: tuple, caches: tuple, reserve: int) -> _Prefill:
+        """Forwards A, B and C merged in ``rows`` order: layers from :attr:`share_low` on hold every row
+        (reusing, fed, alone), the layers below the rows of the sharing plan (no fed row is among them)."""
+        (out_a, out_b, out_c), (cache_a, cache_b, cache_c) = outs, caches
+        dev, g, low, n = self.adapter.device, sp.g, self.share_low, len(sp.source)
+        upper, lower = sp.reusing + sp.fed + sp.alone, sp.reusing + sp.alone
+        up_idx = torch.tensor([upper.index(i) for i in range(n)], device=dev)
+        low_idx = torch.tensor([lower.index(i) for i in (plan.keep if plan is not None else range(n))], device=dev)
         pad = torch.nn.functional.pad
         merged = []
         for n_layer, (lb, lay) in enumerate(zip(cache_b.layers, cache_a.layers, strict=True)):
             kv = []
             for attr in ("keys", "values"):
                 parts = [getattr(lb, attr)]
-                if fed and n_layer >= low:
+                if sp.fed and n_layer >= low:
                     parts.append(getattr(cache_c.layers[n_layer], attr))
-                parts.append(pad(getattr(lay, attr)[g:], (0, 0, ls, 0)))
+                parts.append(pad(getattr(lay, attr)[g:], (0, 0, sp.ls, 0)))
                 kv.append(torch.cat(parts)[up_idx if n_layer >= low else low_idx])
             merged.append(tuple(kv))
         cache = self._cache(reserve, merged)
-        s_mask = s_batch["attention_mask"]
-        mask = torch.cat([s_mask, s_mask[fed_s], pad(a_batch["attention_mask"][g:], (ls, 0))])[up_idx]
-        positions = torch.cat([s_pos[..., -1:], s_pos[..., fed_s, -1:], a_pos[..., g:, -1:]], dim=-2)[..., up_idx, :]
-        fed_logits = [out_c.logits[:, -1]] if fed else []
+        src = sp.fed_sources
+        s_mask, s_pos, a_pos = sp.s_batch["attention_mask"], sp.s_pos, sp.a_pos
+        mask = torch.cat([s_mask, s_mask[src], pad(sp.a_batch["attention_mask"][g:], (sp.ls, 0))])[up_idx]
+        positions = torch.cat([s_pos[..., -1:], s_pos[..., src, -1:], a_pos[..., g:, -1:]], dim=-2)[..., up_idx, :]
+        fed_logits = [out_c.logits[:, -1]] if sp.fed else []
         logits = torch.cat([out_b.logits[:, -1], *fed_logits, out_a.logits[g:, -1]]).float()[up_idx]
         return logits, cache, mask, positions
 

@@ -1,5 +1,5 @@
 """The benchmark scripts run from a clone with one command each (tiny preset: seconds). Their numbers are
-not checked here (speed lives in benchmarks, never in tests); their tables and the prediction check are."""
+not checked here (speed lives in speed/, never in tests); their tables and the prediction check are."""
 
 import os
 import re
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(script: str, *args: str, preset: str = "tiny") -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--preset", preset, *args],
+        [sys.executable, str(ROOT / "speed" / script), "--preset", preset, *args],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,7 +83,7 @@ def test_eval_throughput_toyworld_preset_answers_its_own_pope_questions():
 
 def test_eval_throughput_toyworld_preset_refuses_another_question_count():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "eval_throughput.py"), "--preset", "toyworld", "--questions", "4"],
+        [sys.executable, str(ROOT / "speed" / "eval_throughput.py"), "--preset", "toyworld", "--questions", "4"],
         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -91,11 +91,11 @@ def test_eval_throughput_toyworld_preset_refuses_another_question_count():
 
 
 def test_attention_base_switches_every_attention_call_and_restores_it():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "speed"))
     try:
         from decode_speed import attention_base, build
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.path.remove(str(ROOT / "speed"))
     import torch
 
     cm, image, _ = build("tiny", "cpu", torch.float32)

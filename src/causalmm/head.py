@@ -11,7 +11,7 @@ Only raw-logit contrast allows it (a log-prob contrast needs each row's full nor
 ``nn.Linear`` head whose output the model returns unchanged (no soft-capping or scaling after it): the engine
 checks both (:attr:`causalmm.adapters.Adapter.plain_lm_head`). On a GPU at batch 2-3 the head is memory-bound
 and this saves little; on a CPU whose BLAS pays per row it removes most of a counterfactual row's head cost
-(``benchmarks/README.md``).
+(``speed/README.md``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Evaluation throughput on a POPE-style workload (several questions per image), with and without prefix reuse.
 
-    python benchmarks/eval_throughput.py                         # CPU preset (LLaVA shape, 576 image tokens)
-    python benchmarks/eval_throughput.py --preset toyworld       # the embedded toy-world model on its own POPE
-    python benchmarks/eval_throughput.py --preset llava7b        # 7B-shaped LLaVA-1.5 in bf16, CUDA only
-    python benchmarks/eval_throughput.py --preset tiny --images 2 --reps 1     # a smoke run
+    python speed/eval_throughput.py                         # CPU preset (LLaVA shape, 576 image tokens)
+    python speed/eval_throughput.py --preset toyworld       # the embedded toy-world model on its own POPE
+    python speed/eval_throughput.py --preset llava7b        # 7B-shaped LLaVA-1.5 in bf16, CUDA only
+    python speed/eval_throughput.py --preset tiny --images 2 --reps 1     # a smoke run
 
 It writes random textured images and a POPE question file (``--questions`` consecutive questions per image,
 as in the official files) to a temporary folder and runs them through the real ``causalmm eval`` path,

@@ -1,10 +1,10 @@
 """Decode speed of CausalMM against regular decoding, measured side by side in one run.
 
-    python benchmarks/decode_speed.py                       # CPU preset (~50M LLaVA, 576 image tokens)
-    python benchmarks/decode_speed.py --preset toyworld     # the embedded toy-world model (trained, 16 image tokens)
-    python benchmarks/decode_speed.py --preset llava7b      # 7B-shaped LLaVA-1.5 in bf16, CUDA only
-    python benchmarks/decode_speed.py --preset tiny --new-tokens 8 --reps 1    # a smoke run
-    python benchmarks/decode_speed.py --memory              # CPU: also peak RSS, one fresh process per config
+    python speed/decode_speed.py                       # CPU preset (~50M LLaVA, 576 image tokens)
+    python speed/decode_speed.py --preset toyworld     # the embedded toy-world model (trained, 16 image tokens)
+    python speed/decode_speed.py --preset llava7b      # 7B-shaped LLaVA-1.5 in bf16, CUDA only
+    python speed/decode_speed.py --preset tiny --new-tokens 8 --reps 1    # a smoke run
+    python speed/decode_speed.py --memory              # CPU: also peak RSS, one fresh process per config
 
 For each configuration it measures prefill time, per-token decode latency and peak memory, repeating the
 configurations interleaved (rep 1 of every config, then rep 2, ...) so drift hits all alike, and prints

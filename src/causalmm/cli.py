@@ -235,15 +235,20 @@ def eval_(
             "limit": limit,
             "options": options,
         }
-        if relaunch:  # check data and run folder here, so bad input fails with one line, not per process
-            from .benchmarks.evaluate import plan_run
-            from .benchmarks.runner import check_run_info
-
-            check_run_info(out, plan_run(benchmark, **plan)[2])
     except (*_user_errors(), BenchmarkError) as err:
         _fail(str(err))
-    if relaunch:
-        raise typer.Exit(code=_relaunch_with_accelerate(num_processes))
+    if relaunch:  # the launcher holds the folder's lock for its workers and checks everything first, so bad
+        # input fails with one line, not once per process
+        from .benchmarks.evaluate import preflight
+        from .benchmarks.runner import lock_run_folder
+
+        try:
+            with lock_run_folder(out) as lock_fd:
+                preflight(benchmark, out=out, **plan)
+                code = _relaunch_with_accelerate(num_processes, out, lock_fd)
+        except (*_user_errors(), BenchmarkError) as err:
+            _fail(str(err))
+        raise typer.Exit(code=code)
     try:
         evaluate(
             benchmark,
@@ -393,9 +398,19 @@ def explain(
         console.print(f"wrote {html}", highlight=False)
 
 
-def _relaunch_with_accelerate(n: int) -> int:
-    """Run this same command under ``accelerate launch`` with ``n`` processes; its exit code."""
+def _relaunch_with_accelerate(n: int, out: Path | None = None, lock_fd: int | None = None) -> int:
+    """Run this same command under ``accelerate launch`` with ``n`` processes; its exit code.
+
+    The workers run under the lock this launcher holds on ``out`` (named to them in ``CAUSALMM_RUN_LOCK``;
+    its descriptor is passed on to accelerate's launcher, so the lock lasts while that process lives).
+    Accelerate's launcher runs in its own session and gets the SIGINT/SIGTERM/SIGHUP this process receives,
+    and tears its workers down as it does on its own signals; on Linux it also gets SIGTERM when this process
+    dies any other way (``kill -9``), so no worker outlives the command that started it.
+    """
+    import signal
     import subprocess
+
+    from .benchmarks.runner import LOCK_ENV, LOCK_NAME
 
     args, skip = [], False
     for arg in sys.argv[1:]:
@@ -408,9 +423,42 @@ def _relaunch_with_accelerate(n: int) -> int:
         if arg.startswith("--num-processes="):
             continue
         args.append(arg)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n)]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "causalmm", *args]
-    return subprocess.call(launch)
+    launch = ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "-m", "causalmm", *args]
+    env = dict(os.environ)
+    if lock_fd is not None and out is not None:
+        env[LOCK_ENV] = os.path.realpath(out / LOCK_NAME)
+    # accelerate's launcher, asking first (Linux) for SIGTERM when this process dies
+    launcher = (
+        "import ctypes, os, runpy, signal, sys\n"
+        "if sys.platform.startswith('linux'):\n"
+        "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+        "    if os.getppid() != int(sys.argv[1]):  # the parent died before prctl took effect\n"
+        "        sys.exit(128 + signal.SIGTERM)\n"
+        "sys.argv = ['accelerate-launch', *sys.argv[2:]]\n"
+        "runpy.run_module('accelerate.commands.launch', run_name='__main__', alter_sys=True)\n"
+    )
+    cmd = [sys.executable, "-c", launcher, str(os.getpid()), *launch]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,))
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        return 128 + received[0]
+    return code if code >= 0 else 128 - code
 
 
 def _hf_kwargs(device: str | None, dtype: str) -> dict:

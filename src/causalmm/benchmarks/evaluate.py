@@ -5,26 +5,65 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..config import CausalMMConfig
-from . import get_benchmark
+from . import check_data_path, get_benchmark
 from .base import Benchmark, BenchmarkError, Sample, check_images
 from .runner import (
     IMAGE_SEEDS,
+    bytes_digest,
+    check_done,
+    check_out_folder,
     check_run_info,
+    data_digest,
     finalize,
     limit_samples,
     load_done,
+    lock_run_folder,
     pending,
     run_samples,
     write_run_info,
 )
 from .stats import bootstrap_ci
 
-__all__ = ["evaluate", "load_run_samples", "plan_run", "sample_image", "score_predictions"]
+__all__ = [
+    "RunPlan",
+    "evaluate",
+    "load_run_samples",
+    "plan_run",
+    "preflight",
+    "sample_image",
+    "score_predictions",
+    "verify_images",
+]
+
+
+@dataclass
+class RunPlan:
+    """Everything a run is, known before any model is loaded.
+
+    Attributes:
+        bench: the configured benchmark.
+        samples: its samples after ``--limit``, every image checked readable.
+        info: what ``run.json`` records (identity, data digest, versions).
+        digests: sample id -> digest of its image (image seeds and the run's data identity).
+        inputs: the paths the run reads (data, images, annotations), which ``--out`` must keep clear of.
+    """
+
+    bench: Benchmark
+    samples: list[Sample]
+    info: dict[str, Any]
+    digests: dict[str, str]
+    inputs: list[str | Path | None] = field(default_factory=list)
+
+    def image_files(self) -> list[str | Path]:
+        """The samples' image files (not bytes)."""
+        return [s.image for s in self.samples if isinstance(s.image, (str, Path))]
 
 
 def sample_image(sample: Sample):
@@ -46,12 +85,71 @@ def sample_image(sample: Sample):
 
 def load_run_samples(bench: Benchmark, data: str | Path, images: str | Path | None, limit: int | None) -> list[Sample]:
     """The samples of a run: loaded, checked, limited (keeping whole units)."""
+    check_data_path(data)
+    if images is not None and not Path(images).exists():
+        raise BenchmarkError(
+            f"the image folder {images} is missing (no such file or folder); pass --images DIR with the "
+            "benchmark's image folder"
+        )
     samples = bench.load(Path(data) if not isinstance(data, Path) else data, Path(images) if images else None)
     if not samples:
         raise BenchmarkError(f"{data}: no samples")
     samples = limit_samples(bench, samples, limit)
     check_images(samples, Path(images) if images else None, Path(data))
     return samples
+
+
+def verify_images(samples: Sequence[Sample]) -> dict[str, str]:
+    """Decode every sample's image once, before any model is loaded; returns sample id -> image digest.
+
+    A corrupt or truncated image would otherwise stop the run when its batch comes up, possibly hours in.
+    Each distinct image (file, or bytes of a parquet export) is read once, digested (for its image seed and
+    the run's data identity) and fully decoded; JPEGs at 1/8 scale, which still reads every byte of the file.
+    Raises one BenchmarkError naming how many images are bad and the first few, with PIL's reason.
+    """
+    from PIL import Image
+
+    digests: dict[str, str] = {}
+    by_path: dict[str, str] = {}
+    decoded: set[str] = set()
+    bad: list[str] = []
+    for s in samples:
+        if s.image is None:
+            bad.append(f"sample {s.id} (no image)")
+            continue
+        if isinstance(s.image, (str, Path)):
+            name = str(s.image)
+            if name in by_path:
+                digests[s.id] = by_path[name]
+                continue
+            try:
+                data = Path(name).read_bytes()
+            except OSError as err:
+                by_path[name] = digests[s.id] = "unreadable"
+                bad.append(f"{name} ({err.strerror or err})")
+                continue
+        else:
+            name, data = f"the image bytes of sample {s.id}", s.image
+        digest = bytes_digest(data)
+        digests[s.id] = digest
+        if isinstance(s.image, (str, Path)):
+            by_path[name] = digest
+        if digest in decoded:
+            continue
+        decoded.add(digest)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            bad.append(f"{name} ({reason})")
+    if bad:
+        raise BenchmarkError(
+            f"{len(bad)} image(s) cannot be read as images, e.g. {'; '.join(bad[:3])}; replace them or remove "
+            "their questions from --data (checked before loading the model)"
+        )
+    return digests
 
 
 def plan_run(
@@ -65,7 +163,7 @@ def plan_run(
     seeds: Sequence[int] = (0,),
     limit: int | None = None,
     options: dict[str, Any] | None = None,
-) -> tuple[Benchmark, list[Sample], dict[str, Any]]:
+) -> RunPlan:
     """Everything a run is, checked before any model is loaded: the benchmark, its samples, ``run.json``."""
     config = config or CausalMMConfig()
     bench = get_benchmark(benchmark, **(options or {}))
@@ -74,6 +172,7 @@ def plan_run(
     if not seeds:
         raise BenchmarkError("give at least one seed")
     samples = load_run_samples(bench, data, images, limit)
+    digests = verify_images(samples)
     info = {
         "benchmark": bench.name,
         "options": bench.describe(),
@@ -82,12 +181,30 @@ def plan_run(
         "generation": generation,
         "data": str(data),
         "images": str(images) if images else None,
+        "data_digest": data_digest(samples, digests),
+        "n_samples": len(samples),
         "seeds": seeds,
         "limit": limit,
         "image_seeds": IMAGE_SEEDS,
         "causalmm_version": __version__,
     }
-    return bench, samples, info
+    inputs = [data, images, (options or {}).get("annotations")]
+    return RunPlan(bench, samples, info, digests, inputs)
+
+
+def preflight(benchmark: str, *, out: str | Path, **plan: Any) -> RunPlan:
+    """Every check :func:`evaluate` makes before writing, without writing: data, images, ``--out`` and a
+    resumption's agreement with the folder. ``causalmm eval --num-processes`` runs it (holding the folder's
+    lock) so bad input fails with one line before any process is launched."""
+    run = plan_run(benchmark, **plan)
+    out = Path(out)
+    check_out_folder(out, run.inputs, run.image_files())
+    check_run_info(out, run.info)
+    if out.is_dir():
+        done = load_done(out)
+        pending(run.samples, run.info["seeds"], done, out)
+        check_done(run.samples, done, out, run.digests)
+    return run
 
 
 def evaluate(
@@ -112,10 +229,12 @@ def evaluate(
     """Run ``benchmark`` with ``model`` into ``out``; resumes what is there. Returns the metrics summary.
 
     ``causalmm`` may be an already-loaded :class:`causalmm.CausalMM` (its config is replaced by ``config``);
-    otherwise the model is loaded only if something is left to generate.
+    otherwise the model is loaded only if something is left to generate. The run folder is locked for the
+    whole run (see :mod:`.runner`): under several processes the main one holds the lock, unless the
+    launcher already does, and the others wait at a barrier until it has it.
     """
     config = config or CausalMMConfig()
-    bench, samples, info = plan_run(
+    run = plan_run(
         benchmark,
         model=model,
         data=data,
@@ -126,45 +245,53 @@ def evaluate(
         limit=limit,
         options=options,
     )
+    bench, samples, info = run.bench, run.samples, run.info
     generation, seeds, out = info["generation"], info["seeds"], Path(out)
+    check_out_folder(out, run.inputs, run.image_files())
     rank, world, barrier = _processes()
-    merged = check_run_info(out, info)  # every process refuses a mismatched run before anyone writes
-    barrier()
-    if rank == 0:
-        write_run_info(out, merged)
-    done = load_done(out)  # every process reads the same finished set before anyone appends
-    barrier()
-    if pending(samples, seeds, done, out)[rank::world]:
-        cm = _model(causalmm, model, config, base, _process_hf_kwargs(hf_kwargs, world))
+    with lock_run_folder(out) if rank == 0 else nullcontext():
+        barrier()  # nobody reads the folder before the main process holds its lock
+        merged = check_run_info(out, info)  # every process refuses a mismatched run before anyone writes
+        barrier()
+        if rank == 0:
+            write_run_info(out, merged)
+        done = load_done(out)  # every process reads the same finished set before anyone appends
+        check_done(samples, done, out, run.digests)
+        barrier()
+        if pending(samples, seeds, done, out)[rank::world]:
+            cm = _model(causalmm, model, config, base, _process_hf_kwargs(hf_kwargs, world))
 
-        def generate(
-            batch: Sequence[Sample], sample_seeds: Sequence[int], image_seeds: Sequence[int]
-        ) -> list[dict[str, Any]]:
-            results = cm.generate(
-                [sample_image(s) for s in batch],
-                [s.prompt for s in batch],
-                seeds=list(sample_seeds),
-                image_seeds=list(image_seeds),
-                **generation,
+            def generate(
+                batch: Sequence[Sample], sample_seeds: Sequence[int], image_seeds: Sequence[int]
+            ) -> list[dict[str, Any]]:
+                results = cm.generate(
+                    [sample_image(s) for s in batch],
+                    [s.prompt for s in batch],
+                    seeds=list(sample_seeds),
+                    image_seeds=list(image_seeds),
+                    **generation,
+                )
+                return [
+                    {"text": r.text, "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)} for r in results
+                ]
+
+            run_samples(
+                bench,
+                samples,
+                out,
+                generate,
+                seeds=seeds,
+                batch_size=batch_size,
+                progress=progress,
+                rank=rank,
+                world=world,
+                done=done,
+                digests=run.digests,
             )
-            return [{"text": r.text, "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)} for r in results]
-
-        run_samples(
-            bench,
-            samples,
-            out,
-            generate,
-            seeds=seeds,
-            batch_size=batch_size,
-            progress=progress,
-            rank=rank,
-            world=world,
-            done=done,
-        )
-    barrier()
-    if rank == 0:
-        summary = finalize(bench, samples, out, seeds=seeds, info=info, n_boot=n_boot)
-    barrier()
+        barrier()
+        if rank == 0:
+            summary = finalize(bench, samples, out, seeds=seeds, info=info, n_boot=n_boot, digests=run.digests)
+        barrier()
     if rank != 0:
         summary = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     return summary
@@ -229,6 +356,10 @@ def score_predictions(
     path = Path(predictions)
     if not path.exists():
         raise BenchmarkError(f"predictions not found: {path}")
+    if data is not None:
+        check_data_path(data)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise BenchmarkError(f"--out {out} is a file; give a folder for metrics.json")
     records = bench.read_predictions(path, Path(data) if data else None, Path(annotations) if annotations else None)
     if not records:
         raise BenchmarkError(f"{path}: no predictions")
@@ -246,6 +377,11 @@ def score_predictions(
         summary["ci95"] = {k: list(v) for k, v in bootstrap_ci(bench, records, n_boot=n_boot).items()}
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise BenchmarkError(
+                f"cannot write {out / 'metrics.json'} ({err.strerror or err}); pick another --out"
+            ) from None
     return summary

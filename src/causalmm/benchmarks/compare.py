@@ -1,8 +1,14 @@
 """Compare finished runs of one benchmark: a table with 95% intervals and paired tests, and a bar chart.
 
-The first run is the reference. Each other run is tested against it on the samples both hold: McNemar's
-exact test on per-question right/wrong for yes/no benchmarks (single-seed runs), otherwise a paired bootstrap
-of the benchmark's primary metric (CHAIR, VLind-Bench, multi-seed runs).
+The first run is the reference. Each other run is tested against it: McNemar's exact test on per-question
+right/wrong for yes/no benchmarks (single-seed runs), otherwise a paired bootstrap of the benchmark's primary
+metric (CHAIR, VLind-Bench, multi-seed runs).
+
+Only like is compared with like: every run must hold the same samples (the same ids), each asked with the
+same prompt about the same image and scored against the same labels, as the records' ``prompt``,
+``image_digest`` and ``sample_digest`` say. Otherwise a paired test pairs unrelated questions that share an id,
+and a difference between a 10- and a 30-sample run is no difference at all; such runs are refused, naming
+the runs and how their data differ.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ from typing import Any
 
 from . import get_benchmark
 from .base import Benchmark, BenchmarkError
-from .runner import load_records
+from .runner import load_records, read_run_info
 from .stats import bootstrap_ci, mcnemar, paired_bootstrap, seed_metrics
 
-__all__ = ["Run", "compare_runs", "load_run"]
+__all__ = ["Run", "check_same_samples", "compare_runs", "load_run"]
 
 
 @dataclass
@@ -34,10 +40,12 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Read ``run.json`` and ``predictions.jsonl`` of a run folder and re-parse its records."""
     path = Path(path)
-    info_path = path / "run.json"
-    if not info_path.is_file():
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is a file"
+        raise BenchmarkError(f"{path} {what}; pass run folders written by `causalmm eval`")
+    info = read_run_info(path)
+    if info is None:
         raise BenchmarkError(f"{path} is not a run folder (no run.json); pass folders written by `causalmm eval`")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
     if not (path / "metrics.json").is_file():
         raise BenchmarkError(f"run {path} is not finished (no metrics.json); rerun the same `causalmm eval` to finish")
     bench = get_benchmark(info["benchmark"], **_init_options(info))
@@ -45,6 +53,61 @@ def load_run(path: str | Path) -> Run:
     if not records:
         raise BenchmarkError(f"run {path} has no predictions")
     return Run(path, path.name, info, bench, records)
+
+
+def check_same_samples(runs: list[Run]) -> list[str]:
+    """Refuse runs whose samples differ from the first run's; returns notes for runs that could only be
+    checked by id (made before records carried their prompt and image digests).
+
+    Checked in order, so the message names the coarsest difference: the sample ids, then what each sample
+    asks (prompt and image), then what it is scored against (labels and other metadata).
+    """
+    ref = runs[0]
+    mine = _samples_of(ref)
+    notes = []
+    for run in runs[1:]:
+        theirs = _samples_of(run)
+        only_ref, only_run = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+        if only_ref or only_run:
+            parts = []
+            if only_run:
+                parts.append(f"{len(only_run)} only in {run.path} (e.g. id {only_run[0]!r})")
+            if only_ref:
+                parts.append(f"{len(only_ref)} only in {ref.path} (e.g. id {only_ref[0]!r})")
+            raise BenchmarkError(
+                f"runs {ref.path} ({len(mine)} samples) and {run.path} ({len(theirs)} samples) cover different "
+                f"samples: {'; '.join(parts)}; compare runs made on the same --data and --limit"
+            )
+        if any(v is None for v in (*mine.values(), *theirs.values())):
+            old = [r.path for r, keys in ((ref, mine), (run, theirs)) if any(v is None for v in keys.values())]
+            notes.append(f"{old[0]} predates per-sample data digests: only its sample ids were checked.")
+            continue
+        asked = [k for k in mine if mine[k][:2] != theirs[k][:2]]
+        if asked:
+            k = asked[0]
+            what = f"prompt {mine[k][0]!r} vs {theirs[k][0]!r}" if mine[k][0] != theirs[k][0] else "different images"
+            raise BenchmarkError(
+                f"runs {ref.path} and {run.path} ask different things under the same ids ({len(asked)} of "
+                f"{len(mine)} samples, e.g. id {k!r}: {what}); they were run on different data: compare runs "
+                "made on the same --data"
+            )
+        scored = [k for k in mine if mine[k][2] != theirs[k][2]]
+        if scored:
+            raise BenchmarkError(
+                f"runs {ref.path} and {run.path} score the same questions against different labels or metadata "
+                f"({len(scored)} samples, e.g. id {scored[0]!r}); the data was edited between them: rerun "
+                "`causalmm eval` into each folder with the current --data to re-score it"
+            )
+    return list(dict.fromkeys(notes))
+
+
+def _samples_of(run: Run) -> dict[str, tuple[str, str, str] | None]:
+    """id -> (prompt, image digest, sample digest) of a run's records (``None`` where a record lacks them)."""
+    out: dict[str, tuple[str, str, str] | None] = {}
+    for r in run.records:
+        keys = (r.get("prompt"), r.get("image_digest"), r.get("sample_digest"))
+        out[str(r["id"])] = None if None in keys else keys  # type: ignore[assignment]
+    return out
 
 
 def _init_options(info: dict[str, Any]) -> dict[str, Any]:
@@ -76,10 +139,13 @@ def compare_runs(
     """Compare run folders; writes ``compare.md``, ``compare.json`` (and ``compare.png``) into ``out``."""
     if len(paths) < 1:
         raise BenchmarkError("give at least one run folder")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise BenchmarkError(f"--out {out} is a file; compare writes a folder (compare.md, .json, .png): pick one")
     runs = [load_run(p) for p in paths]
     names = {r.info["benchmark"] for r in runs}
     if len(names) > 1:
         raise BenchmarkError(f"runs of different benchmarks cannot be compared: {', '.join(sorted(names))}")
+    notes = check_same_samples(runs)
     labels = _unique_labels(runs)
     ref = runs[0]
     rows = []
@@ -101,14 +167,18 @@ def compare_runs(
         rows.append(row)
     shown = ref.bench.headline_metrics(rows[0]["metrics"])
     result = {"benchmark": ref.bench.name, "primary": ref.bench.primary, "metrics": shown, "runs": rows}
+    result["notes"] = notes
     table = render_table(result)
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.md").write_text(table, encoding="utf-8")
-        (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        if plot:
-            result["plot"] = str(plot_runs(result, out / "compare.png"))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "compare.md").write_text(table, encoding="utf-8")
+            (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            if plot:
+                result["plot"] = str(plot_runs(result, out / "compare.png"))
+        except OSError as err:
+            raise BenchmarkError(f"cannot write to --out {out} ({err.strerror or err}); pick another folder") from None
     result["table"] = table
     return result
 
@@ -144,8 +214,8 @@ def render_table(result: dict[str, Any]) -> str:
         else:
             cells += ["—", "reference"]
         lines.append("| " + " | ".join(cells) + " |")
-    if len({row["n"] for row in result["runs"]}) > 1:
-        lines += ["", "Note: the runs cover different samples; paired tests use the samples they share."]
+    if result.get("notes"):
+        lines += ["", *(f"Note: {note}" for note in result["notes"])]
     return "\n".join(lines) + "\n"
 
 

@@ -13,16 +13,33 @@ model's ``text``, the parsed fields, the ``seed``. Records are what ``prediction
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["Benchmark", "BenchmarkError", "Sample", "check_images", "read_json_records"]
+__all__ = [
+    "Benchmark",
+    "BenchmarkError",
+    "Sample",
+    "UnparseableWarning",
+    "check_images",
+    "id_field",
+    "read_json_records",
+    "read_text",
+    "str_field",
+    "unparseable_pct",
+]
 
 
 class BenchmarkError(ValueError):
     """Bad benchmark data or options; the message names the file (and line) and what to fix."""
+
+
+class UnparseableWarning(UserWarning):
+    """Most answers of a scored set could not be parsed: the scores measure the parser, not the model."""
 
 
 @dataclass
@@ -91,7 +108,7 @@ class Benchmark:
         """The metrics a table shows, in order."""
         if self.headline:
             return [m for m in self.headline if m in metrics]
-        return [m for m in metrics if m not in ("n", "unparseable") and "/" not in m]
+        return [m for m in metrics if m not in ("n", "unparseable", "unparseable_pct") and "/" not in m]
 
     def describe(self) -> dict[str, Any]:
         """Options that change the numbers (parsing variant, prompt), written next to the metrics."""
@@ -107,17 +124,90 @@ class Benchmark:
         return []
 
 
+def read_text(path: Path, *, what: str) -> str:
+    """The text of a benchmark file, UTF-8 (a leading byte-order mark dropped, as editors on Windows add one).
+
+    A missing file, an unreadable one and one that is not UTF-8 each get one line naming the file, and for
+    the encoding the byte offset and how to convert it, instead of a ``UnicodeDecodeError`` traceback.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise BenchmarkError(f"{what} file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise BenchmarkError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); the {what} file "
+            "must be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`, and pass the converted file"
+        ) from None
+    except OSError as err:
+        raise BenchmarkError(f"cannot read {what} file {path}: {err}") from err
+
+
+_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+
+
+def _shown(value: Any) -> str:
+    """``value`` as an error message shows it: its JSON type and a short repr."""
+    text = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
+    return f"{_KINDS.get(type(value), type(value).__name__)} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def str_field(item: Mapping[str, Any], key: str, where: str, *, blank_ok: bool = False) -> str:
+    """``item[key]`` when it is a string (non-blank unless ``blank_ok``); else one BenchmarkError naming
+    ``where`` and the field.
+
+    Loaders used to ``str()`` whatever they found, so a ``null`` question became the prompt "None" and a
+    list became "['a', 'b']": the model answered a question nobody asked. Text fields are refused instead.
+    ``blank_ok`` is for model answers, where an empty string is a real (unparseable) answer.
+    """
+    value = item[key]
+    if not isinstance(value, str):
+        raise BenchmarkError(f"{where}: field {key!r} must be a string, got {_shown(value)}; write it as a JSON string")
+    if not blank_ok and not value.strip():
+        raise BenchmarkError(f"{where}: field {key!r} is empty; give it the text it should hold")
+    return value
+
+
+def id_field(item: Mapping[str, Any], key: str, where: str) -> str:
+    """An id field as a string: the official files write ids as integers (POPE's ``question_id``, VLind's
+    ``context_id``) or strings (the Hugging Face exports), so both are kept; ``null``, booleans, floats (NaN
+    included: ``1.0`` and ``1`` would be one id, NaN none), lists and objects are refused with one line."""
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise BenchmarkError(
+            f"{where}: field {key!r} must be an integer or a string id, got {_shown(value)}; "
+            "give every record its own id as the official files do"
+        )
+    if isinstance(value, str) and not value.strip():
+        raise BenchmarkError(f"{where}: field {key!r} is an empty id; give every record its own id")
+    return str(value)
+
+
+def unparseable_pct(benchmark: str, unparseable: int, n: int, rule: str) -> float:
+    """The percentage of answers the parser could not read; warns (:class:`UnparseableWarning`) above half.
+
+    A parser that reads nothing still yields numbers (POPE scores it "yes", MME and VLind score it wrong), so
+    a wrong answer field or a model that never says yes/no looks like a bad model rather than a broken run.
+    The warning goes to stderr through :mod:`warnings`; the percentage is returned for the metrics, so the
+    run's ``metrics.json`` carries it too.
+    """
+    pct = 100.0 * unparseable / n if n else 0.0
+    if 2 * unparseable > n:
+        warnings.warn(
+            f"{benchmark}: {unparseable} of {n} answers ({pct:.0f}%) could not be parsed ({rule}); the scores do "
+            "not measure the model: check its answers (and, scoring a file, that it holds the answer field)",
+            UnparseableWarning,
+            stacklevel=3,
+        )
+    return pct
+
+
 def read_json_records(path: Path, *, what: str) -> list[tuple[int, Any]]:
     """Items of a JSON array file or a JSON-lines file, each with its 1-based line number.
 
     The error for a malformed line names the file and the line, and for an empty file says so.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BenchmarkError(f"{what} file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise BenchmarkError(f"cannot read {what} file {path}: {err}") from err
+    text = read_text(path, what=what)
     stripped = text.lstrip()
     if not stripped:
         raise BenchmarkError(f"{what} file {path} is empty")

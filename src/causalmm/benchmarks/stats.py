@@ -8,13 +8,15 @@ units and the metric is the mean over seeds, as the point estimate is.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from .base import Benchmark
+from .base import Benchmark, UnparseableWarning
 
 __all__ = ["bootstrap_ci", "mcnemar", "paired_bootstrap", "seed_metrics"]
 
@@ -37,6 +39,15 @@ def _groups(bench: Benchmark, records: Sequence[dict[str, Any]]) -> dict[str, li
     return {u: sorted(rs, key=lambda r: str(r.get("seed"))) for u, rs in groups.items()}
 
 
+@contextmanager
+def _resampling() -> Iterator[None]:
+    """Silence :class:`UnparseableWarning` while resampling: the records were scored (and warned about) once
+    already, and a thousand resamples would repeat the warning a thousand times with shifting counts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnparseableWarning)
+        yield
+
+
 def bootstrap_ci(
     bench: Benchmark,
     records: Sequence[dict[str, Any]],
@@ -49,11 +60,12 @@ def bootstrap_ci(
     groups = list(_groups(bench, records).values())
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = defaultdict(list)
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(groups), len(groups))
-        sample = [r for i in idx for r in groups[i]]
-        for k, v in seed_metrics(bench, sample).items():
-            draws[k].append(v)
+    with _resampling():
+        for _ in range(n_boot):
+            idx = rng.integers(0, len(groups), len(groups))
+            sample = [r for i in idx for r in groups[i]]
+            for k, v in seed_metrics(bench, sample).items():
+                draws[k].append(v)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items()}
 
@@ -99,12 +111,13 @@ def paired_bootstrap(
         - seed_metrics(bench, [r for u in units for r in ga[u]])[metric]
     )
     diffs = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(units), len(units))
-        pick = [units[i] for i in idx]
-        ma = seed_metrics(bench, [r for u in pick for r in ga[u]])[metric]
-        mb = seed_metrics(bench, [r for u in pick for r in gb[u]])[metric]
-        diffs.append(mb - ma)
+    with _resampling():
+        for _ in range(n_boot):
+            idx = rng.integers(0, len(units), len(units))
+            pick = [units[i] for i in idx]
+            ma = seed_metrics(bench, [r for u in pick for r in ga[u]])[metric]
+            mb = seed_metrics(bench, [r for u in pick for r in gb[u]])[metric]
+            diffs.append(mb - ma)
     d = np.asarray(diffs)
     p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
     return {"diff": observed, "lo": float(np.percentile(d, 2.5)), "hi": float(np.percentile(d, 97.5)), "p": p}

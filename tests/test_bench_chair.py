@@ -269,11 +269,28 @@ def test_image_list_errors_name_file_and_line(tmp_path, coco, image_dir):
     with pytest.raises(BenchmarkError, match="empty"):
         bench.load(empty, image_dir)
     missing = tmp_path / "missing.txt"
-    missing.write_text("COCO_val2014_000000000777.jpg\n")
+    missing.write_text("COCO_val2014_000000000104.jpg\n")
+    (image_dir / "COCO_val2014_000000000104.jpg").unlink()  # annotated, but its file is not there
     with pytest.raises(BenchmarkError, match="1 image.* missing"):
         load_run_samples(bench, missing, image_dir, None)  # the runner checks images after --limit
     with pytest.raises(BenchmarkError, match="--annotations"):
         Chair().load(missing, image_dir)  # before any model work
+
+
+def test_image_not_in_the_annotations_fails_at_load_naming_image_line_and_files(tmp_path, coco, image_dir):
+    # before: the list loaded, the model described every image, and scoring failed on the first unknown one
+    listing = tmp_path / "list.txt"
+    listing.write_text("COCO_val2014_000000000101.jpg\nCOCO_val2014_000000000205.jpg\n")  # 205: train2014 only
+    with pytest.raises(BenchmarkError) as err:
+        load_run_samples(Chair(annotations=coco), listing, image_dir, None)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{listing}: 1 image(s) are in none of the COCO annotations")
+    assert "instances_val2014.json, captions_val2014.json in " + str(coco / "annotations") in message
+    assert "line 2: COCO_val2014_000000000205.jpg" in message and "train2014" in message
+    both = write_coco(write_coco(tmp_path / "both", IMAGES), TRAIN_IMAGES, split="train2014")
+    samples = Chair(annotations=both).load(listing, image_dir)  # with the train2014 files beside them it loads
+    assert [s.id for s in samples] == ["101", "205"]
 
 
 # -- prediction files ----------------------------------------------------------------------------------

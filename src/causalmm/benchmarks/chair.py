@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import Benchmark, BenchmarkError, Sample, read_json_records
+from .base import Benchmark, BenchmarkError, Sample, read_json_records, read_text
 from .coco_objects import caption_objects, node_of_category
 
 __all__ = ["DEFAULT_PROMPT", "Chair", "CocoGroundTruth", "coco_image_id", "load_ground_truth", "read_image_list"]
@@ -39,6 +39,10 @@ __all__ = ["DEFAULT_PROMPT", "Chair", "CocoGroundTruth", "coco_image_id", "load_
 DEFAULT_PROMPT = "Please describe this image in detail."
 
 _ANNOTATIONS_HINT = "pass --annotations DIR with COCO instances_val2014.json and captions_val2014.json"
+_UNKNOWN_IMAGE_FIX = (
+    "CHAIR scores COCO 2014 images: list only those (add instances_train2014.json and captions_train2014.json "
+    "beside them for train2014 images)"
+)
 
 #: a COCO image file name: COCO_val2014_000000310196.jpg (2014) or 000000310196.jpg (2017); the number is the id
 _COCO_FILE = re.compile(r"(?:COCO_[A-Za-z]+\d{4}_)?(\d+)\.(?:jpe?g|png)", re.IGNORECASE)
@@ -124,22 +128,32 @@ class CocoGroundTruth:
             if node_of_category(name) is None:
                 raise BenchmarkError(f"{instances_path}: category {name!r} is none of the 80 COCO objects CHAIR knows")
 
+    def unknown(self, image_ids: Iterable[int]) -> list[int]:
+        """The ids of ``image_ids`` that no annotation file here knows, reading train2014 only when val2014
+        leaves some unknown (as :meth:`objects` does)."""
+        ids = list(image_ids)
+        for split in self.SPLITS:
+            if all(i in self._known for i in ids):
+                break
+            if split not in self._loaded:
+                self._load(split)
+        return [i for i in ids if i not in self._known]
+
+    def files(self) -> str:
+        """The annotation files read, for messages: ``instances_val2014.json, captions_val2014.json in DIR``."""
+        paths = [p for split in self.SPLITS if (pair := self._files[split]) is not None for p in pair]
+        folders = {p.parent for p in paths}
+        names = ", ".join(p.name for p in paths)
+        return f"{names} in {folders.pop()}" if len(folders) == 1 else ", ".join(str(p) for p in paths)
+
     def objects(self, image_id: int) -> frozenset[str]:
         """The image's ground-truth objects (COCO category names). Raises BenchmarkError for an unknown image."""
         cached = self._objects.get(image_id)
         if cached is not None:
             return cached
-        for split in self.SPLITS:
-            if image_id in self._known:
-                break
-            if split not in self._loaded:
-                self._load(split)
-        if image_id not in self._known:
-            splits = [s for s in self.SPLITS if self._files[s] is not None]
+        if self.unknown([image_id]):
             raise BenchmarkError(
-                f"image {image_id} is in none of the COCO annotations read from {self.root} ({', '.join(splits)}); "
-                "CHAIR scores COCO 2014 images (add instances_train2014.json and captions_train2014.json for "
-                "train2014 images)"
+                f"image {image_id} is in none of the COCO annotations ({self.files()}); {_UNKNOWN_IMAGE_FIX}"
             )
         found = {node_of_category(name) for name in self._categories.get(image_id, ())}
         for caption in self._captions.get(image_id, ()):
@@ -210,12 +224,22 @@ class Chair(Benchmark):
     def load(self, data: Path, images: Path | None) -> list[Sample]:
         """One sample per image of the image list ``data`` (see :func:`read_image_list`), in file order.
 
-        The annotations folder is checked here too, so a missing one fails before any model work.
+        The annotations are checked here too, the folder and that they know every listed image: scoring a
+        caption needs its image's ground truth, and finding one missing after hours of generation (at
+        scoring) wastes the run, so it fails now, naming the image, its line and the annotation files.
         """
-        self.ground_truth()
+        gt = self.ground_truth()
+        listed = read_image_list(data, images=images)
+        unknown = set(gt.unknown(image_id for _, image_id, _ in listed))
+        if unknown:
+            lines = [f"line {line}: {name}" for line, image_id, name in listed if image_id in unknown]
+            raise BenchmarkError(
+                f"{data}: {len(unknown)} image(s) are in none of the COCO annotations ({gt.files()}), e.g. "
+                f"{'; '.join(lines[:3])}; {_UNKNOWN_IMAGE_FIX}"
+            )
         root = images if images is not None else data.parent
         samples = []
-        for _, image_id, file_name in read_image_list(data, images=images):
+        for _, image_id, file_name in listed:
             meta = {"image_id": image_id, "image": file_name}
             samples.append(Sample(id=str(image_id), image=root / file_name, prompt=self.prompt, meta=meta))
         return samples
@@ -332,12 +356,7 @@ def read_image_list(data: Path, images: Path | None = None) -> list[tuple[int, i
     ``image_id``. An id alone becomes ``COCO_val2014_<id>.jpg`` (the 2017 name ``<id>.jpg`` when only that
     is under ``images``). Raises BenchmarkError naming the file and line of a bad entry or a repeated image.
     """
-    try:
-        text = data.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BenchmarkError(f"CHAIR image list not found: {data}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise BenchmarkError(f"cannot read CHAIR image list {data}: {err}") from err
+    text = read_text(data, what="CHAIR image list")
     if text.lstrip()[:1] in ("[", "{"):
         items = read_json_records(data, what="CHAIR image list")
     else:

@@ -269,6 +269,54 @@ def test_mme_acc_plus_when_one_of_two_answers_is_wrong(tmp_path):
     assert m["hallucination"] == 125.0  # existence is in the hallucination subset, code_reasoning is not
 
 
+# Three images whose two questions are not on adjacent lines (1a 2a 1b 2b 3a 3b); right: 1a 2a 3a 3b.
+# By image: 1 (right, wrong), 2 (right, wrong), 3 (right, right) -> acc 4/6 = 66.67, acc+ 1/3 = 33.33, score 100.
+# Pairing consecutive lines instead: (1a, 2a) both right, (1b, 2b) none, (3a, 3b) both -> acc+ 2/3, score 133.33.
+_SPREAD = [
+    ("1.jpg", "Is there a dog?", "Yes", "Yes"),
+    ("2.jpg", "Is there a car?", "Yes", "Yes"),
+    ("1.jpg", "Is there a cat?", "No", "Yes"),
+    ("2.jpg", "Is there a bus?", "No", "Yes"),
+    ("3.jpg", "Is there a cup?", "Yes", "Yes"),
+    ("3.jpg", "Is there a pen?", "No", "No"),
+]
+
+
+def _spread_dir(tmp_path, name, columns):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "existence.txt").write_text("".join("\t".join(line[:columns]) + "\n" for line in _SPREAD))
+    return folder
+
+
+def test_mme_acc_plus_pairs_by_image_when_an_images_lines_are_not_adjacent(tmp_path):
+    from causalmm.benchmarks.evaluate import score_predictions
+    from causalmm.benchmarks.runner import limit_samples
+
+    bench = get_benchmark("mme")
+    samples = bench.load(_spread_dir(tmp_path, "questions", 3), None)
+    # an image's questions are put together, so --limit keeps both and the bootstrap unit is the image
+    assert [s.id for s in samples] == [f"existence/{i}.jpg#{k}" for i in (1, 2, 3) for k in (0, 1)]
+    assert [s.id for s in limit_samples(bench, samples, 1)] == ["existence/1.jpg#0", "existence/1.jpg#1"]
+    assert bench.unit({"id": samples[0].id, **samples[0].meta}) == bench.unit({"id": samples[1].id, **samples[1].meta})
+    predicted = {(img, q): pred for img, q, _, pred in _SPREAD}
+    recs = [{"id": s.id, "seed": 0, "text": predicted[s.meta["image"], s.meta["question"]], **s.meta} for s in samples]
+    recs = [{**r, **bench.parse(r)} for r in recs]
+    by_hand = {"existence/acc": 400 / 6, "existence/acc_plus": 100 / 3, "existence/score": 100.0}
+    for order in (recs, recs[::-1], [recs[i] for i in (0, 2, 1, 4, 3, 5)]):  # `eval`: any record order
+        m = bench.metrics(order)
+        assert {k: m[k] for k in by_hand} == pytest.approx(by_hand)
+    # `score` on a Your_Results file with the lines spread out
+    scored = score_predictions("mme", _spread_dir(tmp_path, "Your_Results", 4), n_boot=20)
+    assert {k: scored["metrics"][k] for k in by_hand} == pytest.approx(by_hand)
+    # the files written for calculation.py have each image's two lines adjacent, whatever the record order
+    (path,) = bench.write_native([recs[i] for i in (0, 2, 1, 4, 3, 5)], tmp_path / "out")
+    assert [line.split("\t")[0] for line in path.read_text().splitlines()] == ["1.jpg", "1.jpg", "2.jpg", "2.jpg",
+                                                                              "3.jpg", "3.jpg"]  # fmt: skip
+    with pytest.raises(BenchmarkError, match="existence/2.jpg: 1 answer.*both of its questions"):
+        bench.metrics(recs[:3])
+
+
 def test_mme_native_results_round_trip(tmp_path):
     bench = get_benchmark("mme")
     samples = bench.load(_mme_results_dir(tmp_path), None)
@@ -386,6 +434,7 @@ def test_mme_cli_eval_then_score_your_results_end_to_end(tmp_path, model_dirs, c
 
 def test_pope_datasets_save_to_disk_arrow_layout(tmp_path):
     import datasets  # in the test extra: this must run, not skip
+
     ds = datasets.Dataset.from_dict(
         {
             "question_id": ["7", "8"],

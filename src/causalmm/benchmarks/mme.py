@@ -3,30 +3,52 @@
 Data, any of:
 
 * the official ``eval_tool/Your_Results`` folder (one ``<subtask>.txt`` per subtask, lines
-  ``image<TAB>question<TAB>answer``, the two questions of an image on consecutive lines), with ``--images``
+  ``image<TAB>question<TAB>answer``, two lines per image, consecutive in the release), with ``--images``
   the ``MME_Benchmark_release_version`` folder;
 * the release folder itself: per subtask either image files next to one ``<image>.txt`` each (the flat
   variant) or ``images/`` beside ``questions_answers_YN/`` (artwork, celebrity, landmark, posters, scene),
   each question file holding ``question<TAB>answer`` lines;
 * the Hugging Face layout (``lmms-lab/MME``: parquet with ``question_id, question, answer, image, category``).
 
-Scoring follows the official ``calculation.py``: the answer, lower-cased, is taken as is when it is exactly
-"yes"/"no", else from its first four characters ("yes" before "no"), else "other" (wrong). Per subtask,
-``acc`` is the percentage of right answers, ``acc_plus`` the percentage of images with both answers right,
-``score`` = acc + acc_plus (max 200). ``perception`` sums its 10 subtasks (max 2000), ``cognition`` its 4
-(max 800); ``hallucination`` sums existence, count, position and color (max 800), the subset the
-hallucination literature reports. ``write_native`` writes ``Your_Results`` files with the prediction as a
-fourth column, which the official script scores as is.
+Scoring follows the official ``eval_tool/calculation.py`` (BradyFU/Awesome-Multimodal-Large-Language-Models,
+Evaluation branch): the answer, lower-cased, is taken as is when it is exactly "yes"/"no", else from its first
+four characters ("yes" before "no"), else "other" (wrong). Per subtask, ``acc`` is the percentage of right
+answers, ``acc_plus`` the percentage of images with both answers right, ``score`` = acc + acc_plus (max 200).
+``calculation.py`` finds an image's two answers by taking consecutive lines as a pair, which is right only
+while the two lines of each image are adjacent, as in the released files; here they are grouped by image
+name within the subtask, the definition the script's pairing stands for, so a file whose lines were
+reordered is scored right instead of pairing questions of different images. The loaders also put an image's
+two questions next to each other (in order of first appearance), so ``--limit`` keeps both and the
+``Your_Results`` written here pair right under the official script. ``perception`` sums its 10 subtasks
+(max 2000), ``cognition`` its 4 (max 800); ``hallucination`` sums existence, count, position and color (max
+800), the subset the hallucination literature reports. More than half the answers "other" warns
+(:class:`~causalmm.benchmarks.base.UnparseableWarning`); ``unparseable_pct`` is in the metrics.
+``write_native`` writes ``Your_Results`` files with the prediction as a fourth column, which the official
+script scores as is.
+
+Files are read as UTF-8 (a non-UTF-8 file is one error naming it and how to convert it); the parquet
+columns are type-checked (``question_id``, ``category``, ``question``, ``answer`` strings, ``question_id``
+also an integer), so a ``null`` question is refused rather than asked as "None".
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .base import Benchmark, BenchmarkError, Sample, looks_like_hub_id, read_table
+from .base import (
+    Benchmark,
+    BenchmarkError,
+    Sample,
+    id_field,
+    looks_like_hub_id,
+    read_table,
+    read_text,
+    str_field,
+    unparseable_pct,
+)
 
 __all__ = ["COGNITION", "HALLUCINATION", "PERCEPTION", "Mme", "parse_mme"]
 
@@ -89,7 +111,7 @@ class Mme(Benchmark):
             items = self._read_release(data)
             root = Path(images) if images else data
         samples = [self._sample(sub, img, q, label, k, _image_path(root, sub, img)) for sub, img, q, label, k in items]
-        return samples
+        return _pairs_together(samples, lambda s: (s.meta["subtask"], s.meta["image"]))
 
     def _sample(self, sub: str, img: str, question: str, label: str, k: int, image: Any) -> Sample:
         meta = {"subtask": sub, "image": img, "question": question, "label": label, "k": k}
@@ -105,7 +127,7 @@ class Mme(Benchmark):
         items = []
         for path in files:
             counts: dict[str, int] = defaultdict(int)
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_text(path, what="MME results").splitlines()
             for lineno, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
@@ -115,6 +137,9 @@ class Mme(Benchmark):
                     raise BenchmarkError(f"{path}: line {lineno}: expected {want}, got {len(parts)} field(s)")
                 img, question, answer = parts[0].strip(), parts[1].strip(), parts[2]
                 where = f"{path}: line {lineno}"
+                if not img or not question:
+                    column = "image" if not img else "question"
+                    raise BenchmarkError(f"{where}: the {column} column is empty; each line needs image and question")
                 k = counts[img]
                 counts[img] += 1
                 item = (path.stem, img, question, _label(answer, where), k)
@@ -138,7 +163,7 @@ class Mme(Benchmark):
                 img = _find_image_name(sub, qfile.stem)
                 if img is None:
                     raise BenchmarkError(f"{qfile}: no image named {qfile.stem}.* in {sub} or {sub / 'images'}")
-                for lineno, line in enumerate(qfile.read_text(encoding="utf-8").splitlines(), 1):
+                for lineno, line in enumerate(read_text(qfile, what="MME question").splitlines(), 1):
                     if not line.strip():
                         continue
                     parts = line.rstrip("\r").split("\t")
@@ -162,19 +187,18 @@ class Mme(Benchmark):
         samples = []
         for i, row in enumerate(rows):
             where = f"{data}: row {i}"
-            sub = str(row["category"])
+            sub = str_field(row, "category", where)
             if sub not in SUBTASKS:
                 raise BenchmarkError(f"{where}: category {sub!r} is not an MME subtask")
-            img = str(row["question_id"]).split("/")[-1]
+            img = id_field(row, "question_id", where).split("/")[-1]
             k = counts[f"{sub}/{img}"]
             counts[f"{sub}/{img}"] += 1
             if not isinstance(row["image"], bytes):
                 raise BenchmarkError(f"{where}: the image column holds no encoded image")
-            samples.append(
-                self._sample(sub, img, str(row["question"]).strip(), _label(row["answer"], where), k, row["image"])
-            )
+            question, answer = str_field(row, "question", where).strip(), str_field(row, "answer", where)
+            samples.append(self._sample(sub, img, question, _label(answer, where), k, row["image"]))
         _check_pairs(counts, Path(str(data)))
-        return samples
+        return _pairs_together(samples, lambda s: (s.meta["subtask"], s.meta["image"]))
 
     # -- scoring ------------------------------------------------------------------------------------
     def parse(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -198,10 +222,8 @@ class Mme(Benchmark):
             if not rs:
                 continue
             right = [r["answer"] == r["label"] for r in rs]
-            # acc+ as calculation.py counts it: consecutive pairs (the two questions of one image)
-            pairs = [right[i : i + 2] for i in range(0, len(right), 2)]
             acc = 100 * sum(right) / len(right)
-            acc_plus = 100 * sum(1 for p in pairs if all(p)) / len(pairs)
+            acc_plus = _acc_plus(sub, rs)
             scores[sub] = acc + acc_plus
             out[f"{sub}/acc"], out[f"{sub}/acc_plus"], out[f"{sub}/score"] = acc, acc_plus, acc + acc_plus
         out["perception"] = sum(v for k, v in scores.items() if k in PERCEPTION)
@@ -209,7 +231,10 @@ class Mme(Benchmark):
         out["total"] = out["perception"] + out["cognition"]
         out["hallucination"] = sum(v for k, v in scores.items() if k in HALLUCINATION)
         out["subtasks"] = float(len(scores))
-        out["unparseable"] = float(sum(1 for r in records if not r["parseable"]))
+        unparseable = sum(1 for r in records if not r["parseable"])
+        out["unparseable"] = float(unparseable)
+        rule = "calculation.py: neither yes nor no in the first four characters"
+        out["unparseable_pct"] = unparseable_pct(self.name, unparseable, len(records), rule)
         out["n"] = float(len(records))
         return out
 
@@ -227,7 +252,7 @@ class Mme(Benchmark):
         if path.is_file() and path.stem not in SUBTASKS:
             raise BenchmarkError(f"{path}: the file name must be an MME subtask ({', '.join(SUBTASKS)})")
         items = self._read_results_dir(path if path.is_dir() else path.parent, files, columns=4)
-        return [
+        records = [
             {
                 "id": f"{sub}/{img}#{k}",
                 "text": pred,
@@ -239,6 +264,7 @@ class Mme(Benchmark):
             }
             for sub, img, q, label, k, pred in items
         ]
+        return _pairs_together(records, lambda r: (r["subtask"], r["image"]))
 
     def write_native(self, records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         folder = Path(out) / "Your_Results"
@@ -250,11 +276,50 @@ class Mme(Benchmark):
         for sub, rs in by_sub.items():
             path = folder / f"{sub}.txt"
             with path.open("w", encoding="utf-8") as fh:
-                for r in rs:
+                # an image's two lines adjacent: calculation.py pairs consecutive lines
+                for r in _pairs_together(rs, lambda r: (r.get("seed"), r["image"])):
                     pred = " ".join(str(r.get("text") or "").split())
                     fh.write(f"{r['image']}\t{r['question']}\t{r['label'].capitalize()}\t{pred}\n")
             paths.append(path)
         return paths
+
+
+T = TypeVar("T")
+
+
+def _pairs_together(items: Sequence[T], image: Callable[[T], Any]) -> list[T]:
+    """``items`` with those of one image next to each other, images in order of first appearance.
+
+    Stable within an image (its questions keep their ``k`` order), and the identity on the released files,
+    whose two lines per image are already adjacent.
+    """
+    groups: dict[Any, list[T]] = {}
+    for item in items:
+        groups.setdefault(image(item), []).append(item)
+    return [item for group in groups.values() for item in group]
+
+
+def _acc_plus(subtask: str, records: Sequence[dict[str, Any]]) -> float:
+    """Percentage of the subtask's images with every answer right, records grouped by image name.
+
+    A bootstrap resample may hold an image several times (its pair once per draw); each draw is an image, so
+    an image drawn twice counts twice, as it does in ``acc``. An odd number of answers for an image is an
+    incomplete run, not something to pair with the next image's line.
+    """
+    by_image: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        by_image[r["image"]].append(r["answer"] == r["label"])
+    images = both = 0
+    for name, right in by_image.items():
+        if len(right) % 2:
+            raise BenchmarkError(
+                f"MME {subtask}/{name}: {len(right)} answer(s); each image needs both of its questions answered "
+                "(rerun the same `causalmm eval` to finish, or score complete Your_Results files)"
+            )
+        draws = len(right) // 2
+        images += draws
+        both += draws if all(right) else 0
+    return 100 * both / images
 
 
 def _official_order(path: Path) -> int:

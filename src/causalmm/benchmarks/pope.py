@@ -15,7 +15,13 @@ Answer parsing, named in every output (``parse`` option):
   count as no). The parsed answer is therefore label-dependent, as in that script.
 
 Metrics (percent, positive class "yes"): accuracy, precision, recall, F1, yes_ratio; plus ``unparseable``
-and ``n`` (counts). Precision/recall/F1 are 0 when their denominator is 0.
+and ``n`` (counts) and ``unparseable_pct``. Precision/recall/F1 are 0 when their denominator is 0. When more
+than half the answers are unparseable a :class:`~causalmm.benchmarks.base.UnparseableWarning` says so: the
+official rule scores them "yes", so such a run measures the parser, not the model.
+
+Every field is type-checked as it is read: ``question_id`` an integer or a string (the official files use
+integers, the Hugging Face export strings), ``image``, ``text`` and ``label`` strings; anything else (``null``,
+a list, a number for a text) is one error naming the file, line (row) and field, never a prompt "None".
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ from .base import (
     Benchmark,
     BenchmarkError,
     Sample,
+    id_field,
     is_table,
     looks_like_hub_id,
     read_json_records,
     read_table,
+    str_field,
+    unparseable_pct,
 )
 
 __all__ = ["Pope", "parse_official", "parse_substring", "yes_no_metrics"]
@@ -116,19 +125,18 @@ class Pope(Benchmark):
             missing = [k for k in ("question_id", "image", "text", "label") if k not in item]
             if missing:
                 raise BenchmarkError(f"{where}: missing field(s) {', '.join(missing)}")
-            qid = str(item["question_id"])
+            qid = id_field(item, "question_id", where)
             if qid in seen:
                 raise BenchmarkError(f"{where}: duplicate question_id {qid}")
             seen.add(qid)
-            question = str(item["text"]).strip()
-            if not question:
-                raise BenchmarkError(f"{where}: empty question text")
-            image = Path(images) / item["image"] if images else Path(item["image"])
+            question = str_field(item, "text", where).strip()
+            name = str_field(item, "image", where)
+            image = Path(images) / name if images else Path(name)
             meta = {
                 "question_id": item["question_id"],
-                "image": item["image"],
+                "image": name,
                 "question": question,
-                "label": _label(item["label"], where),
+                "label": _label(str_field(item, "label", where), where),
             }
             samples.append(Sample(qid, image, question + self.options["suffix"], meta))
         return samples
@@ -143,21 +151,25 @@ class Pope(Benchmark):
         samples, seen = [], set()
         multi = len({r.get("category") for r in rows}) > 1
         for i, row in enumerate(rows):
+            where = f"{data}: row {i}"
             cat = row.get("category")
+            if cat is not None:
+                cat = str_field(row, "category", where)
             if wanted and cat != wanted:
                 continue
-            qid = f"{cat}/{row['question_id']}" if multi and not wanted else str(row["question_id"])
-            where = f"{data}: row {i}"
+            qid = id_field(row, "question_id", where)
+            qid = f"{cat}/{qid}" if multi and not wanted else qid
             if qid in seen:
                 raise BenchmarkError(f"{where}: duplicate question_id {qid}")
             seen.add(qid)
             if not isinstance(row["image"], bytes):
                 raise BenchmarkError(f"{where}: the image column holds no encoded image")
+            source = row.get("image_source")
             meta = {
                 "question_id": row["question_id"],
-                "image": row.get("image_source") or f"row{i}",
-                "question": str(row["question"]).strip(),
-                "label": _label(row["answer"], where),
+                "image": source if isinstance(source, str) and source else f"row{i}",
+                "question": str_field(row, "question", where).strip(),
+                "label": _label(str_field(row, "answer", where), where),
             }
             if cat is not None:
                 meta["category"] = cat
@@ -180,7 +192,10 @@ class Pope(Benchmark):
 
     def metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         out: dict[str, float] = yes_no_metrics([r["label"] for r in records], [r["answer"] for r in records])
-        out["unparseable"] = float(sum(1 for r in records if not r["parseable"]))
+        unparseable = sum(1 for r in records if not r["parseable"])
+        out["unparseable"] = float(unparseable)
+        rule = f"POPE {self.options['parse']} rule: no yes, no or not in the answer"
+        out["unparseable_pct"] = unparseable_pct(self.name, unparseable, len(records), rule)
         out["n"] = float(len(records))
         cats = sorted({r["category"] for r in records if "category" in r})
         if len(cats) > 1:
@@ -204,14 +219,14 @@ class Pope(Benchmark):
             key = next((k for k in ("text", "answer", "prediction", "pred") if k in item), None)
             if key is None:
                 raise BenchmarkError(f"{where}: no answer field (text, answer, prediction)")
-            qid = str(item["question_id"])
+            qid = id_field(item, "question_id", where)
             if qid not in questions:
                 raise BenchmarkError(f"{where}: question_id {qid} is not in {data}")
             if qid in seen:
                 raise BenchmarkError(f"{where}: duplicate answer for question_id {qid}")
             seen.add(qid)
             s = questions[qid]
-            records.append({"id": qid, "text": str(item[key] or ""), **s.meta})
+            records.append({"id": qid, "text": str_field(item, key, where, blank_ok=True), **s.meta})
         if len(records) != len(questions):
             lacking = [q for q in questions if q not in seen]
             raise BenchmarkError(

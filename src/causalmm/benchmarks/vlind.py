@@ -37,7 +37,10 @@ detailed_TF) or ``instructblip`` (``instructblip_eval.py``: the "Only respond in
 
 Parsing (official ``infer_true_or_false``): lower-case, newlines to spaces, drop ``,`` and ``.``, split on
 single spaces; the first word that is exactly ``true`` or ``false`` decides; otherwise ``NA`` (counted in
-``unparseable``, and wrong). So "It is true that..." is True, while "True!" or "**True**" are NA.
+``unparseable``, and wrong). So "It is true that..." is True, while "True!" or "**True**" are NA. A
+prediction file's ``answer`` field, where present, is used as is, as ``score_pipeline.py`` does (it never
+reads ``response``); only a prediction without ``answer`` has its ``response`` parsed. More than half the
+answers NA warns (:class:`~causalmm.benchmarks.base.UnparseableWarning`).
 
 Metrics (percent, as the paper and ``score_pipeline.py`` print them), over the N instances that have good
 images; a test *passes* when both of its statements are answered right:
@@ -53,8 +56,8 @@ images; a test *passes* when both of its statements are answered right:
   not printed, by the official script).
 
 Counts: ``n_instances`` (N), ``n_images`` (good images), ``n_CB`` (S_CB's denominator, #CK-pass), ``n_LP``
-(S_LP's denominator), ``unparseable`` (records answered NA), ``n`` (records). A bootstrap sample that repeats
-an instance counts it as often as it repeats.
+(S_LP's denominator), ``unparseable`` (records answered NA) and ``unparseable_pct``, ``n`` (records). A
+bootstrap sample that repeats an instance counts it as often as it repeats.
 
 Native format: the official inference writes answers into ``data.json`` itself: ``{mid}_pred_a1_image``,
 ``_a2_image`` (CK), ``_b1``, ``_b2`` (VP), ``_c1_image``, ``_c2_image`` (CB), each ``{"response", "answer"}``,
@@ -70,7 +73,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import Benchmark, BenchmarkError, Sample, read_json_records
+from .base import Benchmark, BenchmarkError, Sample, id_field, read_json_records, str_field, unparseable_pct
 
 __all__ = ["VLind", "infer_true_or_false"]
 
@@ -93,6 +96,17 @@ FIELDS = (
     "non-existent_noun",
     "best_img_id",
     "aggregated_human_label_good_images",
+)
+#: the fields that become prompt text or image paths: strings, refused otherwise (a null noun would be asked
+#: as "There is None in the given image.")
+_TEXT_FIELDS = (
+    "concept",
+    "context",
+    "factual_context",
+    "true_statement",
+    "false_statement",
+    "existent_noun",
+    "non-existent_noun",
 )
 _EXPECTED = {1: "True", 2: "False"}
 #: (test, statement) -> key suffix of the official prediction fields (lp keys map image id -> answer)
@@ -212,10 +226,10 @@ class VLind(Benchmark):
                 raise BenchmarkError(
                     f"{where}: aggregated_human_label_good_images must map image ids to vote counts, got {votes!r}"
                 )
-            for key in ("concept", "context", "factual_context", "true_statement", "false_statement"):
-                if not isinstance(inst[key], str) or not inst[key].strip():
-                    raise BenchmarkError(f"{where}: field {key} must be a non-empty string")
-            iid = f"{inst['concept']}/{inst['context_id']}"
+            for key in _TEXT_FIELDS:
+                str_field(inst, key, where)
+            iid = f"{inst['concept']}/{id_field(inst, 'context_id', where)}"
+            id_field(inst, "best_img_id", where)
             if iid in seen:
                 raise BenchmarkError(f"{where}: duplicate instance {iid} (concept/context_id), first at {seen[iid]}")
             seen[iid] = where
@@ -274,7 +288,14 @@ class VLind(Benchmark):
 
     # -- scoring ------------------------------------------------------------------------------------
     def parse(self, record: dict[str, Any]) -> dict[str, Any]:
-        answer = infer_true_or_false(str(record.get("text") or ""))
+        """The record's ``given_answer`` when it has one (a prediction file's ``answer``, which the official
+        ``score_pipeline.py`` reads and never re-derives: anything but "True"/"False" is wrong there, "NA"
+        here), else the official ``infer_true_or_false`` of its text."""
+        given = record.get("given_answer")
+        if isinstance(given, str):
+            answer = given if given in ("True", "False") else "NA"
+        else:
+            answer = infer_true_or_false(str(record.get("text") or ""))
         return {"answer": answer, "parseable": answer != "NA"}
 
     def unit(self, record: dict[str, Any]) -> str:
@@ -344,6 +365,7 @@ class VLind(Benchmark):
             "n_CB": a_sum,
             "n_LP": abc_sum,
             "unparseable": float(unparseable),
+            "unparseable_pct": unparseable_pct(self.name, unparseable, len(records), "no True/False answer"),
             "n": float(len(records)),
         }
 
@@ -351,8 +373,11 @@ class VLind(Benchmark):
     def read_predictions(self, path: Path, data: Path | None, annotations: Path | None) -> list[dict[str, Any]]:
         """Records from a VLind-Bench prediction file (``data.json`` with ``{mid}_pred_*`` fields).
 
-        Instances are matched to ``data`` (when given; else the prediction file's own instances) by
-        ``concept/context_id``; every prompt of every instance with good images must be answered.
+        Each prediction's ``answer`` is what ``score_pipeline.py`` scores, so it is kept as ``given_answer``
+        and :meth:`parse` uses it; ``response`` (the record's ``text``) is parsed only where ``answer`` is
+        absent. Both must be strings. Instances are matched to ``data`` (when given; else the prediction
+        file's own instances) by ``concept/context_id``; every prompt of every instance with good images must
+        be answered.
         """
         path = Path(path)
         pred = self._instances(path, what="VLind-Bench prediction")
@@ -381,8 +406,12 @@ class VLind(Benchmark):
                 key = f"{key}[{m['image_id']!r}]"
             if not isinstance(entry, dict) or not ("response" in entry or "answer" in entry):
                 raise BenchmarkError(f"{where} ({m['instance']}): no {key} with a response")
-            text = entry["response"] if "response" in entry else entry["answer"]
-            records.append({"id": s.id, "text": str(text if text is not None else ""), **m})
+            place = f"{where} ({m['instance']}) {key}"
+            fields = {f: str_field(entry, f, place, blank_ok=True) for f in ("response", "answer") if f in entry}
+            record = {"id": s.id, "text": fields.get("response", fields.get("answer")), **m}
+            if "answer" in fields:
+                record["given_answer"] = fields["answer"]
+            records.append(record)
         return records
 
     def _model_key(self, pred: list[tuple[str, dict[str, Any], str]], path: Path) -> str:

@@ -332,6 +332,23 @@ def test_mme_native_results_round_trip(tmp_path):
     assert again == bench.metrics(recs)
 
 
+def test_mme_native_results_one_folder_per_seed_when_several(tmp_path):
+    """calculation.py scores one answer per question: several seeds' answers in one file would be paired across
+    seeds (and `score mme` refuses an image with four answers), so each seed gets its own folder."""
+    bench = get_benchmark("mme")
+    samples = bench.load(_mme_results_dir(tmp_path), None)
+    recs = []
+    for seed, texts in ((0, ["Yes", "No", "No", "No", "Yes", "No"]), (1, ["No", "No", "Yes", "No", "Yes", "Yes"])):
+        recs += [{"id": s.id, "seed": seed, "text": t, **s.meta} for s, t in zip(samples, texts, strict=True)]
+    recs = [{**r, **bench.parse(r)} for r in recs]
+    paths = bench.write_native(recs, tmp_path / "out")
+    assert sorted({p.parent.name for p in paths}) == ["Your_Results_seed0", "Your_Results_seed1"]
+    for seed in (0, 1):
+        back = bench.read_predictions(tmp_path / "out" / f"Your_Results_seed{seed}", None, None)
+        mine = [r for r in recs if r["seed"] == seed]
+        assert bench.metrics([{**r, "seed": 0, **bench.parse(r)} for r in back]) == bench.metrics(mine)
+
+
 def test_mme_release_folder_flat_and_nested_variants(tmp_path):
     rel = tmp_path / "MME_Benchmark_release_version"
     (rel / "color").mkdir(parents=True)

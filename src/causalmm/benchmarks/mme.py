@@ -267,20 +267,28 @@ class Mme(Benchmark):
         return _pairs_together(records, lambda r: (r["subtask"], r["image"]))
 
     def write_native(self, records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-        folder = Path(out) / "Your_Results"
-        folder.mkdir(parents=True, exist_ok=True)
-        by_sub: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        """``Your_Results/<subtask>.txt`` for the official ``calculation.py`` (``Your_Results_seed{S}/`` per seed
+        when several: the script scores one answer per question, and mixing seeds would pair other seeds'
+        answers)."""
+        by_seed: dict[Any, list[dict[str, Any]]] = {}
         for r in records:
-            by_sub[r["subtask"]].append(r)
+            by_seed.setdefault(r.get("seed"), []).append(r)
         paths = []
-        for sub, rs in by_sub.items():
-            path = folder / f"{sub}.txt"
-            with path.open("w", encoding="utf-8") as fh:
-                # an image's two lines adjacent: calculation.py pairs consecutive lines
-                for r in _pairs_together(rs, lambda r: (r.get("seed"), r["image"])):
-                    pred = " ".join(str(r.get("text") or "").split())
-                    fh.write(f"{r['image']}\t{r['question']}\t{r['label'].capitalize()}\t{pred}\n")
-            paths.append(path)
+        for seed, part in by_seed.items():
+            name = "Your_Results" if len(by_seed) == 1 else f"Your_Results_seed{seed}"
+            folder = Path(out) / name
+            folder.mkdir(parents=True, exist_ok=True)
+            by_sub: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for r in part:
+                by_sub[r["subtask"]].append(r)
+            for sub, rs in by_sub.items():
+                path = folder / f"{sub}.txt"
+                with path.open("w", encoding="utf-8") as fh:
+                    # an image's two lines adjacent: calculation.py pairs consecutive lines
+                    for r in _pairs_together(rs, lambda r: r["image"]):
+                        pred = " ".join(str(r.get("text") or "").split())
+                        fh.write(f"{r['image']}\t{r['question']}\t{r['label'].capitalize()}\t{pred}\n")
+                paths.append(path)
         return paths
 
 

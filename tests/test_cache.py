@@ -115,7 +115,7 @@ def _decode_caches(cm):
     seen: list = []
 
     def hook(m, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name depends on the transformers version
         seen.append((cache, [getattr(lay, "_buffers", None) for lay in cache.layers]))
 
     return seen, cm.model.register_forward_pre_hook(hook, with_kwargs=True)

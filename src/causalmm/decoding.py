@@ -16,13 +16,16 @@ factual row, whose output and KV cache there it reuses (``causalmm.sharing``), i
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -36,7 +39,27 @@ from .interventions import diffusion_noise
 from .methods import Branch, branches_for
 from .sharing import RowPlan, capture_input, feed_lower_layers, select_cache_rows, share_lower_layers
 
-__all__ = ["Engine", "GenerationOptions", "GenerationResult", "contrast", "derive_seed"]
+__all__ = ["Engine", "GenerationOptions", "GenerationResult", "cache_kwargs", "contrast", "derive_seed"]
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``cache`` as the keyword argument ``model``'s forward takes its KV cache by.
+
+    ``transformers`` 5.24 renamed ``past_key_values`` to ``cache``: the old name still works there but warns on
+    every forward (a FutureWarning; it goes in 5.40), and older 5.x versions know only ``past_key_values``.
+    """
+    return {_cache_kwarg(type(model)): cache}
+
+
+@functools.cache
+def _cache_kwarg(model_cls: type) -> str:
+    """The forward's name for the cache, read once per model class from its signature (decorators keep it)."""
+    params = inspect.signature(model_cls.forward).parameters
+    if "cache" in params or "past_key_values" in params:
+        return "cache" if "cache" in params else "past_key_values"
+    # a forward taking everything by **kwargs passes them on to a stock model: the installed version decides
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
 
 
 def contrast(
@@ -401,7 +424,7 @@ class Engine:
                 **inputs,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                **cache_kwargs(self.adapter.model, cache),
                 use_cache=True,
                 logits_to_keep=1,
             )

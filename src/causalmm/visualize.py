@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from .attention import Intervention, SiteRule, intervene
 from .config import ConfigError, resolve_layers
-from .decoding import derive_seed
+from .decoding import cache_kwargs, derive_seed
 from .interventions import METHODS
 
 __all__ = [
@@ -328,7 +328,7 @@ def _language_maps(cm, imgs, enc, layers, methods, seed):
                 **ad.features_input(feats),
                 attention_mask=batch["attention_mask"],
                 position_ids=positions,
-                past_key_values=DynamicCache(config=ad.model.config.get_text_config()),
+                **cache_kwargs(ad.model, DynamicCache(config=ad.model.config.get_text_config())),
                 use_cache=True,
                 logits_to_keep=1,
             )

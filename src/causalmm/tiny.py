@@ -19,21 +19,18 @@ in well under a second per family, a *structurally faithful* miniature of each s
   family initialises to zero, like Gemma 3's image projection, are drawn too, or the image would not reach
   the LLM).
 
-Everything is written with ``save_pretrained`` so it loads back with ``AutoProcessor.from_pretrained`` and
-``AutoModelForImageTextToText.from_pretrained``.
+Everything is written with ``save_pretrained`` so it loads back with ``CausalMM.from_pretrained``.
 
-Qwen2-VL / Qwen2.5-VL caveat: their stock processors require a video processor, and every video processor
-in ``transformers`` 5 needs torchvision.  We save an image-only subclass (``TinyQwen2VLProcessor`` /
-``TinyQwen2_5_VLProcessor``).  ``AutoProcessor`` finds it by name once this module is imported (it is
-registered at import time, and ``causalmm``'s loader imports it); :func:`load_processor` does that for you.
-LLaVA-OneVision, Qwen3-VL and InternVL get the same treatment; Mistral 3's ``PixtralProcessor`` needs no video
-processor but imports a helper from a torchvision module (see :func:`_pixtral_processor_class`).
+Processors without torchvision: the processors of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision and InternVL
+take a video processor, and every video processor in ``transformers`` 5 needs torchvision.  They are built with
+the image-only variant of the real class (:func:`causalmm.loading.image_only_processor`), which saves under the
+real class name, so a tiny checkpoint names ``Qwen2VLProcessor`` as a hub one does, minus the video processor
+config; :func:`causalmm.loading.load_processor` (which ``CausalMM.from_pretrained`` uses) loads it back the same
+way.  Mistral 3's ``PixtralProcessor`` comes from :func:`causalmm.loading.pixtral_processor_class`.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +38,6 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    AutoProcessor,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     Gemma3Config,
@@ -100,16 +96,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .loading import image_only_processor, pixtral_processor_class
+from .loading import load_processor as _load_processor
+
 __all__ = [
     "ALL_FAMILIES",
     "FAMILIES",
     "GENERIC_FAMILIES",
-    "TinyInternVLProcessor",
-    "TinyLlavaOnevisionProcessor",
-    "TinyPixtralProcessor",
-    "TinyQwen2VLProcessor",
-    "TinyQwen3VLProcessor",
-    "TinyQwen2_5_VLProcessor",
     "build_tiny_model",
     "build_tokenizer",
     "load_processor",
@@ -331,127 +324,6 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Qwen processors without a video processor
-# --------------------------------------------------------------------------------------------------------
-
-
-class _ImageOnly:
-    """Image-only Qwen processor.
-
-    The stock classes list ``video_processor`` in ``__init__``, and ``ProcessorMixin`` derives the required
-    sub-processors from that signature; all ``transformers`` 5 video processors need torchvision, which is
-    not installed.  Dropping the argument from the signature makes the processor image+text only while
-    keeping every other behaviour (token expansion, ``mm_token_type_ids``, chat template) of the parent.
-    """
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class TinyQwen2VLProcessor(_ImageOnly, Qwen2VLProcessor):
-    """Image-only ``Qwen2VLProcessor`` (see :class:`_ImageOnly`)."""
-
-
-class TinyQwen2_5_VLProcessor(_ImageOnly, Qwen2_5_VLProcessor):
-    """Image-only ``Qwen2_5_VLProcessor`` (see :class:`_ImageOnly`)."""
-
-
-class TinyQwen3VLProcessor(_ImageOnly, Qwen3VLProcessor):
-    """Image-only ``Qwen3VLProcessor`` (see :class:`_ImageOnly`)."""
-
-
-class TinyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
-    """Image-only ``LlavaOnevisionProcessor`` (see :class:`_ImageOnly`).
-
-    Its own signature lists the parent's options, since ``save_pretrained`` writes only ``__init__`` parameters.
-    """
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        num_image_tokens: int | None = None,
-        vision_feature_select_strategy: str | None = None,
-        chat_template: str | None = None,
-        image_token: str = "<image>",
-        video_token: str = "<video>",
-        vision_aspect_ratio: str = "anyres_max_9",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            image_processor,
-            tokenizer,
-            None,
-            num_image_tokens=num_image_tokens,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            chat_template=chat_template,
-            image_token=image_token,
-            video_token=video_token,
-            vision_aspect_ratio=vision_aspect_ratio,
-            **kwargs,
-        )
-
-
-def _pixtral_processor_class() -> type[ProcessorMixin]:
-    """``PixtralProcessor``, which Mistral 3 uses, without torchvision.
-
-    Its module imports one pure-Python helper (``get_resize_output_image_size``) from the torchvision image
-    processor's module; the PIL image processor's module defines the same function. Without torchvision that
-    import is served, only while the processor module loads, from a stand-in module holding the PIL one.
-    """
-    try:
-        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
-    except ImportError:
-        from transformers.models.pixtral import image_processing_pil_pixtral
-
-        name = "transformers.models.pixtral.image_processing_pixtral"
-        stand_in = types.ModuleType(name)
-        stand_in.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
-        sys.modules[name] = stand_in
-        try:
-            from transformers.models.pixtral.processing_pixtral import PixtralProcessor
-        finally:
-            del sys.modules[name]
-    return PixtralProcessor
-
-
-class TinyPixtralProcessor(_pixtral_processor_class()):
-    """``PixtralProcessor`` loadable without torchvision (see :func:`_pixtral_processor_class`)."""
-
-
-class TinyInternVLProcessor(InternVLProcessor):
-    """Image-only ``InternVLProcessor`` (see :class:`_ImageOnly`; own signature as for LLaVA-OneVision)."""
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        image_seq_length: int = 256,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template=chat_template, **kwargs)
-
-
-# ``processor_class_from_name`` (used by AutoProcessor) also searches registered classes by name.  A string
-# key (not a config class) is used so that real Qwen2-VL checkpoints keep mapping to the stock processor.
-for _cls in (
-    TinyQwen2VLProcessor,
-    TinyQwen2_5_VLProcessor,
-    TinyQwen3VLProcessor,
-    TinyLlavaOnevisionProcessor,
-    TinyPixtralProcessor,
-    TinyInternVLProcessor,
-):
-    AutoProcessor.register(f"causalmm_tiny_{_cls.__name__}", _cls, exist_ok=True)
-
-# --------------------------------------------------------------------------------------------------------
 # Processors and configs
 # --------------------------------------------------------------------------------------------------------
 
@@ -513,7 +385,7 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast) -> Process
         temporal_patch_size=2,
         merge_size=2,
     )
-    cls = TinyQwen2VLProcessor if family == "qwen2_vl" else TinyQwen2_5_VLProcessor
+    cls = image_only_processor(Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor)
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
@@ -872,7 +744,7 @@ def _llava_onevision(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": _CLIP_IMAGE, "width": _CLIP_IMAGE}, image_grid_pinpoints=_ONEVISION_PINPOINTS
     )
-    processor = TinyLlavaOnevisionProcessor(
+    processor = image_only_processor(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
@@ -899,7 +771,7 @@ def _mistral3(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, 
         size={"longest_edge": _PIXTRAL_LONGEST},
         patch_size={"height": _PIXTRAL_PATCH, "width": _PIXTRAL_PATCH},
     )
-    processor = TinyPixtralProcessor(
+    processor = pixtral_processor_class()(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=_PIXTRAL_PATCH,
@@ -988,7 +860,7 @@ def _qwen3_vl(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, 
         temporal_patch_size=2,
         merge_size=2,
     )
-    processor = TinyQwen3VLProcessor(
+    processor = image_only_processor(Qwen3VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
     )
     text = {
@@ -1040,7 +912,7 @@ def _internvl(tokenizer: PreTrainedTokenizerFast) -> tuple[ProcessorMixin, Any, 
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": _INTERNVL_TILE, "width": _INTERNVL_TILE}, crop_to_patches=True, min_patches=1, max_patches=4
     )
-    processor = TinyInternVLProcessor(
+    processor = image_only_processor(InternVLProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_length=seq_len,
@@ -1099,8 +971,9 @@ _MODEL_CLASSES.update(
 def build_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     """Build, save and return the directory of a tiny random-weight model + processor of `family`.
 
-    The directory loads with ``AutoModelForImageTextToText.from_pretrained`` and (with this module
-    imported, or via :func:`load_processor`) ``AutoProcessor.from_pretrained``.  The same ``seed`` gives
+    The directory loads with ``CausalMM.from_pretrained`` (``AutoModelForImageTextToText`` and
+    :func:`causalmm.loading.load_processor`; plain ``AutoProcessor`` too for the families whose processor takes
+    no video processor).  The same ``seed`` gives
     bit-identical weights; the tokenizer is deterministic regardless of the seed.
     """
     _check_family(family)
@@ -1154,10 +1027,7 @@ def _redraw_zero_matrices(model: PreTrainedModel) -> None:
                 param.normal_(0.0, std)
 
 
-def load_processor(path: str | Path, **kwargs: Any) -> ProcessorMixin:
-    """Load the processor saved by :func:`build_tiny_model`.
-
-    Equivalent to ``AutoProcessor.from_pretrained(path)``; it exists so callers get the image-only Qwen
-    processors registered (by importing this module) without having to know about them.
-    """
-    return AutoProcessor.from_pretrained(str(path), **kwargs)
+def load_processor(path: str | Path) -> ProcessorMixin:
+    """Load the processor saved by :func:`build_tiny_model` (:func:`causalmm.loading.load_processor`, which loads
+    the image-only variant where the real class needs a video processor)."""
+    return _load_processor(str(path))

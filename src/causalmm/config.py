@@ -7,13 +7,15 @@ model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from .interventions import METHODS as CF_METHODS
 
-__all__ = ["CausalMMConfig", "ConfigError", "resolve_layers", "MODES", "METHOD_NAMES", "LayerSpec"]
+__all__ = ["CausalMMConfig", "ConfigError", "resolve_layers", "MODES", "METHOD_NAMES", "LayerSpec", "is_int", "is_real"]
 
 MODES: tuple[str, ...] = ("vision", "language", "multimodal", "joint")
 METHOD_NAMES: tuple[str, ...] = ("regular", "causalmm", "vcd")
@@ -28,8 +30,23 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and how to fix it."""
 
 
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool: ``True`` is an int to Python but never a count or a seed."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def is_real(value: Any) -> bool:
+    """A finite real number (Python or numpy), not a bool and not a string."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and type(value).__name__ != "bool_"
+        and math.isfinite(value)
+    )
+
+
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
+    if not isinstance(value, str) or value not in options:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(options)}")
 
 
@@ -54,9 +71,12 @@ def resolve_layers(spec: LayerSpec, n_layers: int, *, what: str = "layers") -> l
         start = {"shallow": 0, "middle": (n_layers - third) // 2, "deep": n_layers - third}[spec]
         return list(range(start, start + third))
     items: list[int] = []
-    if isinstance(spec, int):
-        items = [spec]
+    if is_int(spec):
+        items = [int(spec)]
     elif isinstance(spec, (list, tuple)):
+        bad = [x for x in spec if not is_int(x)]
+        if bad:
+            raise ConfigError(f"cannot read {what} {spec!r}: {bad[0]!r} is not an integer layer index")
         items = [int(x) for x in spec]
     elif isinstance(spec, str):
         for part in (p.strip() for p in spec.split(",") if p.strip()):
@@ -87,7 +107,14 @@ def _check_heads(name: str, heads: Any) -> tuple[int, ...] | None:
     if heads is None:
         return None
     if isinstance(heads, str):
-        heads = [int(h) for h in heads.split(",") if h.strip()]
+        parts = [h.strip() for h in heads.split(",") if h.strip()]
+        if not all(re.fullmatch(r"\d+", h) for h in parts):
+            raise ConfigError(f"{name}={heads!r}: give comma-separated head indices like '0,3', or None for all heads")
+        heads = [int(h) for h in parts]
+    if is_int(heads):
+        heads = [heads]
+    if not isinstance(heads, (list, tuple)) or not all(is_int(h) for h in heads):
+        raise ConfigError(f"{name}={heads!r}: give a list of integer head indices, or None for all heads")
     heads = tuple(int(h) for h in heads)
     if not heads or any(h < 0 for h in heads):
         raise ConfigError(f"{name}={heads!r}: give non-negative head indices, or None for all heads")
@@ -150,25 +177,31 @@ class CausalMMConfig:
         _choice("noise_schedule", self.noise_schedule, ("linear", "sigmoid"))
         self.vision_heads = _check_heads("vision_heads", self.vision_heads)
         self.language_heads = _check_heads("language_heads", self.language_heads)
-        try:
-            self.gamma = float(self.gamma)
-            self.epsilon = float(self.epsilon)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"gamma and epsilon must be numbers; got {self.gamma!r}, {self.epsilon!r}") from err
-        if not self.gamma >= 0 or self.gamma == float("inf"):
+        for name in ("gamma", "epsilon"):
+            value = getattr(self, name)
+            if not is_real(value):
+                raise ConfigError(f"{name}={value!r} must be a finite number")
+            setattr(self, name, float(value))
+        if self.gamma < 0:
             raise ConfigError(f"gamma={self.gamma} must be a finite number >= 0 (0 = no contrast)")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ConfigError(f"epsilon={self.epsilon} must be in [0, 1] (0 = no plausibility cut-off)")
-        if not isinstance(self.num_cf_samples, int) or self.num_cf_samples < 1:
+        for name in ("num_cf_samples", "seed", "noise_step"):
+            value = getattr(self, name)
+            if not is_int(value):
+                raise ConfigError(f"{name}={value!r} must be an integer")
+            setattr(self, name, int(value))
+        if self.num_cf_samples < 1:
             raise ConfigError(f"num_cf_samples={self.num_cf_samples!r} must be an integer >= 1")
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"seed={self.seed!r} must be an integer")
-        if not isinstance(self.noise_step, int) or not 0 <= self.noise_step <= 999:
+        if not 0 <= self.noise_step <= 999:
             raise ConfigError(f"noise_step={self.noise_step!r} must be an integer in [0, 999]")
+        for name in ("legacy", "renormalize"):
+            if not isinstance(getattr(self, name), bool):  # "no" or 0 would otherwise read as a switch
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         for name in ("vision_layers", "language_layers"):
             spec = getattr(self, name)
-            if isinstance(spec, str) and spec not in LAYER_WORDS:
-                resolve_layers(spec, 10**6, what=name)  # syntax check now; range check once the model is known
+            if spec is not None and not (isinstance(spec, str) and spec in LAYER_WORDS):
+                resolve_layers(spec, 10**6, what=name)  # type and syntax now; range once the model is known
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

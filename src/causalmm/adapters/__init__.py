@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, UnsupportedModelError
+from .base import Adapter, UnsupportedModelError, check_base, max_positions
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "get_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "check_base", "get_adapter", "max_positions"]
 
 #: ``config.model_type`` -> adapter class. Families not listed go through the generic :class:`Adapter`.
 ADAPTERS: dict[str, type[Adapter]] = {

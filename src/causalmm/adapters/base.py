@@ -19,18 +19,21 @@ so interventions run batched; which vision layer feeds the LLM; the original rel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..attention import SITE_ATTR, Intervention, Site, active, attention_name, intervene
+from ..attention import BASES, SITE_ATTR, Intervention, Site, active, attention_name, intervene
+from ..config import ConfigError
 
-__all__ = ["Adapter", "ImageBatch", "ImageFeatures", "UnsupportedModelError"]
+__all__ = ["Adapter", "ImageBatch", "ImageFeatures", "UnsupportedModelError", "check_base", "max_positions"]
 
 _TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 _LM_NAMES = ("language_model", "text_model", "llm")
@@ -43,6 +46,48 @@ _STANDARD_OUTPUTS = ("last_hidden_state", "pooler_output", "hidden_states", "att
 
 class UnsupportedModelError(ValueError):
     """The model lacks something the engine needs; the message names it."""
+
+
+def check_base(base: Any) -> str:
+    """``base`` if it names a base attention (``sdpa``, ``eager``); a :class:`ConfigError` naming them otherwise,
+    raised before any model is loaded or touched."""
+    if not isinstance(base, str) or base not in BASES:
+        raise ConfigError(f"base attention {base!r} is not valid; choose one of: {', '.join(BASES)}")
+    return base
+
+
+#: Kinds of RoPE scaling whose parameters state the context they extend to (``factor`` times the pretraining
+#: length); linear and dynamic scaling state no such length, so ``max_position_embeddings`` stands for them.
+_EXTENDING_ROPE = ("yarn", "llama3", "longrope")
+
+
+def max_positions(config: Any) -> int | None:
+    """How many positions the LLM of ``config`` is made for, as its text config says; ``None`` where it says
+    nothing (then no prompt is refused for its length).
+
+    That is ``max_position_embeddings`` (or ``n_positions`` / ``max_sequence_length``), or, where the RoPE
+    parameters extend the pretraining context (YaRN, Llama 3, LongRoPE: ``factor`` and
+    ``original_max_position_embeddings``), the extended context if it is larger (Qwen2.5's YaRN configs keep
+    ``max_position_embeddings`` at the pretraining length and state the factor).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limit = value
+            break
+    if limit is None:
+        return None
+    rope = getattr(text, "rope_parameters", None)
+    if not isinstance(rope, dict):
+        return limit
+    nested = rope and all(isinstance(v, dict) for v in rope.values())  # one set of parameters per layer type
+    for params in rope.values() if nested else [rope]:
+        factor, original = params.get("factor"), params.get("original_max_position_embeddings")
+        if params.get("rope_type") in _EXTENDING_ROPE and factor and original:
+            limit = max(limit, int(factor * original))
+    return limit
 
 
 @dataclasses.dataclass
@@ -105,7 +150,11 @@ class Adapter:
     #: itself on the plausible tokens only (``causalmm.head``). Off by default: Gemma-style families cap them.
     plain_lm_head = False
 
+    #: positions :meth:`encode` keeps free after the prompt (the answer's tokens; see :meth:`reserving`)
+    _reserved_positions: int = 0
+
     def __init__(self, model: torch.nn.Module, processor: Any, *, base: str = "sdpa") -> None:
+        check_base(base)
         self.model = model
         self.processor = processor
         name = type(model).__name__
@@ -202,12 +251,66 @@ class Adapter:
 
         A template that writes the bos token itself (Gemma, Mistral) must not get a second one from the
         tokenizer: as in ``processor.apply_chat_template(tokenize=True)``, special tokens are then not added.
+
+        Raises:
+            InputError: the processor refuses the image (Qwen2-VL: an aspect ratio over 200), or the prompt with
+                the positions :meth:`reserving` keeps for the answer exceeds the LLM's (:func:`max_positions`).
         """
+        from ..api import InputError  # the API's error type; api imports this module
+
         text = self.format_prompt(prompt)
         bos = getattr(getattr(self.processor, "tokenizer", None), "bos_token", None)
         extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
-        out = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", **extra)
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        try:
+            out = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", **extra)
+        except ValueError as err:  # the processor's own limits on images (size, aspect ratio)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(
+                f"the image ({image.width}x{image.height} pixels) is refused by {type(self.processor).__name__}: "
+                f"{reason}; resize, crop or pad the image to fit"
+            ) from err
+        enc = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        self._check_length(enc)
+        return enc
+
+    @contextlib.contextmanager
+    def reserving(self, new_tokens: int) -> Iterator[None]:
+        """While active, :meth:`encode` refuses a prompt that leaves fewer than ``new_tokens`` of the LLM's
+        positions for the answer (``CausalMM.generate`` reserves its ``max_new_tokens``)."""
+        before = self._reserved_positions
+        self._reserved_positions = int(new_tokens)
+        try:
+            yield
+        finally:
+            self._reserved_positions = before
+
+    def _check_length(self, enc: dict[str, torch.Tensor]) -> None:
+        """Refuse a prompt whose positions plus the reserved ones exceed the LLM's: past them a RoPE model
+        generates without complaint, but from positions it never saw, and a learned table fails deep in torch.
+        No truncation: cutting a prompt would cut its image tokens or its chat template."""
+        from ..api import InputError
+
+        limit = max_positions(self.model.config)
+        reserve = self._reserved_positions
+        n_tokens = int(enc["input_ids"].shape[-1])
+        if limit is None or n_tokens + reserve <= limit:
+            return
+        # Positions can be fewer than tokens (M-RoPE numbers an image by its grid, not its token count): count them
+        tokens = {k: v for k, v in enc.items() if k in TOKEN_KEYS}
+        used = int(self.prefill_positions(tokens, self.image_inputs(enc)).max()) + 1
+        if used + reserve <= limit:
+            return
+        fix = (
+            f"lower max_new_tokens to {limit - used} or less, or shorten the prompt"
+            if used < limit
+            else "shorten the prompt (or give a smaller image, where the image's token count grows with its size)"
+        )
+        more = f" and max_new_tokens={reserve} needs {reserve} more, {used + reserve} in all," if reserve else ","
+        raise InputError(
+            f"the prompt is too long for {type(self.model).__name__}: it takes {used} positions ({n_tokens} tokens, "
+            f"the image's included){more} but the LLM has {limit} (max_position_embeddings in its text config); "
+            f"{fix}"
+        )
 
     def image_inputs(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in enc.items() if k not in TOKEN_KEYS}

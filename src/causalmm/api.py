@@ -265,27 +265,11 @@ def write_failed(err: OSError, path: str | os.PathLike, what: str = "output") ->
 
 
 def _load_pretrained(name_or_path: str, **hf_kwargs: Any):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """The model and processor, by :func:`causalmm.loading.load_pretrained` (imported here: it imports this
+    module's :class:`InputError`)."""
+    from .loading import load_pretrained
 
-    from . import tiny  # noqa: F401  (registers the image-only Qwen processors of the tiny test models)
-
-    local = Path(name_or_path).exists()
-    if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise InputError(
-            f"model {name_or_path!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the hub; "
-            "pass the path of a downloaded model, or unset HF_HUB_OFFLINE"
-        )
-    try:
-        processor = AutoProcessor.from_pretrained(name_or_path)
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **hf_kwargs)
-    except OSError as err:
-        where = "the local directory" if local else "the Hugging Face hub (is the network reachable?)"
-        raise InputError(f"cannot load model {name_or_path!r} from {where}: {str(err).splitlines()[0]}") from err
-    except ValueError as err:
-        raise InputError(
-            f"cannot load {name_or_path!r} as a vision-language model: {str(err).splitlines()[0]}"
-        ) from err
-    return model, processor
+    return load_pretrained(name_or_path, **hf_kwargs)
 
 
 class CausalMM:

@@ -1,9 +1,11 @@
 """The CLI as a user runs it, and bad input turned into one clear line."""
 
 import json
+import subprocess
 
 import pytest
 import torch
+from PIL import Image
 
 from causalmm import CausalMMConfig, ConfigError, InputError
 from causalmm.adapters import UnsupportedModelError, get_adapter
@@ -175,3 +177,73 @@ def test_plumbing_demo_runs_and_labels_random_weights(tmp_path, causalmm_cli):
     for name in ("regular", "vcd", "causalmm/vision", "causalmm/joint"):
         assert name in proc.stdout
     assert torch.__version__  # the demo ran in the same environment as the tests
+
+
+def test_cli_unknown_attention_is_refused_before_loading(tmp_path, image_file, causalmm_cli):
+    # the model does not exist: the flag is checked first, naming the valid ones
+    args = ["--model", str(tmp_path / "no-model"), "--image", str(image_file), "--prompt", "hi", "--attention", "foo"]
+    _one_line_error(causalmm_cli("generate", *args, check=False), "--attention 'foo'", "sdpa, eager")
+
+
+def test_cli_output_paths_that_cannot_be_written(model_dirs, image_file, tmp_path, causalmm_cli):
+    base = ["--model", str(model_dirs["llava"]), "--image", str(image_file), "--prompt", "hi"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _one_line_error(
+        causalmm_cli("explain", *base, "--html", str(tmp_path), check=False), "--html", "is a directory", "report.html"
+    )
+    _one_line_error(causalmm_cli("visualize", *base, "--out", str(tmp_path), check=False), "--out", "is a directory")
+    _one_line_error(
+        causalmm_cli("visualize", *base, "--out", str(blocker / "x.png"), check=False), "a-file is a file, not a dir"
+    )
+    # a full disk: found only when writing, after the work
+    _one_line_error(
+        causalmm_cli("visualize", *base, "--out", "/dev/full", check=False), "/dev/full", "No space left on device"
+    )
+
+
+def test_cli_bad_images_and_long_prompts_are_one_line(model_dirs, image_file, tmp_path, causalmm_cli, monkeypatch):
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 500)).save(thin)
+    qwen = ["generate", "--model", str(model_dirs["qwen2_vl"]), "--prompt", "hi", "--max-new-tokens", "2"]
+    proc = causalmm_cli(*qwen, "--image", str(thin), check=False)
+    # the tiny Qwen processor's own notice (loaded image-only) may come first; the error is then one line
+    errors = [ln for ln in proc.stderr.splitlines() if "image-only" not in ln]
+    _one_line_error(
+        subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, "\n".join(errors)),
+        "1x500 pixels",
+        "aspect ratio",
+        "200",
+    )
+    llava = ["generate", "--model", str(model_dirs["llava"]), "--image", str(image_file)]
+    _one_line_error(
+        causalmm_cli(*llava, "--prompt", "cat " * 1100, check=False), "too long", "but the LLM has 1024", "shorten"
+    )
+    _one_line_error(causalmm_cli(*llava, "--prompt", "hi", "--image", str(tmp_path), check=False), "is a directory")
+    monkeypatch.setenv("CAUSALMM_MAX_IMAGE_PIXELS", "100")
+    _one_line_error(
+        causalmm_cli(*llava, "--prompt", "hi", check=False), "more than the limit of 100", "CAUSALMM_MAX_IMAGE_PIXELS=0"
+    )
+
+
+def test_cli_safety_net_turns_os_errors_the_user_caused_into_one_line(tmp_path, causalmm_cli):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ["toyworld", "splits", "--val-images", "1", "--test-images", "1", "--out"]
+    _one_line_error(causalmm_cli(*args, str(blocker), check=False), "file exists", str(blocker))
+    _one_line_error(causalmm_cli(*args, str(blocker / "sub"), check=False), "not a directory", str(blocker / "sub"))
+
+
+def test_user_os_error_lines_name_the_path_and_leave_bugs_alone():
+    import errno
+
+    from causalmm.cli import user_os_error
+
+    line = user_os_error(PermissionError(errno.EACCES, "Permission denied", "/data/out.png"))
+    assert line == "permission denied: /data/out.png; check the permissions, or choose another path"
+    assert "/a -> /b" in user_os_error(FileExistsError(errno.EEXIST, "File exists", "/a", None, "/b"))
+    assert "(the path was not reported)" in user_os_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert user_os_error(OSError(errno.EROFS, "Read-only file system", "/ro")).endswith("write elsewhere")
+    assert user_os_error(OSError(errno.EIO, "Input/output error", "/x")) is None  # not the user's doing
+    assert user_os_error(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None  # commands name those
+    assert user_os_error(RuntimeError("a bug")) is None

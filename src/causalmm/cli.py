@@ -6,6 +6,7 @@ nothing below the API is shown to the user as a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -40,6 +41,15 @@ def _user_errors():
     return (InputError, ConfigError, UnsupportedModelError)
 
 
+def _attention_flag(value: str) -> str:
+    """``--attention`` checked as the command line is read, so a typo fails before any model is loaded."""
+    from .attention import BASES
+
+    if value not in BASES:
+        _fail(f"--attention {value!r} is not valid; choose one of: {', '.join(BASES)}")
+    return value
+
+
 # Options shared by `generate` and `eval` (one definition each, so the two commands cannot drift apart).
 MethodOpt = Annotated[str, typer.Option(help="regular | causalmm | vcd")]
 ModeOpt = Annotated[str, typer.Option(help="vision | language | multimodal | joint")]
@@ -56,7 +66,9 @@ TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling mass.")]
 TopKOpt = Annotated[int | None, typer.Option(help="Top-k sampling.")]
 LegacyOpt = Annotated[bool, typer.Option("--legacy", help="Original release: contrast on the first token only.")]
 VisionStyleOpt = Annotated[str, typer.Option(help="attention | gate (the original feature gate)")]
-AttentionOpt = Annotated[str, typer.Option(help="Base attention for non-intervened calls: sdpa | eager")]
+AttentionOpt = Annotated[
+    str, typer.Option(help="Base attention for non-intervened calls: sdpa | eager", callback=_attention_flag)
+]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, or 'auto' (device_map).")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")]
 ModelOpt = Annotated[str, typer.Option(help="Hub id or local directory of a vision-language model.")]
@@ -331,12 +343,13 @@ def visualize(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """One figure: the image, its factual vision and LLM attention maps, and each counterfactual's."""
-    from .api import CausalMM, load_image
+    from .api import CausalMM, check_output_file, load_image
     from .visualize import visualize as draw
 
     try:
         if not prompt.strip():
             _fail("--prompt is empty; give a question or instruction about the image")
+        check_output_file(out, "--out", "attention.png")  # before the model loads, not after the work is done
         pil = load_image(image)
         cm = CausalMM.from_pretrained(model, base=attention, **_hf_kwargs(device, dtype))
         path = draw(
@@ -373,7 +386,7 @@ def explain(
     """Per generated token: top candidates under the factual branch, each counterfactual, and the contrast."""
     import tempfile
 
-    from .api import CausalMM, load_image
+    from .api import CausalMM, check_output_file, load_image
     from .explain import explain as run_explain
     from .visualize import visualize as draw
 
@@ -381,6 +394,8 @@ def explain(
         config = _config(locals())
         if not prompt.strip():
             _fail("--prompt is empty; give a question or instruction about the image")
+        if html is not None:
+            check_output_file(html, "--html", "report.html")  # before the model loads, not after the work is done
         pil = load_image(image)
         cm = CausalMM.from_pretrained(model, config, base=attention, **_hf_kwargs(device, dtype))
         ex = run_explain(cm, pil, prompt, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed)
@@ -661,13 +676,52 @@ def toyworld_splits(
     print(f"wrote {paths['manifest']}; commands to run are listed in it")
 
 
+#: OS errors a user causes (a path that is a directory, a file in the way, no permission, a full or read-only
+#: disk): the CLI reports them in one line. Every other exception stays a traceback: it is a bug to report.
+_USER_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_USER_ERRNOS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+}
+_OS_HINTS = {
+    PermissionError: "check the permissions, or choose another path",
+    IsADirectoryError: "give a file path, not a directory",
+    NotADirectoryError: "a part of the path is a file, not a directory",
+    FileExistsError: "a file is in the way; move it or choose another path",
+}
+
+
+def user_os_error(err: BaseException) -> str | None:
+    """The one-line message for an OS error the user caused (naming the path), ``None`` for anything else."""
+    if not isinstance(err, OSError) or not (isinstance(err, _USER_OS_ERRORS) or err.errno in _USER_ERRNOS):
+        return None
+    hint = next((h for cls, h in _OS_HINTS.items() if isinstance(err, cls)), None) or _USER_ERRNOS[err.errno]
+    paths = [os.fsdecode(p) for p in (err.filename, err.filename2) if p is not None]
+    where = " -> ".join(paths) if paths else "(the path was not reported)"
+    what = (err.strerror or type(err).__name__).lower()
+    return f"{what}: {where}; {hint}"
+
+
 def main() -> None:
-    """Console entry point."""
+    """Console entry point.
+
+    A safety net below every command: the project's user errors and the OS errors a user causes end as one
+    ``error:`` line (exit code 2) even where a command does not catch them; any other exception is a bug and
+    keeps its traceback.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep stderr for our own one-line errors
-    app()
+    try:
+        app()
+    except (*_user_errors(), OSError) as err:
+        line = str(err) if not isinstance(err, OSError) else user_os_error(err)
+        if line is None:
+            raise
+        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -158,9 +158,9 @@ class Explanation:
 
     def to_html(self, path: str | Path, figure: str | Path | None = None) -> Path:
         """Write a self-contained HTML report (``figure``, a PNG, embedded as base64). Returns the path."""
-        from .api import InputError
+        from .api import InputError, check_output_file, write_failed
 
-        out = Path(path)
+        out = check_output_file(path, "HTML report", "report.html")
         img = ""
         if figure is not None:
             fig = Path(figure)
@@ -214,8 +214,11 @@ than the factual branch. Promoted / suppressed: rank change from the factual bra
 </tbody></table>
 </body></html>
 """
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(doc, encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(doc, encoding="utf-8")
+        except OSError as err:
+            raise write_failed(err, out, "HTML report") from err
         return out
 
 

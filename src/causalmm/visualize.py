@@ -473,8 +473,9 @@ def render(result: VisualizeResult, out: str | Path, *, dpi: int = DPI) -> Path:
     maps (factual, then each method). Returns the path (also stored in ``result.path``)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from .api import check_output_file, write_failed
+
+    out = check_output_file(out, "figure", "attention.png")
     cols = 2 + len(result.methods)
     fig = Figure(figsize=(cols * PANEL_INCHES, 2 * PANEL_INCHES), dpi=dpi)
     axes = fig.subplots(2, cols, squeeze=False)
@@ -495,7 +496,11 @@ def render(result: VisualizeResult, out: str | Path, *, dpi: int = DPI) -> Path:
         _panel(axes[0, j], result.vision_view, result.maps[f"vision/{name}"], result.titles[f"vision/{name}"])
         _panel(axes[1, j], result.language_view, result.maps[f"language/{name}"], result.titles[f"language/{name}"])
     fig.suptitle(" | ".join(result.notes), fontsize=7)
-    fig.savefig(out, format="png", dpi=dpi)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png", dpi=dpi)
+    except OSError as err:
+        raise write_failed(err, out, "figure") from err
     result.path = out
     return out
 

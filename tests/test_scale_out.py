@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from causalmm.benchmarks.runner import RunLockedError, lock_run_folder
+
 N_QUESTIONS = 10
 
 
@@ -112,6 +114,10 @@ def test_killed_worker_then_resume_with_another_process_count(single, model_dirs
         time.sleep(0.02)
     workers = [p for p in _descendants(proc.pid) if "causalmm" in Path(f"/proc/{p}/cmdline").read_text()]
     assert workers, "no worker process found"
+    # under a user's `accelerate launch` the main process holds the folder's lock for all of them
+    with pytest.raises(RunLockedError, match="in use by another causalmm eval"):
+        with lock_run_folder(out):
+            pass
     os.kill(workers[-1], signal.SIGKILL)  # one worker dies; the launcher tears the other down
     proc.wait(timeout=120)
     assert proc.returncode != 0
@@ -133,6 +139,62 @@ def test_mismatched_resume_is_refused_before_launching(single, model_dirs, pope_
     assert proc.returncode == 2
     err = " ".join(proc.stderr.split())
     assert "holds a different run" in err and "gamma" in err and "Traceback" not in proc.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; kill -9 relies on PR_SET_PDEATHSIG")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killing_the_launcher_stops_its_workers_and_frees_the_folder(
+    sig, single, model_dirs, pope_data, tmp_path, causalmm_cli
+):
+    """`causalmm eval --num-processes 2` killed (SIGTERM as a scheduler does, or kill -9): no worker outlives it,
+    nobody holds the folder afterwards, and the run resumes to the single-process result."""
+    out = tmp_path / "launched"
+    args = args_for(model_dirs["llava"], pope_data, out, "--batch-size", "1", "--num-processes", "2")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "causalmm", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if sum(len(p.read_text().splitlines()) for p in out.glob("predictions.part*.jsonl")) >= 1:
+            break
+        time.sleep(0.02)
+    spawned = _descendants(proc.pid)  # accelerate's launcher and the two workers (in sessions of their own)
+    assert len(spawned) >= 3, spawned
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=120)
+    deadline = time.time() + 90
+    while any(_alive(p) for p in spawned) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in spawned if _alive(p)], "a process of the run outlived its launcher"
+    n_done = sum(len(p.read_text().splitlines()) for p in out.glob("predictions.part*.jsonl"))
+    assert n_done < N_QUESTIONS and not (out / "metrics.json").exists()
+    with lock_run_folder(out):  # free again
+        pass
+    if sig == signal.SIGTERM:
+        causalmm_cli(*args_for(model_dirs["llava"], pope_data, out, "--batch-size", "1"))
+        assert predictions(out) == predictions(single)
+
+
+def test_a_held_folder_refuses_the_launcher_before_it_launches(single, model_dirs, pope_data, causalmm_cli):
+    hold = "import sys, time\nfrom pathlib import Path\nfrom causalmm.benchmarks.runner import lock_run_folder\n"
+    hold += "with lock_run_folder(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(single)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = causalmm_cli(*args_for(model_dirs["llava"], pope_data, single, "--num-processes", "2"), check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"in use by another causalmm eval (pid {holder.pid} " in " ".join(proc.stderr.split())
 
 
 def test_engine_under_accelerate_dispatch_hooks_matches_plain_loading(model_dirs, loaded, images, tmp_path):

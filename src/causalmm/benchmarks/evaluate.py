@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -67,20 +66,16 @@ class RunPlan:
 
 
 def sample_image(sample: Sample):
-    """The PIL image of a sample (a path, or encoded bytes from a parquet layout)."""
-    from PIL import Image, UnidentifiedImageError
+    """The RGB PIL image of a sample (a path, or encoded bytes from a parquet layout), read by
+    :func:`causalmm.api.load_image` either way, as :func:`verify_images` checked it."""
+    from ..api import InputError, load_image
 
-    from ..api import load_image
-
-    if isinstance(sample.image, bytes):
-        try:
-            with Image.open(io.BytesIO(sample.image)) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise BenchmarkError(f"sample {sample.id}: its image bytes are not an image PIL can read") from err
     if sample.image is None:
         raise BenchmarkError(f"sample {sample.id} has no image; the engine needs one image per prompt")
-    return load_image(sample.image)
+    try:
+        return load_image(sample.image)
+    except InputError as err:
+        raise BenchmarkError(f"sample {sample.id}: {err}") from err
 
 
 def load_run_samples(bench: Benchmark, data: str | Path, images: str | Path | None, limit: int | None) -> list[Sample]:
@@ -104,10 +99,11 @@ def verify_images(samples: Sequence[Sample]) -> dict[str, str]:
 
     A corrupt or truncated image would otherwise stop the run when its batch comes up, possibly hours in.
     Each distinct image (file, or bytes of a parquet export) is read once, digested (for its image seed and
-    the run's data identity) and fully decoded; JPEGs at 1/8 scale, which still reads every byte of the file.
-    Raises one BenchmarkError naming how many images are bad and the first few, with PIL's reason.
+    the run's data identity) and decoded by :func:`causalmm.api.load_image`, as generation will decode it, so
+    whatever it refuses (a truncated file, an unsupported mode, an image over the pixel limit) is refused here.
+    Raises one BenchmarkError naming how many images are bad and the first few, with the reason.
     """
-    from PIL import Image
+    from ..api import InputError, load_image
 
     digests: dict[str, str] = {}
     by_path: dict[str, str] = {}
@@ -138,12 +134,9 @@ def verify_images(samples: Sequence[Sample]) -> dict[str, str]:
             continue
         decoded.add(digest)
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-                im.load()
-        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, EOFError, ...
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            bad.append(f"{name} ({reason})")
+            load_image(data)
+        except (InputError, OSError) as err:
+            bad.append(f"{name} ({err})")
     if bad:
         raise BenchmarkError(
             f"{len(bad)} image(s) cannot be read as images, e.g. {'; '.join(bad[:3])}; replace them or remove "

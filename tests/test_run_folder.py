@@ -142,6 +142,16 @@ def test_every_overlap_of_out_and_the_inputs_is_refused_before_writing(toy, mode
     assert tree_bytes(toy) == before
 
 
+def test_the_num_processes_launcher_refuses_an_overlap_without_creating_anything(toy, model_dirs, causalmm_cli):
+    out = toy / "vlind" / "run"
+    proc = causalmm_cli(
+        "eval", "vlind", "--model", model_dirs["llava"], "--data", toy / "vlind", "--out", out,
+        "--num-processes", "2", "--no-progress", check=False,
+    )  # fmt: skip
+    one_line_error(proc, "lies inside the input folder")
+    assert not out.exists()
+
+
 def test_out_equal_to_the_chair_annotations_is_refused(toy, model_dirs, tmp_path):
     listing = shutil.copy(toy / "chair_images.txt", tmp_path / "chair_images.txt")
     with pytest.raises(BenchmarkError, match="holds the input .*annotations"):
@@ -336,6 +346,18 @@ def test_out_that_is_a_file_is_one_line_for_eval_and_compare(run_pope, pope, mod
     run_pope(run)
     proc = causalmm_cli("compare", run, run, "--out", a_file, check=False)
     one_line_error(proc, "is a file")
+    assert a_file.read_text() == "mine\n"
+
+
+def test_score_out_that_is_a_file_is_refused(run_pope, pope, tmp_path):
+    from causalmm.benchmarks.evaluate import score_predictions
+
+    run = tmp_path / "run"
+    run_pope(run)
+    a_file = tmp_path / "metrics"
+    a_file.write_text("mine\n")
+    with pytest.raises(BenchmarkError, match="is a file"):
+        score_predictions("pope", run / "predictions.jsonl", data=pope / "q.json", out=a_file)
     assert a_file.read_text() == "mine\n"
 
 

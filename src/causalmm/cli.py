@@ -251,12 +251,13 @@ def eval_(
         _fail(str(err))
     if relaunch:  # the launcher holds the folder's lock for its workers and checks everything first, so bad
         # input fails with one line, not once per process
-        from .benchmarks.evaluate import preflight
+        from .benchmarks.evaluate import check_folder, preflight
         from .benchmarks.runner import lock_run_folder
 
         try:
+            run = preflight(benchmark, out=out, **plan)  # before the lock creates anything in --out
             with lock_run_folder(out) as lock_fd:
-                preflight(benchmark, out=out, **plan)
+                check_folder(run, out)  # again, now that no other writer can change the folder
                 code = _relaunch_with_accelerate(num_processes, out, lock_fd)
         except (*_user_errors(), BenchmarkError) as err:
             _fail(str(err))

@@ -32,6 +32,7 @@ from .stats import bootstrap_ci
 
 __all__ = [
     "RunPlan",
+    "check_folder",
     "evaluate",
     "load_run_samples",
     "plan_run",
@@ -187,17 +188,22 @@ def plan_run(
 
 def preflight(benchmark: str, *, out: str | Path, **plan: Any) -> RunPlan:
     """Every check :func:`evaluate` makes before writing, without writing: data, images, ``--out`` and a
-    resumption's agreement with the folder. ``causalmm eval --num-processes`` runs it (holding the folder's
-    lock) so bad input fails with one line before any process is launched."""
+    resumption's agreement with the folder. ``causalmm eval --num-processes`` runs it before it locks and
+    launches anything, so bad input fails with one line, not once per process, and leaves nothing behind."""
     run = plan_run(benchmark, **plan)
-    out = Path(out)
+    check_folder(run, Path(out))
+    return run
+
+
+def check_folder(run: RunPlan, out: Path) -> None:
+    """``out`` suits ``run``: clear of its inputs, a run folder of the same run (or new), and its finished
+    records made from the same prompts and images. Read-only; repeat it once the folder is locked."""
     check_out_folder(out, run.inputs, run.image_files())
     check_run_info(out, run.info)
     if out.is_dir():
         done = load_done(out)
         pending(run.samples, run.info["seeds"], done, out)
         check_done(run.samples, done, out, run.digests)
-    return run
 
 
 def evaluate(

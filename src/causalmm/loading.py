@@ -249,7 +249,7 @@ def _config_file(name_or_path: str, filename: str) -> dict[str, Any] | None:
             _raise_exceptions_for_connection_errors=False,
             _raise_exceptions_for_gated_repo=False,
         )
-    except OSError:
+    except (OSError, ValueError):  # not a repo id, no network...: AutoProcessor reports it in its own words
         return None
     if path is None:
         return None

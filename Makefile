@@ -6,7 +6,13 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint
+# The oldest transformers pyproject.toml allows, read from it so the bound and its test cannot drift apart.
+OLDEST_VENV ?= build/venv-oldest
+OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+# What depends most on transformers: every family's model and processor, loading, the KV cache.
+OLDEST_TESTS := tests/test_families.py tests/test_generic_families.py tests/test_loading.py tests/test_cache.py
+
+.PHONY: install demo test lint test-oldest
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,3 +31,16 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q
+
+# The same tests on the oldest transformers pyproject.toml allows, in a venv of its own (about 2 minutes to build).
+$(OLDEST_VENV)/.installed: pyproject.toml
+	python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==$(OLDEST_TRANSFORMERS)"
+	@if $(OLDEST_VENV)/bin/python -c "import torchvision" 2>/dev/null; then echo "torchvision is installed in $(OLDEST_VENV): remove it"; exit 1; fi
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	@echo "transformers $$($(OLDEST_VENV)/bin/python -c 'import transformers; print(transformers.__version__)')"
+	$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)

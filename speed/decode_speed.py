@@ -13,10 +13,10 @@ depend on them) except for the toy-world preset's, and generation is forced to t
 Before/after rows of the optimisations: "eager attention" runs every attention call on eager maths, as the
 original code does (the before of routing the calls that are not intervened to SDPA); "no layer sharing" runs
 language rows through every LLM layer; "full head" runs the LM head on every row in decode steps (the before of
-computing counterfactual logits on the plausible tokens only, ``causalmm.head``); "DynamicCache" grows the KV
-cache by ``torch.cat`` at every step (the before of writing it in place, ``causalmm.cache``). It also times one pass over the
-decoder layers' linear weights with 1, 2 and 3 rows, as ``F.linear`` and laid out as ``W @ x.T``: what this
-machine's BLAS charges per extra row, a floor under any batched engine's ratio here.
+computing counterfactual logits on the plausible tokens only, ``causalmm.decoding.head``); "DynamicCache" grows
+the KV cache by ``torch.cat`` at every step (the before of writing it in place, ``causalmm.decoding.cache``). It
+also times one pass over the decoder layers' linear weights with 1, 2 and 3 rows, as ``F.linear`` and laid out
+as ``W @ x.T``: what this machine's BLAS charges per extra row, a floor under any batched engine's ratio here.
 
 The *sequential reference* runs every branch as its own batch-1 forward pass per token with its own KV cache,
 which is what the original CausalMM code and its peers do; our engine runs all branches as rows of one
@@ -41,7 +41,9 @@ from PIL import Image
 
 from causalmm import CausalMM, CausalMMConfig
 from causalmm.attention import Intervention, attention_name, intervene
-from causalmm.decoding import GenerationOptions, contrast, derive_seed
+from causalmm.decoding import GenerationOptions, contrast
+from causalmm.decoding.features import image_features
+from causalmm.seeds import derive_seed
 
 # --------------------------------------------------------------------------------------------------------
 # Models
@@ -268,20 +270,18 @@ def run_sequential(
         enc = ad.encode(image, prompt)
         imgs = [ad.image_inputs(enc)]
         branches = [None, *engine.branches]
-        feats = {"factual": engine._features(imgs, "factual", [seed], 1)[(0, 0)]}
-        if any(b.vision for b in engine.branches):
-            feats["vision"] = engine._features(imgs, "vision", [seed], 1)[(0, 0)]
-        if any(b.noise for b in engine.branches):
-            feats["noise"] = engine._features(imgs, "noise", [seed], 1)[(0, 0)]
+        kinds = {"factual"} | {b.image for b in engine.branches}
+        feats = {
+            kind: image_features(ad, engine.config, engine.vision_rule, imgs, kind, [seed], 1, [0])[(0, 0)]
+            for kind in kinds
+        }
         ids = enc["input_ids"].to(ad.device)
         mask = enc["attention_mask"].to(ad.device)
         meta = {k: v.to(ad.device) for k, v in imgs[0].items() if k != "pixel_values"}
         pos0 = ad.prefill_positions({"input_ids": ids, "attention_mask": mask}, meta)
         state = []
         for b in branches:
-            feat = (
-                feats["factual"] if b is None or not (b.vision or b.noise) else feats["vision" if b.vision else "noise"]
-            )
+            feat = feats["factual" if b is None else b.image]
             gen = None
             if b is not None and b.language:
                 gen = torch.Generator(device=ad.device).manual_seed(derive_seed(seed, "language", b.name, 0))
@@ -321,7 +321,7 @@ def run_sequential(
 def plausible_set_size(cm: CausalMM, image: Image.Image, prompt: str, n: int, device: str) -> tuple[float, int]:
     """(median number of tokens the plausibility cut keeps per decode step, vocabulary size), from the factual
     row's logits of a vision K=1 run: what ``plausible_head`` computes the counterfactual logits on."""
-    from causalmm.head import plausible
+    from causalmm.decoding import plausible
 
     config = CausalMMConfig(mode="vision")
     sizes: list[int] = []

@@ -1,4 +1,4 @@
-"""The in-place KV cache (``causalmm.cache``): the same keys and values as ``DynamicCache``, views handed out
+"""The in-place KV cache (``causalmm.decoding.cache``): the same keys and values as ``DynamicCache``, views handed out
 never change, anything that replaces a layer's tensors is picked up, and generation is token-identical to the
 engine on ``DynamicCache`` (``preallocate_cache=False``)."""
 
@@ -7,10 +7,10 @@ import torch
 from transformers import DynamicCache, MistralConfig
 from transformers.cache_utils import DynamicLayer
 
-import causalmm.decoding as decoding
+import causalmm.decoding.forward as forward_module
 from causalmm import CausalMMConfig
-from causalmm.cache import GrowingLayer, growing_cache
-from causalmm.sharing import select_cache_rows
+from causalmm.decoding.cache import GrowingLayer, growing_cache
+from causalmm.decoding.sharing import select_cache_rows
 from causalmm.tiny import FAMILIES
 
 
@@ -125,7 +125,7 @@ def _decode_caches(cm):
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("chunk", [64, 2], ids=["reserve-once", "regrow"])
 def test_generation_on_the_growing_cache_gives_the_reference_tokens(family, name, chunk, loaded, images, monkeypatch):
-    monkeypatch.setattr(decoding, "_RESERVE_CHUNK", chunk)
+    monkeypatch.setattr(forward_module, "RESERVE_CHUNK", chunk)
     cm = loaded(family)
     cfg = CONFIGS[name]
     fast = cm.with_config(cfg, preallocate_cache=True)

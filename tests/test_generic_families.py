@@ -236,5 +236,5 @@ def test_visualize_and_explain_on_generic_families(family, generic, images, tmp_
     ex = explain(cm.with_config(cfg), images[0], Q2, max_new_tokens=3, top_k=3)
     names = [b.name for b in cm.with_config(cfg).engine.branches]
     logs = ex.branch_logits
-    z = contrast(logs["factual"], [logs[n] for n in names], gamma=cfg.gamma, epsilon=cfg.epsilon, space=cfg.contrast)
+    z = contrast(logs["factual"], [logs[n] for n in names], gamma=cfg.gamma, epsilon=cfg.epsilon)
     assert torch.equal(z, logs["combined"]) and logs["combined"].argmax(-1).tolist() == ex.token_ids

@@ -1,9 +1,10 @@
-"""Numeric properties of every counterfactual attention method (SPEC 1.4)."""
+"""Numeric properties of every counterfactual attention method (docs/method.md, section 5)."""
 
 import pytest
 import torch
 
-from causalmm.interventions import METHODS, counterfactual_attention, diffusion_noise, feature_gate
+from causalmm.interventions import COUNTERFACTUALS as METHODS
+from causalmm.interventions import counterfactual_attention, diffusion_noise, feature_gate
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NORMALISED = ["random", "uniform", "reversed", "shuffle"]

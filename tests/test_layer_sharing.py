@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from causalmm import CausalMMConfig
 from causalmm.adapters import Adapter
-from causalmm.sharing import RowPlan, select_cache_rows, share_lower_layers
+from causalmm.decoding.sharing import RowPlan, select_cache_rows, share_lower_layers
 from causalmm.tiny import FAMILIES
 
 PROMPTS = [

@@ -1,4 +1,4 @@
-"""Counterfactual logits on the plausible tokens only (``causalmm.head``): the rule's output is unchanged.
+"""Counterfactual logits on the plausible tokens only (``causalmm.decoding.head``): the rule's output is unchanged.
 
 The reference is the same engine with ``plausible_head=False`` (the LM head on every row)."""
 
@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-import causalmm.head as head_module
+import causalmm.decoding.head as head_module
 from causalmm import CausalMMConfig
 from causalmm.adapters import Adapter
-from causalmm.decoding import contrast
-from causalmm.head import DENSE_FRACTION, head_on_rows, plausible, plausible_logits
+from causalmm.decoding import contrast, plausible
+from causalmm.decoding.head import DENSE_FRACTION, head_on_rows, plausible_logits
 from causalmm.tiny import FAMILIES
 
 PROMPTS = ["Is there a cat in the image?", "Describe the image.", "Is there a dog on the left?", "What color is it?"]
@@ -172,7 +172,6 @@ def test_plausible_head_is_off_where_the_rule_needs_full_logits(loaded, images):
     head = cm.model.get_output_embeddings()
     assert cm.with_config(CausalMMConfig(mode="vision")).engine.head is head
     assert cm.with_config(CausalMMConfig(mode="vision", epsilon=0.0)).engine.head is None  # no cut
-    assert cm.with_config(CausalMMConfig(mode="vision", contrast="logprobs")).engine.head is None  # normalisers
     assert cm.with_config(CausalMMConfig(method="regular")).engine.head is None  # nothing to contrast
     assert not Adapter.plain_lm_head  # the generic adapter: a family may cap or scale its logits
     # branch logits asked for: the head runs on every row, and they are whole (finite everywhere)

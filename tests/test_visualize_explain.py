@@ -157,7 +157,7 @@ def test_visualize_returns_the_png(loaded, images, tmp_path):
         ("llava", {}),
         ("llava_next", {"mode": "joint"}),
         ("qwen2_vl", {}),
-        ("qwen2_5_vl", {"gamma": 0.7, "epsilon": 0.05, "contrast": "logprobs"}),
+        ("qwen2_5_vl", {"gamma": 0.7, "epsilon": 0.05}),
         ("llava", {"method": "vcd", "gamma": 0.5}),
     ],
 )
@@ -171,7 +171,7 @@ def test_explain_follows_the_decoding_rule(family, extra, loaded, images, tmp_pa
     assert len(ex.steps) == len(ex.token_ids) == logs["combined"].shape[0] >= 1
     # the same answer as a plain generate call
     assert ex.token_ids == cm.generate(images[0], Q, max_new_tokens=4).token_ids
-    z = contrast(logs["factual"], [logs[n] for n in names], gamma=cfg.gamma, epsilon=cfg.epsilon, space=cfg.contrast)
+    z = contrast(logs["factual"], [logs[n] for n in names], gamma=cfg.gamma, epsilon=cfg.epsilon)
     assert torch.equal(z, logs["combined"])
     assert logs["combined"].argmax(-1).tolist() == ex.token_ids  # greedy
     for t, step in enumerate(ex.steps):

@@ -2,7 +2,7 @@
 
 from .api import CausalMM, InputError, load_image
 from .config import CausalMMConfig, ConfigError, resolve_layers
-from .decoding import GenerationOptions, GenerationResult, contrast
+from .decoding import GenerationOptions, GenerationResult, Switches, contrast
 from .interventions import counterfactual_attention
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "GenerationOptions",
     "GenerationResult",
     "InputError",
+    "Switches",
     "contrast",
     "counterfactual_attention",
     "load_image",

@@ -16,9 +16,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .adapters import Adapter, check_base, get_adapter
 from .config import CausalMMConfig, ConfigError, is_int, is_real
-from .decoding import Engine, GenerationOptions, GenerationResult
+from .decoding import Engine, GenerationOptions, GenerationResult, Switches
 
-__all__ = ["CausalMM", "ImageInput", "InputError", "WHITE", "check_output_file", "load_image", "to_rgb"]
+__all__ = [
+    "CausalMM",
+    "ImageInput",
+    "InputError",
+    "Switches",
+    "WHITE",
+    "check_output_file",
+    "load_image",
+    "to_rgb",
+]
 
 
 class InputError(ValueError):
@@ -288,26 +297,16 @@ class CausalMM:
         config: CausalMMConfig | None = None,
         *,
         base: str = "sdpa",
-        reuse_prefix: bool = True,
-        share_layers: bool = True,
-        plausible_head: bool = True,
-        preallocate_cache: bool = True,
+        switches: Switches | None = None,
+        **switch_changes: bool,
     ) -> None:
+        """``switches`` (or single ones by name, e.g. ``reuse_prefix=False``): the engine's optimisations, see
+        :class:`~causalmm.decoding.Switches`."""
         self.config = config or CausalMMConfig()
-        #: the engine's optimisations (see :class:`Engine`), each proven token-identical to its reference path
-        #: (``False``): ``reuse_prefix`` prefills a common prompt prefix once, ``share_layers`` runs the LLM layers
-        #: below the first intervened one once for a language row and its factual row, ``plausible_head``
-        #: computes counterfactual logits on the plausible tokens only, ``preallocate_cache`` writes each decode
-        #: step's keys and values in place
-        self.switches = {
-            "reuse_prefix": reuse_prefix,
-            "share_layers": share_layers,
-            "plausible_head": plausible_head,
-            "preallocate_cache": preallocate_cache,
-        }
+        self.switches = (switches or Switches()).replace(**switch_changes)
         model.eval()
         self.adapter: Adapter = get_adapter(model, processor, base=base)
-        self.engine = Engine(self.adapter, self.config, **self.switches)
+        self.engine = Engine(self.adapter, self.config, self.switches)
 
     @classmethod
     def from_pretrained(
@@ -316,24 +315,17 @@ class CausalMM:
         config: CausalMMConfig | None = None,
         *,
         base: str = "sdpa",
-        reuse_prefix: bool = True,
-        share_layers: bool = True,
-        plausible_head: bool = True,
-        preallocate_cache: bool = True,
+        switches: Switches | None = None,
         **hf_kwargs: Any,
     ) -> CausalMM:
-        """Load a model and its processor (local directory or hub id) and wrap them.
-
+        """Load a model and its processor (local directory or hub id) and wrap them. Keyword arguments named
+        after a :class:`~causalmm.decoding.Switches` field set that switch; the rest go to ``from_pretrained``.
         ``base`` is checked first, so a typo fails before a model is loaded."""
         check_base(base)
+        names = set(Switches.__dataclass_fields__)
+        changes = {k: hf_kwargs.pop(k) for k in list(hf_kwargs) if k in names}
         model, processor = _load_pretrained(str(name_or_path), **hf_kwargs)
-        switches = {
-            "reuse_prefix": reuse_prefix,
-            "share_layers": share_layers,
-            "plausible_head": plausible_head,
-            "preallocate_cache": preallocate_cache,
-        }
-        return cls(model, processor, config, base=base, **switches)
+        return cls(model, processor, config, base=base, switches=switches, **changes)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -343,27 +335,13 @@ class CausalMM:
     def processor(self) -> Any:
         return self.adapter.processor
 
-    def with_config(
-        self,
-        config: CausalMMConfig,
-        *,
-        reuse_prefix: bool | None = None,
-        share_layers: bool | None = None,
-        plausible_head: bool | None = None,
-        preallocate_cache: bool | None = None,
-    ) -> CausalMM:
-        """The same model under another config (no reload); the switches (see :attr:`switches`) default to this
-        one's."""
+    def with_config(self, config: CausalMMConfig, **switch_changes: bool | None) -> CausalMM:
+        """The same model under another config (no reload); switches given by name change, the rest are this
+        one's (see :class:`~causalmm.decoding.Switches`)."""
         other = object.__new__(CausalMM)
-        given = {
-            "reuse_prefix": reuse_prefix,
-            "share_layers": share_layers,
-            "plausible_head": plausible_head,
-            "preallocate_cache": preallocate_cache,
-        }
-        other.switches = {k: self.switches[k] if v is None else v for k, v in given.items()}
+        other.switches = self.switches.replace(**switch_changes)
         other.config, other.adapter = config, self.adapter
-        other.engine = Engine(self.adapter, config, **other.switches)
+        other.engine = Engine(self.adapter, config, other.switches)
         return other
 
     def generate(

@@ -13,14 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .interventions import METHODS as CF_METHODS
+from .interventions import COUNTERFACTUALS
 
-__all__ = ["CausalMMConfig", "ConfigError", "resolve_layers", "MODES", "METHOD_NAMES", "LayerSpec", "is_int", "is_real"]
+__all__ = ["CausalMMConfig", "ConfigError", "LayerSpec", "is_int", "is_real", "resolve_layers"]
 
-MODES: tuple[str, ...] = ("vision", "language", "multimodal", "joint")
-METHOD_NAMES: tuple[str, ...] = ("regular", "causalmm", "vcd")
 VISION_STYLES: tuple[str, ...] = ("attention", "gate")
-CONTRASTS: tuple[str, ...] = ("logits", "logprobs")
 LAYER_WORDS: tuple[str, ...] = ("all", "shallow", "middle", "deep")
 
 LayerSpec = str | int | list[int] | tuple[int, ...] | None
@@ -123,10 +120,10 @@ def _check_heads(name: str, heads: Any) -> tuple[int, ...] | None:
 
 @dataclass
 class CausalMMConfig:
-    """How to decode: the method, its branches and the contrast rule (SPEC 1.2-1.5).
+    """How to decode: the method, its branches and the contrast rule (``docs/method.md``).
 
     Attributes:
-        method: ``regular`` (plain decoding), ``causalmm`` (counterfactual attention) or ``vcd`` (noised image).
+        method: a registered decoding method (``causalmm.methods``): ``regular``, ``causalmm``, ``vcd``, ...
         mode: CausalMM branches: ``vision`` {F,V}, ``language`` {F,L}, ``multimodal`` {F,V,L}, ``joint`` {F,J}.
         vision_cf / language_cf: the counterfactual attention method in the vision encoder / LLM.
         vision_layers / language_layers: which layers are intervened (see :func:`resolve_layers`);
@@ -142,10 +139,9 @@ class CausalMMConfig:
             (its branch shared the factual KV cache afterwards).
         vision_style: ``attention`` (replace attention in the encoder) or ``gate`` (the original release's
             feature gate, LLaVA-style towers only).
-        contrast: take the contrast on raw ``logits`` (as the original) or on ``logprobs``.
         renormalize: counterfactual maps are valid distributions; ``False`` keeps the original raw maps.
         noise_step: VCD diffusion noise step (of 1000).
-        noise_schedule: ``linear`` (DDPM betas, SPEC 1.5) or ``sigmoid`` (VCD's released code).
+        noise_schedule: ``linear`` (DDPM betas) or ``sigmoid`` (VCD's released code).
     """
 
     method: str = "causalmm"
@@ -162,18 +158,19 @@ class CausalMMConfig:
     seed: int = 0
     legacy: bool = False
     vision_style: str = "attention"
-    contrast: str = "logits"
     renormalize: bool = True
     noise_step: int = 500
     noise_schedule: str = "linear"
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHOD_NAMES)
-        _choice("mode", self.mode, MODES)
-        _choice("vision_cf", self.vision_cf, CF_METHODS)
-        _choice("language_cf", self.language_cf, CF_METHODS)
+        from .methods import method_names
+        from .methods.causalmm import MODES
+
+        _choice("method", self.method, method_names())
+        _choice("mode", self.mode, tuple(MODES))
+        _choice("vision_cf", self.vision_cf, COUNTERFACTUALS)
+        _choice("language_cf", self.language_cf, COUNTERFACTUALS)
         _choice("vision_style", self.vision_style, VISION_STYLES)
-        _choice("contrast", self.contrast, CONTRASTS)
         _choice("noise_schedule", self.noise_schedule, ("linear", "sigmoid"))
         self.vision_heads = _check_heads("vision_heads", self.vision_heads)
         self.language_heads = _check_heads("language_heads", self.language_heads)

@@ -1,4 +1,6 @@
-"""Counterfactual attention maps: pure tensor functions, ``do(A = a~)`` of SPEC 1.4.
+"""Counterfactual attention maps: pure tensor functions, ``do(A = a~)``.
+
+The definitions are in ``docs/method.md#5-counterfactual-attention-maps``.
 
 Every function takes post-softmax attention ``probs`` of shape ``(batch, heads, queries, keys)`` and a
 boolean ``key_mask`` (broadcastable to ``probs``; ``True`` = the query may attend to that key) and returns a
@@ -22,10 +24,11 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["METHODS", "counterfactual_attention", "diffusion_noise", "feature_gate"]
+__all__ = ["COUNTERFACTUALS", "counterfactual_attention", "diffusion_noise", "feature_gate"]
 
-#: The counterfactual attention methods, in the order the paper lists them.
-METHODS: tuple[str, ...] = ("random", "uniform", "reversed", "reversed_raw", "shuffle")
+#: The counterfactual attention maps ``a~``, in the order the paper lists them (decoding methods are
+#: ``causalmm.methods``).
+COUNTERFACTUALS: tuple[str, ...] = ("random", "uniform", "reversed", "reversed_raw", "shuffle")
 
 
 def _normalize(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -104,7 +107,7 @@ def counterfactual_attention(
     generator: torch.Generator | None = None,
     renormalize: bool = True,
 ) -> torch.Tensor:
-    """Replace attention ``probs`` by a counterfactual map ``a~`` (SPEC 1.4).
+    """Replace attention ``probs`` by a counterfactual map ``a~`` (``docs/method.md``, section 5).
 
     Args:
         probs: post-softmax attention, ``(batch, heads, queries, keys)``, any float dtype.
@@ -124,7 +127,8 @@ def counterfactual_attention(
         ValueError: for an unknown method or a tensor that is not 4-D.
     """
     if method not in _IMPLS:
-        raise ValueError(f"unknown counterfactual attention method {method!r}; choose one of {', '.join(METHODS)}")
+        known = ", ".join(COUNTERFACTUALS)
+        raise ValueError(f"unknown counterfactual attention method {method!r}; choose one of {known}")
     if probs.dim() != 4:
         raise ValueError(
             f"probs must be (batch, heads, queries, keys); got a {probs.dim()}-D tensor of shape {tuple(probs.shape)}"
@@ -184,7 +188,7 @@ def diffusion_noise(
     """VCD's distorted image: the forward diffusion ``q(x_t | x_0)`` at ``step`` of 1000.
 
     ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) n`` with ``n ~ N(0, I)``. ``schedule="linear"`` is DDPM's beta
-    schedule (1e-4 to 0.02, SPEC 1.5); ``"sigmoid"`` is the one in VCD's released code. Applied to the
+    schedule (1e-4 to 0.02); ``"sigmoid"`` is the one in VCD's released code. Applied to the
     processor's normalised pixel values, as VCD does.
     """
     if not 0 <= step < 1000:

@@ -34,10 +34,11 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from . import seeds as streams
 from .attention import Intervention, SiteRule, intervene
 from .config import ConfigError, resolve_layers
-from .decoding import cache_kwargs, derive_seed
-from .interventions import METHODS
+from .decoding import cache_kwargs
+from .interventions import COUNTERFACTUALS as METHODS
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -255,7 +256,7 @@ def _vision_maps(cm, imgs, layers, methods, seed) -> tuple[dict[str, np.ndarray]
         for layer in layers:
             rule = SiteRule(method, frozenset({layer}), cfg.vision_heads, cfg.renormalize)
             gen = torch.Generator(device=ad.device).manual_seed(
-                derive_seed(cfg.seed if seed is None else seed, "vision", 0)
+                streams.derive_seed(cfg.seed if seed is None else seed, streams.VISION, 0)
             )
             cap = _VisionCapture(layer)
             ad.image_features(batch, Intervention(vision=rule, vision_targets=[(0, hi, gen)], on_probs=cap))
@@ -345,7 +346,7 @@ def _language_maps(cm, imgs, enc, layers, methods, seed):
     for method in methods:
         for layer in layers:
             rule = SiteRule(method, frozenset({layer}), cfg.language_heads, cfg.renormalize)
-            gen = torch.Generator(device=dev).manual_seed(derive_seed(base_seed, "language", "L", 0))
+            gen = streams.generator(dev, base_seed, streams.LANGUAGE, "L", 0)
             cap = _LanguageCapture(layer)
             forward(Intervention(language=rule, language_rows={0: gen}, on_probs=cap))
             if not cap.rows:

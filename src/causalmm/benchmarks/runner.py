@@ -56,7 +56,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..decoding import derive_seed
+from ..seeds import derive_seed
 from .base import Benchmark, BenchmarkError, Sample
 from .stats import bootstrap_ci, seed_metrics
 

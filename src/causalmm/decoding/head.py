@@ -1,13 +1,13 @@
 """Counterfactual next-token logits only where the plausibility cut lets them count.
 
-The decoding rule (SPEC 1.3) sets the score to ``-inf`` wherever the factual probability is below ``epsilon``
-times its maximum, so a counterfactual row's logits matter on that plausible set only: usually a handful of
-tokens out of a vocabulary of 32k-150k. During decoding the engine therefore runs the LM head on the factual
+The decoding rule (``docs/method.md``, section 4) sets the score to ``-inf`` wherever the factual probability is
+below ``epsilon`` times its maximum, so a counterfactual row's logits matter on that plausible set only: usually a
+handful of tokens out of a vocabulary of 32k-150k. During decoding the engine therefore runs the LM head on the factual
 rows alone (:func:`head_on_rows` hands the head those rows' hidden states and keeps the whole batch's), and
 :func:`plausible_logits` computes the counterfactual rows' logits on the union of the batch's plausible sets.
 Outside that set a counterfactual row gets its factual row's logits, where the contrast is masked anyway.
 
-Only raw-logit contrast allows it (a log-prob contrast needs each row's full normaliser), and only a plain
+Only a rule that reads the plausible tokens alone allows it (``Method.plausible_only``), and only a plain
 ``nn.Linear`` head whose output the model returns unchanged (no soft-capping or scaling after it): the engine
 checks both (:attr:`causalmm.adapters.Adapter.plain_lm_head`). On a GPU at batch 2-3 the head is memory-bound
 and this saves little; on a CPU whose BLAS pays per row it removes most of a counterfactual row's head cost
@@ -16,30 +16,19 @@ and this saves little; on a CPU whose BLAS pays per row it removes most of a cou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DENSE_FRACTION", "head_on_rows", "plausible", "plausible_logits"]
+from .rule import plausible
+
+__all__ = ["DENSE_FRACTION", "head_on_rows", "plausible_logits"]
 
 #: above ``1 / DENSE_FRACTION`` of the vocabulary plausible, the counterfactual rows get the whole head: copying
 #: that many rows of its weight would cost more than the product it saves
 DENSE_FRACTION = 4
-
-
-def plausible(factual: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Bool mask ``(..., vocab)`` of the tokens whose factual probability is at least ``epsilon`` times the
-    maximum (all tokens for ``epsilon = 0``). In logits: ``l_i >= max_j l_j + log(epsilon)``, since the softmax
-    shares one normaliser.
-
-    >>> plausible(torch.tensor([2.0, 1.0, -3.0]), 0.1)
-    tensor([ True,  True, False])
-    """
-    fl = factual.float()
-    return fl >= fl.amax(-1, keepdim=True) + (math.log(epsilon) if epsilon > 0 else -math.inf)
 
 
 @contextmanager

@@ -1,0 +1,309 @@
+"""The engine loop: lay out the rows, compute image features, prefill, then one batched forward per step and
+each prompt's next token from its method's rule (``docs/method.md``).
+
+One generation call lays out, for every prompt, a factual row and one row per counterfactual branch and draw
+(:mod:`.rows`). Image features are computed once per image and kind (:mod:`.features`); every step runs **one**
+forward over all rows of all prompts, each row with its own cache entries (:mod:`.forward`), and combines each
+prompt's rows with its method's rule (:mod:`causalmm.methods`). The chosen token is appended to every row of
+that prompt. Questions about one image prefill their image prefix once (:mod:`.prefill`); a language row runs
+the LLM layers below the first intervened one through its factual row (:mod:`.sharing`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .. import seeds as streams
+from ..adapters import Adapter
+from ..attention import SiteRule
+from ..config import CausalMMConfig, ConfigError, resolve_layers
+from ..methods import get_method
+from .features import first_equal, image_digest, image_features
+from .forward import Forward
+from .prefill import image_prefix, prefill_shared
+from .rows import Row, RowLayout
+from .rule import GenerationOptions, GenerationResult, TokenSelector
+from .sharing import select_cache_rows
+
+__all__ = ["Engine", "Switches"]
+
+
+@dataclass(frozen=True)
+class Switches:
+    """The engine's optimisations, each proven token-identical to its reference path (``False``) by the parity
+    tests, each in effect only where the model allows it.
+
+    Attributes:
+        reuse_prefix: prefill a prompt prefix shared by several rows once and fork its KV cache, and compute the
+            features of an image repeated in the batch once (where the adapter declares
+            ``supports_prefix_reuse`` and the cache is plain full-attention layers).
+        share_layers: a language row and its factual row run the LLM layers below the first intervened one once
+            (where the adapter declares ``supports_layer_sharing``).
+        plausible_head: in decode steps the LM head runs on the factual rows only, and counterfactual logits are
+            computed on the tokens the plausibility cut keeps, the only ones the rule reads (where the adapter
+            declares ``plain_lm_head``, the method reads plausible tokens only, ``epsilon > 0`` and no branch
+            logits are requested).
+        preallocate_cache: the decoding KV cache reserves room for the answer and each step writes its token in
+            place, where ``DynamicCache`` copies every row's whole cache at every step (plain caches only).
+    """
+
+    reuse_prefix: bool = True
+    share_layers: bool = True
+    plausible_head: bool = True
+    preallocate_cache: bool = True
+
+    def replace(self, **changes: bool | None) -> Switches:
+        """A copy with the given switches changed (``None`` keeps a switch as it is)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"unknown engine switch(es) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **{k: bool(v) for k, v in changes.items() if v is not None})
+
+
+class Engine:
+    """Runs a :class:`CausalMMConfig` on one model through its :class:`Adapter`, with :class:`Switches`."""
+
+    def __init__(self, adapter: Adapter, config: CausalMMConfig, switches: Switches | None = None) -> None:
+        switches = switches or Switches()
+        self.adapter, self.config, self.switches = adapter, config, switches
+        self.method = get_method(config.method)
+        self.branches = self.method.branches(config)
+        self.vision_rule = self._vision_rule() if any(b.vision for b in self.branches) else None
+        language_rule = self._language_rule() if any(b.language for b in self.branches) else None
+        gc = adapter.model.generation_config
+        eos = gc.eos_token_id if gc is not None else None
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        tok = getattr(adapter.processor, "tokenizer", adapter.processor)
+        if tok.eos_token_id is not None and not eos:
+            eos = [tok.eos_token_id]
+        self.eos, self.tokenizer = set(eos), tok
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+        text_cfg = adapter.model.config.get_text_config()
+        # Forking and left-padding a cache is only sound for plain growing layers (no sliding window).
+        plain_cache = all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_cfg).layers)
+        self.prefix_reuse = bool(switches.reuse_prefix and adapter.supports_prefix_reuse and plain_cache)
+        share = switches.share_layers and adapter.supports_layer_sharing and plain_cache and language_rule is not None
+        head = adapter.model.get_output_embeddings()
+        head_ok = (
+            switches.plausible_head
+            and adapter.plain_lm_head
+            and type(head) is torch.nn.Linear  # not a quantised subclass, whose weight cannot be sliced
+            and bool(self.branches)
+            and self.method.plausible_only
+            and config.epsilon > 0
+        )
+        self.forward = Forward(
+            adapter,
+            language_rule,
+            share_low=min(language_rule.layers) if share else 0,
+            head=head if head_ok else None,
+            epsilon=config.epsilon,
+            preallocate=bool(switches.preallocate_cache and plain_cache),
+            pad_id=int(pad),
+        )
+        mcfg = adapter.model.config
+        ids = ("image_token_id", "image_token_index", "video_token_id")
+        #: the ids that mark image positions in a prompt
+        self.image_tokens = torch.tensor(
+            sorted({v for a in ids if isinstance(v := getattr(mcfg, a, None), int)}), dtype=torch.long
+        )
+        #: what the last call's prefill shared (diagnostics): prefix groups, their tokens, rows that reused one
+        self.prefill_stats: dict[str, int] = {}
+
+    # engine facts the tests and benchmarks read
+    @property
+    def head(self) -> torch.nn.Linear | None:
+        return self.forward.head
+
+    @property
+    def share_low(self) -> int:
+        return self.forward.share_low
+
+    @property
+    def preallocate(self) -> bool:
+        return self.forward.preallocate
+
+    @property
+    def language_rule(self) -> SiteRule | None:
+        return self.forward.language_rule
+
+    def _vision_rule(self) -> SiteRule:
+        ad, cfg = self.adapter, self.config
+        if cfg.vision_style == "gate" and not ad.supports_gate:
+            raise ConfigError(
+                "vision_style='gate' needs a CLIP-style tower with a square patch grid (LLaVA family); "
+                f"{type(ad.model).__name__} has none: use vision_style='attention'"
+            )
+        try:
+            layers = (
+                ad.default_vision_layers()
+                if cfg.vision_layers is None
+                else resolve_layers(cfg.vision_layers, ad.n_vision_layers, what="vision layer")
+            )
+        except ConfigError as err:
+            raise ConfigError(
+                f"{err}; only the vision layers up to the one that feeds the LLM count "
+                f"(the tower has {len(ad.vision_attn)})"
+            ) from None
+        self._check_heads(cfg.vision_heads, ad.vision_attn[0], "vision")
+        return SiteRule(cfg.vision_cf, frozenset(layers), cfg.vision_heads, cfg.renormalize)
+
+    def _language_rule(self) -> SiteRule:
+        ad, cfg = self.adapter, self.config
+        spec = "middle" if cfg.language_layers is None else cfg.language_layers
+        layers = resolve_layers(spec, ad.n_language_layers, what="language layer")
+        self._check_heads(cfg.language_heads, ad.lm_attn[0], "language")
+        return SiteRule(cfg.language_cf, frozenset(layers), cfg.language_heads, cfg.renormalize)
+
+    @staticmethod
+    def _check_heads(heads: tuple[int, ...] | None, module: torch.nn.Module, where: str) -> None:
+        n = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
+        if heads is not None and n is not None and max(heads) >= n:
+            raise ConfigError(f"{where} head index {max(heads)} is out of range: the model has {n} heads (0..{n - 1})")
+
+    def _layout(self, images, encs, imgs, seeds, image_seeds):
+        """The rows, and a function giving each row's image features (computed once per image and kind)."""
+        n, draws = len(encs), self.config.num_cf_samples
+        # the first prompt with the same image (factual) / the same image and image seed (vision, noise draws)
+        same = {"factual": list(range(n)), "vision": list(range(n)), "noise": list(range(n))}
+        if self.prefix_reuse:
+            memo: dict[int, str] = {}
+            digests = [image_digest(im, memo) for im in images]
+            same["factual"] = first_equal(digests)
+            same["vision"] = same["noise"] = first_equal(list(zip(digests, image_seeds, strict=True)))
+        prefixes = [image_prefix(e, self.image_tokens) for e in encs]
+        layout = RowLayout(n, self.branches, draws, seeds, image_seeds, same, prefixes)
+        kinds = {"factual"} | {b.image for b in self.branches}
+        feats = {
+            kind: image_features(
+                self.adapter, self.config, self.vision_rule, imgs, kind, image_seeds, draws, same[kind]
+            )
+            for kind in ("factual", "vision", "noise")
+            if kind in kinds
+        }
+
+        def row_feature(r: Row):
+            kind, prompt, draw = layout.feature_key(r)
+            return feats[kind][(prompt, draw)]
+
+        return layout, row_feature
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        options: GenerationOptions | None = None,
+        *,
+        seeds: list[int] | None = None,
+        image_seeds: list[int] | None = None,
+        return_branch_logits: bool = False,
+    ) -> list[GenerationResult]:
+        """Generate one answer per (image, prompt); see :class:`GenerationOptions`.
+
+        ``seeds`` gives each sample its own seed (default: ``config.seed`` for all), so a sample's output does
+        not depend on what else is in the batch. ``image_seeds`` (default: ``seeds``) seeds a sample's
+        image-side draws on their own: the vision branch's counterfactual attention, VCD's noise, and the
+        language branch's maps over the image prefix (the prompt up to its last image token). Give the questions
+        about one image one image seed, and their counterfactual image features are computed once and their
+        image prefix is prefilled once for every branch (``causalmm eval`` does, per image and run seed).
+        """
+        opts = options or GenerationOptions()
+        cfg, ad, fw = self.config, self.adapter, self.forward
+        n = len(prompts)
+        seeds = [cfg.seed] * n if seeds is None else [int(s) for s in seeds]
+        image_seeds = seeds if image_seeds is None else [int(s) for s in image_seeds]
+        if len(images) != n or len(seeds) != n or len(image_seeds) != n:
+            raise ValueError(
+                f"got {len(images)} images, {n} prompts, {len(seeds)} seeds and {len(image_seeds)} image seeds; "
+                "give one of each per sample"
+            )
+        encs = [ad.encode(img, prompt) for img, prompt in zip(images, prompts, strict=True)]
+        imgs = [ad.image_inputs(e) for e in encs]
+        layout, row_feature = self._layout(images, encs, imgs, seeds, image_seeds)
+        rows = layout.rows
+        lang_draws = layout.language_draws(ad.device)
+        plan = fw.plan([layout.lower_key(r) for r in rows])  # which rows share the layers below `share_low`
+        shared = None
+        self.prefill_stats = {"groups": 0, "prefix_tokens": 0, "shared_rows": 0}
+        if self.prefix_reuse:
+            shared = prefill_shared(fw, encs, imgs, layout, row_feature, lang_draws, plan, opts.max_new_tokens)
+        if shared is None:
+            prefill = fw.prefill(encs, imgs, rows, row_feature, lang_draws, plan, opts.max_new_tokens)
+        else:
+            prefill, self.prefill_stats = shared
+        logits, cache, mask, positions = prefill
+        select = TokenSelector(opts)
+        sample_gens = [streams.generator("cpu", s, streams.SAMPLING) for s in seeds]
+
+        active = list(range(len(rows)))  # rows still in the batch, in batch order
+        low_rows = active if plan is None else plan.keep  # rows in the cache's shared lower layers
+        out_ids: list[list[int]] = [[] for _ in range(n)]
+        done: list[str | None] = [None] * n
+        record: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(n)]
+        texts = [""] * n
+
+        for step in range(opts.max_new_tokens):
+            where = {i: j for j, i in enumerate(active)}
+            for p in range(n):
+                if done[p] is not None:
+                    continue
+                fl = logits[where[p]]
+                cf_logits = {}
+                for b in self.branches:
+                    idx = [where[i] for i, r in enumerate(rows) if r.prompt == p and r.branch is b and i in where]
+                    # Legacy: the counterfactual rows shared the factual cache after the first token.
+                    cf_logits[b.name] = logits[idx].mean(0) if idx else fl
+                z = self.method.combine(fl, cf_logits, cfg, step) if self.branches else fl
+                tok = select(z, out_ids[p], sample_gens[p])
+                out_ids[p].append(tok)
+                if return_branch_logits:
+                    for name, t in (("factual", fl), *cf_logits.items(), ("combined", z)):
+                        record[p].setdefault(name, []).append(t.cpu())
+                if tok in self.eos:
+                    done[p] = "eos"
+                elif opts.stop_strings:
+                    text = self.tokenizer.decode(out_ids[p], skip_special_tokens=True)
+                    hit = [text.find(s) for s in opts.stop_strings if s in text]
+                    if hit:
+                        done[p], texts[p] = "stop", text[: min(hit)]
+            if all(d is not None for d in done) or step == opts.max_new_tokens - 1:
+                break
+            # Finished prompts leave the batch; in legacy mode the counterfactual rows leave after token 1.
+            keep = [
+                j
+                for j, i in enumerate(active)
+                if done[rows[i].prompt] is None and not (cfg.legacy and rows[i].branch is not None)
+            ]
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, device=mask.device)
+                active = [active[j] for j in keep]
+                plan = fw.plan([layout.lower_key(rows[i]) for i in active])
+                kept_low = active if plan is None else [active[j] for j in plan.keep]
+                at = {i: j for j, i in enumerate(low_rows)}
+                # a row leaves with its prompt (or, in legacy mode, with the other counterfactual rows), so the
+                # rows left in the lower layers are the sources of the rows left
+                select_cache_rows(cache, fw.share_low, keep, [at[i] for i in kept_low])
+                low_rows = kept_low
+                mask, positions = mask[sel], positions[..., sel, :]
+            nxt = torch.tensor([[out_ids[rows[i].prompt][-1]] for i in active], device=mask.device)
+            positions = ad.next_positions(positions)
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            lang = {j: lang_draws[i] for j, i in enumerate(active) if i in lang_draws}
+            logits = fw.step(
+                {"input_ids": nxt}, mask, positions, cache, lang, plan, [rows[i] for i in active],
+                full_head=return_branch_logits,
+            )  # fmt: skip
+        results = []
+        for p in range(n):
+            text = texts[p] if done[p] == "stop" else self.tokenizer.decode(out_ids[p], skip_special_tokens=True)
+            logs = {k: torch.stack(v) for k, v in record[p].items()} if return_branch_logits else None
+            results.append(GenerationResult(text, out_ids[p], done[p] or "length", seeds[p], logs))
+        return results

@@ -1,0 +1,185 @@
+"""One batched forward of the LLM over every row of every prompt, each row with its own cache entries, and the
+reference prefill (every row's whole prompt, left-padded) that the shared-prefix prefill is proven against."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+from ..adapters import Adapter
+from ..attention import Draws, Intervention, SiteRule, intervene
+from .cache import growing_cache
+from .head import head_on_rows, plausible_logits
+from .rows import Row
+from .sharing import RowPlan, share_lower_layers
+
+__all__ = ["TOKEN_KEYS", "Forward", "Prefill", "cache_kwargs", "extra_inputs"]
+
+#: the per-token inputs of a prompt (ids, mask and the token types some families take)
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+#: at most this many tokens of room reserved per cache layer at a time: a longer answer reallocates (one copy)
+#: every so many tokens, and a row that stops early leaves at most this much unused
+RESERVE_CHUNK = 64
+#: What a prefill hands to the decode loop, rows in engine order: last-position logits ``(rows, vocab)``, the
+#: cache, the attention mask ``(rows, length)`` and position ids (only the last column is read afterwards).
+Prefill = tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``cache`` as the keyword argument ``model``'s forward takes its KV cache by.
+
+    ``transformers`` 5.24 renamed ``past_key_values`` to ``cache``: the old name still works there but warns on
+    every forward (a FutureWarning; it goes in 5.40), and older 5.x versions know only ``past_key_values``.
+    """
+    return {_cache_kwarg(type(model)): cache}
+
+
+@functools.cache
+def _cache_kwarg(model_cls: type) -> str:
+    """The forward's name for the cache, read once per model class from its signature (decorators keep it)."""
+    params = inspect.signature(model_cls.forward).parameters
+    if "cache" in params or "past_key_values" in params:
+        return "cache" if "cache" in params else "past_key_values"
+    # a forward taking everything by **kwargs passes them on to a stock model: the installed version decides
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
+
+
+def extra_inputs(batch: dict[str, torch.Tensor], lo: int = 0) -> dict[str, torch.Tensor]:
+    """The per-token inputs besides the ids that a forward takes (token type ids), from column ``lo`` on."""
+    return {k: v[:, lo:] for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
+
+
+class Forward:
+    """The LLM forward the engine runs, with its switches resolved.
+
+    ``share_low``: decoder layers ``0 .. share_low-1`` run once for rows that compute the same there (0: no
+    sharing, ``causalmm.decoding.sharing``). ``head``: the LM head when decode steps compute counterfactual
+    logits on the plausible tokens only (``causalmm.decoding.head``), else ``None``. ``preallocate``: decode on
+    a cache that writes each step in place (``causalmm.decoding.cache``).
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        language_rule: SiteRule | None,
+        *,
+        share_low: int,
+        head: torch.nn.Linear | None,
+        epsilon: float,
+        preallocate: bool,
+        pad_id: int,
+    ) -> None:
+        self.adapter, self.language_rule = adapter, language_rule
+        self.share_low, self.head, self.epsilon = share_low, head, epsilon
+        self.preallocate, self.pad_id = preallocate, pad_id
+        self.text_config = adapter.model.config.get_text_config()
+
+    def __call__(
+        self,
+        inputs: dict[str, Any],
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        language_rows: dict[int, Draws],
+        plan: RowPlan | None = None,
+    ) -> Any:
+        """One forward with the language intervention on ``language_rows`` (batch indices); with a ``plan``, the
+        layers below :attr:`share_low` run on ``plan.keep`` only (their cache holds those rows)."""
+        state = Intervention(language=self.language_rule, language_rows=language_rows)
+        shared = (
+            share_lower_layers(self.adapter.lm_layers[: self.share_low], plan)
+            if plan is not None and self.share_low
+            else contextlib.nullcontext()
+        )
+        with intervene(state), shared:
+            return self.adapter.model(
+                **inputs,
+                attention_mask=mask,
+                position_ids=positions,
+                **cache_kwargs(self.adapter.model, cache),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+
+    def step(
+        self,
+        inputs: dict[str, Any],
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        language_rows: dict[int, Draws],
+        plan: RowPlan | None,
+        rows: list[Row],
+        full_head: bool = False,
+    ) -> torch.Tensor:
+        """Next-token logits ``(rows, vocab)`` of one decode step (float32). With :attr:`head`, the counterfactual
+        rows' logits are exact on the plausible tokens only (the only ones the rule reads); ``full_head`` (branch
+        logits asked for) computes them whole."""
+        cf = [j for j, r in enumerate(rows) if r.branch is not None]
+        if self.head is None or full_head or not cf:
+            return self(inputs, mask, positions, cache, language_rows, plan).logits[:, -1].float()
+        fact = [j for j, r in enumerate(rows) if r.branch is None]
+        with head_on_rows(self.head, fact) as kept:
+            out = self(inputs, mask, positions, cache, language_rows, plan)
+        at = {rows[j].prompt: k for k, j in enumerate(fact)}
+        return plausible_logits(
+            self.head, kept["hidden"][:, -1], out.logits[:, -1], [at[r.prompt] for r in rows], cf, self.epsilon
+        )
+
+    def plan(self, keys: list[Any]) -> RowPlan | None:
+        """The sharing plan of a batch whose rows have lower-layer keys ``keys`` (rows with equal keys compute
+        the same below :attr:`share_low`; ``None`` shares with no row), or ``None`` where no row shares."""
+        if not self.share_low:
+            return None
+        first: dict[Any, int] = {}
+        plan = RowPlan([j if k is None else first.setdefault(k, j) for j, k in enumerate(keys)])
+        return plan if plan.shares else None
+
+    def new_cache(self, reserve: int = 0, data: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+        """A cache holding ``data`` (one ``(keys, values)`` per layer) if given: with :attr:`preallocate`, room for
+        ``reserve`` more tokens per layer; a plain ``DynamicCache`` for ``reserve=0`` (prefill scratch)."""
+        if self.preallocate and reserve:
+            return growing_cache(self.text_config, min(reserve, RESERVE_CHUNK), data)
+        return DynamicCache(data, config=self.text_config)
+
+    def collate_tokens(self, encs: list[dict[str, torch.Tensor]], rows: list[Row]) -> dict[str, torch.Tensor]:
+        """The rows' prompts, left-padded to the longest."""
+        length = max(e["input_ids"].shape[1] for e in encs)
+        out: dict[str, list[torch.Tensor]] = {}
+        for row in rows:
+            enc = encs[row.prompt]
+            n = enc["input_ids"].shape[1]
+            for key in TOKEN_KEYS:
+                if key in enc:
+                    fill = self.pad_id if key == "input_ids" else 0
+                    t = enc[key][0]
+                    out.setdefault(key, []).append(torch.cat([t.new_full((length - n,), fill), t]))
+        return {k: torch.stack(v).to(self.adapter.device) for k, v in out.items()}
+
+    def image_meta(self, imgs: list[dict[str, torch.Tensor]], rows: list[Row], which: list[int]) -> dict[str, Any]:
+        """Non-pixel image inputs (grid sizes...) of rows ``which``, as position helpers want them."""
+        items = [{k: v for k, v in imgs[rows[i].prompt].items() if k != "pixel_values"} for i in which]
+        return {k: v.to(self.adapter.device) for k, v in self.adapter.collate_images(items).items()}
+
+    def prefill(self, encs, imgs, rows: list[Row], row_feature, lang_draws, plan, reserve: int) -> Prefill:
+        """The reference prefill: every row's whole prompt, left-padded, in one forward (the layers below
+        :attr:`share_low` on the rows ``plan`` keeps only, whose cache keeps those rows); the cache has room for
+        ``reserve`` more tokens."""
+        ad = self.adapter
+        batch = self.collate_tokens(encs, rows)
+        positions = ad.prefill_positions(batch, self.image_meta(imgs, rows, list(range(len(rows)))))
+        cache = self.new_cache(reserve)
+        inputs = {
+            "input_ids": batch["input_ids"],
+            **extra_inputs(batch),
+            **ad.features_input([row_feature(r) for r in rows]),
+        }
+        out = self(inputs, batch["attention_mask"], positions, cache, dict(lang_draws), plan)
+        return out.logits[:, -1].float(), cache, batch["attention_mask"], positions

@@ -1,0 +1,17 @@
+"""Decoding methods, one file each, found through one registry (:data:`METHODS`).
+
+Adding a branch-style method is one new file here (a :class:`Method` subclass decorated with
+:func:`register`) plus its import below and its tests.
+"""
+
+# each import registers its method
+from . import causalmm, regular, vcd  # noqa: E402, F401, I001
+from .base import Branch, Method, Param
+from .registry import METHODS, get_method, method_names, register
+
+__all__ = ["METHODS", "Branch", "Method", "Param", "branches_for", "get_method", "method_names", "register"]
+
+
+def branches_for(config) -> tuple[Branch, ...]:
+    """The counterfactual branches ``config`` runs beside the factual one."""
+    return get_method(config.method).branches(config)

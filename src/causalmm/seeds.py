@@ -1,0 +1,79 @@
+"""Seeds and named random streams: the one place every random draw of causalmm gets its seed from.
+
+A draw's seed is a pure function of where it belongs (the sample or image, the stream, the branch, the draw
+index), never of the batch it ran in: ``derive_seed(seed, STREAM, *parts)``. The engine, the benchmark runner
+and ``visualize`` all name their streams with the constants below, so a figure shows the very maps a
+generation drew.
+
+Example:
+    >>> derive_seed(0, "q1") == derive_seed(0, "q1")
+    True
+    >>> derive_seed(0, "q1") != derive_seed(1, "q1")
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IMAGE",
+    "LANGUAGE",
+    "LANGUAGE_PREFIX",
+    "NOISE",
+    "SAMPLING",
+    "VISION",
+    "derive_seed",
+    "file_digest",
+    "generator",
+    "image_seed",
+    "sample_seed",
+]
+
+#: the vision branch's counterfactual attention maps: ``(image seed, VISION, draw)``
+VISION = "vision"
+#: VCD's diffusion noise: ``(image seed, NOISE, draw)``
+NOISE = "noise"
+#: a language row's maps over queries after its image prefix: ``(sample seed, LANGUAGE, branch, draw)``
+LANGUAGE = "language"
+#: a language row's maps over its image prefix, shared by the questions on one image:
+#: ``(image seed, LANGUAGE_PREFIX, branch, draw)``
+LANGUAGE_PREFIX = "language prefix"
+#: token sampling: ``(sample seed, SAMPLING)``
+SAMPLING = "sample"
+#: a run's image seed: ``(run seed, IMAGE, file digest)``
+IMAGE = "image"
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from a tuple of ints/strings (independent streams per sample, branch, draw)."""
+    words = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") % (2**32) for p in parts]
+    return int(np.random.SeedSequence([w % (2**63) for w in words]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def generator(device: torch.device | str, *parts: int | str) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``derive_seed(*parts)``."""
+    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+
+
+def sample_seed(run_seed: int, sample_id: int | str) -> int:
+    """The seed of one sample of a run: its counterfactual draws after the image prefix, and sampling."""
+    return derive_seed(run_seed, sample_id)
+
+
+def image_seed(run_seed: int, digest: str) -> int:
+    """The seed of one image in a run (``digest`` from :func:`file_digest`): the draws over the image (vision
+    branch, VCD noise, the language branch's image prefix), shared by every question on that image."""
+    return derive_seed(run_seed, IMAGE, digest)
+
+
+def file_digest(image: str | os.PathLike | bytes) -> str:
+    """A digest of an image file's bytes (or of encoded bytes): equal files get equal image seeds, wherever
+    they lie."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -1,0 +1,79 @@
+"""The methods registry: it owns the names, and a new branch-style method is one file plus its tests."""
+
+import pytest
+import torch
+
+from causalmm import CausalMMConfig, ConfigError, Switches
+from causalmm.methods import METHODS, Branch, Method, get_method, method_names, register
+from causalmm.methods.registry import METHODS as REGISTRY
+
+
+def test_the_registry_owns_the_names():
+    assert method_names()[:3] == ("regular", "causalmm", "vcd")
+    for name in method_names():
+        assert CausalMMConfig(method=name).method == name
+        assert get_method(name).name == name and get_method(name).summary
+    with pytest.raises(ConfigError, match="choose one of: regular, causalmm, vcd"):
+        CausalMMConfig(method="nope")
+    with pytest.raises(KeyError, match="registered: regular"):
+        get_method("nope")
+
+
+def test_every_method_declares_its_parameters_with_their_origin():
+    fields = set(CausalMMConfig.__dataclass_fields__)
+    for method in METHODS.values():
+        for p in method.params:
+            assert p.field in fields and p.source
+            assert getattr(CausalMMConfig(), p.field) == p.default, (method.name, p.field)
+
+
+def test_a_name_cannot_be_registered_twice():
+    class Again(Method):
+        name = "vcd"
+        summary = "a second vcd"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Again)
+
+
+def test_a_new_branch_method_runs_without_touching_the_engine(loaded, images):
+    """A method defined in one place (here, the test) with an existing kind of branch runs end to end, and its
+    rule is what the engine applies."""
+
+    @register
+    class HalfNoise(Method):
+        name = "test_half_noise"
+        summary = "half of VCD's contrast, to prove the registry"
+        plausible_only = False
+
+        def branches(self, config):
+            return (Branch("noise", noise=True),)
+
+        def combine(self, factual, counterfactuals, config, step):
+            return factual + 0.5 * (factual - counterfactuals["noise"])
+
+    try:
+        cm = loaded("llava")
+        cfg = CausalMMConfig(method="test_half_noise", seed=3)
+        out = cm.with_config(cfg).generate(images[0], "Describe.", max_new_tokens=4, return_branch_logits=True)
+        logs = out.branch_logits
+        want = logs["factual"] + 0.5 * (logs["factual"] - logs["noise"])
+        assert torch.allclose(logs["combined"], want)
+        assert out.token_ids == logs["combined"].argmax(-1).tolist()
+        # the noise branch is VCD's: same seed, same counterfactual logits
+        vcd = cm.with_config(CausalMMConfig(method="vcd", seed=3)).generate(
+            images[0], "Describe.", max_new_tokens=1, return_branch_logits=True
+        )
+        assert torch.allclose(vcd.branch_logits["noise"][0], logs["noise"][0])
+    finally:
+        REGISTRY.pop("test_half_noise", None)
+
+
+def test_switches_are_one_typed_object(loaded):
+    cm = loaded("llava")
+    assert cm.switches == Switches()
+    off = cm.with_config(cm.config, reuse_prefix=False, plausible_head=False)
+    assert off.switches == Switches(reuse_prefix=False, plausible_head=False)
+    assert off.with_config(cm.config).switches == off.switches  # kept unless changed
+    with pytest.raises(ConfigError, match="unknown engine switch.*reuse_prefix"):
+        cm.with_config(cm.config, reuse_prefixes=False)

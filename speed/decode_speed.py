@@ -110,8 +110,9 @@ def build_toyworld(device: str) -> tuple[CausalMM, Image.Image, str]:
     was trained on, and the caption prompt it was trained with."""
     from causalmm.toyworld.demo import trained_world
     from causalmm.toyworld.model import shipped_model_path
+    from causalmm.toyworld.render import render
     from causalmm.toyworld.splits import eval_scenes
-    from causalmm.toyworld.world import CAPTION_PROMPT, render
+    from causalmm.toyworld.texts import CAPTION_PROMPT
 
     path = shipped_model_path()
     cm = CausalMM.from_pretrained(str(path), CausalMMConfig(method="regular"), base="sdpa")

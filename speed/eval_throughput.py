@@ -82,8 +82,8 @@ def write_toyworld_workload(root: Path, n_images: int) -> Path:
     scenes of the world the shipped model was trained on, so the trained model answers as it would in an eval."""
     from causalmm.toyworld.demo import trained_world
     from causalmm.toyworld.model import shipped_model_path
+    from causalmm.toyworld.render import render
     from causalmm.toyworld.splits import eval_scenes, pope_questions
-    from causalmm.toyworld.world import render
 
     world = trained_world(shipped_model_path())
     (root / "images").mkdir(parents=True)

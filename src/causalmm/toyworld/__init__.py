@@ -6,6 +6,7 @@ evaluation splits in the POPE, CHAIR and VLind-Bench formats, so ``causalmm eval
 on them. Everything is a pure function of a :class:`WorldConfig` (seeded) and an index.
 """
 
+from .render import render
 from .splits import (
     TrainSample,
     Turn,
@@ -17,20 +18,9 @@ from .splits import (
     vlind_instances,
     write_splits,
 )
-from .world import (
-    SPECIAL_TOKENS,
-    Item,
-    Scene,
-    TrainStatistics,
-    WorldConfig,
-    ask_probabilities,
-    caption,
-    render,
-    sample_scene,
-    split_words,
-    train_statistics,
-    vocabulary,
-)
+from .statistics import TrainStatistics, ask_probabilities, train_statistics
+from .texts import caption, split_words, vocabulary
+from .world import SPECIAL_TOKENS, Item, Scene, WorldConfig, sample_scene
 
 __all__ = [
     "SPECIAL_TOKENS",

@@ -2,9 +2,9 @@
 
 The model is a stock ``LlavaForConditionalGeneration`` (CLIP vision tower, two-layer MLP projector, Llama
 LM), so everything ``causalmm`` does to it is what it does to llava-hf checkpoints; only the sizes are small
-enough to train on two CPU cores. The tokenizer is word-level over :func:`~causalmm.toyworld.world.vocabulary`
+enough to train on two CPU cores. The tokenizer is word-level over :func:`~causalmm.toyworld.texts.vocabulary`
 (every word any toy-world task or benchmark prompt can hold), lower-cases its input and splits like
-:func:`~causalmm.toyworld.world.split_words`; words outside the world become ``<unk>``.
+:func:`~causalmm.toyworld.texts.split_words`; words outside the world become ``<unk>``.
 
 The chat template is llava-1.5's ("USER: <image>\\n... ASSISTANT:") with ``</s>`` closing each assistant turn,
 so a multi-turn training conversation is the concatenation of single-turn prompts and answers, and a
@@ -30,7 +30,8 @@ from transformers import (
 )
 
 from ..tiny import llava_chat_template
-from .world import SPECIAL_TOKENS, WorldConfig, vocabulary
+from .texts import vocabulary
+from .world import SPECIAL_TOKENS, WorldConfig
 
 __all__ = [
     "CHAT_TEMPLATE",

@@ -2,7 +2,7 @@
 
 Training (:func:`train_sample`): sample ``i`` is one image and a multi-turn conversation about it (dense
 supervision, as the pilot found grounding needs): existence questions about several objects (every present
-object, absent ones at the rates of :func:`~causalmm.toyworld.world.ask_probabilities`, which carry the
+object, absent ones at the rates of :func:`~causalmm.toyworld.statistics.ask_probabilities`, which carry the
 language prior), some of them as VLind-style true/false statements, then colour and count turns about
 present objects, and sometimes a caption last (so no earlier turn gives an existence answer away).
 
@@ -42,15 +42,12 @@ from typing import Any
 from PIL import Image
 
 from ..benchmarks.coco_objects import OBJECT_OF_WORD, caption_objects
-from .world import (
-    _TEXT,
+from .render import render
+from .statistics import ask_probabilities, train_statistics
+from .texts import (
     CAPTION_PROMPT,
-    NUMBER_WORDS,
     ONE_WORD_SUFFIX,
-    Scene,
-    WorldConfig,
     article,
-    ask_probabilities,
     caption,
     colour_context,
     colour_question,
@@ -59,15 +56,12 @@ from .world import (
     exist_context,
     exist_question,
     exist_statement,
-    make_rng,
     partner_context,
     plural,
-    render,
-    sample_scene,
     statement_prompt,
-    train_statistics,
     vocabulary,
 )
+from .world import _TEXT, NUMBER_WORDS, Scene, WorldConfig, make_rng, sample_scene
 
 __all__ = [
     "TrainSample",

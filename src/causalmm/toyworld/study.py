@@ -30,8 +30,11 @@ from PIL import Image
 
 from ..benchmarks.pope import DEFAULT_SUFFIX, parse_official
 from ..config import CausalMMConfig
+from .render import render
 from .splits import eval_scenes
-from .world import WorldConfig, ask_probabilities, exist_question, render, train_statistics
+from .statistics import ask_probabilities, train_statistics
+from .texts import exist_question
+from .world import WorldConfig
 
 __all__ = ["GROUPS", "Question", "questions", "answer", "group_rates", "summarise"]
 

@@ -29,8 +29,9 @@ from transformers import LlavaForConditionalGeneration
 
 from ..tiny import save_quietly
 from .model import ModelSize, build_config, build_processor, build_tokenizer, describe, generation_config, image_tokens
+from .render import render
 from .splits import TrainSample, train_sample
-from .world import WorldConfig, render, sample_scene
+from .world import WorldConfig, sample_scene
 
 __all__ = ["TrainConfig", "Batch", "collate", "train"]
 

@@ -1,4 +1,5 @@
-"""The toy world: seeded scene sampling with documented priors, deterministic rendering, and its text tasks.
+"""The toy world: its configuration and seeded scene sampling with documented priors (rendering in
+:mod:`.render`, the text tasks in :mod:`.texts`, training statistics in :mod:`.statistics`).
 
 A *scene* is a small set of object types (each with one colour and a count of 1-3 instances) laid out
 without overlap on a noisy plain background. Objects are drawn as distinct glyphs (a disc, a ring, a
@@ -34,42 +35,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
-
-from ..benchmarks.chair import DEFAULT_PROMPT as CAPTION_PROMPT
-from ..benchmarks.pope import DEFAULT_SUFFIX as ONE_WORD_SUFFIX
-from ..benchmarks.vlind import _prompt_gpt4o, _prompt_instructblip
 
 __all__ = [
-    "CAPTION_PROMPT",
     "COLOURS",
     "GLYPHS",
-    "ONE_WORD_SUFFIX",
     "SPECIAL_TOKENS",
     "STREAMS",
     "Item",
     "Scene",
     "WorldConfig",
-    "article",
-    "ask_probabilities",
-    "caption",
-    "colour_question",
-    "colour_statement",
-    "count_question",
-    "colour_context",
-    "exist_context",
-    "exist_question",
-    "exist_statement",
     "make_rng",
-    "partner_context",
-    "plural",
-    "render",
     "sample_scene",
-    "split_words",
-    "statement_prompt",
-    "TrainStatistics",
-    "train_statistics",
-    "vocabulary",
 ]
 
 #: colour name -> RGB. Bright, saturated colours that stand out on the dark backgrounds. ("orange" is left
@@ -409,227 +385,3 @@ def sample_scene(
 
 
 # -- rendering -----------------------------------------------------------------------------------------
-def _draw(draw: ImageDraw.ImageDraw, glyph: str, it: Item, rgb: tuple[int, int, int]) -> None:
-    x0, y0, s = it.x, it.y, it.size
-    x1, y1 = x0 + s - 1, y0 + s - 1
-    xc, yc = x0 + s // 2, y0 + s // 2
-    t = max(2, s // 4)  # stroke width
-    if glyph == "disc":
-        draw.ellipse((x0, y0, x1, y1), fill=rgb)
-    elif glyph == "ring":
-        draw.ellipse((x0, y0, x1, y1), outline=rgb, width=t)
-    elif glyph == "square":
-        draw.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=rgb)
-    elif glyph == "frame":
-        draw.rectangle((x0, y0, x1, y1), outline=rgb, width=max(2, s // 5))
-    elif glyph == "triangle":
-        draw.polygon([(x0, y0), (x1, y0), (xc, y1)], fill=rgb)
-    elif glyph == "diamond":
-        draw.polygon([(xc, y0), (x1, yc), (xc, y1), (x0, yc)], fill=rgb)
-    elif glyph == "umbrella":
-        draw.pieslice((x0, y0, x1, y0 + s), 180, 360, fill=rgb)
-        draw.rectangle((xc - 1, yc, xc, y1), fill=rgb)
-    elif glyph == "vbar":
-        w = max(3, s // 3)
-        draw.rectangle((xc - w // 2, y0, xc - w // 2 + w - 1, y1), fill=rgb)
-    elif glyph == "hbar":
-        h = max(3, s // 3)
-        draw.rectangle((x0, yc - h // 2, x1, yc - h // 2 + h - 1), fill=rgb)
-    elif glyph == "cup":
-        draw.rectangle((x0, y0, x0 + t - 1, y1), fill=rgb)
-        draw.rectangle((x1 - t + 1, y0, x1, y1), fill=rgb)
-        draw.rectangle((x0, y1 - t + 1, x1, y1), fill=rgb)
-    elif glyph == "cross":
-        draw.rectangle((xc - t // 2, y0, xc - t // 2 + t - 1, y1), fill=rgb)
-        draw.rectangle((x0, yc - t // 2, x1, yc - t // 2 + t - 1), fill=rgb)
-    elif glyph == "xcross":
-        draw.line((x0, y0, x1, y1), fill=rgb, width=t)
-        draw.line((x0, y1, x1, y0), fill=rgb, width=t)
-    else:  # pragma: no cover - WorldConfig validates glyphs
-        raise ValueError(f"unknown glyph {glyph!r}")
-
-
-def render(config: WorldConfig, scene: Scene) -> Image.Image:
-    """The scene as an RGB image of ``image_size`` pixels: background, glyphs, then integer pixel noise."""
-    if not scene.items:
-        raise ValueError("the scene has no layout (sampled with layout=False)")
-    img = Image.new("RGB", (config.image_size, config.image_size), scene.background)
-    draw = ImageDraw.Draw(img)
-    for it in scene.items:
-        _draw(draw, config.glyph_of[it.name], it, COLOURS[it.colour])
-    if config.noise:
-        rng = np.random.default_rng(list(scene.noise_key))
-        noise = rng.integers(-config.noise, config.noise + 1, size=(config.image_size, config.image_size, 3))
-        pixels = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
-        img = Image.fromarray(pixels, "RGB")
-    return img
-
-
-# -- text ----------------------------------------------------------------------------------------------
-def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def plural(word: str) -> str:
-    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
-
-
-def exist_question(name: str) -> str:
-    """POPE's question (the loader appends the one-word suffix)."""
-    return f"Is there {article(name)} {name} in the image?"
-
-
-def exist_statement(name: str, present: bool) -> str:
-    """The VLind-Bench visual-perception statement ("There is a cup in the given image.") or its negation."""
-    return f"There is {article(name) if present else 'no'} {name} in the given image."
-
-
-def colour_question(name: str) -> str:
-    return f"What color is the {name}?"
-
-
-def colour_statement(name: str, colour: str) -> str:
-    return f"The {name} is {colour}."
-
-
-def count_question(name: str) -> str:
-    return f"How many {plural(name)} are there?"
-
-
-def caption(config: WorldConfig, scene: Scene) -> str:
-    """The scene's reference caption: its objects left to right, e.g. "A red apple, two blue kites and a cup."."""
-    first_x = {}
-    for it in scene.items:
-        first_x[it.name] = min(first_x.get(it.name, it.x), it.x)
-    order = sorted(scene.objects, key=lambda o: (first_x.get(o, 0), config.objects.index(o)))
-    parts = []
-    for name in order:
-        colour, count = scene.objects[name]
-        noun = name if count == 1 else plural(name)
-        parts.append(f"{article(colour) if count == 1 else NUMBER_WORDS[count]} {colour} {noun}")
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return text[0].upper() + text[1:] + "."
-
-
-def statement_prompt(style: str, statement: str, context: str = "") -> str:
-    """A true/false prompt worded as VLind-Bench's (gpt4o prompts): ``style`` ck, vp, cb or lp."""
-    return _prompt_gpt4o(style, statement, context)
-
-
-_WORD = re.compile(r"<[a-z/]+>|[a-z]+|[0-9]+|[^\sa-z0-9]")
-
-
-def split_words(text: str) -> list[str]:
-    """The word-level tokenizer's split: lower-cased words, numbers and single punctuation signs."""
-    return _WORD.findall(text.lower())
-
-
-def vocabulary(config: WorldConfig) -> list[str]:
-    """Every token the world's texts can hold: :data:`SPECIAL_TOKENS`, then the words in sorted order.
-
-    Covers the training turns, the POPE/CHAIR/VLind prompts (both VLind prompt sets), the answers, and the
-    words of llava's chat template ("USER:", "ASSISTANT:").
-    """
-    texts = [ONE_WORD_SUFFIX, CAPTION_PROMPT, "USER: ASSISTANT:", "yes no true false"]
-    texts += [" ".join(NUMBER_WORDS), " ".join(config.colours), "and ,"]
-    for name in config.objects:
-        texts += [exist_question(name), exist_statement(name, True), exist_statement(name, False)]
-        texts += [colour_question(name), count_question(name), f"{article(name)} {name} {plural(name)}"]
-        texts += [colour_statement(name, c) for c in config.colours]
-        texts += _vlind_texts(name)
-    for style in ("ck", "vp", "cb", "lp"):
-        texts += [_prompt_gpt4o(style, "x", "x"), _prompt_instructblip(style, "x", "x")]
-    words = {w for t in texts for w in split_words(t)} - {"x"}
-    return [*SPECIAL_TOKENS, *sorted(words)]
-
-
-def _vlind_texts(name: str) -> list[str]:
-    texts = [exist_context(name, True), exist_context(name, False)]
-    return texts + [partner_context(name, name, True), partner_context(name, name, False), colour_context(name, "x")]
-
-
-def exist_context(name: str, present: bool) -> str:
-    """A VLind context (also a folder name) for the language prior: "There is an apple" / "There is no apple"."""
-    return f"There is {article(name) if present else 'no'} {name}"
-
-
-def partner_context(anchor: str, partner: str, present: bool) -> str:
-    """A VLind context for the co-occurrence prior: "The cup has a bottle" / "The cup has no bottle"."""
-    return f"The {anchor} has {article(partner) if present else 'no'} {partner}"
-
-
-def colour_context(name: str, colour: str) -> str:
-    """A VLind context for the colour prior: "The pizza is yellow"."""
-    return f"The {name} is {colour}"
-
-
-# -- statistics of the training world ------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainStatistics:
-    """Object frequencies and pairwise co-occurrence counts over the first ``n`` training scenes."""
-
-    n: int
-    frequency: dict[str, int]
-    cooccurrence: dict[tuple[str, str], int]
-
-    def presence(self, name: str) -> float:
-        return self.frequency[name] / self.n
-
-    def popular(self) -> list[str]:
-        """Objects by training frequency, most frequent first (ties: vocabulary order)."""
-        return sorted(self.frequency, key=lambda o: -self.frequency[o])
-
-    def cooccurring(self, name: str, candidates: Sequence[str]) -> list[str]:
-        """``candidates`` by how often they appear with ``name``, most first (ties keep the given order)."""
-        return sorted(candidates, key=lambda o: -self.cooccurrence[(name, o)])
-
-
-@functools.lru_cache(maxsize=16)
-def train_statistics(config: WorldConfig) -> TrainStatistics:
-    """Statistics of the training images: the first ``stats_images`` scenes of the training stream."""
-    freq = dict.fromkeys(config.objects, 0)
-    co = {(a, b): 0 for a in config.objects for b in config.objects}
-    for i in range(config.stats_images):
-        present = list(sample_scene(config, "train", i, layout=False).objects)
-        for a in present:
-            freq[a] += 1
-            for b in present:
-                if a != b:
-                    co[(a, b)] += 1
-    return TrainStatistics(config.stats_images, freq, co)
-
-
-def _ask_pair(presence: float, target: float) -> tuple[float, float]:
-    """(ask if present, ask if absent) giving P(yes | asked) = target, asking as much as possible."""
-    odds, natural = target / (1 - target), presence / (1 - presence)
-    return (1.0, natural / odds) if natural <= odds else (odds / natural, 1.0)
-
-
-@functools.lru_cache(maxsize=16)
-def ask_probabilities(config: WorldConfig) -> dict[str, tuple[float, float]]:
-    """object -> (P(asked | present), P(asked | absent)) of a training existence question.
-
-    Favoured objects get P(yes | asked) = ``language_prior``; the others share the absent-ask probability
-    that makes the overall yes rate ``yes_rate`` (measured presence rates from :func:`train_statistics`).
-    Raises ValueError when no such probabilities exist.
-    """
-    stats = train_statistics(config)
-    pres = {o: stats.presence(o) for o in config.objects}
-    out = {o: _ask_pair(pres[o], config.language_prior) for o in config.favoured}
-    yes_f = sum(pres[o] * out[o][0] for o in config.favoured)
-    no_f = sum((1 - pres[o]) * out[o][1] for o in config.favoured)
-    others = [o for o in config.objects if o not in config.favoured]
-    pos, neg = sum(pres[o] for o in others), sum(1 - pres[o] for o in others)
-    r = config.yes_rate / (1 - config.yes_rate)
-    absent = ((yes_f + pos) / r - no_f) / neg  # all present others asked
-    if absent <= 1:
-        present = 1.0
-    else:  # every absent other asked: ask fewer present ones
-        absent, present = 1.0, ((no_f + neg) * r - yes_f) / pos
-    if absent < 0 or present < 0:
-        raise ValueError(
-            f"yes_rate {config.yes_rate} is out of reach with language_prior {config.language_prior} "
-            f"on favoured objects {config.favoured}"
-        )
-    out.update({o: (present, absent) for o in others})
-    return {o: out[o] for o in config.objects}

@@ -42,7 +42,7 @@ from PIL import Image
 from causalmm import CausalMM, CausalMMConfig
 from causalmm.attention import Intervention, attention_name, intervene
 from causalmm.decoding import GenerationOptions, contrast
-from causalmm.decoding.features import image_features
+from causalmm.decoding.features import ImageFeatures
 from causalmm.seeds import derive_seed
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,10 +272,8 @@ def run_sequential(
         imgs = [ad.image_inputs(enc)]
         branches = [None, *engine.branches]
         kinds = {"factual"} | {b.image for b in engine.branches}
-        feats = {
-            kind: image_features(ad, engine.config, engine.vision_rule, imgs, kind, [seed], 1, [0])[(0, 0)]
-            for kind in kinds
-        }
+        features = ImageFeatures(ad, engine.config, engine.vision_rule)
+        feats = {kind: features.compute(imgs, kind, [seed], 1)[(0, 0)] for kind in kinds}
         ids = enc["input_ids"].to(ad.device)
         mask = enc["attention_mask"].to(ad.device)
         meta = {k: v.to(ad.device) for k, v in imgs[0].items() if k != "pixel_values"}

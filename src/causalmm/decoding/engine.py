@@ -24,7 +24,7 @@ from ..adapters import Adapter
 from ..attention import SiteRule
 from ..config import CausalMMConfig, ConfigError, resolve_layers
 from ..methods import get_method
-from .features import first_equal, image_digest, image_features
+from .features import ImageFeatures, first_equal, image_digest
 from .forward import Forward
 from .prefill import image_prefix, prefill_shared
 from .rows import Row, RowLayout
@@ -181,13 +181,8 @@ class Engine:
         prefixes = [image_prefix(e, self.image_tokens) for e in encs]
         layout = RowLayout(n, self.branches, draws, seeds, image_seeds, same, prefixes)
         kinds = {"factual"} | {b.image for b in self.branches}
-        feats = {
-            kind: image_features(
-                self.adapter, self.config, self.vision_rule, imgs, kind, image_seeds, draws, same[kind]
-            )
-            for kind in ("factual", "vision", "noise")
-            if kind in kinds
-        }
+        features = ImageFeatures(self.adapter, self.config, self.vision_rule)
+        feats = {kind: features(imgs, kind, image_seeds, draws, same[kind]) for kind in sorted(kinds)}
 
         def row_feature(r: Row):
             kind, prompt, draw = layout.feature_key(r)

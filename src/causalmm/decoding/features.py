@@ -16,7 +16,7 @@ from ..attention import Intervention, SiteRule
 from ..config import CausalMMConfig
 from ..interventions import diffusion_noise
 
-__all__ = ["first_equal", "image_digest", "image_features"]
+__all__ = ["ImageFeatures", "first_equal", "image_digest"]
 
 Features = dict[tuple[int, int], Any]
 
@@ -36,57 +36,48 @@ def first_equal(keys: list[Any]) -> list[int]:
     return [first.setdefault(k, i) for i, k in enumerate(keys)]
 
 
-def _compute(
-    adapter: Adapter,
-    config: CausalMMConfig,
-    vision_rule: SiteRule | None,
-    imgs: list[dict[str, torch.Tensor]],
-    kind: str,
-    image_seeds: list[int],
-    draws: int,
-) -> Features:
-    """Features ``{(prompt, draw): features}`` of ``kind`` for every prompt of ``imgs``."""
-    ad = adapter
-    if kind == "factual":
-        return {(p, 0): f for p, f in enumerate(ad.image_features(ad.collate_images(imgs)))}
-    keys = [(p, k) for p in range(len(imgs)) for k in range(draws)]
-    if kind == "noise":
-        noised = []
-        for p, k in keys:
-            item = dict(imgs[p])
-            item["pixel_values"] = diffusion_noise(
-                item["pixel_values"].to(ad.device),
-                config.noise_step,
-                generator=streams.generator(ad.device, image_seeds[p], streams.NOISE, k),
-                schedule=config.noise_schedule,
-            )
-            noised.append(item)
-        return dict(zip(keys, ad.image_features(ad.collate_images(noised)), strict=True))
-    batch = ad.collate_images([imgs[p] for p, _ in keys])
-    targets, off = [], 0
-    for (p, k), units in zip(keys, ad.vision_units(batch), strict=True):
-        targets.append((off, off + units, streams.generator(ad.device, image_seeds[p], streams.VISION, k)))
-        off += units
-    if config.vision_style == "gate":
-        return dict(zip(keys, ad.gated_image_features(batch, vision_rule, targets), strict=True))
-    state = Intervention(vision=vision_rule, vision_targets=targets)
-    return dict(zip(keys, ad.image_features(batch, state), strict=True))
+class ImageFeatures:
+    """Image features of one model under one config: ``features(imgs, kind, image_seeds, draws, same)``."""
 
+    def __init__(self, adapter: Adapter, config: CausalMMConfig, vision_rule: SiteRule | None) -> None:
+        self.adapter, self.config, self.vision_rule = adapter, config, vision_rule
 
-def image_features(
-    adapter: Adapter,
-    config: CausalMMConfig,
-    vision_rule: SiteRule | None,
-    imgs: list[dict[str, torch.Tensor]],
-    kind: str,
-    image_seeds: list[int],
-    draws: int,
-    same: list[int],
-) -> Features:
-    """Features of ``kind`` for every prompt, computed only for the first prompt of each set of equal ones
-    (``same[p]``: the first prompt whose features equal prompt ``p``'s) and handed to the others."""
-    uniq = sorted(set(same))
-    at = {q: j for j, q in enumerate(uniq)}
-    sub = _compute(adapter, config, vision_rule, [imgs[q] for q in uniq], kind, [image_seeds[q] for q in uniq], draws)
-    ks = [0] if kind == "factual" else range(draws)
-    return {(p, k): sub[(at[same[p]], k)] for p in range(len(imgs)) for k in ks}
+    def __call__(
+        self, imgs: list[dict[str, torch.Tensor]], kind: str, image_seeds: list[int], draws: int, same: list[int]
+    ) -> Features:
+        """Features ``{(prompt, draw): features}`` of ``kind`` for every prompt, computed only for the first prompt
+        of each set of equal ones (``same[p]``: the first prompt whose features equal prompt ``p``'s) and handed
+        to the others."""
+        uniq = sorted(set(same))
+        at = {q: j for j, q in enumerate(uniq)}
+        sub = self.compute([imgs[q] for q in uniq], kind, [image_seeds[q] for q in uniq], draws)
+        ks = [0] if kind == "factual" else range(draws)
+        return {(p, k): sub[(at[same[p]], k)] for p in range(len(imgs)) for k in ks}
+
+    def compute(self, imgs: list[dict[str, torch.Tensor]], kind: str, image_seeds: list[int], draws: int) -> Features:
+        """Features ``{(prompt, draw): features}`` of ``kind`` for every prompt of ``imgs``."""
+        ad, config = self.adapter, self.config
+        if kind == "factual":
+            return {(p, 0): f for p, f in enumerate(ad.image_features(ad.collate_images(imgs)))}
+        keys = [(p, k) for p in range(len(imgs)) for k in range(draws)]
+        if kind == "noise":
+            noised = []
+            for p, k in keys:
+                item = dict(imgs[p])
+                item["pixel_values"] = diffusion_noise(
+                    item["pixel_values"].to(ad.device),
+                    config.noise_step,
+                    generator=streams.generator(ad.device, image_seeds[p], streams.NOISE, k),
+                    schedule=config.noise_schedule,
+                )
+                noised.append(item)
+            return dict(zip(keys, ad.image_features(ad.collate_images(noised)), strict=True))
+        batch = ad.collate_images([imgs[p] for p, _ in keys])
+        targets, off = [], 0
+        for (p, k), units in zip(keys, ad.vision_units(batch), strict=True):
+            targets.append((off, off + units, streams.generator(ad.device, image_seeds[p], streams.VISION, k)))
+            off += units
+        if config.vision_style == "gate":
+            return dict(zip(keys, ad.gated_image_features(batch, self.vision_rule, targets), strict=True))
+        state = Intervention(vision=self.vision_rule, vision_targets=targets)
+        return dict(zip(keys, ad.image_features(batch, state), strict=True))

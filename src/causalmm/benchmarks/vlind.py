@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Benchmark, BenchmarkError, Sample, id_field, read_json_records, str_field, unparseable_pct
+from .vlind_prompts import PROMPTS, infer_true_or_false
 
 __all__ = ["VLind", "infer_true_or_false"]
 
@@ -122,43 +123,6 @@ _NATIVE = {
 }
 _MODEL_KEY = re.compile(r"^(?P<mid>.+)_pred_a1_image$")
 
-_IMAGE_Q = "Based on the image, is the given statement true or false?"
-_CONTEXT_Q = "Based on the context, is the given statement true or false?"
-_TF = "Only respond in True or False."
-_FORGET = "Forget real-world common sense and just follow the information provided in the"
-
-
-def _prompt_gpt4o(test: str, statement: str, context: str) -> str:
-    if test == "ck":
-        return f"Statement: {statement}\nBased on the common sense, is the given statement true or false? {_TF}"
-    if test == "vp":
-        return f"Statement: {statement}\n{_IMAGE_Q} {_TF}"
-    if test == "cb":
-        return f"Context: {context}\nStatement: {statement}\n{_CONTEXT_Q} {_FORGET} context. {_TF}"
-    return f"Statement: {statement}\n{_IMAGE_Q} {_FORGET} image. {_TF}"
-
-
-def _prompt_instructblip(test: str, statement: str, context: str) -> str:
-    if test == "ck":
-        return f"{_TF}\nStatement: {statement}\nBased on common sense, is the given statement true or false?"
-    if test == "cb":
-        return f"{_TF}\nContext: {context}\nStatement: {statement}\n{_CONTEXT_Q}"
-    return f"{_TF}\nStatement: {statement}\n{_IMAGE_Q}"
-
-
-_PROMPTS = {"gpt4o": _prompt_gpt4o, "instructblip": _prompt_instructblip}
-
-
-def infer_true_or_false(text: str) -> str:
-    """``True``, ``False`` or ``NA`` by the official rule (first exact word ``true``/``false`` after normalising)."""
-    for word in text.lower().replace("\n", " ").replace(",", "").replace(".", "").split(" "):
-        if word == "true":
-            return "True"
-        if word == "false":
-            return "False"
-    return "NA"
-
-
 def _resolve_data(data: Path) -> Path:
     data = Path(data)
     return data / "data.json" if data.is_dir() else data
@@ -185,7 +149,7 @@ class VLind(Benchmark):
     ) -> None:
         if style not in STYLES:
             raise BenchmarkError(f"VLind-Bench style {style!r} is unknown; choose one of {', '.join(STYLES)}")
-        if prompts not in _PROMPTS:
+        if prompts not in PROMPTS:
             raise BenchmarkError(f"VLind-Bench prompts {prompts!r} are unknown; choose gpt4o or instructblip")
         if isinstance(vote_thres, bool) or not isinstance(vote_thres, int):
             raise BenchmarkError(f"VLind-Bench vote_thres must be an integer, not {vote_thres!r}")
@@ -247,7 +211,7 @@ class VLind(Benchmark):
     def _samples(
         self, instances: list[tuple[str, dict[str, Any], str]], path: Path, image_root: Path | None
     ) -> list[Sample]:
-        make_prompt = _PROMPTS[self.options["prompts"]]
+        make_prompt = PROMPTS[self.options["prompts"]]
         samples: list[Sample] = []
         for iid, inst, _where in instances:
             good = self._good_images(inst)

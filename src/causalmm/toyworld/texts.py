@@ -7,7 +7,7 @@ import re
 
 from ..benchmarks.chair import DEFAULT_PROMPT as CAPTION_PROMPT
 from ..benchmarks.pope import DEFAULT_SUFFIX as ONE_WORD_SUFFIX
-from ..benchmarks.vlind import _prompt_gpt4o, _prompt_instructblip
+from ..benchmarks.vlind_prompts import prompt_gpt4o, prompt_instructblip
 from .world import NUMBER_WORDS, SPECIAL_TOKENS, Scene, WorldConfig
 
 __all__ = [
@@ -77,7 +77,7 @@ def caption(config: WorldConfig, scene: Scene) -> str:
 
 def statement_prompt(style: str, statement: str, context: str = "") -> str:
     """A true/false prompt worded as VLind-Bench's (gpt4o prompts): ``style`` ck, vp, cb or lp."""
-    return _prompt_gpt4o(style, statement, context)
+    return prompt_gpt4o(style, statement, context)
 
 
 _WORD = re.compile(r"<[a-z/]+>|[a-z]+|[0-9]+|[^\sa-z0-9]")
@@ -102,7 +102,7 @@ def vocabulary(config: WorldConfig) -> list[str]:
         texts += [colour_statement(name, c) for c in config.colours]
         texts += _vlind_texts(name)
     for style in ("ck", "vp", "cb", "lp"):
-        texts += [_prompt_gpt4o(style, "x", "x"), _prompt_instructblip(style, "x", "x")]
+        texts += [prompt_gpt4o(style, "x", "x"), prompt_instructblip(style, "x", "x")]
     words = {w for t in texts for w in split_words(t)} - {"x"}
     return [*SPECIAL_TOKENS, *sorted(words)]
 

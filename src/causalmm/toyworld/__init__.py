@@ -1,24 +1,16 @@
 """A procedural toy world with documented priors, for training a tiny VLM that hallucinates for known reasons.
 
-:mod:`.world` samples and renders scenes (glyphs of a small object vocabulary, colours, counts, noise) and
-words the text tasks; :mod:`.splits` gives the training stream (multi-turn samples) and writes the
-evaluation splits in the POPE, CHAIR and VLind-Bench formats, so ``causalmm eval pope|chair|vlind`` runs
-on them. Everything is a pure function of a :class:`WorldConfig` (seeded) and an index.
+:mod:`.world` samples scenes (glyphs of a small object vocabulary, colours, counts), :mod:`.render` draws them,
+:mod:`.texts` words the text tasks; :mod:`.stream` gives the training stream (multi-turn samples), and
+:mod:`.splits` writes the evaluation splits in the POPE, CHAIR and VLind-Bench formats, so
+``causalmm eval pope|chair|vlind`` runs on them. Everything is a pure function of a :class:`WorldConfig`
+(seeded) and an index.
 """
 
 from .render import render
-from .splits import (
-    TrainSample,
-    Turn,
-    chair_categories,
-    eval_scenes,
-    pope_questions,
-    train_sample,
-    train_samples,
-    vlind_instances,
-    write_splits,
-)
+from .splits import chair_categories, eval_scenes, pope_questions, vlind_instances, write_splits
 from .statistics import TrainStatistics, ask_probabilities, train_statistics
+from .stream import TrainSample, Turn, train_sample, train_samples
 from .texts import caption, split_words, vocabulary
 from .world import SPECIAL_TOKENS, Item, Scene, WorldConfig, sample_scene
 

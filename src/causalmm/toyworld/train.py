@@ -1,6 +1,6 @@
 """Train the toy world's tiny LLaVA on its generated stream, on CPU, reproducibly.
 
-Each step draws ``batch_size`` fresh samples (:func:`~causalmm.toyworld.splits.train_sample`; the world is
+Each step draws ``batch_size`` fresh samples (:func:`~causalmm.toyworld.stream.train_sample`; the world is
 endless, so nothing repeats and nothing is shipped) and minimises cross-entropy on the answer tokens only
 (and the ``</s>`` that closes each answer); prompts and image tokens carry no loss. AdamW with linear warm-up
 and cosine decay. Stage 1 first teaches the vision tower what each patch and the whole image hold; stage 2
@@ -30,7 +30,7 @@ from transformers import LlavaForConditionalGeneration
 from ..tiny import save_quietly
 from .model import ModelSize, build_config, build_processor, build_tokenizer, describe, generation_config, image_tokens
 from .render import render
-from .splits import TrainSample, train_sample
+from .stream import TrainSample, train_sample
 from .world import WorldConfig, sample_scene
 
 __all__ = ["TrainConfig", "Batch", "collate", "train"]

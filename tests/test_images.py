@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from causalmm import InputError, load_image
-from causalmm.api import PIXEL_LIMIT_ENV, to_rgb
+from causalmm.images import PIXEL_LIMIT_ENV, to_rgb
 
 RED = (200, 30, 40)
 

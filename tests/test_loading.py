@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from causalmm import CausalMM, CausalMMConfig
-from causalmm.api import InputError
 from causalmm.decoding import cache_kwargs
+from causalmm.inputs import InputError
 from causalmm.tiny import build_tiny_model
 
 #: family -> (the processor class its hub checkpoints name, the video processor class they name, or None)

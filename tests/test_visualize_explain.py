@@ -11,10 +11,10 @@ from PIL import Image
 from rich.table import Table
 
 from causalmm import CausalMMConfig
-from causalmm.api import InputError
 from causalmm.config import ConfigError
 from causalmm.decoding import contrast
 from causalmm.explain import explain
+from causalmm.inputs import InputError
 from causalmm.tiny import FAMILIES
 from causalmm.visualize import DEFAULT_METHODS, attention_maps, figure_size, render, visualize
 

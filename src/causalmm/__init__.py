@@ -1,8 +1,10 @@
 """causalmm: counterfactual-attention causal decoding for vision-language models (CausalMM, ICLR 2025)."""
 
-from .api import CausalMM, InputError, load_image
+from .api import CausalMM
 from .config import CausalMMConfig, ConfigError, resolve_layers
 from .decoding import GenerationOptions, GenerationResult, Switches, contrast
+from .images import load_image
+from .inputs import InputError
 from .interventions import counterfactual_attention
 
 __all__ = [

@@ -35,8 +35,8 @@ def _fail(message: str) -> None:
 
 def _user_errors():
     from .adapters import UnsupportedModelError
-    from .api import InputError
     from .config import ConfigError
+    from .inputs import InputError
 
     return (InputError, ConfigError, UnsupportedModelError)
 
@@ -124,7 +124,8 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
     """Answer one prompt about one image with the chosen decoding method."""
-    from .api import CausalMM, load_image
+    from .api import CausalMM
+    from .images import load_image
 
     try:
         config = _config(locals())
@@ -344,7 +345,9 @@ def visualize(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """One figure: the image, its factual vision and LLM attention maps, and each counterfactual's."""
-    from .api import CausalMM, check_output_file, load_image
+    from .api import CausalMM
+    from .images import load_image
+    from .inputs import check_output_file
     from .visualize import visualize as draw
 
     try:
@@ -387,8 +390,10 @@ def explain(
     """Per generated token: top candidates under the factual branch, each counterfactual, and the contrast."""
     import tempfile
 
-    from .api import CausalMM, check_output_file, load_image
+    from .api import CausalMM
     from .explain import explain as run_explain
+    from .images import load_image
+    from .inputs import check_output_file
     from .visualize import visualize as draw
 
     try:

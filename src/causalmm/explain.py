@@ -158,7 +158,7 @@ class Explanation:
 
     def to_html(self, path: str | Path, figure: str | Path | None = None) -> Path:
         """Write a self-contained HTML report (``figure``, a PNG, embedded as base64). Returns the path."""
-        from .api import InputError, check_output_file, write_failed
+        from .inputs import InputError, check_output_file, write_failed
 
         out = check_output_file(path, "HTML report", "report.html")
         img = ""

@@ -13,7 +13,7 @@ Why this is more than ``AutoProcessor.from_pretrained`` + ``AutoModelForImageTex
   checkpoint needs it; any other checkpoint goes through ``AutoProcessor`` unchanged.
 * **Errors.** A device this machine lacks, a checkpoint that is not there, truncated or garbage safetensors, a
   pickled ``pytorch_model.bin`` that torch's safe (``weights_only``) loading refuses: each is an
-  :class:`~causalmm.api.InputError` whose one line names the problem and the fix, raised before the model is
+  :class:`~causalmm.inputs.InputError` whose one line names the problem and the fix, raised before the model is
   half-loaded where that is possible.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .api import InputError
+from .inputs import InputError
 
 __all__ = ["check_device", "image_only_processor", "load_pretrained", "load_processor", "pixtral_processor_class"]
 
@@ -298,7 +298,7 @@ def image_only_processor(base: type) -> type:
     gets a real ``__init__`` with the parent's parameters minus ``video_processor`` (generated, as dataclasses
     generate theirs). Everything else (token expansion, chat template, ``mm_token_type_ids``...) is the parent's.
     The class keeps the parent's name, so a processor saved from it names the real class. Video input raises
-    :class:`~causalmm.api.InputError`.
+    :class:`~causalmm.inputs.InputError`.
     """
     params = list(inspect.signature(base.__init__).parameters.values())[1:]
     kept = [p for p in params if p.name != "video_processor"]

@@ -1,9 +1,10 @@
 """The generic adapter: what the engine needs to know about a ``transformers`` vision-language model.
 
-It finds the vision tower and the LLM's attention modules, tags them as intervention sites, turns an
-(image, prompt) pair into model inputs with the model's own processor and chat template, computes image
+It finds the vision tower and the LLM's attention modules and tags them as intervention sites (``sites.py``),
+turns an (image, prompt) pair into model inputs with the model's own processor and chat template, computes image
 features (the vision tower runs here, once per image and branch kind, and the LLM receives them through the
-forward's ``mm_encoder_outputs``), and gives explicit position ids so left padding changes nothing.
+forward's ``mm_encoder_outputs``), and gives explicit position ids so left padding changes nothing. A prompt
+that leaves no room for the answer in the LLM's positions is refused (``context.py``).
 
 What it assumes of a family is only what ``transformers`` itself exposes: the features go back to the LLM in
 the container ``get_image_features`` returned them in (a tuple per image, one tensor, plus any further
@@ -19,75 +20,26 @@ so interventions run batched; which vision layer feeds the LLM; the original rel
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..attention import BASES, SITE_ATTR, Intervention, Site, active, attention_name, intervene
-from ..config import ConfigError
+from ..attention import Intervention, intervene
+from ..inputs import InputError
+from .context import ContextLimit
+from .sites import UnsupportedModelError, check_base, find_sites, route_attention
 
-__all__ = ["Adapter", "ImageBatch", "ImageFeatures", "UnsupportedModelError", "check_base", "max_positions"]
+__all__ = ["Adapter", "ImageBatch", "ImageFeatures"]
 
-_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
-_LM_NAMES = ("language_model", "text_model", "llm")
 #: Processor outputs laid out one value per token: never image inputs (``labels``, which PaliGemma's processor
 #: returns, is dropped; the others are left-padded with the sequence and passed at prefill only).
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
 #: Fields of a vision output the LLM does not read from ``mm_encoder_outputs`` (it reads ``pooler_output``).
 _STANDARD_OUTPUTS = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
-
-
-class UnsupportedModelError(ValueError):
-    """The model lacks something the engine needs; the message names it."""
-
-
-def check_base(base: Any) -> str:
-    """``base`` if it names a base attention (``sdpa``, ``eager``); a :class:`ConfigError` naming them otherwise,
-    raised before any model is loaded or touched."""
-    if not isinstance(base, str) or base not in BASES:
-        raise ConfigError(f"base attention {base!r} is not valid; choose one of: {', '.join(BASES)}")
-    return base
-
-
-#: Kinds of RoPE scaling whose parameters state the context they extend to (``factor`` times the pretraining
-#: length); linear and dynamic scaling state no such length, so ``max_position_embeddings`` stands for them.
-_EXTENDING_ROPE = ("yarn", "llama3", "longrope")
-
-
-def max_positions(config: Any) -> int | None:
-    """How many positions the LLM of ``config`` is made for, as its text config says; ``None`` where it says
-    nothing (then no prompt is refused for its length).
-
-    That is ``max_position_embeddings`` (or ``n_positions`` / ``max_sequence_length``), or, where the RoPE
-    parameters extend the pretraining context (YaRN, Llama 3, LongRoPE: ``factor`` and
-    ``original_max_position_embeddings``), the extended context if it is larger (Qwen2.5's YaRN configs keep
-    ``max_position_embeddings`` at the pretraining length and state the factor).
-    """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = None
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(text, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            limit = value
-            break
-    if limit is None:
-        return None
-    rope = getattr(text, "rope_parameters", None)
-    if not isinstance(rope, dict):
-        return limit
-    nested = rope and all(isinstance(v, dict) for v in rope.values())  # one set of parameters per layer type
-    for params in rope.values() if nested else [rope]:
-        factor, original = params.get("factor"), params.get("original_max_position_embeddings")
-        if params.get("rope_type") in _EXTENDING_ROPE and factor and original:
-            limit = max(limit, int(factor * original))
-    return limit
 
 
 @dataclasses.dataclass
@@ -105,22 +57,7 @@ class ImageBatch(dict):
     parts: list[dict[str, torch.Tensor]]
 
 
-def _find(model: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module | None:
-    for root in (getattr(model, "model", None), model):
-        for name in names:
-            mod = getattr(root, name, None) if root is not None else None
-            if isinstance(mod, torch.nn.Module):
-                return mod
-    return None
-
-
-def _attention_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
-    """Leaf modules named ``*Attention`` under ``root``, in execution (registration) order."""
-    found = [m for m in root.modules() if type(m).__name__.endswith("Attention")]
-    return [m for m in found if not any(c is not m and type(c).__name__.endswith("Attention") for c in m.modules())]
-
-
-class Adapter:
+class Adapter(ContextLimit):
     """Generic adapter; works for any model that routes both towers through ``AttentionInterface``.
 
     Args:
@@ -150,52 +87,16 @@ class Adapter:
     #: itself on the plausible tokens only (``causalmm.head``). Off by default: Gemma-style families cap them.
     plain_lm_head = False
 
-    #: positions :meth:`encode` keeps free after the prompt (the answer's tokens; see :meth:`reserving`)
-    _reserved_positions: int = 0
-
     def __init__(self, model: torch.nn.Module, processor: Any, *, base: str = "sdpa") -> None:
         check_base(base)
         self.model = model
         self.processor = processor
-        name = type(model).__name__
-        inner = getattr(model, "model", model)
-        if not hasattr(inner, "get_image_features") and not hasattr(model, "get_image_features"):
-            raise UnsupportedModelError(f"{name} has no get_image_features(): it is not a vision-language model")
-        fwd = inspect.signature(type(inner).forward).parameters
-        if "mm_encoder_outputs" not in fwd:
-            raise UnsupportedModelError(
-                f"{name} cannot take precomputed image features (its forward has no `mm_encoder_outputs`), "
-                "which the engine needs; upgrade transformers or use a supported family"
-            )
-        self.tower = _find(model, _TOWER_NAMES)
-        self.lm = _find(model, _LM_NAMES)
-        if self.tower is None or self.lm is None:
-            raise UnsupportedModelError(
-                f"{name}: cannot find its vision tower ({'/'.join(_TOWER_NAMES)}) or its language model "
-                f"({'/'.join(_LM_NAMES)})"
-            )
-        self.vision_attn = _attention_modules(self.tower)
-        self.lm_attn = sorted(
-            (m for m in _attention_modules(self.lm) if hasattr(m, "layer_idx")), key=lambda m: m.layer_idx
-        )
-        if not self.vision_attn or not self.lm_attn:
-            raise UnsupportedModelError(f"{name}: found no attention modules in its vision tower or its LLM")
-        parent = {id(c): m for m in self.lm.modules() for c in m.children()}
+        sites = find_sites(model)
+        self.tower, self.lm, self.packed = sites.tower, sites.lm, sites.packed
+        self.vision_attn, self.lm_attn = sites.vision_attn, sites.lm_attn
         #: the decoder layer holding each of :attr:`lm_attn`, in the same order
-        self.lm_layers = [parent[id(m)] for m in self.lm_attn]
-        self.packed = "grid_thw" in inspect.signature(type(self.tower).forward).parameters
-        for i, m in enumerate(self.vision_attn):
-            setattr(m, SITE_ATTR, Site("vision", i, packed=self.packed))
-        for m in self.lm_attn:
-            setattr(m, SITE_ATTR, Site("language", int(m.layer_idx)))
-        if not getattr(self.tower, "_causalmm_hooked", False):
-            self.tower.register_forward_pre_hook(_reset_offsets)
-            self.tower._causalmm_hooked = True
-        try:
-            model.set_attn_implementation(attention_name(base))
-        except (ValueError, KeyError) as err:  # pragma: no cover - depends on the model class
-            raise UnsupportedModelError(f"{name} does not accept a custom attention implementation: {err}") from err
-        self._check_routes()
+        self.lm_layers = sites.lm_layers
+        route_attention(model, sites, base)
 
     # -- model facts -------------------------------------------------------------------------------
     @property
@@ -218,16 +119,6 @@ class Adapter:
     def default_vision_layers(self) -> list[int]:
         """The last vision layer that feeds the LLM (the penultimate CLIP layer for LLaVA-1.5)."""
         return [self.n_vision_layers - 1]
-
-    def _check_routes(self) -> None:
-        """Every tagged module must go through the attention interface, or interventions silently do nothing."""
-        for kind, mods in (("vision tower", self.vision_attn), ("LLM", self.lm_attn)):
-            impl = getattr(getattr(mods[0], "config", None), "_attn_implementation", None)
-            if impl is None or not str(impl).startswith("causalmm_"):
-                raise UnsupportedModelError(
-                    f"{type(self.model).__name__}: the {kind} attention does not route through transformers' "
-                    f"AttentionInterface (its implementation is {impl!r}), so it cannot be intervened on"
-                )
 
     # -- inputs ------------------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
@@ -256,8 +147,6 @@ class Adapter:
             InputError: the processor refuses the image (Qwen2-VL: an aspect ratio over 200), or the prompt with
                 the positions :meth:`reserving` keeps for the answer exceeds the LLM's (:func:`max_positions`).
         """
-        from ..api import InputError  # the API's error type; api imports this module
-
         text = self.format_prompt(prompt)
         bos = getattr(getattr(self.processor, "tokenizer", None), "bos_token", None)
         extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
@@ -272,45 +161,6 @@ class Adapter:
         enc = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         self._check_length(enc)
         return enc
-
-    @contextlib.contextmanager
-    def reserving(self, new_tokens: int) -> Iterator[None]:
-        """While active, :meth:`encode` refuses a prompt that leaves fewer than ``new_tokens`` of the LLM's
-        positions for the answer (``CausalMM.generate`` reserves its ``max_new_tokens``)."""
-        before = self._reserved_positions
-        self._reserved_positions = int(new_tokens)
-        try:
-            yield
-        finally:
-            self._reserved_positions = before
-
-    def _check_length(self, enc: dict[str, torch.Tensor]) -> None:
-        """Refuse a prompt whose positions plus the reserved ones exceed the LLM's: past them a RoPE model
-        generates without complaint, but from positions it never saw, and a learned table fails deep in torch.
-        No truncation: cutting a prompt would cut its image tokens or its chat template."""
-        from ..api import InputError
-
-        limit = max_positions(self.model.config)
-        reserve = self._reserved_positions
-        n_tokens = int(enc["input_ids"].shape[-1])
-        if limit is None or n_tokens + reserve <= limit:
-            return
-        # Positions can be fewer than tokens (M-RoPE numbers an image by its grid, not its token count): count them
-        tokens = {k: v for k, v in enc.items() if k in TOKEN_KEYS}
-        used = int(self.prefill_positions(tokens, self.image_inputs(enc)).max()) + 1
-        if used + reserve <= limit:
-            return
-        fix = (
-            f"lower max_new_tokens to {limit - used} or less, or shorten the prompt"
-            if used < limit
-            else "shorten the prompt (or give a smaller image, where the image's token count grows with its size)"
-        )
-        more = f" and max_new_tokens={reserve} needs {reserve} more, {used + reserve} in all," if reserve else ","
-        raise InputError(
-            f"the prompt is too long for {type(self.model).__name__}: it takes {used} positions ({n_tokens} tokens, "
-            f"the image's included){more} but the LLM has {limit} (max_position_embeddings in its text config); "
-            f"{fix}"
-        )
 
     def image_inputs(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in enc.items() if k not in TOKEN_KEYS}
@@ -483,9 +333,3 @@ def _per_image(value: Any, n: int) -> list[Any] | None:
     ):
         return [[v[i] for v in value] for i in range(n)]
     return None
-
-
-def _reset_offsets(module, args):
-    state = active()
-    if state is not None:
-        state.reset_vision_offsets()

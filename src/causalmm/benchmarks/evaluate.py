@@ -68,8 +68,9 @@ class RunPlan:
 
 def sample_image(sample: Sample):
     """The RGB PIL image of a sample (a path, or encoded bytes from a parquet layout), read by
-    :func:`causalmm.api.load_image` either way, as :func:`verify_images` checked it."""
-    from ..api import InputError, load_image
+    :func:`causalmm.images.load_image` either way, as :func:`verify_images` checked it."""
+    from ..images import load_image
+    from ..inputs import InputError
 
     if sample.image is None:
         raise BenchmarkError(f"sample {sample.id} has no image; the engine needs one image per prompt")
@@ -100,11 +101,12 @@ def verify_images(samples: Sequence[Sample]) -> dict[str, str]:
 
     A corrupt or truncated image would otherwise stop the run when its batch comes up, possibly hours in.
     Each distinct image (file, or bytes of a parquet export) is read once, digested (for its image seed and
-    the run's data identity) and decoded by :func:`causalmm.api.load_image`, as generation will decode it, so
+    the run's data identity) and decoded by :func:`causalmm.images.load_image`, as generation will decode it, so
     whatever it refuses (a truncated file, an unsupported mode, an image over the pixel limit) is refused here.
     Raises one BenchmarkError naming how many images are bad and the first few, with the reason.
     """
-    from ..api import InputError, load_image
+    from ..images import load_image
+    from ..inputs import InputError
 
     digests: dict[str, str] = {}
     by_path: dict[str, str] = {}

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_speed import PRESETS, build, resolve_device  # noqa: E402
 
 from causalmm import CausalMM, CausalMMConfig  # noqa: E402
-from causalmm.benchmarks.evaluate import evaluate  # noqa: E402
+from causalmm.benchmarks.evaluate import RunSpec, evaluate  # noqa: E402
 
 OBJECTS = ["dog", "cat", "car", "person", "chair", "bottle", "cup", "tree"]
 METHODS = {
@@ -102,19 +102,8 @@ def run_once(
 ) -> tuple[float, list[str]]:
     """Seconds for one full evaluation into a fresh ``out``, and the predicted texts in order."""
     t0 = time.perf_counter()
-    evaluate(
-        "pope",
-        model="random-weights",
-        data=data,
-        images=data.parent / "images",
-        out=out,
-        config=config,
-        generation={"max_new_tokens": max_new_tokens},
-        batch_size=batch_size,
-        progress=False,
-        n_boot=0,
-        causalmm=cm,
-    )
+    spec = RunSpec("pope", "random-weights", data, data.parent / "images", config, {"max_new_tokens": max_new_tokens})
+    evaluate(spec, out=out, batch_size=batch_size, progress=False, n_boot=0, causalmm=cm)
     seconds = time.perf_counter() - t0
     lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     return seconds, [json.loads(x)["text"] for x in lines]

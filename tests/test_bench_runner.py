@@ -15,7 +15,8 @@ from PIL import Image
 
 from causalmm.benchmarks import BenchmarkError, get_benchmark
 from causalmm.benchmarks.base import Sample
-from causalmm.benchmarks.runner import limit_samples, load_records
+from causalmm.benchmarks.records import load_records
+from causalmm.benchmarks.runner import limit_samples
 from causalmm.benchmarks.stats import bootstrap_ci, mcnemar, paired_bootstrap
 
 QUESTIONS = [
@@ -280,7 +281,8 @@ def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
 
 def test_a_run_folder_from_before_image_seeds_is_not_resumed(tmp_path):
     """Image-side draws seeded per sample (older runs) and per image must not mix in one predictions file."""
-    from causalmm.benchmarks.runner import IMAGE_SEEDS, RunMismatchError, check_run_info
+    from causalmm.benchmarks.run_folder import RunMismatchError, check_run_info
+    from causalmm.benchmarks.runner import IMAGE_SEEDS
 
     info = {"benchmark": "pope", "options": {}, "model": "m", "config": {}, "generation": {}, "seeds": [0]}
     (tmp_path / "run.json").write_text(json.dumps(info))

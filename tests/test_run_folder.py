@@ -19,15 +19,9 @@ from causalmm import CausalMMConfig
 from causalmm.benchmarks import BenchmarkError, check_data_path, get_benchmark
 from causalmm.benchmarks.base import Sample
 from causalmm.benchmarks.compare import compare_runs, load_run
-from causalmm.benchmarks.evaluate import evaluate, verify_images
-from causalmm.benchmarks.runner import (
-    LOCK_ENV,
-    RunLockedError,
-    RunMismatchError,
-    check_done,
-    check_run_info,
-    lock_run_folder,
-)
+from causalmm.benchmarks.evaluate import RunSpec, evaluate, verify_images
+from causalmm.benchmarks.records import check_done
+from causalmm.benchmarks.run_folder import LOCK_ENV, RunLockedError, RunMismatchError, check_run_info, lock_run_folder
 
 QUESTIONS = [
     ("a.png", "cat", "yes"),
@@ -84,19 +78,16 @@ def run_pope(model_dirs, loaded, pope):
     """``run_pope(out, data=..., images=..., **kw)``: a regular-decoding POPE run in this process."""
 
     def run(out, data=None, images=None, **kw):
-        return evaluate(
+        spec = RunSpec(
             "pope",
             model=str(model_dirs["llava"]),
             data=data or pope / "q.json",
             images=images or pope / "images",
-            out=out,
             config=CausalMMConfig(method="regular"),
             generation={"max_new_tokens": 2},
-            progress=False,
-            n_boot=0,
-            causalmm=loaded("llava"),
             **kw,
         )
+        return evaluate(spec, out=out, progress=False, n_boot=0, causalmm=loaded("llava"))
 
     return run
 
@@ -138,7 +129,7 @@ def test_every_overlap_of_out_and_the_inputs_is_refused_before_writing(toy, mode
     before = tree_bytes(toy)
     bench = "vlind" if data == vlind else "pope"
     with pytest.raises(BenchmarkError, match="--out .*(holds the input|lies inside the input folder)"):
-        evaluate(bench, model=str(model_dirs["llava"]), data=data, images=images, out=out, progress=False)
+        evaluate(RunSpec(bench, model=str(model_dirs["llava"]), data=data, images=images), out=out, progress=False)
     assert tree_bytes(toy) == before
 
 
@@ -155,10 +146,9 @@ def test_the_num_processes_launcher_refuses_an_overlap_without_creating_anything
 def test_out_equal_to_the_chair_annotations_is_refused(toy, model_dirs, tmp_path):
     listing = shutil.copy(toy / "chair_images.txt", tmp_path / "chair_images.txt")
     with pytest.raises(BenchmarkError, match="holds the input .*annotations"):
-        evaluate(
-            "chair", model=str(model_dirs["llava"]), data=listing, images=toy / "images", out=toy / "annotations",
-            options={"annotations": str(toy / "annotations")}, progress=False,
-        )  # fmt: skip
+        spec = RunSpec("chair", model=str(model_dirs["llava"]), data=listing, images=toy / "images",
+                       options={"annotations": str(toy / "annotations")})  # fmt: skip
+        evaluate(spec, out=toy / "annotations", progress=False)
 
 
 def test_out_holding_files_of_its_own_is_refused_and_they_are_kept(model_dirs, tmp_path):
@@ -175,7 +165,7 @@ def test_out_holding_files_of_its_own_is_refused_and_they_are_kept(model_dirs, t
     (out / "Your_Results").mkdir(parents=True)
     (out / "Your_Results" / "existence.txt").write_text("their answers\n")
     with pytest.raises(BenchmarkError, match="is not empty and is not a run folder .*Your_Results"):
-        evaluate("mme", model=str(model_dirs["llava"]), data=res, images=release, out=out, progress=False)
+        evaluate(RunSpec("mme", model=str(model_dirs["llava"]), data=res, images=release), out=out, progress=False)
     assert (out / "Your_Results" / "existence.txt").read_text() == "their answers\n"
     assert sorted(p.name for p in out.iterdir()) == ["Your_Results"]
 
@@ -184,11 +174,9 @@ def test_a_native_file_the_run_did_not_write_is_never_replaced(toy, model_dirs, 
     out = tmp_path / "vlind-run"
 
     def run():
-        return evaluate(
-            "vlind", model=str(model_dirs["llava"]), data=toy / "vlind", out=out, limit=4, progress=False,
-            n_boot=0, config=CausalMMConfig(method="regular"), generation={"max_new_tokens": 2},
-            causalmm=loaded("llava"),
-        )  # fmt: skip
+        spec = RunSpec("vlind", model=str(model_dirs["llava"]), data=toy / "vlind", limit=4,
+                       config=CausalMMConfig(method="regular"), generation={"max_new_tokens": 2})  # fmt: skip
+        return evaluate(spec, out=out, progress=False, n_boot=0, causalmm=loaded("llava"))
 
     run()
     assert json.loads((out / "run.json").read_text())["native_files"] == ["data.json"]
@@ -212,7 +200,7 @@ def test_a_native_file_the_run_did_not_write_is_never_replaced(toy, model_dirs, 
 HOLD = """
 import sys, time
 from pathlib import Path
-from causalmm.benchmarks.runner import lock_run_folder
+from causalmm.benchmarks.run_folder import lock_run_folder
 with lock_run_folder(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(600)

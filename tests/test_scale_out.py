@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from causalmm.benchmarks.runner import RunLockedError, lock_run_folder
+from causalmm.benchmarks.run_folder import RunLockedError, lock_run_folder
 
 N_QUESTIONS = 10
 
@@ -184,7 +184,7 @@ def test_killing_the_launcher_stops_its_workers_and_frees_the_folder(
 
 
 def test_a_held_folder_refuses_the_launcher_before_it_launches(single, model_dirs, pope_data, causalmm_cli):
-    hold = "import sys, time\nfrom pathlib import Path\nfrom causalmm.benchmarks.runner import lock_run_folder\n"
+    hold = "import sys, time\nfrom pathlib import Path\nfrom causalmm.benchmarks.run_folder import lock_run_folder\n"
     hold += "with lock_run_folder(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n"
     holder = subprocess.Popen([sys.executable, "-c", hold, str(single)], stdout=subprocess.PIPE, text=True)
     try:

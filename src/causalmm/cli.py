@@ -225,7 +225,7 @@ def eval_(
     single process writes.
     """
     from .benchmarks import BenchmarkError
-    from .benchmarks.evaluate import evaluate
+    from .benchmarks.evaluate import RunSpec, evaluate
 
     if num_processes < 1:
         _fail(f"--num-processes must be at least 1, got {num_processes}")
@@ -238,25 +238,16 @@ def eval_(
         if max_new_tokens is not None:
             generation["max_new_tokens"] = max_new_tokens
         options = _bench_options(suffix=suffix, prompt=prompt, parse=parse, category=category, annotations=annotations)
-        plan = {
-            "model": model,
-            "data": data,
-            "images": images,
-            "config": config,
-            "generation": generation,
-            "seeds": run_seeds,
-            "limit": limit,
-            "options": options,
-        }
+        spec = RunSpec(benchmark, model, data, images, config, generation, run_seeds, limit, options)
     except (*_user_errors(), BenchmarkError) as err:
         _fail(str(err))
     if relaunch:  # the launcher holds the folder's lock for its workers and checks everything first, so bad
         # input fails with one line, not once per process
         from .benchmarks.evaluate import check_folder, preflight
-        from .benchmarks.runner import lock_run_folder
+        from .benchmarks.run_folder import lock_run_folder
 
         try:
-            run = preflight(benchmark, out=out, **plan)  # before the lock creates anything in --out
+            run = preflight(spec, out)  # before the lock creates anything in --out
             with lock_run_folder(out) as lock_fd:
                 check_folder(run, out)  # again, now that no other writer can change the folder
                 code = _relaunch_with_accelerate(num_processes, out, lock_fd)
@@ -265,13 +256,7 @@ def eval_(
         raise typer.Exit(code=code)
     try:
         evaluate(
-            benchmark,
-            out=out,
-            batch_size=batch_size,
-            base=attention,
-            hf_kwargs=_hf_kwargs(device, dtype),
-            progress=progress,
-            **plan,
+            spec, out=out, batch_size=batch_size, base=attention, hf_kwargs=_hf_kwargs(device, dtype), progress=progress
         )
     except (*_user_errors(), BenchmarkError) as err:
         _fail(str(err))
@@ -431,7 +416,7 @@ def _relaunch_with_accelerate(n: int, out: Path | None = None, lock_fd: int | No
     import signal
     import subprocess
 
-    from .benchmarks.runner import LOCK_ENV, LOCK_NAME
+    from .benchmarks.run_folder import LOCK_ENV, LOCK_NAME
 
     args, skip = [], False
     for arg in sys.argv[1:]:

@@ -20,7 +20,8 @@ from typing import Any
 
 from . import get_benchmark
 from .base import Benchmark, BenchmarkError
-from .runner import load_records, read_run_info
+from .records import load_records
+from .run_folder import read_run_info
 from .stats import bootstrap_ci, mcnemar, paired_bootstrap, seed_metrics
 
 __all__ = ["Run", "check_same_samples", "compare_runs", "load_run"]

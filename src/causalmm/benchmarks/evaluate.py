@@ -11,27 +11,17 @@ from typing import Any
 
 from .. import __version__
 from ..config import CausalMMConfig
+from ..seeds import file_digest
 from . import check_data_path, get_benchmark
 from .base import Benchmark, BenchmarkError, Sample, check_images
-from .runner import (
-    IMAGE_SEEDS,
-    bytes_digest,
-    check_done,
-    check_out_folder,
-    check_run_info,
-    data_digest,
-    finalize,
-    limit_samples,
-    load_done,
-    lock_run_folder,
-    pending,
-    run_samples,
-    write_run_info,
-)
+from .records import check_done, data_digest, load_done, pending
+from .run_folder import check_out_folder, check_run_info, lock_run_folder, write_run_info
+from .runner import IMAGE_SEEDS, finalize, limit_samples, run_samples
 from .stats import bootstrap_ci
 
 __all__ = [
     "RunPlan",
+    "RunSpec",
     "check_folder",
     "evaluate",
     "load_run_samples",
@@ -41,6 +31,33 @@ __all__ = [
     "score_predictions",
     "verify_images",
 ]
+
+
+@dataclass
+class RunSpec:
+    """What a run is, as the user describes it: the one object the CLI hands to the runner.
+
+    Attributes:
+        benchmark: ``pope``, ``mme``, ``chair`` or ``vlind``.
+        model: a hub id or local directory.
+        data: the benchmark's question file or folder (or a parquet export).
+        images: the benchmark's image folder, where its data does not say.
+        config: the decoding method and its settings.
+        generation: generation options (``max_new_tokens`` defaults to the benchmark's own).
+        seeds: run seeds; each sample's seeds derive from them (:mod:`causalmm.seeds`).
+        limit: only the first ``limit`` samples (whole MME image pairs).
+        options: the benchmark's own options (``parse``, ``suffix``, ``annotations``, ...).
+    """
+
+    benchmark: str
+    model: str
+    data: str | Path
+    images: str | Path | None = None
+    config: CausalMMConfig = field(default_factory=CausalMMConfig)
+    generation: dict[str, Any] = field(default_factory=dict)
+    seeds: Sequence[int] = (0,)
+    limit: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,7 +146,7 @@ def verify_images(samples: Sequence[Sample]) -> dict[str, str]:
                 continue
         else:
             name, data = f"the image bytes of sample {s.id}", s.image
-        digest = bytes_digest(data)
+        digest = file_digest(data)
         digests[s.id] = digest
         if isinstance(s.image, (str, Path)):
             by_path[name] = digest
@@ -148,51 +165,40 @@ def verify_images(samples: Sequence[Sample]) -> dict[str, str]:
     return digests
 
 
-def plan_run(
-    benchmark: str,
-    *,
-    model: str,
-    data: str | Path,
-    images: str | Path | None = None,
-    config: CausalMMConfig | None = None,
-    generation: dict[str, Any] | None = None,
-    seeds: Sequence[int] = (0,),
-    limit: int | None = None,
-    options: dict[str, Any] | None = None,
-) -> RunPlan:
+def plan_run(spec: RunSpec) -> RunPlan:
     """Everything a run is, checked before any model is loaded: the benchmark, its samples, ``run.json``."""
-    config = config or CausalMMConfig()
-    bench = get_benchmark(benchmark, **(options or {}))
-    generation = {"max_new_tokens": bench.max_new_tokens, **(generation or {})}
-    seeds = [int(s) for s in seeds]
+    bench = get_benchmark(spec.benchmark, **spec.options)
+    generation = {"max_new_tokens": bench.max_new_tokens, **spec.generation}
+    seeds = [int(s) for s in spec.seeds]
     if not seeds:
         raise BenchmarkError("give at least one seed")
-    samples = load_run_samples(bench, data, images, limit)
+    data, images = spec.data, spec.images
+    samples = load_run_samples(bench, data, images, spec.limit)
     digests = verify_images(samples)
     info = {
         "benchmark": bench.name,
         "options": bench.describe(),
-        "model": str(model),
-        "config": config.to_dict(),
+        "model": str(spec.model),
+        "config": spec.config.to_dict(),
         "generation": generation,
         "data": str(data),
         "images": str(images) if images else None,
         "data_digest": data_digest(samples, digests),
         "n_samples": len(samples),
         "seeds": seeds,
-        "limit": limit,
+        "limit": spec.limit,
         "image_seeds": IMAGE_SEEDS,
         "causalmm_version": __version__,
     }
-    inputs = [data, images, (options or {}).get("annotations")]
+    inputs = [data, images, spec.options.get("annotations")]
     return RunPlan(bench, samples, info, digests, inputs)
 
 
-def preflight(benchmark: str, *, out: str | Path, **plan: Any) -> RunPlan:
+def preflight(spec: RunSpec, out: str | Path) -> RunPlan:
     """Every check :func:`evaluate` makes before writing, without writing: data, images, ``--out`` and a
     resumption's agreement with the folder. ``causalmm eval --num-processes`` runs it before it locks and
     launches anything, so bad input fails with one line, not once per process, and leaves nothing behind."""
-    run = plan_run(benchmark, **plan)
+    run = plan_run(spec)
     check_folder(run, Path(out))
     return run
 
@@ -209,43 +215,24 @@ def check_folder(run: RunPlan, out: Path) -> None:
 
 
 def evaluate(
-    benchmark: str,
+    spec: RunSpec,
     *,
-    model: str,
-    data: str | Path,
     out: str | Path,
-    images: str | Path | None = None,
-    config: CausalMMConfig | None = None,
-    generation: dict[str, Any] | None = None,
-    seeds: Sequence[int] = (0,),
     batch_size: int = 1,
-    limit: int | None = None,
-    options: dict[str, Any] | None = None,
     base: str = "sdpa",
     hf_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     n_boot: int = 1000,
     causalmm: Any = None,
 ) -> dict[str, Any]:
-    """Run ``benchmark`` with ``model`` into ``out``; resumes what is there. Returns the metrics summary.
+    """Run ``spec`` into ``out``; resumes what is there. Returns the metrics summary.
 
-    ``causalmm`` may be an already-loaded :class:`causalmm.CausalMM` (its config is replaced by ``config``);
+    ``causalmm`` may be an already-loaded :class:`causalmm.CausalMM` (its config is replaced by the spec's);
     otherwise the model is loaded only if something is left to generate. The run folder is locked for the
     whole run (see :mod:`.runner`): under several processes the main one holds the lock, unless the
     launcher already does, and the others wait at a barrier until it has it.
     """
-    config = config or CausalMMConfig()
-    run = plan_run(
-        benchmark,
-        model=model,
-        data=data,
-        images=images,
-        config=config,
-        generation=generation,
-        seeds=seeds,
-        limit=limit,
-        options=options,
-    )
+    run = plan_run(spec)
     bench, samples, info = run.bench, run.samples, run.info
     generation, seeds, out = info["generation"], info["seeds"], Path(out)
     check_out_folder(out, run.inputs, run.image_files())
@@ -260,7 +247,7 @@ def evaluate(
         check_done(samples, done, out, run.digests)
         barrier()
         if pending(samples, seeds, done, out)[rank::world]:
-            cm = _model(causalmm, model, config, base, _process_hf_kwargs(hf_kwargs, world))
+            cm = _model(causalmm, spec.model, spec.config, base, _process_hf_kwargs(hf_kwargs, world))
 
             def generate(
                 batch: Sequence[Sample], sample_seeds: Sequence[int], image_seeds: Sequence[int]

@@ -61,7 +61,8 @@ def build_llava(preset: str, device: str, dtype: torch.dtype) -> CausalMM:
         LlavaProcessor,
     )
 
-    from causalmm.tiny import _LLAVA_CHAT_TEMPLATE, build_tokenizer
+    from causalmm.tiny import build_tokenizer
+    from causalmm.tiny.chat_templates import LLAVA as _LLAVA_CHAT_TEMPLATE
 
     tok = build_tokenizer("llava")
     image_token = tok.convert_tokens_to_ids("<image>")

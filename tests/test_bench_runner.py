@@ -289,3 +289,13 @@ def test_a_run_folder_from_before_image_seeds_is_not_resumed(tmp_path):
     with pytest.raises(RunMismatchError, match="image_seeds"):
         check_run_info(tmp_path, {**info, "image_seeds": IMAGE_SEEDS})
     assert check_run_info(tmp_path, info)["seeds"] == [0]
+
+
+def test_a_predictions_line_without_id_or_seed_is_one_error(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"id": "1", "seed": 0, "text": "yes"}\n{"seed": 0, "text": "no"}\n{"id": "3", "seed": 0}\n')
+    with pytest.raises(BenchmarkError, match="line 2 is not a prediction record .*'id' and an integer 'seed'"):
+        load_records(path)
+    path.write_text('{"id": "1", "seed": "zero"}\n{"id": "2", "seed": 0}\n')
+    with pytest.raises(BenchmarkError, match="line 1 is not a prediction record"):
+        load_records(path)

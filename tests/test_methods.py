@@ -77,3 +77,10 @@ def test_switches_are_one_typed_object(loaded):
     assert off.with_config(cm.config).switches == off.switches  # kept unless changed
     with pytest.raises(ConfigError, match="unknown engine switch.*reuse_prefix"):
         cm.with_config(cm.config, reuse_prefixes=False)
+
+
+def test_the_cli_lists_the_registry(causalmm_cli):
+    out = causalmm_cli("methods").stdout
+    for name in ("regular", "causalmm", "vcd"):
+        assert name in out
+    assert "DAMO-NLP-SG/VCD" in out and "noise_step=500" in out

@@ -1,0 +1,142 @@
+"""What every command shares: the one-line error, the option types, and the decoding options added to a command
+by :func:`decoding_options` (one definition for ``generate``, ``eval`` and ``explain``)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    pass
+
+console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def user_errors():
+    from ..adapters import UnsupportedModelError
+    from ..config import ConfigError
+    from ..inputs import InputError
+
+    return (InputError, ConfigError, UnsupportedModelError)
+
+
+def attention_flag(value: str) -> str:
+    """``--attention`` checked as the command line is read, so a typo fails before any model is loaded."""
+    from ..attention import BASES
+
+    if value not in BASES:
+        fail(f"--attention {value!r} is not valid; choose one of: {', '.join(BASES)}")
+    return value
+
+
+MethodOpt = Annotated[str, typer.Option(help="A decoding method: `causalmm methods` lists them.")]
+ModeOpt = Annotated[str, typer.Option(help="vision | language | multimodal | joint")]
+VisionCfOpt = Annotated[str, typer.Option(help="random | uniform | reversed | reversed_raw | shuffle")]
+LanguageCfOpt = Annotated[str, typer.Option(help="random | uniform | reversed | reversed_raw | shuffle")]
+VisionLayersOpt = Annotated[str | None, typer.Option(help="e.g. '22', '0-3', 'all', 'deep'.")]
+LanguageLayersOpt = Annotated[str | None, typer.Option(help="e.g. 'middle', '8-15', 'all'.")]
+GammaOpt = Annotated[float, typer.Option(help="Contrast strength (0 = regular decoding).")]
+EpsilonOpt = Annotated[float, typer.Option(help="Plausibility cut-off on factual probabilities, [0, 1].")]
+SamplesOpt = Annotated[int, typer.Option(help="Counterfactual draws per branch (K), logits averaged.")]
+DoSampleOpt = Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy decoding.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
+TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int | None, typer.Option(help="Top-k sampling.")]
+LegacyOpt = Annotated[bool, typer.Option("--legacy", help="Original release: contrast on the first token only.")]
+VisionStyleOpt = Annotated[str, typer.Option(help="attention | gate (the original feature gate)")]
+AttentionOpt = Annotated[
+    str, typer.Option(help="Base attention for non-intervened calls: sdpa | eager", callback=attention_flag)
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, or 'auto' (device_map).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")]
+ModelOpt = Annotated[str, typer.Option(help="Hub id or local directory of a vision-language model.")]
+ImageOpt = Annotated[Path, typer.Option(help="Path of the image.")]
+PromptOpt = Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")]
+
+#: the decoding-config flags every decoding command takes: (name, type, default); ``samples`` is num_cf_samples
+_DECODING = (
+    ("method", MethodOpt, "causalmm"),
+    ("mode", ModeOpt, "multimodal"),
+    ("vision_cf", VisionCfOpt, "random"),
+    ("language_cf", LanguageCfOpt, "random"),
+    ("vision_layers", VisionLayersOpt, None),
+    ("language_layers", LanguageLayersOpt, None),
+    ("gamma", GammaOpt, 1.0),
+    ("epsilon", EpsilonOpt, 0.1),
+    ("samples", SamplesOpt, 1),
+    ("legacy", LegacyOpt, False),
+    ("vision_style", VisionStyleOpt, "attention"),
+)
+
+
+def decoding_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the decoding flags (in place of its ``config`` parameter) and call it with the
+    :class:`~causalmm.config.CausalMMConfig` they describe (its ``seed`` from the command's own ``--seed``).
+
+    The flags are defined once here, so the commands cannot drift apart; a bad value is one ``error:`` line."""
+    own = list(inspect.signature(command, eval_str=True, locals={"CausalMMConfig": object}).parameters.values())
+    at = [p.name for p in own].index("config")
+    flags = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in _DECODING]
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        from ..config import CausalMMConfig
+
+        values = {name: kwargs.pop(name) for name, _, _ in _DECODING}
+        values["num_cf_samples"] = values.pop("samples")
+        try:
+            config = CausalMMConfig(**values, seed=kwargs.get("seed", 0))
+        except user_errors() as err:
+            fail(str(err))
+        return command(config=config, **kwargs)
+
+    params = keyword[:at] + flags + keyword[at + 1 :]
+    # typer reads the signature and the type hints: both are the new parameter list, with evaluated annotations
+    wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    del wrapper.__wrapped__
+    return wrapper
+
+
+def sampling(do_sample: bool, temperature: float, top_p: float | None, top_k: int | None) -> dict:
+    """The sampling options of the flags (none but ``do_sample=False`` for greedy decoding)."""
+    out: dict = {"do_sample": do_sample}
+    if do_sample:
+        out.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    return out
+
+
+def hf_kwargs(device: str | None, dtype: str) -> dict:
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+    if dtype not in dtypes:
+        fail(f"--dtype {dtype!r} is not valid; choose one of {', '.join(dtypes)}")
+    kwargs: dict = {"dtype": dtypes[dtype]}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    elif device:
+        kwargs["device_map"] = device
+    return kwargs
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r}: give integers separated by commas, e.g. 0,1,2")
+    if not values:
+        fail(f"{flag} is empty: give at least one integer")
+    return values

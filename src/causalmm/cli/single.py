@@ -1,0 +1,180 @@
+"""The commands on one image, ``generate``, ``visualize``, ``explain``, and ``methods``, which lists the decoding
+methods they can run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .common import (
+    AttentionOpt,
+    DeviceOpt,
+    DoSampleOpt,
+    DtypeOpt,
+    LanguageLayersOpt,
+    ModelOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    console,
+    decoding_options,
+    fail,
+    hf_kwargs,
+    user_errors,
+)
+
+if TYPE_CHECKING:
+    from ..config import CausalMMConfig
+
+
+@decoding_options
+def generate(
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option(help="Path of the image.")],
+    prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
+    config: CausalMMConfig = None,  # the decoding flags, added by @decoding_options
+    seed: Annotated[int, typer.Option(help="Seed of the counterfactual draws and of sampling.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
+    do_sample: DoSampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+) -> None:
+    """Answer one prompt about one image with the chosen decoding method."""
+    from ..api import CausalMM
+    from ..images import load_image
+
+    try:
+        if not prompt.strip():
+            fail("--prompt is empty; give a question or instruction about the image")
+        pil = load_image(image)
+        cm = CausalMM.from_pretrained(model, config, base=attention, **hf_kwargs(device, dtype))
+        result = cm.generate(
+            pil,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+        )
+    except user_errors() as err:
+        fail(str(err))
+    if as_json:
+        payload = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "method": config.method,
+            "config": config.to_dict(),
+            "model": model,
+        }
+        sys.stdout.write(json.dumps(payload) + "\n")
+    else:
+        sys.stdout.write(result.text + "\n")
+
+
+def visualize(
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option(help="Path of the image.")],
+    prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
+    out: Annotated[Path, typer.Option(help="The PNG to write.")],
+    layers: Annotated[str | None, typer.Option(help="Vision layers (default: the one feeding the LLM).")] = None,
+    language_layers: LanguageLayersOpt = None,
+    methods: Annotated[str, typer.Option(help="Counterfactuals to show, comma-separated.")] = (
+        "random,uniform,reversed,shuffle"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the random counterfactual draws.")] = 0,
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """One figure: the image, its factual vision and LLM attention maps, and each counterfactual's."""
+    from ..api import CausalMM
+    from ..images import load_image
+    from ..inputs import check_output_file
+    from ..visualize import visualize as draw
+
+    try:
+        if not prompt.strip():
+            fail("--prompt is empty; give a question or instruction about the image")
+        check_output_file(out, "--out", "attention.png")  # before the model loads, not after the work is done
+        pil = load_image(image)
+        cm = CausalMM.from_pretrained(model, base=attention, **hf_kwargs(device, dtype))
+        path = draw(
+            cm, pil, prompt, layers=layers, language_layers=language_layers, methods=methods, seed=seed, out=out
+        )
+    except user_errors() as err:
+        fail(str(err))
+    console.print(f"wrote {path}", highlight=False)
+
+
+@decoding_options
+def explain(
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option(help="Path of the image.")],
+    prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
+    config: CausalMMConfig = None,  # the decoding flags, added by @decoding_options
+    seed: Annotated[int, typer.Option(help="Seed of the counterfactual draws.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 16,
+    top_k: Annotated[int, typer.Option(help="Candidates shown per branch and step.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+    html: Annotated[Path | None, typer.Option(help="Also write an HTML report with the attention figure.")] = None,
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Per generated token: top candidates under the factual branch, each counterfactual, and the contrast."""
+    import tempfile
+
+    from ..api import CausalMM
+    from ..explain import explain as run_explain
+    from ..images import load_image
+    from ..inputs import check_output_file
+    from ..visualize import visualize as draw
+
+    try:
+        if not prompt.strip():
+            fail("--prompt is empty; give a question or instruction about the image")
+        if html is not None:
+            check_output_file(html, "--html", "report.html")  # before the model loads, not after the work is done
+        pil = load_image(image)
+        cm = CausalMM.from_pretrained(model, config, base=attention, **hf_kwargs(device, dtype))
+        ex = run_explain(cm, pil, prompt, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed)
+        if html is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                figure = draw(cm, pil, prompt, seed=seed, out=Path(tmp) / "attention.png")
+                ex.to_html(html, figure=figure)
+    except user_errors() as err:
+        fail(str(err))
+    if as_json:
+        sys.stdout.write(json.dumps(ex.to_json(), allow_nan=False) + "\n")
+    else:
+        Console(width=max(Console().width, 140)).print(ex.table())
+    if html is not None:
+        console.print(f"wrote {html}", highlight=False)
+
+
+def methods() -> None:
+    """List the decoding methods of the registry: name, what it does, the paper and code it follows, and the
+    settings it reads with their defaults and where those come from."""
+    from ..methods import get_method, method_names
+
+    table = Table(title="decoding methods (--method)")
+    for column in ("method", "what", "follows", "settings (default: origin)"):
+        table.add_column(column, overflow="fold")
+    for name in method_names():
+        m = get_method(name)
+        params = "\n".join(f"{p.field}={p.default!r}: {p.source}" for p in m.params)
+        table.add_row(name, m.summary, m.reference, params)
+    Console(width=max(Console().width, 160)).print(table)

@@ -367,3 +367,17 @@ def _first_line(err: BaseException) -> str:
     """The first non-empty line of an error's message (ImportError messages start with a newline)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+def save_quietly(model: torch.nn.Module, processor: Any, out: Path) -> None:
+    """``save_pretrained`` model (safetensors) and processor without the per-shard tqdm bar in logs."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+    processor.save_pretrained(out)

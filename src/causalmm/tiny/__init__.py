@@ -28,7 +28,7 @@ Layout: :mod:`~causalmm.tiny.registry` (the one ``{family: TinyFamily}`` registr
 ``gemma``, ``mistral3``, ``tiled`` (Idefics3, InternVL).
 """
 
-from .build import build_tiny_model, build_tokenizer, load_processor, save_quietly
+from .build import build_tiny_model, build_tokenizer, load_processor
 from .chat_templates import llava_chat_template
 from .processors import register_processors
 from .registry import ALL_FAMILIES, FAMILIES, GENERIC_FAMILIES, REGISTRY, TinyFamily, tiny_family
@@ -44,6 +44,5 @@ __all__ = [
     "llava_chat_template",
     "load_processor",
     "register_processors",
-    "save_quietly",
     "tiny_family",
 ]

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
-from transformers.utils import logging as hf_logging
 
 from ..loading import load_processor as _load_processor
+from ..loading import save_quietly
 from .parts import TEXT_INIT_RANGE
 from .registry import tiny_family
 from .tokenizer import train_tokenizer
 
-__all__ = ["build_tiny_model", "build_tokenizer", "load_processor", "save_quietly"]
+__all__ = ["build_tiny_model", "build_tokenizer", "load_processor"]
 
 
 def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
@@ -50,18 +50,6 @@ def build_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path
     )
     save_quietly(model, processor, out)
     return out
-
-
-def save_quietly(model: PreTrainedModel, processor: ProcessorMixin, out: Path) -> None:
-    """``save_pretrained`` model (safetensors) and processor without the per-shard tqdm bar in logs."""
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
-    processor.save_pretrained(out)
 
 
 def _redraw_zero_matrices(model: PreTrainedModel) -> None:

@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ..tiny import llava_chat_template
+from ..chat_templates import llava_chat_template
 from .texts import vocabulary
 from .world import SPECIAL_TOKENS, WorldConfig
 

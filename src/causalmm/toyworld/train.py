@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from ..tiny import save_quietly
+from ..loading import save_quietly
 from .model import ModelSize, build_config, build_processor, build_tokenizer, describe, generation_config, image_tokens
 from .render import render
 from .stream import TrainSample, train_sample

@@ -17,8 +17,10 @@ from .common import (
     DeviceOpt,
     DoSampleOpt,
     DtypeOpt,
+    ImageOpt,
     LanguageLayersOpt,
     ModelOpt,
+    PromptOpt,
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
@@ -33,11 +35,35 @@ if TYPE_CHECKING:
     from ..config import CausalMMConfig
 
 
+def _open(
+    model: str,
+    image: Path,
+    prompt: str,
+    config: CausalMMConfig | None,
+    attention: str,
+    device: str | None,
+    dtype: str,
+    output: tuple[Path | None, str, str] = (None, "", ""),
+):
+    """The model and the image of a one-image command, every input checked first (the prompt, the output file
+    ``(path, flag, example)`` if any, the image) so a mistake costs no model load."""
+    from ..api import CausalMM
+    from ..images import load_image
+    from ..inputs import check_output_file
+
+    if not prompt.strip():
+        fail("--prompt is empty; give a question or instruction about the image")
+    if output[0] is not None:
+        check_output_file(*output)
+    pil = load_image(image)
+    return CausalMM.from_pretrained(model, config, base=attention, **hf_kwargs(device, dtype)), pil
+
+
 @decoding_options
 def generate(
     model: ModelOpt,
-    image: Annotated[Path, typer.Option(help="Path of the image.")],
-    prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
+    image: ImageOpt,
+    prompt: PromptOpt,
     config: CausalMMConfig = None,  # the decoding flags, added by @decoding_options
     seed: Annotated[int, typer.Option(help="Seed of the counterfactual draws and of sampling.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
@@ -51,14 +77,8 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
     """Answer one prompt about one image with the chosen decoding method."""
-    from ..api import CausalMM
-    from ..images import load_image
-
     try:
-        if not prompt.strip():
-            fail("--prompt is empty; give a question or instruction about the image")
-        pil = load_image(image)
-        cm = CausalMM.from_pretrained(model, config, base=attention, **hf_kwargs(device, dtype))
+        cm, pil = _open(model, image, prompt, config, attention, device, dtype)
         result = cm.generate(
             pil,
             prompt,
@@ -86,8 +106,8 @@ def generate(
 
 def visualize(
     model: ModelOpt,
-    image: Annotated[Path, typer.Option(help="Path of the image.")],
-    prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
+    image: ImageOpt,
+    prompt: PromptOpt,
     out: Annotated[Path, typer.Option(help="The PNG to write.")],
     layers: Annotated[str | None, typer.Option(help="Vision layers (default: the one feeding the LLM).")] = None,
     language_layers: LanguageLayersOpt = None,
@@ -100,17 +120,10 @@ def visualize(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """One figure: the image, its factual vision and LLM attention maps, and each counterfactual's."""
-    from ..api import CausalMM
-    from ..images import load_image
-    from ..inputs import check_output_file
     from ..visualize import visualize as draw
 
     try:
-        if not prompt.strip():
-            fail("--prompt is empty; give a question or instruction about the image")
-        check_output_file(out, "--out", "attention.png")  # before the model loads, not after the work is done
-        pil = load_image(image)
-        cm = CausalMM.from_pretrained(model, base=attention, **hf_kwargs(device, dtype))
+        cm, pil = _open(model, image, prompt, None, attention, device, dtype, (out, "--out", "attention.png"))
         path = draw(
             cm, pil, prompt, layers=layers, language_layers=language_layers, methods=methods, seed=seed, out=out
         )
@@ -122,8 +135,8 @@ def visualize(
 @decoding_options
 def explain(
     model: ModelOpt,
-    image: Annotated[Path, typer.Option(help="Path of the image.")],
-    prompt: Annotated[str, typer.Option(help="Question or instruction; wrapped in the model's chat template.")],
+    image: ImageOpt,
+    prompt: PromptOpt,
     config: CausalMMConfig = None,  # the decoding flags, added by @decoding_options
     seed: Annotated[int, typer.Option(help="Seed of the counterfactual draws.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 16,
@@ -137,19 +150,11 @@ def explain(
     """Per generated token: top candidates under the factual branch, each counterfactual, and the contrast."""
     import tempfile
 
-    from ..api import CausalMM
     from ..explain import explain as run_explain
-    from ..images import load_image
-    from ..inputs import check_output_file
     from ..visualize import visualize as draw
 
     try:
-        if not prompt.strip():
-            fail("--prompt is empty; give a question or instruction about the image")
-        if html is not None:
-            check_output_file(html, "--html", "report.html")  # before the model loads, not after the work is done
-        pil = load_image(image)
-        cm = CausalMM.from_pretrained(model, config, base=attention, **hf_kwargs(device, dtype))
+        cm, pil = _open(model, image, prompt, config, attention, device, dtype, (html, "--html", "report.html"))
         ex = run_explain(cm, pil, prompt, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed)
         if html is not None:
             with tempfile.TemporaryDirectory() as tmp:

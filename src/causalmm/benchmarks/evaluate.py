@@ -167,8 +167,9 @@ def verify_images(samples: Sequence[Sample]) -> dict[str, str]:
 
 def plan_run(spec: RunSpec) -> RunPlan:
     """Everything a run is, checked before any model is loaded: the benchmark, its samples, ``run.json``."""
-    bench = get_benchmark(spec.benchmark, **spec.options)
-    generation = {"max_new_tokens": bench.max_new_tokens, **spec.generation}
+    options = spec.options or {}
+    bench = get_benchmark(spec.benchmark, **options)
+    generation = {"max_new_tokens": bench.max_new_tokens, **(spec.generation or {})}
     seeds = [int(s) for s in spec.seeds]
     if not seeds:
         raise BenchmarkError("give at least one seed")
@@ -179,7 +180,7 @@ def plan_run(spec: RunSpec) -> RunPlan:
         "benchmark": bench.name,
         "options": bench.describe(),
         "model": str(spec.model),
-        "config": spec.config.to_dict(),
+        "config": (spec.config or CausalMMConfig()).to_dict(),
         "generation": generation,
         "data": str(data),
         "images": str(images) if images else None,
@@ -190,7 +191,7 @@ def plan_run(spec: RunSpec) -> RunPlan:
         "image_seeds": IMAGE_SEEDS,
         "causalmm_version": __version__,
     }
-    inputs = [data, images, spec.options.get("annotations")]
+    inputs = [data, images, options.get("annotations")]
     return RunPlan(bench, samples, info, digests, inputs)
 
 
@@ -247,7 +248,8 @@ def evaluate(
         check_done(samples, done, out, run.digests)
         barrier()
         if pending(samples, seeds, done, out)[rank::world]:
-            cm = _model(causalmm, spec.model, spec.config, base, _process_hf_kwargs(hf_kwargs, world))
+            config = spec.config or CausalMMConfig()
+            cm = _model(causalmm, spec.model, config, base, _process_hf_kwargs(hf_kwargs, world))
 
             def generate(
                 batch: Sequence[Sample], sample_seeds: Sequence[int], image_seeds: Sequence[int]

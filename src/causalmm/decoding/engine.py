@@ -24,7 +24,7 @@ from ..adapters import Adapter
 from ..attention import SiteRule
 from ..config import CausalMMConfig, ConfigError, resolve_layers
 from ..methods import get_method
-from .features import ImageFeatures, first_equal, image_digest
+from .features import ImageFeatures, first_equal, image_digest, inputs_digest
 from .forward import Forward
 from .prefill import image_prefix, prefill_shared
 from .rows import Row, RowLayout
@@ -80,11 +80,13 @@ class Engine:
         gc = adapter.model.generation_config
         eos = gc.eos_token_id if gc is not None else None
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        # No processor (causalmm.hf.generate, which gets token ids): ids from the generation config, no text.
         tok = getattr(adapter.processor, "tokenizer", adapter.processor)
-        if tok.eos_token_id is not None and not eos:
+        if tok is not None and tok.eos_token_id is not None and not eos:
             eos = [tok.eos_token_id]
         self.eos, self.tokenizer = set(eos), tok
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None
+        pad = pad if pad is not None else (eos[0] if eos else 0)
         text_cfg = adapter.model.config.get_text_config()
         # Forking and left-padding a cache is only sound for plain growing layers (no sliding window).
         plain_cache = all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_cfg).layers)
@@ -168,14 +170,15 @@ class Engine:
         if heads is not None and n is not None and max(heads) >= n:
             raise ConfigError(f"{where} head index {max(heads)} is out of range: the model has {n} heads (0..{n - 1})")
 
-    def _layout(self, images, encs, imgs, seeds, image_seeds):
-        """The rows, and a function giving each row's image features (computed once per image and kind)."""
+    def _layout(self, image_keys, encs, imgs, seeds, image_seeds):
+        """The rows, and a function giving each row's image features (computed once per image and kind).
+
+        ``image_keys``: one per prompt, equal for equal images (their features are computed once)."""
         n, draws = len(encs), self.config.num_cf_samples
         # the first prompt with the same image (factual) / the same image and image seed (vision, noise draws)
         same = {"factual": list(range(n)), "vision": list(range(n)), "noise": list(range(n))}
         if self.prefix_reuse:
-            memo: dict[int, str] = {}
-            digests = [image_digest(im, memo) for im in images]
+            digests = list(image_keys)
             same["factual"] = first_equal(digests)
             same["vision"] = same["noise"] = first_equal(list(zip(digests, image_seeds, strict=True)))
         prefixes = [image_prefix(e, self.image_tokens) for e in encs]
@@ -210,19 +213,49 @@ class Engine:
         about one image one image seed, and their counterfactual image features are computed once and their
         image prefix is prefilled once for every branch (``causalmm eval`` does, per image and run seed).
         """
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
+        encs = [self.adapter.encode(img, prompt) for img, prompt in zip(images, prompts, strict=True)]
+        memo: dict[int, str] = {}
+        keys = [image_digest(im, memo) for im in images] if self.prefix_reuse else None
+        return self.generate_encoded(
+            encs, options, image_keys=keys, seeds=seeds, image_seeds=image_seeds,
+            return_branch_logits=return_branch_logits,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def generate_encoded(
+        self,
+        encs: list[dict[str, torch.Tensor]],
+        options: GenerationOptions | None = None,
+        *,
+        image_keys: list[str] | None = None,
+        seeds: list[int] | None = None,
+        image_seeds: list[int] | None = None,
+        return_branch_logits: bool = False,
+    ) -> list[GenerationResult]:
+        """:meth:`generate` on prompts already through the processor: ``encs`` holds, per prompt, what
+        :meth:`Adapter.encode` gives (token inputs with batch dimension 1, and that prompt's image inputs).
+
+        For callers that receive token ids rather than text (``causalmm.hf.generate``). ``image_keys``: one per
+        prompt, equal for equal images, so their features are computed once (default: a digest of the image
+        inputs). Without a tokenizer (an engine built without a processor) results carry token ids and no text.
+        """
         opts = options or GenerationOptions()
         cfg, ad, fw = self.config, self.adapter, self.forward
-        n = len(prompts)
+        n = len(encs)
         seeds = [cfg.seed] * n if seeds is None else [int(s) for s in seeds]
         image_seeds = seeds if image_seeds is None else [int(s) for s in image_seeds]
-        if len(images) != n or len(seeds) != n or len(image_seeds) != n:
+        if len(seeds) != n or len(image_seeds) != n:
             raise ValueError(
-                f"got {len(images)} images, {n} prompts, {len(seeds)} seeds and {len(image_seeds)} image seeds; "
-                "give one of each per sample"
+                f"got {n} prompts, {len(seeds)} seeds and {len(image_seeds)} image seeds; give one of each per sample"
             )
-        encs = [ad.encode(img, prompt) for img, prompt in zip(images, prompts, strict=True)]
+        if opts.stop_strings and self.tokenizer is None:
+            raise ConfigError("stop strings need the tokenizer: build the engine with the model's processor")
         imgs = [ad.image_inputs(e) for e in encs]
-        layout, row_feature = self._layout(images, encs, imgs, seeds, image_seeds)
+        if image_keys is None:
+            image_keys = [inputs_digest(i) for i in imgs] if self.prefix_reuse else [str(p) for p in range(n)]
+        layout, row_feature = self._layout(image_keys, encs, imgs, seeds, image_seeds)
         rows = layout.rows
         lang_draws = layout.language_draws(ad.device)
         plan = fw.plan([layout.lower_key(r) for r in rows])  # which rows share the layers below `share_low`
@@ -298,7 +331,10 @@ class Engine:
             )  # fmt: skip
         results = []
         for p in range(n):
-            text = texts[p] if done[p] == "stop" else self.tokenizer.decode(out_ids[p], skip_special_tokens=True)
+            if done[p] == "stop":
+                text = texts[p]
+            else:
+                text = self.tokenizer.decode(out_ids[p], skip_special_tokens=True) if self.tokenizer is not None else ""
             logs = {k: torch.stack(v) for k, v in record[p].items()} if return_branch_logits else None
             results.append(GenerationResult(text, out_ids[p], done[p] or "length", seeds[p], logs))
         return results

@@ -16,7 +16,7 @@ from ..attention import Intervention, SiteRule
 from ..config import CausalMMConfig
 from ..interventions import diffusion_noise
 
-__all__ = ["ImageFeatures", "first_equal", "image_digest"]
+__all__ = ["ImageFeatures", "first_equal", "image_digest", "inputs_digest"]
 
 Features = dict[tuple[int, int], Any]
 
@@ -28,6 +28,17 @@ def image_digest(image: Image.Image, memo: dict[int, str]) -> str:
         h.update(image.tobytes())
         memo[id(image)] = h.hexdigest()
     return memo[id(image)]
+
+
+def inputs_digest(inputs: dict[str, torch.Tensor]) -> str:
+    """A digest of one image's processor inputs (pixels, sizes, grids): equal inputs mean equal image features.
+    For prompts that arrive already through the processor, where no PIL image is at hand."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(inputs):
+        t = inputs[key].detach().cpu().contiguous()
+        h.update(f"{key}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def first_equal(keys: list[Any]) -> list[int]:

@@ -33,7 +33,19 @@ _EXPORTS = {
     "counterfactual_attention": "interventions",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CausalMM",
+    "CausalMMConfig",
+    "ConfigError",
+    "GenerationOptions",
+    "GenerationResult",
+    "InputError",
+    "Switches",
+    "contrast",
+    "counterfactual_attention",
+    "load_image",
+    "resolve_layers",
+]
 __version__ = "0.1.0"
 
 

@@ -19,11 +19,11 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .. import methods  # the module, not its names: methods import the rule from this package
 from .. import seeds as streams
 from ..adapters import Adapter
 from ..attention import SiteRule
 from ..config import CausalMMConfig, ConfigError, resolve_layers
-from ..methods import get_method
 from .features import ImageFeatures, first_equal, image_digest, inputs_digest
 from .forward import Forward
 from .prefill import image_prefix, prefill_shared
@@ -73,7 +73,7 @@ class Engine:
     def __init__(self, adapter: Adapter, config: CausalMMConfig, switches: Switches | None = None) -> None:
         switches = switches or Switches()
         self.adapter, self.config, self.switches = adapter, config, switches
-        self.method = get_method(config.method)
+        self.method = methods.get_method(config.method)
         self.branches = self.method.branches(config)
         self.vision_rule = self._vision_rule() if any(b.vision for b in self.branches) else None
         language_rule = self._language_rule() if any(b.language for b in self.branches) else None

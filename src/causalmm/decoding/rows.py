@@ -15,7 +15,7 @@ import torch
 
 from .. import seeds as streams
 from ..attention import Draws
-from ..methods import Branch
+from ..methods.base import Branch  # the submodule: the methods package imports the rule from decoding
 
 __all__ = ["Row", "RowLayout"]
 

@@ -17,9 +17,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "IMAGE",
@@ -32,6 +36,7 @@ __all__ = [
     "file_digest",
     "generator",
     "image_seed",
+    "pixel_digest",
     "sample_seed",
 ]
 
@@ -74,6 +79,17 @@ def image_seed(run_seed: int, digest: str) -> int:
 
 def file_digest(image: str | os.PathLike | bytes) -> str:
     """A digest of an image file's bytes (or of encoded bytes): equal files get equal image seeds, wherever
-    they lie."""
+    they lie. ``causalmm eval`` seeds an image by it: the file's bytes, or the encoded bytes a parquet export
+    holds (``lmms-lab/POPE``'s ``image`` column), which the lmms-eval plugin reads too."""
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """A digest of a decoded image's pixels (mode, size, pixel bytes), for images that come without their file:
+    the lmms-eval plugin's fallback where a task's image is not the encoded image of its data set (resized,
+    cropped or built by the task). It differs from :func:`file_digest` of the same picture, so such images get
+    other image seeds than ``causalmm eval`` gives them."""
+    h = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
+    h.update(image.tobytes())
+    return h.hexdigest()

@@ -43,6 +43,7 @@ from .base import (
     str_field,
     unparseable_pct,
 )
+from .lmms_samples import is_lmms_sample, read_lmms_pope_samples
 
 __all__ = ["Pope", "parse_official", "parse_substring", "yes_no_metrics"]
 
@@ -207,12 +208,16 @@ class Pope(Benchmark):
 
     # -- the field's formats ------------------------------------------------------------------------
     def read_predictions(self, path: Path, data: Path | None, annotations: Path | None) -> list[dict[str, Any]]:
-        """POPE/LLaVA answer files (``question_id`` and ``text`` or ``answer``), matched to ``data`` by id."""
+        """POPE/LLaVA answer files (``question_id`` and ``text`` or ``answer``), matched to ``data`` by id; or
+        lmms-eval's logged samples, which carry their labels (``data``, if given, must hold every sample)."""
+        items = read_json_records(Path(path), what="POPE answer")
+        if is_lmms_sample(items[0][1]):
+            return self._lmms_records(items, Path(path), data)
         if data is None:
             raise BenchmarkError("scoring POPE answers needs the question file: pass --data QUESTIONS")
         questions = {s.id: s for s in self._questions(Path(data))}
         records, seen = [], set()
-        for lineno, item in read_json_records(Path(path), what="POPE answer"):
+        for lineno, item in items:
             where = f"{path}: line {lineno}"
             if not isinstance(item, dict) or "question_id" not in item:
                 raise BenchmarkError(f"{where}: expected an object with question_id and text (or answer)")
@@ -235,6 +240,27 @@ class Pope(Benchmark):
             )
         order = {q: i for i, q in enumerate(questions)}
         return sorted(records, key=lambda r: order[r["id"]])
+
+    def _lmms_records(self, items: list[tuple[int, Any]], path: Path, data: Path | None) -> list[dict[str, Any]]:
+        """Records of lmms-eval's logged samples (:mod:`.lmms_samples`), labels from ``data`` when given."""
+        records = read_lmms_pope_samples(items, path)
+        if data is None:
+            return records
+        questions = {s.id: s for s in self._questions(Path(data))}
+        missing = [r["id"] for r in records if r["id"] not in questions]
+        if missing:
+            raise BenchmarkError(
+                f"{path}: {len(missing)} sample(s) are not in {data} (e.g. question {missing[0]}); pass the question "
+                "file the lmms-eval task was made from, or score without --data (the samples carry their labels)"
+            )
+        for r in records:
+            question = questions[r["id"]].meta["question"]
+            if "input" in r and question not in r["input"]:
+                raise BenchmarkError(
+                    f"{path}: sample {r['id']} asked {r['input']!r}, but {data} has {question!r} under that id; "
+                    "pass the question file the lmms-eval task was made from"
+                )
+        return [{**r, **questions[r["id"]].meta, "text": r["text"]} for r in records]
 
     def _questions(self, data: Path) -> list[Sample]:
         """Questions with labels, without the image check (scoring needs labels, not pixels)."""

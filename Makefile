@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` (main job) and `make test` (the test suite).
-# Both create the virtual environment on first use. torch is pinned to the CPU wheel first: a bare `torch`
-# requirement would pull a multi-GB CUDA build. Never install torchvision (it breaks the PIL image processors).
+# Both create the virtual environment on first use, lmms-eval included (its plugin's tests run in CI). torch is
+# pinned to the CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build. Never install
+# torchvision (it breaks the PIL image processors).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
@@ -19,7 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,lmms]"
+	@# lmms-eval without its declared requirements (they pull torchvision and a CUDA torch); the lmms extra above
+	@# holds what it imports at run time (docs/integrations.md)
+	$(PY) -m pip install -q --no-deps "lmms-eval>=0.7.3,<0.8"
 	@if $(PY) -c "import torchvision" 2>/dev/null; then echo "torchvision is installed: remove it (pip uninstall torchvision)"; exit 1; fi
 	touch $@
 

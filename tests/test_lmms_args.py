@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import json
 import subprocess
 import sys
 
@@ -129,3 +130,43 @@ def test_manifest_module_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "causalmm.lmms.model.CausalMMLmms"
+
+
+def _sample_line(doc_id, qid, answer, target, question, doc=None):
+    """One line of lmms-eval's logged samples, as lmms-eval 0.7 writes POPE's (docs logged or not)."""
+    entry = {"question_id": qid, "score": float(answer.lower().strip() == target), "prediction": answer.lower(),
+             "ground_truth": target}  # fmt: skip
+    line = {"doc_id": doc_id, "target": target, "filtered_resps": answer, "pope_accuracy": entry,
+            "input": question + " Please answer this question with one word."}  # fmt: skip
+    if doc is not None:
+        line["doc"] = doc
+    return json.dumps(line)
+
+
+def test_score_pope_reads_lmms_eval_samples(tmp_path):
+    from causalmm.benchmarks import BenchmarkError
+    from causalmm.benchmarks.evaluate import score_predictions
+
+    questions = [("1", "Is there a cat in the image?", "yes"), ("2", "Is there a dog in the image?", "no")]
+    samples = tmp_path / "20260101_samples_pope.jsonl"
+    # "Yes." is right under the official parser, wrong under lmms-eval's exact match
+    samples.write_text(_sample_line(0, "1", "Yes.", "yes", questions[0][1]) + "\n"
+                       + _sample_line(1, "2", "yes", "no", questions[1][1]) + "\n")  # fmt: skip
+    m = score_predictions("pope", samples, n_boot=0)["metrics"]
+    assert (m["accuracy"], m["yes_ratio"], m["n"]) == (50.0, 100.0, 2.0)
+    data = tmp_path / "pope.jsonl"
+    data.write_text("".join(json.dumps({"question_id": int(q), "image": "x.png", "text": t, "label": lab}) + "\n"
+                            for q, t, lab in questions))  # fmt: skip
+    assert score_predictions("pope", samples, data=data, n_boot=0)["metrics"] == m
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text().replace("cat", "kite"))
+    with pytest.raises(BenchmarkError, match="sample 1 asked .* but .* has 'Is there a kite in the image\\?'"):
+        score_predictions("pope", samples, data=other, n_boot=0)
+    # docs logged, several categories with repeating question ids: ids carry the category
+    both = tmp_path / "both_samples_pope.jsonl"
+    both.write_text("\n".join(
+        _sample_line(i, "1", "no", "no", questions[0][1], {"question_id": "1", "category": cat, "answer": "no"})
+        for i, cat in enumerate(("random", "popular"))
+    ) + "\n")  # fmt: skip
+    m2 = score_predictions("pope", both, n_boot=0)["metrics"]
+    assert (m2["accuracy"], m2["n"], m2["random/accuracy"]) == (100.0, 2.0, 100.0)

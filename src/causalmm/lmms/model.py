@@ -26,8 +26,11 @@ from .requests import ImageDigests, SampleIds
 
 __all__ = ["CausalMMLmms", "UnsupportedRequestError"]
 
-#: lmms-eval output types that score continuations instead of generating (``loglikelihood`` requests)
-LOGLIKELIHOOD_TASKS = "tasks with output_type loglikelihood or multiple_choice (e.g. seedbench's ppl variants)"
+#: lmms-eval tasks (0.7) that score given continuations instead of generating: ``loglikelihood`` requests
+LOGLIKELIHOOD_TASKS = (
+    "the loglikelihood / multiple_choice tasks (seedbench_ppl, egoschema_mcppl, perceptiontest_mcppl, "
+    "worldqa_mcppl, worldvqa_mcppl, arc_easy, hellaswag)"
+)
 
 
 class UnsupportedRequestError(ValueError):
@@ -159,9 +162,13 @@ class CausalMMLmms(lmms):
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """Refused. The rule gives scores inside the factual plausibility cut only (``-inf`` elsewhere): every
+        option the factual model finds implausible would score ``-inf``, tied with the others, so ranking given
+        options by it says little; a teacher-forced likelihood without the cut is not the method's rule."""
         raise UnsupportedRequestError(
             "causalmm generates answers (generate_until tasks: pope, mme, ...); it does not score given "
-            f"continuations, which {LOGLIKELIHOOD_TASKS} need: run those with a regular model"
+            f"continuations, which {LOGLIKELIHOOD_TASKS} need: run those with a regular model or their "
+            "generate_until variants"
         )
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:

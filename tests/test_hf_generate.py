@@ -146,5 +146,8 @@ def test_split_inputs_refuses_what_it_cannot_cut():
     ids = torch.ones(2, 4, dtype=torch.long)
     with pytest.raises(InputError, match="one prompt at a time"):
         causalmm.hf.split_inputs(ids, {}, {"pixel_values": torch.zeros(3, 3, 8, 8)})
+    with pytest.raises(InputError, match="2 images for 1 prompt"):
+        two = {"pixel_values": torch.zeros(2, 3, 8, 8), "image_sizes": torch.ones(2, 2)}
+        causalmm.hf.split_inputs(ids[:1], {}, two)
     with pytest.raises(InputError, match="no image inputs"):
         causalmm.hf.split_inputs(ids, {}, {"input_ids": ids})

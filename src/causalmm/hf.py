@@ -93,14 +93,15 @@ def split_inputs(
     images = {k: v for k, v in pixels.items() if isinstance(v, torch.Tensor) and k not in _NOT_IMAGE}
     if not images:
         raise _refuse("causalmm_pixels holds no image inputs; pass the processor's output (with pixel_values)")
+    for key in ("image_grid_thw", "image_sizes"):  # one row per image where a processor says how many there are
+        if key in images and images[key].shape[0] != n:
+            raise _refuse(f"{images[key].shape[0]} images for {n} prompt(s) ({key}); give one image per prompt")
     shares: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     if n == 1:
         shares[0] = dict(images)
     else:
         grid = images.get("image_grid_thw")
         counts = grid.prod(-1).tolist() if grid is not None else None
-        if grid is not None and grid.shape[0] != n:
-            raise _refuse(f"{grid.shape[0]} images for {n} prompts; give one image per prompt")
         for key, value in images.items():
             if value.dim() and value.shape[0] == n:
                 parts = list(value.split(1))

@@ -131,7 +131,9 @@ def eval_(
 def score(
     benchmark: Annotated[str, typer.Argument(help=BENCH_HELP)],
     predictions: Annotated[Path, typer.Argument(help="Predictions made elsewhere, in the benchmark's format.")],
-    data: Annotated[str | None, typer.Option(help="POPE: the question file; VLind: data.json.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="POPE: the question file (optional for lmms-eval samples); VLind: data.json.")
+    ] = None,
     annotations: Annotated[Path | None, typer.Option(help="CHAIR: folder of the COCO annotation files.")] = None,
     parse: Annotated[str | None, typer.Option(help="POPE answer parsing: official | substring.")] = None,
     out: Annotated[Path | None, typer.Option(help="Where metrics.json goes (default: beside the predictions).")] = None,

@@ -129,6 +129,24 @@ def test_lmms_eval_command_and_score(task, causalmm_cli, tmp_path):
     }
 
 
+def test_two_processes_answer_as_one(task, tmp_path):
+    """`accelerate launch` with 2 processes (CPU, gloo): lmms-eval deals the docs by rank, and every answer is the
+    one `causalmm eval` gives (seeds depend on the question, not on the process that answered it)."""
+    args = "pretrained=" + TOY + ",method=causalmm,mode=multimodal,gamma=1,language_layers=0-1"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmms_eval",
+           "--model", "causalmm", "--model_args", args, "--tasks", TASK, "--include_path", str(task["folder"]),
+           "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    samples = list((tmp_path / "out").rglob(f"*_samples_{TASK}.jsonl"))
+    assert proc.returncode == 0 and len(samples) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "6/6" in proc.stderr  # the main process answered its half
+    lines = [json.loads(line) for line in samples[0].read_text().splitlines()]
+    cfg = CausalMMConfig(method="causalmm", mode="multimodal", gamma=1.0, language_layers="0-1")
+    assert _lmms_texts(lines) == {r["id"]: r["text"] for r in _eval(task, TOY, cfg, None, "two-processes")}
+
+
 def test_unknown_model_arg_through_the_command(task, tmp_path):
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "causalmm", "--model_args", f"pretrained={TOY},gama=1",
            "--tasks", TASK, "--include_path", str(task["folder"]), "--output_path", str(tmp_path / "out")]  # fmt: skip

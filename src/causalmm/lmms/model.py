@@ -4,11 +4,13 @@ A simple (``is_simple``) lmms-eval model: requests carry the task's text and a f
 images. Each request is answered by :meth:`causalmm.CausalMM.generate`, batched by task, split and generation
 options, with the seeds ``causalmm eval`` gives the same question (:mod:`.requests`), so the two agree answer for
 answer on the same data. Several processes (``accelerate launch -m lmms_eval ...``) each take a rank from
-accelerate, as lmms-eval's built-in models do; lmms-eval deals the docs.
+accelerate, as lmms-eval's built-in models do (on CPU, where accelerate sees one process, from the launcher's
+``RANK``/``WORLD_SIZE``); lmms-eval deals the docs.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -68,7 +70,11 @@ class CausalMMLmms(lmms):
                                            **hf_kwargs)  # fmt: skip
         self.accelerator = accelerator
         self._device = torch.device(device if device_map is None else self.cm.adapter.device)
-        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if accelerator.num_processes > 1:
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        else:  # processes without a distributed device (CPU): the launcher's variables, as lmms-eval reads them
+            self._rank = int(os.environ.get("RANK", "0"))
+            self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.batch_size_per_gpu = settings.batch_size
         self.sample_ids = SampleIds(settings.sample_id)
         self.image_digests = ImageDigests()

@@ -174,7 +174,7 @@ def test_refused_requests_name_the_problem(task):
         lm.generate_until([_request(lambda doc: ["clip.mp4"])])
     with pytest.raises(UnsupportedRequestError, match="num_beams=3"):
         lm.generate_until([_request(lambda doc: [image], gen_kwargs={"num_beams": 3})])
-    with pytest.raises(UnsupportedRequestError, match="loglikelihood or multiple_choice"):
+    with pytest.raises(UnsupportedRequestError, match="the loglikelihood / multiple_choice tasks \\(seedbench_ppl"):
         lm.loglikelihood([_request(lambda doc: [image])])
     # one image given as a PIL image outside any data set: seeded by its pixels, answered
     assert lm.generate_until([_request(lambda doc: [image], gen_kwargs={"max_new_tokens": 3})])[0] is not None

@@ -151,3 +151,13 @@ def test_split_inputs_refuses_what_it_cannot_cut():
         causalmm.hf.split_inputs(ids[:1], {}, two)
     with pytest.raises(InputError, match="no image inputs"):
         causalmm.hf.split_inputs(ids, {}, {"input_ids": ids})
+
+
+def test_reachable_after_a_bare_import():
+    """`import causalmm` then `custom_generate=causalmm.hf.generate`, as the docs write it."""
+    import subprocess
+    import sys
+
+    code = "import causalmm; print(causalmm.hf.generate.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "causalmm.hf", out.stderr

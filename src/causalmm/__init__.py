@@ -49,7 +49,13 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+#: submodules reachable as attributes after a bare ``import causalmm`` (``causalmm.hf.generate``)
+_SUBMODULES = ("hf",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'causalmm' has no attribute {name!r}")
@@ -59,4 +65,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

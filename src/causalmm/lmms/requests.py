@@ -29,7 +29,7 @@ class SampleIds:
     """A request's sample id, from which its seed comes.
 
     ``auto``: POPE's rule in ``causalmm eval``: the doc's ``question_id``, prefixed by its ``category`` when the
-    split holds several categories (``lmms-lab/POPE``'s ids repeat across categories), else the doc index.
+    split holds several categories (ids may repeat across them), else the doc index.
     ``doc_id``: the doc index. Anything else: that doc field.
     """
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .api import CausalMM
-    from .images import load_image
-    from .inputs import InputError
     from .config import CausalMMConfig, ConfigError, resolve_layers
     from .decoding import GenerationOptions, GenerationResult, Switches, contrast
+    from .images import load_image
+    from .inputs import InputError
     from .interventions import counterfactual_attention
 
 #: public name -> the module that defines it

@@ -30,10 +30,10 @@ import torch
 
 from .adapters import get_adapter
 from .adapters.base import TOKEN_KEYS
-from .api import InputError
 from .attention import BASES
 from .config import CausalMMConfig, ConfigError
 from .decoding import Engine, GenerationOptions, Switches
+from .inputs import InputError
 
 __all__ = ["generate", "generate_from_inputs", "split_inputs"]
 

@@ -22,7 +22,7 @@ if importlib.util.find_spec("lmms_eval") is None:
 from PIL import Image  # noqa: E402
 
 from causalmm import CausalMMConfig  # noqa: E402
-from causalmm.benchmarks.evaluate import evaluate  # noqa: E402
+from causalmm.benchmarks.evaluate import RunSpec, evaluate  # noqa: E402
 from causalmm.benchmarks.lmms_samples import read_lmms_pope_samples  # noqa: E402
 from causalmm.lmms.task import write_pope_task  # noqa: E402
 from causalmm.toyworld import WorldConfig, write_splits  # noqa: E402
@@ -67,8 +67,8 @@ def _eval(task, model, cfg, generation, name):
     """`causalmm eval pope --seed S` (the run seed is the config's, as on the command line) on the task's parquet:
     its prediction records."""
     out = task["root"] / f"eval-{name}"
-    evaluate("pope", model=model, data=task["parquet"], out=out, config=cfg, generation=generation, batch_size=5,
-             seeds=(cfg.seed,), progress=False, n_boot=0)  # fmt: skip
+    spec = RunSpec("pope", model, task["parquet"], config=cfg, generation=generation, seeds=(cfg.seed,))
+    evaluate(spec, out=out, batch_size=5, progress=False, n_boot=0)
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 

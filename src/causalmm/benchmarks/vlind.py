@@ -100,15 +100,7 @@ FIELDS = (
 )
 #: the fields that become prompt text or image paths: strings, refused otherwise (a null noun would be asked
 #: as "There is None in the given image.")
-_TEXT_FIELDS = (
-    "concept",
-    "context",
-    "factual_context",
-    "true_statement",
-    "false_statement",
-    "existent_noun",
-    "non-existent_noun",
-)
+_TEXT_FIELDS = tuple(f for f in FIELDS if f not in ("context_id", "best_img_id", "aggregated_human_label_good_images"))
 _EXPECTED = {1: "True", 2: "False"}
 #: (test, statement) -> key suffix of the official prediction fields (lp keys map image id -> answer)
 _NATIVE = {

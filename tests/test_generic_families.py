@@ -214,8 +214,8 @@ def test_paligemma_needs_no_chat_template(generic, images):
 
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
 def test_visualize_and_explain_on_generic_families(family, generic, images, tmp_path):
-    """Issue 7 on the generic adapter: the maps are real (not flat, each counterfactual differs, uniform is
-    flat), the figure is written at its size, and explain's combined logits are the decoding rule's."""
+    """visualize and explain on the generic adapter: the maps are real (not flat, each counterfactual differs,
+    uniform is flat), the figure is written at its size, and explain's combined logits are the decoding rule's."""
     from PIL import Image
 
     from causalmm.decoding import contrast

@@ -24,9 +24,7 @@ Features = dict[tuple[int, int], Any]
 def image_digest(image: Image.Image, memo: dict[int, str]) -> str:
     """A digest of an image's pixels: equal pixels (or the same object) mean equal image features."""
     if id(image) not in memo:
-        h = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
-        h.update(image.tobytes())
-        memo[id(image)] = h.hexdigest()
+        memo[id(image)] = streams.pixel_digest(image)
     return memo[id(image)]
 
 

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from causalmm import CausalMM, CausalMMConfig  # noqa: E402
-from causalmm.tiny import FAMILIES, build_tiny_model  # noqa: E402
+from causalmm.tiny import FAMILIES, GENERIC_FAMILIES, build_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead
 
@@ -32,6 +32,38 @@ def loaded(model_dirs):
                 str(model_dirs[family]), CausalMMConfig(method="regular"), base=base
             )
         return cache[(family, base)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def generic_dirs(tmp_path_factory):
+    """Tiny models of the families the generic adapter serves (built once, shared by every test module)."""
+    root = tmp_path_factory.mktemp("tiny_generic")
+    return {fam: build_tiny_model(fam, root / fam) for fam in GENERIC_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def generic(generic_dirs):
+    """One CausalMM per (family, base) of the generic families; eager underneath makes stock parity bit-exact."""
+    cache = {}
+
+    def get(family: str, base: str = "eager") -> CausalMM:
+        if (family, base) not in cache:
+            cache[(family, base)] = CausalMM.from_pretrained(
+                str(generic_dirs[family]), CausalMMConfig(method="regular"), base=base
+            )
+        return cache[(family, base)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def any_family(loaded, generic):
+    """The CausalMM of any tiny family, adapter or generic (eager base)."""
+
+    def get(family: str) -> CausalMM:
+        return loaded(family) if family in FAMILIES else generic(family)
 
     return get
 

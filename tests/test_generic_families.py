@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from causalmm import CausalMM, CausalMMConfig
+from causalmm import CausalMMConfig
 from causalmm.adapters import ADAPTERS, Adapter, UnsupportedModelError
 from causalmm.adapters.base import TOKEN_KEYS
 from causalmm.attention import Intervention, SiteRule
-from causalmm.tiny import GENERIC_FAMILIES, build_tiny_model
+from causalmm.tiny import GENERIC_FAMILIES
 
 # PaliGemma's processor builds its (unused) labels in a way numpy 2 warns about
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -25,27 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 Q = "Is there a cat in the image? Answer yes or no."
 Q2 = "Describe the image in detail."
 MODES = ["vision", "language", "multimodal", "joint"]
-
-
-@pytest.fixture(scope="session")
-def generic_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_generic")
-    return {fam: build_tiny_model(fam, root / fam) for fam in GENERIC_FAMILIES}
-
-
-@pytest.fixture(scope="session")
-def generic(generic_dirs):
-    """One CausalMM per (family, base); eager underneath makes stock parity bit-exact."""
-    cache = {}
-
-    def get(family: str, base: str = "eager") -> CausalMM:
-        if (family, base) not in cache:
-            cache[(family, base)] = CausalMM.from_pretrained(
-                str(generic_dirs[family]), CausalMMConfig(method="regular"), base=base
-            )
-        return cache[(family, base)]
-
-    return get
 
 
 @pytest.fixture(scope="session")

@@ -35,10 +35,22 @@ def _split(arg_string: str) -> dict:
 
 def test_every_config_field_switch_and_method_is_a_key():
     keys = set(valid_keys())
-    assert {f.name for f in dataclasses.fields(CausalMMConfig)} <= keys
+    # a method's own parameters go by their names (next test), not as one `params` key
+    assert {f.name for f in dataclasses.fields(CausalMMConfig)} - {"params"} <= keys
     assert {f.name for f in dataclasses.fields(Switches)} <= keys
     for name in METHODS:
         assert parse_model_args({"pretrained": "m", "method": name}).config["method"] == name
+
+
+def test_a_methods_own_parameters_are_keys_of_that_method_only():
+    for name, method in METHODS.items():
+        for p in method.own_params():
+            args = parse_model_args({"pretrained": "m", "method": name, p.field: p.default})
+            assert CausalMMConfig(**args.config).param(p.field) == p.default
+            others = [m for m in METHODS if p.field not in {q.field for q in METHODS[m].own_params()}]
+            if others:
+                with pytest.raises(ModelArgsError, match=f"unknown model_args key.*{p.field}"):
+                    parse_model_args({"pretrained": "m", "method": others[0], p.field: p.default})
 
 
 def test_lmms_eval_style_values():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from causalmm import CausalMMConfig, ConfigError, Switches
-from causalmm.methods import METHODS, Branch, Method, get_method, method_names, register
+from causalmm.methods import METHODS, Branch, Method, Param, get_method, method_names, register
 from causalmm.methods.registry import METHODS as REGISTRY
 
 
@@ -22,9 +22,44 @@ def test_the_registry_owns_the_names():
 def test_every_method_declares_its_parameters_with_their_origin():
     fields = set(CausalMMConfig.__dataclass_fields__)
     for method in METHODS.values():
+        cfg = CausalMMConfig(method=method.name)
         for p in method.params:
-            assert p.field in fields and p.source
-            assert getattr(CausalMMConfig(), p.field) == p.default, (method.name, p.field)
+            assert p.source, (method.name, p.field)
+            got = getattr(cfg, p.field) if p.field in fields else cfg.param(p.field)
+            assert got == p.default, (method.name, p.field)
+        assert set(cfg.params) == {p.field for p in method.own_params()}
+
+
+def test_own_parameters_are_typed_checked_and_refused_by_other_methods():
+    @register
+    class Tuned(Method):
+        name = "test_tuned"
+        summary = "a method with parameters of its own"
+        params = (
+            Param("gamma", 2.5, "a default of its own for a shared field"),
+            Param("alpha", 0.2, "a float of its own", check=lambda v: None if v >= 0 else "must be >= 0"),
+            Param("start_layer", 2, "an int of its own"),
+        )
+
+    try:
+        cfg = CausalMMConfig(method="test_tuned")
+        assert cfg.gamma == 2.5 and cfg.epsilon == 0.1  # its default; the fallback where it declares none
+        assert cfg.params == {"alpha": 0.2, "start_layer": 2}
+        cfg = CausalMMConfig(method="test_tuned", gamma=0.0, params={"alpha": "1", "start_layer": "3"})
+        assert cfg.gamma == 0.0 and cfg.params == {"alpha": 1.0, "start_layer": 3}
+        assert CausalMMConfig.from_dict(cfg.to_dict()) == cfg
+        with pytest.raises(ConfigError, match="alpha=-1.0: must be >= 0"):
+            CausalMMConfig(method="test_tuned", params={"alpha": -1})
+        with pytest.raises(ConfigError, match="start_layer=2.5 must be int"):
+            CausalMMConfig(method="test_tuned", params={"start_layer": 2.5})
+        with pytest.raises(ConfigError, match="no parameter beta; its parameters: alpha, start_layer"):
+            CausalMMConfig(method="test_tuned", params={"beta": 1})
+        with pytest.raises(ConfigError, match="'vcd' has no parameter alpha"):
+            CausalMMConfig(method="vcd", params={"alpha": 1})
+        # another method starts from its own parameters, not these
+        assert cfg.replace(method="vcd").params == {} and "params" not in CausalMMConfig().to_dict()
+    finally:
+        REGISTRY.pop("test_tuned", None)
 
 
 def test_a_name_cannot_be_registered_twice():

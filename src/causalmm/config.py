@@ -10,7 +10,7 @@ import dataclasses
 import math
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .interventions import COUNTERFACTUALS
@@ -129,9 +129,11 @@ class CausalMMConfig:
         vision_layers / language_layers: which layers are intervened (see :func:`resolve_layers`);
             ``None`` takes the model's default (vision: the layer that feeds the LLM; LLM: ``"middle"``).
         vision_heads / language_heads: head indices to intervene, ``None`` for all.
-        gamma: contrast strength, ``z = l + gamma * sum_b (l - l_b)``; 0 gives regular decoding.
+        gamma: contrast strength, ``z = l + gamma * sum_b (l - l_b)``; 0 gives regular decoding. ``None``: the
+            method's own default (:class:`~causalmm.methods.Param`), 1.0 where it declares none.
         epsilon: plausibility cut-off on the factual probabilities, in [0, 1]; 1 keeps only the top token
             (regular greedy). The original scripts' 0.6 often leaves a single token and so disables the contrast.
+            ``None``: the method's own default, 0.1 where it declares none.
         num_cf_samples: K draws of each counterfactual branch, logits averaged (a Monte-Carlo estimate of the
             expectation over a~).
         seed: base seed; each sample's counterfactual draws and sampling come from generators seeded from it.
@@ -142,6 +144,9 @@ class CausalMMConfig:
         renormalize: counterfactual maps are valid distributions; ``False`` keeps the original raw maps.
         noise_step: VCD diffusion noise step (of 1000).
         noise_schedule: ``linear`` (DDPM betas) or ``sigmoid`` (VCD's released code).
+        params: the method's own hyper-parameters (those its :class:`~causalmm.methods.Param` entries declare
+            beyond the fields above), by name; every one is filled in with its default, and a name the method
+            does not declare is refused with the list it does.
     """
 
     method: str = "causalmm"
@@ -152,8 +157,8 @@ class CausalMMConfig:
     language_layers: LayerSpec = None
     vision_heads: tuple[int, ...] | None = None
     language_heads: tuple[int, ...] | None = None
-    gamma: float = 1.0
-    epsilon: float = 0.1
+    gamma: float | None = None
+    epsilon: float | None = None
     num_cf_samples: int = 1
     seed: int = 0
     legacy: bool = False
@@ -161,12 +166,18 @@ class CausalMMConfig:
     renormalize: bool = True
     noise_step: int = 500
     noise_schedule: str = "linear"
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .methods import method_names
+        from .methods import get_method, method_names
         from .methods.causalmm import MODES
 
         _choice("method", self.method, method_names())
+        method = get_method(self.method)
+        for name, fallback in (("gamma", 1.0), ("epsilon", 0.1)):
+            if getattr(self, name) is None:
+                setattr(self, name, method.default(name, fallback))
+        self.params = method.check_params(self.params)
         _choice("mode", self.mode, tuple(MODES))
         _choice("vision_cf", self.vision_cf, COUNTERFACTUALS)
         _choice("language_cf", self.language_cf, COUNTERFACTUALS)
@@ -200,8 +211,18 @@ class CausalMMConfig:
             if spec is not None and not (isinstance(spec, str) and spec in LAYER_WORDS):
                 resolve_layers(spec, 10**6, what=name)  # type and syntax now; range once the model is known
 
+    def param(self, name: str) -> Any:
+        """The value of the method's own hyper-parameter ``name`` (given, or its default)."""
+        try:
+            return self.params[name]
+        except KeyError:
+            has = ", ".join(self.params) or "none"
+            raise KeyError(f"method {self.method!r} has no parameter {name!r}; its parameters: {has}") from None
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if not d["params"]:  # the methods without parameters of their own describe a run as before
+            del d["params"]
         for k in ("vision_heads", "language_heads"):
             if d[k] is not None:
                 d[k] = list(d[k])
@@ -220,5 +241,8 @@ class CausalMMConfig:
         return cls(**data)
 
     def replace(self, **changes: Any) -> CausalMMConfig:
-        """A validated copy with ``changes`` applied."""
+        """A validated copy with ``changes`` applied. Changing the method without giving ``params`` starts the
+        new method's parameters from their defaults (the old method's would not be its own)."""
+        if "method" in changes and changes["method"] != self.method and "params" not in changes:
+            changes["params"] = {}
         return dataclasses.replace(self, **changes)

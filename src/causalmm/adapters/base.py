@@ -121,9 +121,13 @@ class Adapter(ContextLimit):
         return [self.n_vision_layers - 1]
 
     # -- inputs ------------------------------------------------------------------------------------
-    def format_prompt(self, prompt: str) -> str:
-        """The prompt wrapped in the model's chat template with one image."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    def format_prompt(self, prompt: str, *, system: str | None = None, image: bool = True) -> str:
+        """The prompt wrapped in the model's chat template with one image (``image=False``: none), after a system
+        message ``system`` if given (in the template's own place for it)."""
+        content = [{"type": "image"}] if image else []
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         template = getattr(self.processor, "chat_template", None)
         if template:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -131,14 +135,20 @@ class Adapter(ContextLimit):
         # processor expands the placeholder (and PaliGemma's adds its bos and "\n").
         image_token = getattr(self.processor, "image_token", None)
         if isinstance(image_token, str) and image_token:
-            return image_token + prompt
+            if system is not None:
+                raise UnsupportedModelError(
+                    f"the processor of {type(self.model).__name__} has no chat template, so no place for a system "
+                    "instruction; set processor.chat_template"
+                )
+            return image_token + prompt if image else prompt
         raise UnsupportedModelError(
             f"the processor of {type(self.model).__name__} has neither a chat template nor an image token; "
             "set processor.chat_template"
         )
 
-    def encode(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
-        """Processor outputs for one (image, prompt) pair, batch dimension 1 on token keys.
+    def encode(self, image: Image.Image, prompt: str, *, system: str | None = None) -> dict[str, torch.Tensor]:
+        """Processor outputs for one (image, prompt) pair, batch dimension 1 on token keys; ``system``: a system
+        instruction (ICD's disturbance instruction), in the template's place for one.
 
         A template that writes the bos token itself (Gemma, Mistral) must not get a second one from the
         tokenizer: as in ``processor.apply_chat_template(tokenize=True)``, special tokens are then not added.
@@ -147,11 +157,9 @@ class Adapter(ContextLimit):
             InputError: the processor refuses the image (Qwen2-VL: an aspect ratio over 200), or the prompt with
                 the positions :meth:`reserving` keeps for the answer exceeds the LLM's (:func:`max_positions`).
         """
-        text = self.format_prompt(prompt)
-        bos = getattr(getattr(self.processor, "tokenizer", None), "bos_token", None)
-        extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+        text = self.format_prompt(prompt, system=system)
         try:
-            out = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", **extra)
+            out = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", **self._special(text))
         except ValueError as err:  # the processor's own limits on images (size, aspect ratio)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(
@@ -161,6 +169,40 @@ class Adapter(ContextLimit):
         enc = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         self._check_length(enc)
         return enc
+
+    def encode_text(self, prompt: str, image: Image.Image | None = None) -> dict[str, torch.Tensor]:
+        """Token inputs of the prompt without its image (the text-only branch of M3ID and PAI): the same chat
+        template with the image left out; for a model without a template (PaliGemma), the prompt's own tokens with
+        the image tokens taken out (``image`` needed), as PAI's ``model_loader.py`` builds it.
+
+        Raises:
+            UnsupportedModelError: the family's processor cannot encode text without an image.
+        """
+        tok = getattr(self.processor, "tokenizer", None)
+        if not getattr(self.processor, "chat_template", None) and image is not None:
+            enc = self.encode(image, prompt)
+            keep = ~torch.isin(enc["input_ids"][0], self.image_token_ids)
+            return {k: v[:, keep] for k, v in enc.items() if k in TOKEN_KEYS and k != "labels"}
+        if tok is None:
+            raise UnsupportedModelError(
+                f"{type(self.processor).__name__} has no tokenizer to encode a prompt without its image"
+            )
+        text = self.format_prompt(prompt, image=False)
+        out = tok([text], return_tensors="pt", **self._special(text))
+        enc = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k in TOKEN_KEYS}
+        self._check_length(enc)
+        return enc
+
+    @property
+    def image_token_ids(self) -> torch.Tensor:
+        """The token ids that mark image (and video) positions in a prompt."""
+        cfg = self.model.config
+        ids = ("image_token_id", "image_token_index", "video_token_id")
+        return torch.tensor(sorted({v for a in ids if isinstance(v := getattr(cfg, a, None), int)}), dtype=torch.long)
+
+    def _special(self, text: str) -> dict[str, bool]:
+        bos = getattr(getattr(self.processor, "tokenizer", None), "bos_token", None)
+        return {"add_special_tokens": False} if bos and text.startswith(bos) else {}
 
     def image_inputs(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in enc.items() if k not in TOKEN_KEYS}
@@ -280,6 +322,8 @@ class Adapter(ContextLimit):
         """Forward kwargs that hand precomputed image features to the LLM, in the container the model's own
         ``get_image_features`` returns (a tuple of per-image tensors, or one tensor, plus any further
         per-image fields)."""
+        if not feats:  # text-only rows
+            return {}
         pooled_items = [f.pooled if isinstance(f, ImageFeatures) else f for f in feats]
         pooled = torch.cat(pooled_items, dim=0) if getattr(self, "_stacked", False) else tuple(pooled_items)
         if not feats or not isinstance(feats[0], ImageFeatures):

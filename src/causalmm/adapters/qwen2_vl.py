@@ -26,7 +26,7 @@ class Qwen2VLAdapter(Adapter):
         pos, _ = inner.get_rope_index(
             batch["input_ids"],
             mm_token_type_ids=batch["mm_token_type_ids"],
-            image_grid_thw=images["image_grid_thw"],
+            image_grid_thw=images.get("image_grid_thw"),  # none where every row is text-only
             attention_mask=batch["attention_mask"],
         )
         return pos

@@ -46,8 +46,16 @@ VisionCfOpt = Annotated[str, typer.Option(help="random | uniform | reversed | re
 LanguageCfOpt = Annotated[str, typer.Option(help="random | uniform | reversed | reversed_raw | shuffle")]
 VisionLayersOpt = Annotated[str | None, typer.Option(help="e.g. '22', '0-3', 'all', 'deep'.")]
 LanguageLayersOpt = Annotated[str | None, typer.Option(help="e.g. 'middle', '8-15', 'all'.")]
-GammaOpt = Annotated[float, typer.Option(help="Contrast strength (0 = regular decoding).")]
-EpsilonOpt = Annotated[float, typer.Option(help="Plausibility cut-off on factual probabilities, [0, 1].")]
+GammaOpt = Annotated[
+    float | None, typer.Option(help="Contrast strength (0 = regular decoding); default: the method's.")
+]
+EpsilonOpt = Annotated[
+    float | None, typer.Option(help="Plausibility cut-off on factual probabilities, [0, 1]; default: the method's.")
+]
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", help="A method's own parameter, NAME=VALUE (repeatable); `causalmm methods` lists them."),
+]
 SamplesOpt = Annotated[int, typer.Option(help="Counterfactual draws per branch (K), logits averaged.")]
 DoSampleOpt = Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy decoding.")]
 TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
@@ -72,12 +80,24 @@ _DECODING = (
     ("language_cf", LanguageCfOpt, "random"),
     ("vision_layers", VisionLayersOpt, None),
     ("language_layers", LanguageLayersOpt, None),
-    ("gamma", GammaOpt, 1.0),
-    ("epsilon", EpsilonOpt, 0.1),
+    ("gamma", GammaOpt, None),
+    ("epsilon", EpsilonOpt, None),
     ("samples", SamplesOpt, 1),
     ("legacy", LegacyOpt, False),
     ("vision_style", VisionStyleOpt, "attention"),
+    ("param", ParamOpt, None),
 )
+
+
+def method_params(items: list[str] | None) -> dict[str, str]:
+    """``--param NAME=VALUE`` flags as a mapping (the method types and checks the values)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            fail(f"--param {item!r}: give NAME=VALUE, e.g. --param alpha=0.2 (`causalmm methods` lists them)")
+        out[name.strip()] = value.strip()
+    return out
 
 
 def decoding_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,6 +116,7 @@ def decoding_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
         values = {name: kwargs.pop(name) for name, _, _ in _DECODING}
         values["num_cf_samples"] = values.pop("samples")
+        values["params"] = method_params(values.pop("param"))
         try:
             config = CausalMMConfig(**values, seed=kwargs.get("seed", 0))
         except user_errors() as err:

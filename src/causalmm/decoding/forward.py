@@ -12,11 +12,11 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from ..adapters import Adapter
-from ..attention import Draws, Intervention, SiteRule, intervene
+from ..adapters import Adapter, UnsupportedModelError
+from ..attention import Boost, Draws, Intervention, SiteRule, intervene
 from .cache import growing_cache
 from .head import head_on_rows, plausible_logits
-from .rows import Row
+from .rows import Row, RowLayout
 from .sharing import RowPlan, share_lower_layers
 
 __all__ = ["TOKEN_KEYS", "Forward", "Prefill", "cache_kwargs", "extra_inputs"]
@@ -75,11 +75,21 @@ class Forward:
         epsilon: float,
         preallocate: bool,
         pad_id: int,
+        exits: tuple[int, ...] = (),
+        exit_norm: bool = False,
     ) -> None:
         self.adapter, self.language_rule = adapter, language_rule
         self.share_low, self.head, self.epsilon = share_low, head, epsilon
         self.preallocate, self.pad_id = preallocate, pad_id
         self.text_config = adapter.model.config.get_text_config()
+        #: early-exit layers (``hidden_states`` indices) whose last-position logits each forward computes
+        self.exits, self.exit_norm = exits, exit_norm
+        #: those logits of the last forward, ``{index: (rows, vocab)}`` float32
+        self.exit_logits: dict[int, torch.Tensor] = {}
+        if exits and exit_norm and not isinstance(getattr(adapter.lm, "norm", None), torch.nn.Module):
+            raise UnsupportedModelError(
+                f"{type(adapter.model).__name__}: its LLM has no final norm (`norm`) for the early-exit logits"
+            )
 
     def __call__(
         self,
@@ -89,17 +99,19 @@ class Forward:
         cache: DynamicCache,
         language_rows: dict[int, Draws],
         plan: RowPlan | None = None,
+        boost: Boost | None = None,
     ) -> Any:
-        """One forward with the language intervention on ``language_rows`` (batch indices); with a ``plan``, the
-        layers below :attr:`share_low` run on ``plan.keep`` only (their cache holds those rows)."""
-        state = Intervention(language=self.language_rule, language_rows=language_rows)
+        """One forward with the language intervention on ``language_rows`` (batch indices) and PAI's ``boost``;
+        with a ``plan``, the layers below :attr:`share_low` run on ``plan.keep`` only (their cache holds those
+        rows)."""
+        state = Intervention(language=self.language_rule, language_rows=language_rows, boost=boost)
         shared = (
             share_lower_layers(self.adapter.lm_layers[: self.share_low], plan)
             if plan is not None and self.share_low
             else contextlib.nullcontext()
         )
-        with intervene(state), shared:
-            return self.adapter.model(
+        with intervene(state), shared, self._exit_states() as states:
+            out = self.adapter.model(
                 **inputs,
                 attention_mask=mask,
                 position_ids=positions,
@@ -107,6 +119,36 @@ class Forward:
                 use_cache=True,
                 logits_to_keep=1,
             )
+        if self.exits:
+            self.exit_logits = {i: self._exit_head(h) for i, h in states.items()}
+        return out
+
+    @contextlib.contextmanager
+    def _exit_states(self):
+        """Inside, ``states[i]`` is the last position's hidden state ``hidden_states[i]`` (the input of decoder
+        layer ``i``) of the forward run there, for each early-exit index."""
+        states: dict[int, torch.Tensor] = {}
+        handles = []
+        for i in self.exits:
+
+            def keep(module, args, kwargs, i=i):
+                states[i] = (args or (kwargs["hidden_states"],))[0][:, -1]
+
+            handles.append(self.adapter.lm_layers[i].register_forward_pre_hook(keep, with_kwargs=True))
+        try:
+            yield states
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _exit_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from an early layer's state: the LM head (after the final norm for DeCo), capped as
+        the model caps its own logits."""
+        if self.exit_norm:
+            hidden = self.adapter.lm.norm(hidden)
+        logits = self.adapter.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def step(
         self,
@@ -118,16 +160,17 @@ class Forward:
         plan: RowPlan | None,
         rows: list[Row],
         full_head: bool = False,
+        boost: Boost | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``(rows, vocab)`` of one decode step (float32). With :attr:`head`, the counterfactual
         rows' logits are exact on the plausible tokens only (the only ones the rule reads); ``full_head`` (branch
         logits asked for) computes them whole."""
         cf = [j for j, r in enumerate(rows) if r.branch is not None]
         if self.head is None or full_head or not cf:
-            return self(inputs, mask, positions, cache, language_rows, plan).logits[:, -1].float()
+            return self(inputs, mask, positions, cache, language_rows, plan, boost).logits[:, -1].float()
         fact = [j for j, r in enumerate(rows) if r.branch is None]
         with head_on_rows(self.head, fact) as kept:
-            out = self(inputs, mask, positions, cache, language_rows, plan)
+            out = self(inputs, mask, positions, cache, language_rows, plan, boost)
         at = {rows[j].prompt: k for k, j in enumerate(fact)}
         return plausible_logits(
             self.head, kept["hidden"][:, -1], out.logits[:, -1], [at[r.prompt] for r in rows], cf, self.epsilon
@@ -149,12 +192,11 @@ class Forward:
             return growing_cache(self.text_config, min(reserve, RESERVE_CHUNK), data)
         return DynamicCache(data, config=self.text_config)
 
-    def collate_tokens(self, encs: list[dict[str, torch.Tensor]], rows: list[Row]) -> dict[str, torch.Tensor]:
-        """The rows' prompts, left-padded to the longest."""
+    def collate_tokens(self, encs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Prompts (one processor output per row), left-padded to the longest."""
         length = max(e["input_ids"].shape[1] for e in encs)
         out: dict[str, list[torch.Tensor]] = {}
-        for row in rows:
-            enc = encs[row.prompt]
+        for enc in encs:
             n = enc["input_ids"].shape[1]
             for key in TOKEN_KEYS:
                 if key in enc:
@@ -163,23 +205,28 @@ class Forward:
                     out.setdefault(key, []).append(torch.cat([t.new_full((length - n,), fill), t]))
         return {k: torch.stack(v).to(self.adapter.device) for k, v in out.items()}
 
-    def image_meta(self, imgs: list[dict[str, torch.Tensor]], rows: list[Row], which: list[int]) -> dict[str, Any]:
-        """Non-pixel image inputs (grid sizes...) of rows ``which``, as position helpers want them."""
-        items = [{k: v for k, v in imgs[rows[i].prompt].items() if k != "pixel_values"} for i in which]
+    def image_meta(self, layout: RowLayout, which: list[int]) -> dict[str, Any]:
+        """Non-pixel image inputs (grid sizes...) of rows ``which`` that read an image, as position helpers want
+        them (a text-only row has none)."""
+        items = [layout.image_inputs(layout.rows[i]) for i in which]
+        items = [{k: v for k, v in it.items() if k != "pixel_values"} for it in items if it is not None]
+        if not items:
+            return {}
         return {k: v.to(self.adapter.device) for k, v in self.adapter.collate_images(items).items()}
 
-    def prefill(self, encs, imgs, rows: list[Row], row_feature, lang_draws, plan, reserve: int) -> Prefill:
+    def features(self, rows: list[Row], row_feature) -> dict[str, Any]:
+        """The forward's precomputed image features of ``rows`` (text-only rows have none)."""
+        feats = [f for f in (row_feature(r) for r in rows) if f is not None]
+        return self.adapter.features_input(feats) if feats else {}
+
+    def prefill(self, layout: RowLayout, row_feature, lang_draws, plan, reserve: int, boost=None) -> Prefill:
         """The reference prefill: every row's whole prompt, left-padded, in one forward (the layers below
         :attr:`share_low` on the rows ``plan`` keeps only, whose cache keeps those rows); the cache has room for
-        ``reserve`` more tokens."""
-        ad = self.adapter
-        batch = self.collate_tokens(encs, rows)
-        positions = ad.prefill_positions(batch, self.image_meta(imgs, rows, list(range(len(rows)))))
+        ``reserve`` more tokens. ``boost``: PAI's edit on the rows it names."""
+        ad, rows = self.adapter, layout.rows
+        batch = self.collate_tokens([layout.enc(r) for r in rows])
+        positions = ad.prefill_positions(batch, self.image_meta(layout, list(range(len(rows)))))
         cache = self.new_cache(reserve)
-        inputs = {
-            "input_ids": batch["input_ids"],
-            **extra_inputs(batch),
-            **ad.features_input([row_feature(r) for r in rows]),
-        }
-        out = self(inputs, batch["attention_mask"], positions, cache, dict(lang_draws), plan)
+        inputs = {"input_ids": batch["input_ids"], **extra_inputs(batch), **self.features(rows, row_feature)}
+        out = self(inputs, batch["attention_mask"], positions, cache, dict(lang_draws), plan, boost)
         return out.logits[:, -1].float(), cache, batch["attention_mask"], positions

@@ -105,19 +105,18 @@ class PrefixLayout:
                             device=self.reuse_positions.device)  # fmt: skip
 
 
-def _layout(fw: Forward, encs, imgs, layout: RowLayout, plan: RowPlan | None) -> PrefixLayout | None:
+def _layout(fw: Forward, layout: RowLayout, plan: RowPlan | None) -> PrefixLayout | None:
     """Groups, the rows of each forward, their left-padded tokens and positions; ``None`` where no two rows
     share a prefix."""
     ad, rows = fw.adapter, layout.rows
-    keys = [k for k in TOKEN_KEYS if k in encs[0]]
+    keys = [k for k in TOKEN_KEYS if k in layout.enc(rows[0])]
     by_key: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
         by_key.setdefault(layout.prefix_key(r), []).append(i)
     groups: list[tuple[list[int], int]] = []
     for members in by_key.values():
         if len(members) > 1:
-            prompts = [rows[i].prompt for i in members]
-            plen = _common_prefix([encs[p] for p in prompts], [layout.image_prefix[p] for p in prompts])
+            plen = _common_prefix([layout.enc(rows[i]) for i in members], [layout.prefix_len(rows[i]) for i in members])
             if plen:
                 groups.append((members, plen))
     if not groups:
@@ -129,7 +128,7 @@ def _layout(fw: Forward, encs, imgs, layout: RowLayout, plan: RowPlan | None) ->
     reusing = sorted(plen_of)
 
     def tok(i: int, key: str) -> torch.Tensor:
-        return encs[rows[i].prompt][key][0]
+        return layout.enc(rows[i])[key][0]
 
     def fill(key: str) -> int:
         return fw.pad_id if key == "input_ids" else 0
@@ -152,11 +151,11 @@ def _layout(fw: Forward, encs, imgs, layout: RowLayout, plan: RowPlan | None) ->
         ).to(ad.device)
         for key in keys
     }
-    reuse_positions = ad.prefill_positions(reuse_tokens, fw.image_meta(imgs, rows, reusing))
+    reuse_positions = ad.prefill_positions(reuse_tokens, fw.image_meta(layout, reusing))
     prefix_positions = [reuse_positions[..., [reusing.index(members[0]) for members, _ in groups], :la]]
     if whole:
         whole_tokens = {key: v[len(groups) :] for key, v in prefix_tokens.items()}
-        prefix_positions.append(ad.prefill_positions(whole_tokens, fw.image_meta(imgs, rows, whole)))
+        prefix_positions.append(ad.prefill_positions(whole_tokens, fw.image_meta(layout, whole)))
     return PrefixLayout(
         groups, source, fed, whole, la, ls, prefix_tokens, reuse_tokens, torch.cat(prefix_positions, dim=-2),
         reuse_positions,
@@ -179,7 +178,7 @@ def _run_prefixes(fw: Forward, pl: PrefixLayout, layout: RowLayout, row_feature,
     inputs = {
         "input_ids": pl.prefix_tokens["input_ids"],
         **extra_inputs(pl.prefix_tokens),
-        **fw.adapter.features_input([row_feature(rows[i]) for i in run]),
+        **fw.features([rows[i] for i in run], row_feature),
     }
     lang = {j: lang_draws[i] for j, i in enumerate(run) if i in lang_draws}
     # a group's first row runs the prefix only, a whole row its whole prompt: equal keys need one layout
@@ -226,7 +225,7 @@ def _run_fed(fw: Forward, pl: PrefixLayout, layout: RowLayout, row_feature, lang
     inputs = {
         "input_ids": pl.reuse_tokens["input_ids"][src],
         **{k: v[src] for k, v in extra_inputs(pl.reuse_tokens).items()},
-        **fw.adapter.features_input([row_feature(layout.rows[i]) for i in pl.fed]),
+        **fw.features([layout.rows[i] for i in pl.fed], row_feature),
     }
     lang = {j: lang_draws[i] for j, i in enumerate(pl.fed) if i in lang_draws}
     mask, positions = pl.reuse_tokens["attention_mask"][src], pl.reuse_positions[..., src, :]
@@ -266,8 +265,6 @@ def _merge(fw: Forward, pl: PrefixLayout, plan: RowPlan | None, outs: tuple, cac
 
 def prefill_shared(
     fw: Forward,
-    encs: list[dict[str, torch.Tensor]],
-    imgs: list[dict[str, torch.Tensor]],
     layout: RowLayout,
     row_feature: Callable[[Row], Any],
     lang_draws: dict[int, Any],
@@ -276,7 +273,7 @@ def prefill_shared(
 ) -> tuple[Prefill, dict[str, int]] | None:
     """Prefill with shared prefixes (the module docstring); ``None`` where no two rows share one (then use
     :meth:`Forward.prefill`). Also returns what was shared (groups, prefix tokens, rows), for diagnostics."""
-    pl = _layout(fw, encs, imgs, layout, plan)
+    pl = _layout(fw, layout, plan)
     if pl is None:
         return None
     out_p, cache_p, h_p = _run_prefixes(fw, pl, layout, row_feature, lang_draws)

@@ -3,7 +3,8 @@ random draws, and the keys that say which rows compute the same thing (and may s
 
 Every prompt gets a factual row, then one row per counterfactual branch and draw (``num_cf_samples``). A row's
 image is what its branch needs (:attr:`~causalmm.methods.Branch.image`): the factual features, the features of
-a vision-intervened tower, or those of a noised image.
+a vision-intervened tower, those of a noised image, or none (a text-only branch); its prompt is the sample's,
+or the variant its branch reads (:attr:`~causalmm.methods.Branch.prompt`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ class Row:
 
     @property
     def image(self) -> str:
-        """The image features this row reads: ``factual``, ``vision`` or ``noise``."""
+        """The image features this row reads: ``factual``, ``vision``, ``noise`` or ``none``."""
         return "factual" if self.branch is None else self.branch.image
+
+    @property
+    def kind(self) -> str:
+        """The prompt this row reads: ``factual``, ``text`` or the name of its branch's variant."""
+        return "factual" if self.branch is None else self.branch.prompt
 
     @property
     def language(self) -> bool:
@@ -47,9 +53,11 @@ class Row:
 class RowLayout:
     """The rows of ``n`` prompts under ``branches`` with ``draws`` draws each, and what they need.
 
+    ``encs[kind][p]``: prompt ``p``'s processor outputs as rows of prompt kind ``kind`` read it (``factual``, and
+    each variant the branches read); ``imgs[p]``: its image inputs.
     ``same_image[kind][p]``: the first prompt whose ``kind`` features equal prompt ``p``'s (itself where no
     reuse is wanted): factual features follow the image, vision and noise features the image and its seed.
-    ``image_prefix[p]``: the length of prompt ``p``'s image prefix (up to its last image token).
+    ``image_prefix[kind][p]``: the length of that prompt's image prefix (up to its last image token; 0: none).
     """
 
     def __init__(
@@ -60,12 +68,27 @@ class RowLayout:
         seeds: Sequence[int],
         image_seeds: Sequence[int],
         same_image: dict[str, list[int]],
-        image_prefix: list[int],
+        image_prefix: dict[str, list[int]],
+        encs: dict[str, list[dict[str, torch.Tensor]]],
+        imgs: list[dict[str, torch.Tensor]],
     ) -> None:
         self.rows = [Row(p) for p in range(n)]
         self.rows += [Row(p, b, k) for p in range(n) for b in branches for k in range(draws)]
         self.seeds, self.image_seeds = list(seeds), list(image_seeds)
-        self.same_image, self.image_prefix = same_image, image_prefix
+        self.same_image, self.image_prefix = {**same_image, "none": list(range(n))}, image_prefix
+        self.encs, self.imgs = encs, imgs
+
+    def enc(self, r: Row) -> dict[str, torch.Tensor]:
+        """The processor outputs (token keys) row ``r`` reads."""
+        return self.encs[r.kind][r.prompt]
+
+    def image_inputs(self, r: Row) -> dict[str, torch.Tensor] | None:
+        """The image inputs of row ``r``'s prompt, ``None`` for a text-only row."""
+        return None if r.image == "none" else self.imgs[r.prompt]
+
+    def prefix_len(self, r: Row) -> int:
+        """The length of row ``r``'s image prefix (0 for a text-only row)."""
+        return self.image_prefix[r.kind][r.prompt]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,14 +103,14 @@ class RowLayout:
     def prefix_key(self, r: Row) -> tuple:
         """Rows with equal keys compute the same image prefix: same features, and the same language draws there
         (same branch, draw and image seed) or none."""
-        key: tuple = (r.image, self.same_image[r.image][r.prompt], r.feature_draw)
+        key: tuple = (r.kind, r.image, self.same_image[r.image][r.prompt], r.feature_draw)
         if r.language:
             key += ("language", r.branch.name, r.draw, self.image_seeds[r.prompt])
         return key
 
     def lower_key(self, r: Row) -> tuple:
         """Rows with equal keys compute the same below the first intervened LLM layer."""
-        return r.prompt, r.image, r.feature_draw
+        return r.prompt, r.kind, r.image, r.feature_draw
 
     def language_draws(self, device: torch.device) -> dict[int, Draws]:
         """Each language row's draws: over its image prefix from its image's stream (so the questions on one
@@ -99,6 +122,6 @@ class RowLayout:
                 out[i] = Draws(
                     streams.generator(device, self.seeds[r.prompt], streams.LANGUAGE, name, r.draw),
                     streams.generator(device, self.image_seeds[r.prompt], streams.LANGUAGE_PREFIX, name, r.draw),
-                    self.image_prefix[r.prompt],
+                    self.prefix_len(r),
                 )
         return out

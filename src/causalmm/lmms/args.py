@@ -72,9 +72,18 @@ def _switch_fields() -> tuple[str, ...]:
     return ("reuse_prefix", "share_layers", "plausible_head", "preallocate_cache")
 
 
-def valid_keys() -> list[str]:
-    """Every key ``model_args`` accepts."""
-    return sorted({*LOAD_KEYS, *PLUGIN_KEYS, *_config_fields(), *_switch_fields()})
+def _own_params(method: Any) -> tuple[str, ...]:
+    """The names of ``method``'s own hyper-parameters (none for a name the registry lacks: the config says so)."""
+    from ..methods import METHODS
+
+    known = METHODS.get(method) if isinstance(method, str) else None
+    return tuple(p.field for p in known.own_params()) if known is not None else ()
+
+
+def valid_keys(method: str = "causalmm") -> list[str]:
+    """Every key ``model_args`` accepts with ``method=`` ``method`` (its own parameters by their names)."""
+    fields = set(_config_fields()) - {"params"}
+    return sorted({*LOAD_KEYS, *PLUGIN_KEYS, *fields, *_switch_fields(), *_own_params(method)})
 
 
 def _none(value: Any) -> bool:
@@ -136,20 +145,23 @@ def parse_model_args(args: dict[str, Any]) -> ModelArgs:
     line); raises :class:`ModelArgsError` naming an unknown key with the list of valid ones, or a bad value."""
     from ..config import CausalMMConfig, ConfigError
 
-    unknown = sorted(set(args) - set(valid_keys()))
+    method = args.get("method", "causalmm")
+    unknown = sorted(set(args) - set(valid_keys(method)))
     if unknown:
         raise ModelArgsError(
             f"unknown model_args key(s) {', '.join(unknown)} for --model causalmm; "
-            f"valid keys: {', '.join(valid_keys())}"
+            f"valid keys: {', '.join(valid_keys(method))}"
         )
     if _none(args.get("pretrained")) or "pretrained" not in args:
         raise ModelArgsError(
             "model_args needs pretrained=<model folder or hub id> (e.g. pretrained=llava-hf/llava-1.5-7b-hf)"
         )
     out = ModelArgs(pretrained=str(args["pretrained"]))
-    fields = set(_config_fields())
+    fields, own = set(_config_fields()) - {"params"}, set(_own_params(method))
     for key, value in args.items():
-        if key in fields:
+        if key in own:
+            out.config.setdefault("params", {})[key] = _int_like(value) if isinstance(value, float) else value
+        elif key in fields:
             if key in ("vision_layers", "language_layers"):
                 value = _layers(key, value)
             elif key in ("vision_heads", "language_heads"):

@@ -4,12 +4,17 @@ Adding a branch-style method is one new file here (a :class:`Method` subclass de
 :func:`register`) plus its import below and its tests.
 """
 
-# each import registers its method
-from . import causalmm, regular, vcd  # noqa: E402, F401, I001
-from .base import Branch, Method, Param
+# each import registers its method, in the order `causalmm methods` lists them: the headline methods first,
+# then the baselines (branch methods, then layer-contrast methods)
+from . import regular, causalmm, vcd  # noqa: E402, F401, I001
+from . import icd, m3id, pai  # noqa: E402, F401, I001
+from . import dola, deco  # noqa: E402, F401, I001
+from .base import Branch, FactualEdit, Method, Param
 from .registry import METHODS, get_method, method_names, register
 
-__all__ = ["METHODS", "Branch", "Method", "Param", "branches_for", "get_method", "method_names", "register"]
+__all__ = [
+    "METHODS", "Branch", "FactualEdit", "Method", "Param", "branches_for", "get_method", "method_names", "register",
+]  # fmt: skip
 
 
 def branches_for(config) -> tuple[Branch, ...]:

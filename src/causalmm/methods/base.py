@@ -9,15 +9,16 @@ engine only if it needs a new kind of branch input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
     from ..config import CausalMMConfig
 
-__all__ = ["Branch", "Method", "Param"]
+__all__ = ["Branch", "FactualEdit", "Method", "Param"]
 
 
 @dataclass(frozen=True)
@@ -25,27 +26,84 @@ class Branch:
     """One counterfactual branch: what is changed relative to the factual run.
 
     ``vision``: counterfactual attention in the vision encoder; ``language``: in the LLM decoder;
-    ``noise``: the image replaced by its diffusion-noised version (VCD).
+    ``noise``: the image replaced by its diffusion-noised version (VCD). ``prompt``: the prompt the branch's rows
+    read: ``factual`` (the sample's), ``text`` (the question alone, no image: M3ID, PAI), or the name of a variant
+    the method writes with :meth:`Method.branch_prompt` (ICD's disturbance instruction), about the same image.
     """
 
     name: str
     vision: bool = False
     language: bool = False
     noise: bool = False
+    prompt: str = "factual"
+
+    def __post_init__(self) -> None:
+        if self.prompt == "text" and (self.vision or self.noise):
+            raise ValueError(f"branch {self.name!r}: a text-only branch has no image to intervene on")
 
     @property
     def image(self) -> str:
-        """The image features the branch's rows need: ``vision`` (intervened tower), ``noise`` or ``factual``."""
+        """The image features the branch's rows need: ``vision`` (intervened tower), ``noise``, ``factual``, or
+        ``none`` (a text-only branch)."""
+        if self.prompt == "text":
+            return "none"
         return "vision" if self.vision else "noise" if self.noise else "factual"
 
 
 @dataclass(frozen=True)
+class FactualEdit:
+    """An edit of the factual rows' own LLM attention (PAI): in the LLM layers from ``start_layer`` on, the
+    newest query's pre-softmax scores ``x`` on the image keys become ``x + alpha * |x|``; at the prefill too
+    where ``prefill``."""
+
+    alpha: float
+    start_layer: int
+    prefill: bool
+
+
+@dataclass(frozen=True)
 class Param:
-    """A :class:`~causalmm.config.CausalMMConfig` field a method reads, its default there, and its origin."""
+    """A hyper-parameter a method reads, its default, and where that default comes from.
+
+    A ``field`` of :class:`~causalmm.config.CausalMMConfig` (``gamma``, ``epsilon``, ``mode``...) is shared by the
+    methods; for ``gamma`` and ``epsilon`` the method's ``default`` is what ``None`` there resolves to. Any other
+    name is the method's own: it lives in ``CausalMMConfig.params`` (``--param name=value``), typed like its
+    default, and ``check`` (if given) returns why a value is out of range, or ``None``.
+    """
 
     field: str
     default: object
     source: str
+    check: Callable[[Any], str | None] | None = None
+
+    def coerce(self, value: Any) -> Any:
+        """``value`` as this parameter's type (an ``int`` default takes whole numbers, a ``float`` one any real
+        number, a ``str`` one text), or a ``ConfigError`` naming the parameter."""
+        from ..config import ConfigError, is_int, is_real
+
+        kind = type(self.default)
+        if isinstance(value, str) and kind in (int, float):
+            try:
+                value = kind(value) if kind is float else int(value)
+            except ValueError:
+                raise ConfigError(f"parameter {self.field}={value!r} must be {kind.__name__}") from None
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = is_int(value)
+        elif kind is float:
+            ok = is_real(value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise ConfigError(f"parameter {self.field}={value!r} must be {kind.__name__} (default {self.default!r})")
+        value = kind(value)
+        why = self.check(value) if self.check is not None else None
+        if why:
+            raise ConfigError(f"parameter {self.field}={value!r}: {why}")
+        return value
 
 
 class Method:
@@ -58,6 +116,8 @@ class Method:
         params: the config fields it reads.
         plausible_only: the rule reads counterfactual logits only where the factual plausibility cut keeps a
             token, so the engine may compute them there only (``causalmm.decoding.head``).
+        exit_norm: early-exit logits (:meth:`exit_layers`) go through the LLM's final norm before the LM head
+            (DeCo) or not (DoLa).
     """
 
     name: ClassVar[str]
@@ -65,10 +125,51 @@ class Method:
     reference: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = ()
     plausible_only: ClassVar[bool] = False
+    exit_norm: ClassVar[bool] = False
 
     def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
         """The counterfactual branches run beside the factual one (none: plain decoding)."""
         return ()
+
+    def exit_layers(self, config: CausalMMConfig, n_layers: int, tied: bool) -> tuple[int, ...]:
+        """The early layers whose next-token logits the rule reads (layer-contrast methods), as indices of
+        ``transformers``' ``hidden_states``: 0 the embeddings, ``i`` the output of decoder layer ``i - 1``, for an
+        LLM of ``n_layers`` layers (``tied``: its input and output embeddings are tied). The engine hands their
+        logits to :meth:`combine` as ``exits={index: logits}``. None by default."""
+        return ()
+
+    def factual_edit(self, config: CausalMMConfig) -> FactualEdit | None:
+        """An edit of the factual rows' attention (none: the factual rows are the model's own run)."""
+        return None
+
+    def branch_prompt(self, branch: Branch, prompt: str, config: CausalMMConfig) -> tuple[str, str | None]:
+        """The prompt and system message (``None``: the template's own) of ``branch``'s rows for the sample prompt
+        ``prompt``, for a branch whose ``prompt`` names a variant (not ``factual`` or ``text``)."""
+        raise NotImplementedError(f"{self.name}: branch {branch.name!r} names prompt variant {branch.prompt!r}")
+
+    def default(self, name: str, fallback: Any) -> Any:
+        """This method's default for the shared config field ``name`` (``fallback`` where it declares none)."""
+        return next((p.default for p in self.params if p.field == name), fallback)
+
+    def own_params(self) -> tuple[Param, ...]:
+        """The parameters that are this method's own (not fields of the config)."""
+        from ..config import CausalMMConfig
+
+        shared = set(CausalMMConfig.__dataclass_fields__)
+        return tuple(p for p in self.params if p.field not in shared)
+
+    def check_params(self, given: Any) -> dict[str, Any]:
+        """``given`` (name -> value) checked against :meth:`own_params`, every one filled in with its default."""
+        from ..config import ConfigError
+
+        if not isinstance(given, dict):
+            raise ConfigError(f"params={given!r} must be a mapping of parameter names to values")
+        own = {p.field: p for p in self.own_params()}
+        unknown = sorted(set(given) - set(own))
+        if unknown:
+            has = f"its parameters: {', '.join(own)}" if own else "it has no parameters of its own"
+            raise ConfigError(f"method {self.name!r} has no parameter {', '.join(unknown)}; {has}")
+        return {name: p.coerce(given[name]) if name in given else p.default for name, p in own.items()}
 
     def combine(
         self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int

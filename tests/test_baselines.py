@@ -9,7 +9,8 @@ import torch
 
 from causalmm import CausalMMConfig, ConfigError
 from causalmm.adapters import UnsupportedModelError
-from causalmm.attention import Boost, Intervention, Site, _boosted, intervene
+from causalmm.attention import Intervention, Site, intervene
+from causalmm.edits import Boost, apply_edits
 from causalmm.methods import get_method
 from causalmm.methods.icd import PREFIXES, instruction
 from causalmm.methods.m3id import m3id_scores
@@ -83,7 +84,8 @@ def test_pai_boost_edits_the_last_querys_image_scores_before_the_softmax():
     image = torch.tensor([False, True, True, False, False])
     boost = Boost(0.5, frozenset({0}), {1: image})
     base_out = torch.zeros(b, q, h, d)
-    out, _ = _boosted(module, query, key, value, None, None, {}, boost, base_out, None)
+    state = Intervention(boost=boost)
+    out, _ = apply_edits(module, Site("language", 0), state, query, key, value, None, None, {}, base_out, None)
     assert torch.equal(out[0], base_out[0])  # a row the boost does not name is left as the base computed it
     scores = query[1] @ key[1].transpose(-1, -2) * d**-0.5
     causal = torch.ones(q, k).tril(k - q).bool()
@@ -109,7 +111,7 @@ def test_icd_branch_reads_the_instruction_as_its_system_prompt(loaded):
     from PIL import Image
 
     img = Image.new("RGB", (32, 32), (200, 30, 30))
-    variant = eng.encode_variants([img], [Q])["instruction"][0]
+    variant = eng.needs.encode_variants([img], [Q])["instruction"][0]
     factual = cm.adapter.encode(img, Q)
     text = tok.decode(variant["input_ids"][0])
     assert PREFIXES[3] in text and Q in text and PREFIXES[3] not in tok.decode(factual["input_ids"][0])
@@ -129,12 +131,6 @@ def test_text_only_branch_is_the_prompt_without_its_image(loaded):
     assert Q in tok.decode(enc["input_ids"][0])
 
 
-def test_icd_without_a_chat_template_is_refused_by_name(generic, images):
-    cm = generic("paligemma").with_config(CausalMMConfig(method="icd"))
-    with pytest.raises(UnsupportedModelError, match="no chat template, so no place for a system instruction"):
-        cm.generate(images[0], Q, max_new_tokens=2)
-
-
 def test_branch_methods_need_the_prompt_text(loaded, images):
     cm = loaded("llava").with_config(CausalMMConfig(method="m3id"))
     enc = cm.adapter.encode(images[0], Q)
@@ -143,17 +139,32 @@ def test_branch_methods_need_the_prompt_text(loaded, images):
 
 
 # -- every family -------------------------------------------------------------------------------------------------
-BRANCH = {"icd": "instruction", "m3id": "text", "pai": "text"}
+BRANCH = {"icd": "instruction", "m3id": "text", "pai": "text", "avisc": "blind", "sid": "sid"}
 #: each baseline's neutral setting, which must give regular decoding token for token
 NEUTRAL = {
     "icd": {"gamma": 0.0},
     "m3id": {"params": {"lamb": 0.0}},
     "pai": {"gamma": 1.0, "params": {"alpha": 0.0}},
+    "avisc": {"gamma": 0.0},
+    "sid": {"gamma": 0.0},
     "dola": {"gamma": 0.0},
     "deco": {"params": {"alpha": 0.0}},
 }
 #: settings that make the tiny 4-layer models show each method's effect
-TINY = {"pai": {"params": {"start_layer": 0}}, "dola": {"params": {"layers": "0-3"}}}
+TINY = {
+    "pai": {"params": {"start_layer": 0}},
+    "sid": {"params": {"keep": 2}},
+    "dola": {"params": {"layers": "0-3"}},
+}
+#: what a family lacks for a method, and the message that says so
+REFUSED = {
+    ("icd", "paligemma"): "no chat template, so no place for a system instruction",
+    ("pai", "gemma3"): "sliding-window layers whose cache drops early keys",
+    ("sid", "gemma3"): "sliding-window layers whose cache drops early keys",
+    ("pai", "mistral3"): "sliding-window layers whose cache drops early keys",
+    ("sid", "mistral3"): "sliding-window layers whose cache drops early keys",
+}
+CASES = [(f, m) for f in ALL_FAMILIES for m in NEUTRAL if (m, f) not in REFUSED]
 
 
 def _exit_logits(cm, enc, index, norm):
@@ -164,14 +175,17 @@ def _exit_logits(cm, enc, index, norm):
         return cm.model.get_output_embeddings()(cm.adapter.lm.norm(h) if norm else h).float()
 
 
-@pytest.mark.parametrize("method", list(NEUTRAL))
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize(("method", "family"), [(m, f) for (m, f) in REFUSED])
+def test_what_a_family_lacks_is_said(method, family, any_family, images):
+    with pytest.raises((ConfigError, UnsupportedModelError), match=REFUSED[(method, family)]):
+        any_family(family).with_config(CausalMMConfig(method=method)).generate(images[0], Q, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_baselines_on_every_family(family, method, any_family, images):
     """Per family and method: the engine applies the rule to what it computed, the branch's (or early layer's)
     first logits are the stock model's on the branch's own prompt, greedy and sampling run and are seeded, and the
     neutral setting is regular decoding token for token."""
-    if method == "icd" and family == "paligemma":
-        pytest.skip("refused by name (no chat template): test_icd_without_a_chat_template_is_refused_by_name")
     cm = any_family(family)
     prompts, imgs = [Q, "Describe the image."], [images[0], images[1]]
     cfg = CausalMMConfig(method=method, seed=3, **TINY.get(method, {}))
@@ -188,13 +202,13 @@ def test_baselines_on_every_family(family, method, any_family, images):
             assert torch.allclose(logs["combined"][t], want, atol=1e-5), t
         assert r.token_ids == logs["combined"].argmax(-1).tolist()
     first = res[0].branch_logits
-    if method in BRANCH:  # the branch's first logits are the stock model's on the branch's prompt
+    if method in ("icd", "m3id", "pai"):  # the branch's first logits are the stock model's on the branch's prompt
         if BRANCH[method] == "text":
             enc = cm.adapter.encode_text(prompts[0], imgs[0])
         else:
             enc = cm.adapter.encode(imgs[0], prompts[0], system=PREFIXES[3])
         assert torch.allclose(first[BRANCH[method]][0], _step_logits(cm, enc), atol=1e-4)
-    else:  # the early layers' logits are the stock model's hidden states through the head
+    elif method in ("dola", "deco"):  # the early layers' logits are the stock model's hidden states through the head
         enc = cm.adapter.encode(imgs[0], prompts[0])
         index = max(int(k[4:]) for k in first if k.startswith("exit"))
         want = _exit_logits(cm, enc, index, norm=rule.exit_norm)
@@ -244,7 +258,7 @@ def test_deco_candidates_anchor_and_mix():
     assert torch.isfinite(z).sum() == 1 and z.argmax() == 0
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
 def test_pai_edits_the_factual_run_from_the_first_decode_step(family, any_family, images):
     """With the official switch (``edit_prefill=False``) the first token's factual logits are the model's own,
     later ones are edited; ``edit_prefill=True`` edits the first as well. The text-only branch is never edited."""
@@ -299,3 +313,71 @@ def test_cli_takes_a_methods_own_parameters(model_dirs, image_file, causalmm_cli
         check=False,
     )  # fmt: skip
     assert bad.returncode == 2 and "give NAME=VALUE" in bad.stderr
+
+
+def test_avisc_zeroes_the_tokens_below_mean_plus_lamb_std_of_the_top_layers():
+    from causalmm.methods.avisc import zeroed_tokens
+
+    a = {
+        0: torch.tensor([0.1, 0.1, 0.1, 0.7]),  # 1.0 of the 1.45 on the image: 69%
+        1: torch.tensor([0.05, 0.05, 0.2, 0.05]),  # 0.35: 24%
+        2: torch.tensor([0.1, 0.0, 0.0, 0.0]),  # 7%
+    }
+    # layer_gamma 0.5: the first layer alone (0.69 is not below 0.5); token 3 is above mean + std
+    assert zeroed_tokens(a, layer_gamma=0.5, lamb=1.0).tolist() == [True, True, True, False]
+    # layer_gamma 0.9: layers 0 and 1 averaged: [0.075, 0.075, 0.15, 0.375]; mean 0.169, std 0.142
+    both = torch.stack([a[0], a[1]]).mean(0)
+    want = both < both.mean() + 0.5 * both.std()
+    assert torch.equal(zeroed_tokens(a, layer_gamma=0.9, lamb=0.5), want) and want.tolist() == [True, True, True, False]
+    assert zeroed_tokens(a, layer_gamma=0.5, lamb=0.0).sum() == 3  # mean alone still keeps token 3
+    cfg = CausalMMConfig(method="avisc")
+    assert (cfg.gamma, cfg.epsilon, cfg.params) == (1.0, 0.1, {"layer_gamma": 0.5, "lamb": 1.0})
+
+
+def test_avisc_branch_sees_its_image_with_the_chosen_tokens_zeroed(loaded, images):
+    """The probe prefill's attention gives the zeroed set by the rule, and the branch's first logits are the model's
+    on the image features with exactly those tokens zeroed."""
+    from causalmm.edits import Watch
+
+    cm = loaded("llava")
+    cfg = CausalMMConfig(method="avisc", params={"layer_gamma": 1.0, "lamb": 0.5})
+    eng = cm.with_config(cfg).engine
+    enc = cm.adapter.encode(images[0], Q)
+    watch = Watch([0])
+    with intervene(Intervention(watch=watch)):
+        _step_logits(cm, enc)
+    image = enc["input_ids"][0] == cm.model.config.image_token_id
+    zero = get_method("avisc").blind_tokens({k: v[0][image] for k, v in watch.seen.items()}, cfg)
+    assert 0 < int(zero.sum()) < int(image.sum())
+    res = eng.generate([images[0]], [Q], return_branch_logits=True, options=None)[0]
+    feats = cm.adapter.image_features(cm.adapter.collate_images([cm.adapter.image_inputs(enc)]))
+    zeroed = [f.masked_fill(zero[:, None], 0.0) for f in feats]
+    with torch.no_grad():
+        want = cm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                        **cm.adapter.features_input(zeroed)).logits[0, -1].float()  # fmt: skip
+    assert torch.allclose(res.branch_logits["blind"][0], want, atol=1e-4)
+
+
+def test_sid_hides_all_image_keys_but_the_least_attended_from_its_layer_on(loaded, images):
+    from causalmm.edits import Prune, Watch
+    from causalmm.interventions import least_attended
+
+    cm = loaded("llava")
+    enc = cm.adapter.encode(images[0], Q)
+    image = enc["input_ids"][0] == cm.model.config.image_token_id
+    watch, prune = Watch([0]), Prune(select=1, keep=3, keys={0: image})
+    with intervene(Intervention(watch=watch, prune=prune)):
+        pruned = _step_logits(cm, enc)
+    kept = least_attended(watch.seen[1][0], image, 3)
+    assert torch.equal(prune.hidden[0], image & ~kept) and int(kept.sum()) == 3
+    # the same as hiding those keys by hand from layer 2 on: a mask the stock layers read
+    stock = _step_logits(cm, enc)
+    assert (pruned - stock).abs().max() > 1e-4
+    everything = Prune(select=1, keep=int(image.sum()), keys={0: image})
+    with intervene(Intervention(prune=everything)):
+        assert torch.allclose(_step_logits(cm, enc), stock, atol=1e-5)  # nothing hidden: the stock logits
+    cfg = CausalMMConfig(method="sid")
+    assert (cfg.gamma, cfg.epsilon, cfg.params) == (0.5, 0.1, {"layer": 2, "keep": 100})
+    assert get_method("sid").prune_at(cfg) == (1, 100)
+    with pytest.raises(ConfigError, match="layer=9 is out of range"):
+        cm.with_config(CausalMMConfig(method="sid", params={"layer": 9}))

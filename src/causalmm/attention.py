@@ -19,6 +19,7 @@ import contextvars
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -27,9 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 from .interventions import counterfactual_attention
 
-__all__ = [
-    "BASES", "Boost", "Draws", "Intervention", "Site", "SiteRule", "attention_name", "intervene", "SITE_ATTR",
-]  # fmt: skip
+__all__ = ["BASES", "Draws", "Intervention", "Site", "SiteRule", "attention_name", "intervene", "SITE_ATTR"]
 
 #: Attribute an adapter sets on each attention module it wants reachable.
 SITE_ATTR = "_causalmm_site"
@@ -78,20 +77,6 @@ class Draws:
     prefix: int = 0
 
 
-@dataclass(frozen=True)
-class Boost:
-    """PAI's edit of the LLM's attention logits: in ``layers``, the pre-softmax score ``x`` of the **last** query
-    of each row in ``keys`` on that row's image keys becomes ``x + alpha * |x|``.
-
-    ``keys`` maps a batch row to its boolean image-key mask over the cache's first columns (the prompt layout);
-    a key beyond the mask (a generated token) is not an image key.
-    """
-
-    alpha: float
-    layers: frozenset[int]
-    keys: dict[int, torch.Tensor]
-
-
 @dataclass
 class Intervention:
     """The state one forward pass reads: which rows are counterfactual, and with which randomness.
@@ -108,8 +93,11 @@ class Intervention:
     vision_targets: list[tuple[int, int, torch.Generator | None]] = field(default_factory=list)
     language_rows: dict[int, torch.Generator | Draws | None] = field(default_factory=dict)
     on_probs: Callable[..., None] | None = None
-    #: PAI's attention boost on the LLM rows it names (rows no counterfactual rule touches)
-    boost: Boost | None = None
+    #: the baselines' edits of the LLM's attention on rows no counterfactual rule touches (``causalmm.edits``):
+    #: PAI's boost, SID's key pruning, AvisC's watch of the attention on the image
+    boost: Any = None
+    prune: Any = None
+    watch: Any = None
     # Per-module offsets of the packed/batched vision calls seen in the current tower forward.
     _offsets: dict[int, int] = field(default_factory=dict)
 
@@ -275,47 +263,18 @@ def _counterfactual_rows(module, query, key, value, attention_mask, scaling, kwa
     return out.transpose(1, 2), cf
 
 
-def _boosted(module, query, key, value, attention_mask, scaling, kwargs, boost: Boost, out, weights):
-    """``out`` (and ``weights``) with the boosted rows recomputed: eager attention whose last query's scores on
-    the row's image keys are ``x + alpha * |x|`` before the softmax (github.com/LALBJ/PAI, ``attention.py``)."""
-    rows = sorted(r for r in boost.keys if 0 <= r < query.shape[0])
-    if not rows:
-        return out, weights
-    idx = torch.tensor(rows, device=query.device)
-    allowed = _allowed(module, attention_mask, query, key, kwargs.get("is_causal"))
-    allowed = allowed.expand(query.shape[0], -1, -1, -1)[idx] if allowed.shape[0] > 1 else allowed
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q, k = query[idx].float(), _repeat(key[idx], query.shape[1]).float()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if kwargs.get("softcap") is not None:
-        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-    nk = scores.shape[-1]
-    image = torch.zeros(len(rows), nk, dtype=torch.bool, device=scores.device)
-    for i, r in enumerate(rows):
-        m = boost.keys[r].to(scores.device)[:nk]
-        image[i, : m.numel()] = m
-    last = scores[:, :, -1, :]
-    scores[:, :, -1, :] = torch.where(image[:, None, :], last + boost.alpha * last.abs(), last)
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    new = torch.matmul(probs.to(value.dtype), _repeat(value[idx], query.shape[1])).transpose(1, 2)
-    out = out.clone()
-    out[idx] = new.to(out.dtype)
-    if weights is not None:
-        weights = weights.clone()
-        weights[idx] = probs.to(weights.dtype)
-    return out, weights
-
-
 def causalmm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The registered attention function: stock attention, plus ``do(A = a~)`` or PAI's boost where the context
-    asks."""
+    """The registered attention function: stock attention, plus ``do(A = a~)`` or a baseline's edit
+    (:mod:`causalmm.edits`) where the context asks."""
+    out = _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     state = active()
-    boost = state.boost if state is not None else None
-    site = getattr(module, SITE_ATTR, None)
-    if boost is not None and site is not None and site.kind == "language" and site.layer in boost.layers:
-        out, weights = _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        return _boosted(module, query, key, value, attention_mask, scaling, kwargs, boost, out, weights)
-    return _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if state is not None and (state.boost or state.prune or state.watch):
+        site = getattr(module, SITE_ATTR, None)
+        if site is not None and site.kind == "language":
+            from .edits import apply_edits  # imports this module's helpers
+
+            return apply_edits(module, site, state, query, key, value, attention_mask, scaling, kwargs, *out)
+    return out
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -24,7 +24,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["COUNTERFACTUALS", "counterfactual_attention", "diffusion_noise", "feature_gate"]
+__all__ = [
+    "COUNTERFACTUALS", "boost_scores", "counterfactual_attention", "diffusion_noise", "feature_gate", "least_attended",
+]  # fmt: skip
 
 #: The counterfactual attention maps ``a~``, in the order the paper lists them (decoding methods are
 #: ``causalmm.methods``).
@@ -203,3 +205,30 @@ def diffusion_noise(
     device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
     return (abar.sqrt().item() * x.float() + (1 - abar).sqrt().item() * noise).to(x.dtype)
+
+
+def boost_scores(scores: torch.Tensor, image: torch.Tensor, alpha: float) -> torch.Tensor:
+    """PAI's edit of pre-softmax attention scores: ``x + alpha * |x|`` where ``image`` (broadcast against
+    ``scores``) marks an image key, ``x`` elsewhere.
+
+    >>> boost_scores(torch.tensor([-2.0, 1.0, 3.0]), torch.tensor([True, True, False]), 0.5)
+    tensor([-1.0000,  1.5000,  3.0000])
+    """
+    return torch.where(image, scores + alpha * scores.abs(), scores)
+
+
+def least_attended(attention: torch.Tensor, image: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` image keys with the least ``attention`` (SID's kept set), as a boolean mask like ``image``;
+    ties go to the earlier key, and every image key is kept where there are no more than ``keep``.
+
+    >>> least_attended(torch.tensor([0.1, 0.5, 0.2, 0.05, 0.15]), torch.tensor([False, True, True, True, False]), 2)
+    tensor([False, False,  True,  True, False])
+    """
+    at = image.nonzero().squeeze(-1)
+    out = torch.zeros_like(image)
+    if at.numel() <= keep:
+        out[at] = True
+        return out
+    order = torch.sort(attention[at].float(), stable=True).indices[:keep]
+    out[at[order]] = True
+    return out

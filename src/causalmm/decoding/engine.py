@@ -16,16 +16,15 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from .. import methods  # the module, not its names: methods import the rule from this package
 from .. import seeds as streams
 from ..adapters import Adapter
-from ..attention import Boost, SiteRule
+from ..attention import SiteRule
 from ..config import CausalMMConfig, ConfigError, resolve_layers
-from .features import ImageFeatures, first_equal, image_digest, inputs_digest
-from .forward import TOKEN_KEYS, Forward
+from .features import ImageFeatures, first_equal, image_digest, inputs_digest, zero_image_tokens
+from .forward import Forward
+from .needs import MethodNeeds, plain_cache, same_token_keys
 from .prefill import image_prefix, prefill_shared
 from .rows import Row, RowLayout
 from .rule import GenerationOptions, GenerationResult, TokenSelector
@@ -87,22 +86,13 @@ class Engine:
         self.eos, self.tokenizer = set(eos), tok
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        text_cfg = adapter.model.config.get_text_config()
         # Forking and left-padding a cache is only sound for plain growing layers (no sliding window).
-        plain_cache = all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_cfg).layers)
-        self.edit = self.method.factual_edit(config)
-        self.edit_layers = self._edit_layers() if self.edit is not None else frozenset()
-        self.exits = self._exit_layers()
-        # PAI's edit finds each row's image keys in the reference prefill's layout, and early exits read the
-        # reference prefill's last position
+        plain = plain_cache(adapter)
+        self.needs = MethodNeeds(adapter, config, self.method, self.branches)
         self.prefix_reuse = bool(
-            switches.reuse_prefix
-            and adapter.supports_prefix_reuse
-            and plain_cache
-            and self.edit is None
-            and not self.exits
+            switches.reuse_prefix and adapter.supports_prefix_reuse and plain and self.needs.allow_prefix_reuse
         )
-        share = switches.share_layers and adapter.supports_layer_sharing and plain_cache and language_rule is not None
+        share = switches.share_layers and adapter.supports_layer_sharing and plain and language_rule is not None
         head = adapter.model.get_output_embeddings()
         head_ok = (
             switches.plausible_head
@@ -118,9 +108,9 @@ class Engine:
             share_low=min(language_rule.layers) if share else 0,
             head=head if head_ok else None,
             epsilon=config.epsilon,
-            preallocate=bool(switches.preallocate_cache and plain_cache),
+            preallocate=bool(switches.preallocate_cache and plain),
             pad_id=int(pad),
-            exits=self.exits,
+            exits=self.needs.exits,
             exit_norm=self.method.exit_norm,
         )
         #: the ids that mark image positions in a prompt
@@ -173,33 +163,6 @@ class Engine:
         self._check_heads(cfg.language_heads, ad.lm_attn[0], "language")
         return SiteRule(cfg.language_cf, frozenset(layers), cfg.language_heads, cfg.renormalize)
 
-    def _exit_layers(self) -> tuple[int, ...]:
-        n = self.adapter.n_language_layers
-        tied = bool(getattr(self.adapter.model.config, "tie_word_embeddings", False))
-        exits = tuple(self.method.exit_layers(self.config, n, tied))
-        bad = [i for i in exits if not 0 <= i < n]
-        if bad:
-            raise ConfigError(
-                f"{self.config.method}: early-exit layer {bad[0]} is out of range: the LLM has {n} layers, so "
-                f"0 (the embeddings) .. {n - 1} (the output of layer {n - 2})"
-            )
-        return exits
-
-    def _edit_layers(self) -> frozenset[int]:
-        n, start = self.adapter.n_language_layers, self.edit.start_layer
-        if not 0 <= start < n:
-            raise ConfigError(
-                f"{self.config.method}: start_layer={start} is out of range: the LLM has {n} layers (0..{n - 1})"
-            )
-        return frozenset(range(start, n))
-
-    def _boost(self, image_keys: torch.Tensor | None, rows: list[Row]) -> Boost | None:
-        """PAI's edit on the factual rows among ``rows`` (the batch, in order), or ``None``."""
-        if image_keys is None:
-            return None
-        keys = {j: image_keys[j] for j, r in enumerate(rows) if r.branch is None}
-        return Boost(self.edit.alpha, self.edit_layers, keys)
-
     @staticmethod
     def _check_heads(heads: tuple[int, ...] | None, module: torch.nn.Module, where: str) -> None:
         n = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
@@ -213,14 +176,14 @@ class Engine:
         equal for equal images (their features are computed once)."""
         n, draws = len(imgs), self.config.num_cf_samples
         # the first prompt with the same image (factual) / the same image and image seed (vision, noise draws)
-        same = {"factual": list(range(n)), "vision": list(range(n)), "noise": list(range(n))}
+        same = {kind: list(range(n)) for kind in ("factual", "vision", "noise", "blind")}
         if self.prefix_reuse:
             digests = list(image_keys)
             same["factual"] = first_equal(digests)
             same["vision"] = same["noise"] = first_equal(list(zip(digests, image_seeds, strict=True)))
         prefixes = {kind: [image_prefix(e, self.image_tokens) for e in es] for kind, es in encs.items()}
         layout = RowLayout(n, self.branches, draws, seeds, image_seeds, same, prefixes, encs, imgs)
-        kinds = ({"factual"} | {b.image for b in self.branches}) - {"none"}
+        kinds = ({"factual"} | {b.image for b in self.branches}) - {"none", "blind"}
         features = ImageFeatures(self.adapter, self.config, self.vision_rule)
         feats = {kind: features(imgs, kind, image_seeds, draws, same[kind]) for kind in sorted(kinds)}
 
@@ -228,26 +191,14 @@ class Engine:
             kind, prompt, draw = layout.feature_key(r)
             return None if kind == "none" else feats[kind][(prompt, draw)]
 
+        if any(b.blind for b in self.branches):
+            zero = self.needs.blind_tokens(self.forward, layout, row_feature)
+            feats["blind"] = {
+                (p, k): zero_image_tokens(feats["factual"][(p, 0)], zero[p], type(self.adapter.model).__name__)
+                for p in range(n)
+                for k in range(draws)
+            }
         return layout, row_feature
-
-    def prompt_kinds(self) -> tuple[str, ...]:
-        """The prompt variants the branches read besides the sample's own (``text``: no image)."""
-        return tuple(sorted({b.prompt for b in self.branches} - {"factual"}))
-
-    def encode_variants(self, images: list[Image.Image], prompts: list[str]) -> dict[str, list[dict]]:
-        """Each prompt as the rows of each variant kind read it (:attr:`~causalmm.methods.Branch.prompt`)."""
-        out: dict[str, list[dict]] = {}
-        for kind in self.prompt_kinds():
-            branch = next(b for b in self.branches if b.prompt == kind)
-            if kind == "text":
-                out[kind] = [self.adapter.encode_text(p, im) for im, p in zip(images, prompts, strict=True)]
-            else:
-                texts = [self.method.branch_prompt(branch, p, self.config) for p in prompts]
-                out[kind] = [
-                    self.adapter.encode(im, t, system=s)
-                    for im, (t, s) in zip(images, texts, strict=True)
-                ]
-        return out
 
     @torch.no_grad()
     def generate(
@@ -276,7 +227,7 @@ class Engine:
         keys = [image_digest(im, memo) for im in images] if self.prefix_reuse else None
         return self.generate_encoded(
             encs, options, image_keys=keys, seeds=seeds, image_seeds=image_seeds,
-            return_branch_logits=return_branch_logits, variants=self.encode_variants(images, prompts),
+            return_branch_logits=return_branch_logits, variants=self.needs.encode_variants(images, prompts),
         )  # fmt: skip
 
     @torch.no_grad()
@@ -293,7 +244,7 @@ class Engine:
     ) -> list[GenerationResult]:
         """:meth:`generate` on prompts already through the processor: ``encs`` holds, per prompt, what
         :meth:`Adapter.encode` gives (token inputs with batch dimension 1, and that prompt's image inputs).
-        ``variants[kind]``: the same for each prompt variant a branch reads (:meth:`prompt_kinds`).
+        ``variants[kind]``: the same for each prompt variant a branch reads (:meth:`MethodNeeds.prompt_kinds`).
 
         For callers that receive token ids rather than text (``causalmm.hf.generate``). ``image_keys``: one per
         prompt, equal for equal images, so their features are computed once (default: a digest of the image
@@ -312,13 +263,13 @@ class Engine:
             raise ConfigError("stop strings need the tokenizer: build the engine with the model's processor")
         imgs = [ad.image_inputs(e) for e in encs]
         variants = dict(variants or {})
-        missing = [k for k in self.prompt_kinds() if k not in variants]
+        missing = [k for k in self.needs.prompt_kinds() if k not in variants]
         if missing:
             raise ConfigError(
                 f"method {cfg.method!r} runs branches on other prompts ({', '.join(missing)}) that it writes from the "
                 "prompt text: give the text (CausalMM.generate), not token ids alone"
             )
-        all_encs = _same_token_keys({"factual": encs, **variants})
+        all_encs = same_token_keys({"factual": encs, **variants})
         if image_keys is None:
             image_keys = [inputs_digest(i) for i in imgs] if self.prefix_reuse else [str(p) for p in range(n)]
         layout, row_feature = self._layout(image_keys, all_encs, imgs, seeds, image_seeds)
@@ -329,13 +280,10 @@ class Engine:
         self.prefill_stats = {"groups": 0, "prefix_tokens": 0, "shared_rows": 0}
         if self.prefix_reuse:
             shared = prefill_shared(fw, layout, row_feature, lang_draws, plan, opts.max_new_tokens)
-        image_cols = None  # PAI: each row's image keys, in the reference prefill's layout
-        if self.edit is not None:
-            ids = fw.collate_tokens([layout.enc(r) for r in rows])["input_ids"]
-            image_cols = torch.isin(ids, self.image_tokens.to(ids.device))
+        image_cols = self.needs.columns(fw, layout)  # PAI, SID: each row's image keys
         if shared is None:
-            boost = self._boost(image_cols, rows) if self.edit is not None and self.edit.prefill else None
-            prefill = fw.prefill(layout, row_feature, lang_draws, plan, opts.max_new_tokens, boost)
+            edits = self.needs.edits(image_cols, rows, prefill=True)
+            prefill = fw.prefill(layout, row_feature, lang_draws, plan, opts.max_new_tokens, edits)
         else:
             prefill, self.prefill_stats = shared
         logits, cache, mask, positions = prefill
@@ -360,7 +308,7 @@ class Engine:
                     idx = [where[i] for i, r in enumerate(rows) if r.prompt == p and r.branch is b and i in where]
                     # Legacy: the counterfactual rows shared the factual cache after the first token.
                     cf_logits[b.name] = logits[idx].mean(0) if idx else fl
-                if self.exits:
+                if fw.exits:
                     exits = {i: t[where[p]] for i, t in fw.exit_logits.items()}
                     z = self.method.combine(fl, cf_logits, cfg, step, exits=exits)
                 else:
@@ -368,7 +316,7 @@ class Engine:
                 tok = select(z, out_ids[p], sample_gens[p])
                 out_ids[p].append(tok)
                 if return_branch_logits:
-                    early = [(f"exit{i}", t) for i, t in exits.items()] if self.exits else []
+                    early = [(f"exit{i}", t) for i, t in exits.items()] if fw.exits else []
                     for name, t in (("factual", fl), *cf_logits.items(), *early, ("combined", z)):
                         record[p].setdefault(name, []).append(t.cpu())
                 if tok in self.eos:
@@ -404,7 +352,7 @@ class Engine:
             cols = None if image_cols is None else image_cols[active]
             logits = fw.step(
                 {"input_ids": nxt}, mask, positions, cache, lang, plan, [rows[i] for i in active],
-                full_head=return_branch_logits, boost=self._boost(cols, [rows[i] for i in active]),
+                full_head=return_branch_logits, edits=self.needs.edits(cols, [rows[i] for i in active], prefill=False),
             )  # fmt: skip
         results = []
         for p in range(n):
@@ -415,13 +363,3 @@ class Engine:
             logs = {k: torch.stack(v) for k, v in record[p].items()} if return_branch_logits else None
             results.append(GenerationResult(text, out_ids[p], done[p] or "length", seeds[p], logs))
         return results
-
-
-def _same_token_keys(encs: dict[str, list[dict[str, torch.Tensor]]]) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Every prompt of every kind with the same token keys: a key some prompt lacks (a text-only prompt's token
-    types) is zeros there, as the processor writes it for text."""
-    keys = {k for es in encs.values() for e in es for k in e if k in TOKEN_KEYS}
-    out = {}
-    for kind, es in encs.items():
-        out[kind] = [{**e, **{k: torch.zeros_like(e["input_ids"]) for k in keys - set(e)}} for e in es]
-    return out

@@ -16,7 +16,7 @@ from ..attention import Intervention, SiteRule
 from ..config import CausalMMConfig
 from ..interventions import diffusion_noise
 
-__all__ = ["ImageFeatures", "first_equal", "image_digest", "inputs_digest"]
+__all__ = ["ImageFeatures", "first_equal", "image_digest", "inputs_digest", "zero_image_tokens"]
 
 Features = dict[tuple[int, int], Any]
 
@@ -43,6 +43,34 @@ def first_equal(keys: list[Any]) -> list[int]:
     """For each item, the index of the first item equal to it."""
     first: dict[Any, int] = {}
     return [first.setdefault(k, i) for i, k in enumerate(keys)]
+
+
+def zero_image_tokens(feature: Any, zero: torch.Tensor, model: str) -> Any:
+    """One image's features with the rows of the image tokens ``zero`` marks set to zero (AvisC's branch): the
+    LLM places feature rows at its image tokens in order, so row ``i`` is the ``i``-th image token's. Further
+    per-token fields (Qwen3-VL's deepstack features) are zeroed at the same rows.
+
+    Raises:
+        UnsupportedModelError: the features do not hold one row per image token.
+    """
+    from ..adapters import UnsupportedModelError
+    from ..adapters.base import ImageFeatures as Carried
+
+    def zeroed(t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1, t.shape[-1])
+        if flat.shape[0] != zero.numel():
+            raise UnsupportedModelError(
+                f"{model}: its image features hold {flat.shape[0]} rows for {zero.numel()} image tokens, so the "
+                "features of single image tokens cannot be zeroed (AvisC)"
+            )
+        return flat.masked_fill(zero.to(flat.device)[:, None], 0.0).reshape(t.shape)
+
+    if isinstance(feature, Carried):
+        extra = {
+            k: zeroed(v) if isinstance(v, torch.Tensor) else [zeroed(x) for x in v] for k, v in feature.extra.items()
+        }
+        return Carried(zeroed(feature.pooled), extra)
+    return zeroed(feature)
 
 
 class ImageFeatures:

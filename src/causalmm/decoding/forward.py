@@ -13,7 +13,7 @@ import transformers
 from transformers import DynamicCache
 
 from ..adapters import Adapter, UnsupportedModelError
-from ..attention import Boost, Draws, Intervention, SiteRule, intervene
+from ..attention import Draws, Intervention, SiteRule, intervene
 from .cache import growing_cache
 from .head import head_on_rows, plausible_logits
 from .rows import Row, RowLayout
@@ -99,12 +99,12 @@ class Forward:
         cache: DynamicCache,
         language_rows: dict[int, Draws],
         plan: RowPlan | None = None,
-        boost: Boost | None = None,
+        edits: dict[str, Any] | None = None,
     ) -> Any:
-        """One forward with the language intervention on ``language_rows`` (batch indices) and PAI's ``boost``;
-        with a ``plan``, the layers below :attr:`share_low` run on ``plan.keep`` only (their cache holds those
-        rows)."""
-        state = Intervention(language=self.language_rule, language_rows=language_rows, boost=boost)
+        """One forward with the language intervention on ``language_rows`` (batch indices) and the baselines'
+        ``edits`` (``boost``, ``prune``, ``watch``: :mod:`causalmm.edits`); with a ``plan``, the layers below
+        :attr:`share_low` run on ``plan.keep`` only (their cache holds those rows)."""
+        state = Intervention(language=self.language_rule, language_rows=language_rows, **(edits or {}))
         shared = (
             share_lower_layers(self.adapter.lm_layers[: self.share_low], plan)
             if plan is not None and self.share_low
@@ -160,17 +160,17 @@ class Forward:
         plan: RowPlan | None,
         rows: list[Row],
         full_head: bool = False,
-        boost: Boost | None = None,
+        edits: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``(rows, vocab)`` of one decode step (float32). With :attr:`head`, the counterfactual
         rows' logits are exact on the plausible tokens only (the only ones the rule reads); ``full_head`` (branch
         logits asked for) computes them whole."""
         cf = [j for j, r in enumerate(rows) if r.branch is not None]
         if self.head is None or full_head or not cf:
-            return self(inputs, mask, positions, cache, language_rows, plan, boost).logits[:, -1].float()
+            return self(inputs, mask, positions, cache, language_rows, plan, edits).logits[:, -1].float()
         fact = [j for j, r in enumerate(rows) if r.branch is None]
         with head_on_rows(self.head, fact) as kept:
-            out = self(inputs, mask, positions, cache, language_rows, plan, boost)
+            out = self(inputs, mask, positions, cache, language_rows, plan, edits)
         at = {rows[j].prompt: k for k, j in enumerate(fact)}
         return plausible_logits(
             self.head, kept["hidden"][:, -1], out.logits[:, -1], [at[r.prompt] for r in rows], cf, self.epsilon
@@ -219,14 +219,14 @@ class Forward:
         feats = [f for f in (row_feature(r) for r in rows) if f is not None]
         return self.adapter.features_input(feats) if feats else {}
 
-    def prefill(self, layout: RowLayout, row_feature, lang_draws, plan, reserve: int, boost=None) -> Prefill:
+    def prefill(self, layout: RowLayout, row_feature, lang_draws, plan, reserve: int, edits=None) -> Prefill:
         """The reference prefill: every row's whole prompt, left-padded, in one forward (the layers below
         :attr:`share_low` on the rows ``plan`` keeps only, whose cache keeps those rows); the cache has room for
-        ``reserve`` more tokens. ``boost``: PAI's edit on the rows it names."""
+        ``reserve`` more tokens. ``edits``: the baselines' edits (:meth:`__call__`)."""
         ad, rows = self.adapter, layout.rows
         batch = self.collate_tokens([layout.enc(r) for r in rows])
         positions = ad.prefill_positions(batch, self.image_meta(layout, list(range(len(rows)))))
         cache = self.new_cache(reserve)
         inputs = {"input_ids": batch["input_ids"], **extra_inputs(batch), **self.features(rows, row_feature)}
-        out = self(inputs, batch["attention_mask"], positions, cache, dict(lang_draws), plan, boost)
+        out = self(inputs, batch["attention_mask"], positions, cache, dict(lang_draws), plan, edits)
         return out.logits[:, -1].float(), cache, batch["attention_mask"], positions

@@ -29,6 +29,9 @@ class Branch:
     ``noise``: the image replaced by its diffusion-noised version (VCD). ``prompt``: the prompt the branch's rows
     read: ``factual`` (the sample's), ``text`` (the question alone, no image: M3ID, PAI), or the name of a variant
     the method writes with :meth:`Method.branch_prompt` (ICD's disturbance instruction), about the same image.
+    ``blind``: the image features of the tokens the factual prefill attends to least zeroed, the method choosing
+    them (:meth:`Method.blind_tokens`, AvisC). ``prune``: from an early LLM layer on, the image keys hidden but the
+    least-attended few (:meth:`Method.prune_at`, SID).
     """
 
     name: str
@@ -36,10 +39,14 @@ class Branch:
     language: bool = False
     noise: bool = False
     prompt: str = "factual"
+    blind: bool = False
+    prune: bool = False
 
     def __post_init__(self) -> None:
-        if self.prompt == "text" and (self.vision or self.noise):
+        if self.prompt == "text" and (self.vision or self.noise or self.blind or self.prune):
             raise ValueError(f"branch {self.name!r}: a text-only branch has no image to intervene on")
+        if sum((self.vision, self.noise, self.blind)) > 1:
+            raise ValueError(f"branch {self.name!r}: one image per branch (vision, noise or blind)")
 
     @property
     def image(self) -> str:
@@ -47,7 +54,7 @@ class Branch:
         ``none`` (a text-only branch)."""
         if self.prompt == "text":
             return "none"
-        return "vision" if self.vision else "noise" if self.noise else "factual"
+        return "vision" if self.vision else "noise" if self.noise else "blind" if self.blind else "factual"
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,16 @@ class Method:
         LLM of ``n_layers`` layers (``tied``: its input and output embeddings are tied). The engine hands their
         logits to :meth:`combine` as ``exits={index: logits}``. None by default."""
         return ()
+
+    def prune_at(self, config: CausalMMConfig) -> tuple[int, int]:
+        """For a ``prune`` branch: the LLM layer whose attention chooses the image keys kept (they are hidden from
+        the next layer on) and how many are kept."""
+        raise NotImplementedError(f"{self.name}: a prune branch needs prune_at")
+
+    def blind_tokens(self, attention: dict[int, torch.Tensor], config: CausalMMConfig) -> torch.Tensor:
+        """For a ``blind`` branch: the image tokens whose features it zeroes, a boolean mask ``(image tokens,)``,
+        from the factual prefill's last-query attention on the image tokens, ``{layer: (image tokens,)}``."""
+        raise NotImplementedError(f"{self.name}: a blind branch needs blind_tokens")
 
     def factual_edit(self, config: CausalMMConfig) -> FactualEdit | None:
         """An edit of the factual rows' attention (none: the factual rows are the model's own run)."""

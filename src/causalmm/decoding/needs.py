@@ -1,0 +1,148 @@
+"""What a decoding method asks of the engine beyond its branches' image features, resolved against one model:
+the prompts its branches read (ICD's instruction, M3ID's and PAI's text-only prompt), PAI's boost of the factual
+rows' attention, SID's pruning of its branch's image keys, AvisC's blind tokens (read in a probe prefill), and the
+early-exit layers of DoLa and DeCo. Each is checked when the engine is built, so a setting the model cannot take
+fails before any generation.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..adapters import Adapter
+from ..config import CausalMMConfig, ConfigError
+from ..edits import Boost, Prune, Watch
+from ..methods.base import Branch, Method  # the submodule: the methods package imports the rule from decoding
+from .forward import TOKEN_KEYS, Forward, extra_inputs
+from .rows import Row, RowLayout
+
+__all__ = ["MethodNeeds", "same_token_keys"]
+
+
+class MethodNeeds:
+    """The needs of ``method`` under ``config`` on ``adapter``'s model, checked.
+
+    Attributes:
+        edit / edit_layers: PAI's factual edit and the LLM layers it acts in (``None`` / empty: none).
+        prune: SID's ``(layer that chooses, image keys kept)`` (``None``: no pruned branch).
+        exits: the early-exit layers (``hidden_states`` indices) whose logits the rule reads.
+    """
+
+    def __init__(self, adapter: Adapter, config: CausalMMConfig, method: Method, branches: tuple[Branch, ...]):
+        self.adapter, self.config, self.method, self.branches = adapter, config, method, branches
+        n = adapter.n_language_layers
+        self.edit = method.factual_edit(config)
+        self.edit_layers = frozenset()
+        if self.edit is not None:
+            if not 0 <= self.edit.start_layer < n:
+                raise ConfigError(
+                    f"{config.method}: start_layer={self.edit.start_layer} is out of range: the LLM has {n} layers "
+                    f"(0..{n - 1})"
+                )
+            self.edit_layers = frozenset(range(self.edit.start_layer, n))
+        self.prune = method.prune_at(config) if any(b.prune for b in branches) else None
+        if self.prune is not None and not 0 <= self.prune[0] < n - 1:
+            raise ConfigError(
+                f"{config.method}: layer={self.prune[0] + 1} is out of range: the image keys are chosen in the layer "
+                f"before it and hidden from it on, so 1..{n - 1} for an LLM of {n} layers"
+            )
+        if self.image_columns and not plain_cache(adapter):
+            raise ConfigError(
+                f"{config.method} finds the image keys by their place in the KV cache, and "
+                f"{type(adapter.model).__name__} has sliding-window layers whose cache drops early keys; "
+                "use a model whose LLM attends to its whole context"
+            )
+        tied = bool(getattr(adapter.model.config, "tie_word_embeddings", False))
+        self.exits = tuple(method.exit_layers(config, n, tied))
+        bad = [i for i in self.exits if not 0 <= i < n]
+        if bad:
+            raise ConfigError(
+                f"{config.method}: early-exit layer {bad[0]} is out of range: the LLM has {n} layers, so "
+                f"0 (the embeddings) .. {n - 1} (the output of layer {n - 2})"
+            )
+
+    @property
+    def image_columns(self) -> bool:
+        """Whether forwards need each row's image keys in the cache's layout (PAI, SID)."""
+        return self.edit is not None or self.prune is not None
+
+    @property
+    def allow_prefix_reuse(self) -> bool:
+        """Whether the shared-prefix prefill may run: the image columns and the early exits are read in the
+        reference prefill's layout."""
+        return not self.image_columns and not self.exits
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def prompt_kinds(self) -> tuple[str, ...]:
+        """The prompt variants the branches read besides the sample's own (``text``: no image)."""
+        return tuple(sorted({b.prompt for b in self.branches} - {"factual"}))
+
+    def encode_variants(self, images: list[Image.Image], prompts: list[str]) -> dict[str, list[dict]]:
+        """Each prompt as the rows of each variant kind read it (:attr:`~causalmm.methods.Branch.prompt`)."""
+        out: dict[str, list[dict]] = {}
+        for kind in self.prompt_kinds():
+            branch = next(b for b in self.branches if b.prompt == kind)
+            if kind == "text":
+                out[kind] = [self.adapter.encode_text(p, im) for im, p in zip(images, prompts, strict=True)]
+            else:
+                texts = [self.method.branch_prompt(branch, p, self.config) for p in prompts]
+                out[kind] = [self.adapter.encode(im, t, system=s) for im, (t, s) in zip(images, texts, strict=True)]
+        return out
+
+    # -- edits -----------------------------------------------------------------------------------------------
+    def columns(self, fw: Forward, layout: RowLayout) -> torch.Tensor | None:
+        """Each row's image keys ``(rows, length)`` in the reference prefill's layout, where an edit needs them."""
+        if not self.image_columns:
+            return None
+        ids = fw.collate_tokens([layout.enc(r) for r in layout.rows])["input_ids"]
+        return torch.isin(ids, self.adapter.image_token_ids.to(ids.device))
+
+    def edits(self, image_cols: torch.Tensor | None, rows: list[Row], prefill: bool) -> dict | None:
+        """The edits of one forward over ``rows`` (the batch, in order; ``image_cols`` their image keys): PAI's boost
+        on the factual rows, SID's pruning on its branch's rows; ``None`` where there are none."""
+        if image_cols is None:
+            return None
+        out: dict = {}
+        if self.edit is not None and (self.edit.prefill or not prefill):
+            keys = {j: image_cols[j] for j, r in enumerate(rows) if r.branch is None}
+            out["boost"] = Boost(self.edit.alpha, self.edit_layers, keys)
+        if self.prune is not None:
+            keys = {j: image_cols[j] for j, r in enumerate(rows) if r.branch is not None and r.branch.prune}
+            out["prune"] = Prune(self.prune[0], self.prune[1], keys)
+        return out or None
+
+    def blind_tokens(self, fw: Forward, layout: RowLayout, row_feature) -> list[torch.Tensor]:
+        """AvisC: one probe prefill of the factual rows, watching each layer's last-query attention on the image
+        tokens; the method picks, per prompt, the image tokens its branch zeroes."""
+        n = len(layout.imgs)
+        rows = layout.rows[:n]  # the factual rows come first
+        batch = fw.collate_tokens([layout.enc(r) for r in rows])
+        positions = self.adapter.prefill_positions(batch, fw.image_meta(layout, list(range(n))))
+        watch = Watch(list(range(n)))
+        inputs = {"input_ids": batch["input_ids"], **extra_inputs(batch), **fw.features(rows, row_feature)}
+        fw(inputs, batch["attention_mask"], positions, fw.new_cache(), {}, None, {"watch": watch})
+        image = torch.isin(batch["input_ids"], self.adapter.image_token_ids.to(batch["input_ids"].device))
+        return [
+            self.method.blind_tokens({layer: seen[p][image[p]] for layer, seen in watch.seen.items()}, self.config)
+            for p in range(n)
+        ]
+
+
+def plain_cache(adapter: Adapter) -> bool:
+    """Whether the LLM's cache is plain growing layers (no sliding window): forking and left-padding it, and
+    finding a key by its column, are sound only then."""
+    text_cfg = adapter.model.config.get_text_config()
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_cfg).layers)
+
+
+def same_token_keys(encs: dict[str, list[dict[str, torch.Tensor]]]) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Every prompt of every kind with the same token keys: a key some prompt lacks (a text-only prompt's token
+    types) is zeros there, as the processor writes it for text."""
+    keys = {k for es in encs.values() for e in es for k in e if k in TOKEN_KEYS}
+    out = {}
+    for kind, es in encs.items():
+        out[kind] = [{**e, **{k: torch.zeros_like(e["input_ids"]) for k in keys - set(e)}} for e in es]
+    return out

@@ -1,0 +1,57 @@
+"""SID, Self-Introspective Decoding: the contrast with a branch that, from an early LLM layer on, sees only the
+image tokens the model finds least important, so its output carries the hallucinations the model is prone to.
+
+Huo et al., ICLR 2025 (arXiv 2408.02032); official code github.com/huofushuo/SID, its patched
+``transformers/models/llama/modeling_llama.py`` ("fast_v", l.769-852): at layer ``layer`` (2), the attention of
+the last query in the layer before, averaged over heads, ranks the image tokens; the branch keeps the ``keep``
+(100) least attended and hides the other image keys from every query from that layer on (masked, not dropped:
+positions and cache unchanged), chosen again at every step from the newest token's attention. The rule is
+``(1 + alpha) l - alpha l_sid`` on raw logits (``vcd_sample.py`` l.177-194): ``alpha = 0.5``, what runs (the
+scripts' ``--cd-alpha 1`` is not passed on, so ``vcd_sample.py``'s fallback 0.5 applies), ``beta = 0.1``. Its
+default greedy path takes the argmax before the ``beta`` cut (``epsilon=0`` reproduces that); sampling applies it.
+The official code reads LLaVA-1.5's fixed span of 576 image tokens at batch size 1; here each row's own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..decoding.rule import contrast
+from .base import Branch, Method, Param
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..config import CausalMMConfig
+
+__all__ = ["SID", "SID_BRANCH"]
+
+SID_BRANCH = Branch("sid", prune=True)
+
+
+@register
+class SID(Method):
+    name = "sid"
+    summary = "contrast with a branch that sees only the least-attended image tokens after an early layer"
+    reference = "Huo et al., ICLR 2025; github.com/huofushuo/SID, modeling_llama.py (fast_v) and vcd_sample.py"
+    params = (
+        Param("gamma", 0.5, "alpha = 0.5, vcd_sample.py's fallback (pope_eval.py's --cd-alpha 1 is not passed on)"),
+        Param("epsilon", 0.1, "cd_beta = 0.1 (the official greedy path skips the cut: epsilon=0)"),
+        Param("layer", 2, "fast_v_agg_layer = 2: hidden from layer 2 on, chosen in layer 1",
+              check=lambda v: None if v >= 1 else "must be >= 1 (the keys are chosen in the layer before)"),
+        Param("keep", 100, "fast_v_attention_rank = 100 (pope_eval.py; 50 in chair_eval.py)",
+              check=lambda v: None if v >= 0 else "must be >= 0"),
+    )  # fmt: skip
+    plausible_only = True
+
+    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+        return (SID_BRANCH,)
+
+    def prune_at(self, config: CausalMMConfig) -> tuple[int, int]:
+        return config.param("layer") - 1, config.param("keep")
+
+    def combine(
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+    ) -> torch.Tensor:
+        return contrast(factual, [counterfactuals["sid"]], gamma=config.gamma, epsilon=config.epsilon)

@@ -68,6 +68,24 @@ class FactualEdit:
     prefill: bool
 
 
+def layer_spec_check(what: str, words: tuple[str, ...]) -> Callable[[str], str | None]:
+    """A :class:`Param` check for a layer spec (``resolve_layers`` syntax, range unknown until the model is) or
+    one of ``words``."""
+
+    def check(value: str) -> str | None:
+        if value in words:
+            return None
+        from ..config import resolve_layers
+
+        try:
+            resolve_layers(value, 10**6, what=what)
+        except ValueError as err:
+            return f"{err}; or {' / '.join(words)}"
+        return None
+
+    return check
+
+
 @dataclass(frozen=True)
 class Param:
     """A hyper-parameter a method reads, its default, and where that default comes from.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import resolve_layers
-from .base import Method, Param
+from .base import Method, Param, layer_spec_check
 from .registry import register
 
 if TYPE_CHECKING:
@@ -64,16 +64,6 @@ def deco_scores(
     return z, anchor
 
 
-def _check_layers(value: str) -> str | None:
-    if value == "auto":
-        return None
-    try:
-        resolve_layers(value, 10**6, what="DeCo early layer")
-    except ValueError as err:
-        return f"{err}; or auto"
-    return None
-
-
 @register
 class DeCo(Method):
     name = "deco"
@@ -84,7 +74,8 @@ class DeCo(Method):
               check=lambda v: None if v >= 0 else "must be >= 0"),
         Param("top_k", 20, "threshold_top_k = 20", check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("top_p", 0.9, "threshold_top_p = 0.9", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
-        Param("layers", "auto", "start_layer 20, end_layer 29 (exclusive) of LLaVA-1.5's 32", check=_check_layers),
+        Param("layers", "auto", "start_layer 20, end_layer 29 (exclusive) of LLaVA-1.5's 32",
+              check=layer_spec_check("DeCo early layer", ("auto",))),
     )  # fmt: skip
     exit_norm = True
 

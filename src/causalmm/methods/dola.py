@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import resolve_layers
-from .base import Method, Param
+from .base import Method, Param, layer_spec_check
 from .registry import register
 
 if TYPE_CHECKING:
@@ -72,16 +72,6 @@ def dola_scores(final: torch.Tensor, premature: torch.Tensor, *, epsilon: float,
     return lf - gamma * lp
 
 
-def _check_layers(value: str) -> str | None:
-    if value in ("low", "high"):
-        return None
-    try:
-        resolve_layers(value, 10**6, what="DoLa candidate layer")
-    except ValueError as err:
-        return f"{err}; or low / high"
-    return None
-
-
 @register
 class DoLa(Method):
     name = "dola"
@@ -91,7 +81,8 @@ class DoLa(Method):
         Param("gamma", 1.0, "the official rule subtracts the premature log-probabilities once (0: regular)"),
         Param("epsilon", 0.1, "relative_top = 0.1 (transformers' fixed value, the paper's alpha)"),
         Param("layers", "low", "hidden_states 0, 2, ..., 14 of a 32-layer LLM (the DoLa README; transformers' "
-              "dola_layers='low'; 'high' is its choice for short answers)", check=_check_layers),
+              "dola_layers='low'; 'high' is its choice for short answers)",
+              check=layer_spec_check("DoLa candidate layer", ("low", "high"))),
     )  # fmt: skip
 
     def exit_layers(self, config: CausalMMConfig, n_layers: int, tied: bool) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/causalmm demo
+	$(VENV)/bin/causalmm demo --all
 
 lint: install
 	$(PY) -m ruff check src tests

@@ -15,7 +15,7 @@ from transformers import LlavaForConditionalGeneration
 from causalmm.api import CausalMM
 from causalmm.config import CausalMMConfig
 from causalmm.toyworld import WorldConfig, train_sample, vocabulary
-from causalmm.toyworld.demo import METHODS
+from causalmm.toyworld.demo import LEADERBOARD, METHODS
 from causalmm.toyworld.model import ModelSize, build_config, build_processor, build_tokenizer, shipped_model_path
 from causalmm.toyworld.study import answer, group_rates, questions
 from causalmm.toyworld.train import IGNORE, TrainConfig, _Encoder, collate, train
@@ -187,6 +187,92 @@ def test_demo_cli_on_a_few_samples(tmp_path, causalmm_cli, smoke_model):
     assert set(metrics["rates"]) == {"regular", "vcd", "causalmm/vision", "causalmm/language", "causalmm/multimodal"}
     with Image.open(out / "demo.png") as im:
         assert im.size[0] > 600 and im.size[1] > 300
+    # regular is its own reference: a cost ratio of exactly one; every other method's interval brackets its mean
+    assert metrics["rates"]["regular"]["cost_per_token"] == {"mean": 1.0, "ci95": [1.0, 1.0], "n": 1}
+    for method, rates in metrics["rates"].items():
+        cost = rates["cost_per_token"]
+        assert 0 < cost["ci95"][0] <= cost["mean"] <= cost["ci95"][1], method
+    # the seeded methods ran both seeds, the others once (regular decoding draws nothing)
+    assert metrics["seeds_run"]["regular"] == [0] and metrics["seeds_run"]["vcd"] == [0, 1]
+    board = (out / "leaderboard.md").read_text()
+    assert metrics["date"] in board and metrics["machine"] in board and "causalmm demo --model" in board
+    assert [line.split(" | ")[0].strip("| *") for line in board.splitlines() if line.startswith("| ")][1:] == list(
+        METHODS
+    )
+
+
+def test_demo_cli_all_runs_the_leaderboard(tmp_path, causalmm_cli, smoke_model):
+    out = tmp_path / "demo"
+    proc = causalmm_cli("demo", "--all", "--model", str(smoke_model), "--images", "1", "--seeds", "0,1", "--out",
+                        str(out))  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["rates"]) == list(LEADERBOARD)
+    for name in LEADERBOARD:
+        assert name in proc.stdout
+    # deterministic methods (no noise, no random attention) run once; VCD and the random-attention gate twice
+    once = {m for m, seeds in metrics["seeds_run"].items() if seeds == [0]}
+    assert once == {"regular", "icd", "m3id", "pai", "avisc", "sid", "dola", "deco"}
+    assert metrics["seeds_run"]["causalmm/gate"] == [0, 1]
+
+
+def test_cost_ratio_hand_example():
+    from causalmm.toyworld.study import Answers, cost_ratio
+
+    words = np.empty((1, 1), dtype=object)
+    reference = Answers(words, seconds=np.array([[1.0, 2.0, 1.0]]), tokens=np.array([[10, 10, 10]]))
+    # two seeds: the batches' times and tokens add up over seeds before the ratio
+    method = Answers(words, seconds=np.array([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]]), tokens=np.array([[10, 10, 10]] * 2))
+    cost = cost_ratio(method, reference, n_boot=500)
+    assert cost["mean"] == pytest.approx((12 / 60) / (4 / 30))
+    assert cost["n"] == 3
+    lo, hi = cost["ci95"]
+    per_batch = [(2 / 20) / (1 / 10), (6 / 20) / (2 / 10), (4 / 20) / (1 / 10)]  # a resample of one batch repeated
+    assert min(per_batch) - 1e-9 <= lo <= cost["mean"] <= hi <= max(per_batch) + 1e-9
+    # fewer tokens for the same time cost more per token
+    fewer = Answers(words, seconds=reference.seconds, tokens=np.array([[5, 5, 5]]))
+    assert cost_ratio(fewer, reference, n_boot=0)["mean"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="same batches"):
+        cost_ratio(Answers(words, np.ones((1, 2)), np.ones((1, 2))), reference, n_boot=0)
+
+
+def test_leaderboard_grid_holds_every_default_and_only_valid_settings():
+    """``tune`` tries each method's official default (scaled to the toy model) among its settings, and every
+    setting of the grid is a configuration the method accepts."""
+    from causalmm.toyworld.grid import DEFAULTS, grid, seeded
+
+    settings = grid(3, 4)
+    assert list(settings) == list(LEADERBOARD) == list(DEFAULTS)
+    for method, rows in settings.items():
+        configs = [CausalMMConfig(**s).to_dict() for s in rows]
+        assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(rows), f"{method}: repeated settings"
+        default = CausalMMConfig(**DEFAULTS[method]).to_dict()
+        if method not in ("causalmm/language", "causalmm/multimodal"):  # the paper's middle-third default: not on 4
+            assert default in configs, method
+    assert seeded({"method": "vcd"}) and seeded({"method": "causalmm", "mode": "language"})
+    assert not seeded({"method": "causalmm", "mode": "language", "language_cf": "uniform"})
+    assert not seeded({"method": "icd"}) and not seeded({"method": "regular"})
+
+
+def test_tune_keeps_earlier_choices_and_refuses_unknown_methods(smoke_model, tmp_path, causalmm_cli):
+    import shutil
+
+    from causalmm.config import ConfigError
+    from causalmm.toyworld.demo import tune
+
+    model = shutil.copytree(smoke_model, tmp_path / "model")
+    first = tune(model, n_images=1, methods=("dola",), log=lambda _: None)
+    assert list(first["chosen"]) == ["regular", "dola"]
+    second = tune(model, n_images=1, methods=("deco",), log=lambda _: None)
+    assert list(second["chosen"]) == ["regular", "dola", "deco"]
+    assert second["chosen"]["dola"] == json.loads(json.dumps(first["chosen"]["dola"]))
+    assert set(second["wall_time_s_by_method"]) == {"regular", "dola", "deco"}
+    # other images: the earlier choices no longer hold, the file is replaced whole
+    third = tune(model, n_images=2, methods=("deco",), log=lambda _: None)
+    assert list(third["chosen"]) == ["regular", "deco"]
+    with pytest.raises(ConfigError, match="unknown toy-world method"):
+        tune(model, n_images=1, methods=("opera",), log=lambda _: None)
+    proc = causalmm_cli("toyworld", "tune", "--model", str(model), "--methods", "nope", check=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_demo_cli_bad_input(tmp_path, causalmm_cli):
@@ -212,7 +298,7 @@ def test_shipped_model_is_small_documented_and_reproducible_by_the_default_comma
     assert record["train"] == as_json(TrainConfig()) and record["world"] == as_json(WORLD)
     assert shipped.model.config.model_type == "llava"
     tuning = json.loads((path / "tuning.json").read_text())
-    assert tuning["split"] == "val" and set(tuning["chosen"]) == set(METHODS)
+    assert tuning["split"] == "val" and list(tuning["chosen"]) == list(LEADERBOARD)
 
 
 def test_shipped_model_is_grounded_and_shows_the_prior(shipped):

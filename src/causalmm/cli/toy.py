@@ -21,27 +21,40 @@ def demo(
     images: Annotated[int, typer.Option(help="Test-split images (every object is asked about each).")] = 240,
     seeds: Annotated[str, typer.Option(help="Counterfactual seeds, comma-separated.")] = "0,1,2",
     batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 32,
+    all_methods: Annotated[
+        bool, typer.Option("--all", help="The full leaderboard: every baseline and the original feature gate too.")
+    ] = False,
 ) -> None:
     """Show what CausalMM does on the embedded toy-world model: prior-induced hallucination, before and after.
 
-    Runs regular greedy, VCD and CausalMM (vision, language, multimodal) on the toy world's test split, with the
-    settings chosen on its val split, and prints each method's rates with 95% bootstrap intervals.
+    Runs regular greedy, VCD and CausalMM (vision, language, multimodal) on the toy world's test split (with
+    --all, every method of the leaderboard), with the settings chosen on its val split, and prints each
+    method's rates and its cost per token relative to regular decoding, with 95% bootstrap intervals.
     """
+    import shlex
+    import sys
+
+    from ..toyworld.demo import LEADERBOARD, METHODS
     from ..toyworld.demo import demo as run_demo
 
     seed_list = int_list(seeds, "--seeds")
     if images < 1 or batch_size < 1:
         fail("--images and --batch-size must be at least 1")
+    command = shlex.join(["causalmm", *sys.argv[1:]])
     try:
-        result = run_demo(model, out=out, n_images=images, seeds=seed_list, batch_size=batch_size)
+        result = run_demo(
+            model, out=out, n_images=images, seeds=seed_list, batch_size=batch_size,
+            methods=LEADERBOARD if all_methods else METHODS, command=command,
+        )  # fmt: skip
     except (FileNotFoundError, *user_errors()) as err:
         fail(str(err))
     _print_demo(result, out)
 
 
 def _print_demo(result: dict, out: Path) -> None:
-    def ci(x: dict) -> str:
-        return f"{100 * x['mean']:5.1f} [{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}]"
+    def ci(x: dict, scale: float = 100.0, digits: int = 1) -> str:
+        lo, hi = x["ci95"]
+        return f"{scale * x['mean']:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
     table = Table(
         title=f"Toy world, test split: {result['n_questions']} questions, seeds {result['seeds']} "
@@ -49,7 +62,7 @@ def _print_demo(result: dict, out: Path) -> None:
     )
     for col in (
         "method", "prior-induced hallucination %", "Δ", "other absent false-yes %", "prior-consistent accuracy %",
-        "Δ", "accuracy %", "CIs disjoint",
+        "Δ", "accuracy %", "cost/token × regular", "CIs disjoint",
     ):  # fmt: skip
         table.add_column(col)
     for row in result["table"]:
@@ -62,10 +75,12 @@ def _print_demo(result: dict, out: Path) -> None:
             ci(row["consistent_accuracy"]),
             f"{100 * row['delta_consistent_accuracy']:+.1f}",
             ci(rates["accuracy"]),
+            ci(rates["cost_per_token"], 1.0, 2),
             "yes" if row["ci_disjoint_from_reference"] else "",
         )
     Console(width=max(Console().width, 150)).print(table)
-    print(f"wrote {out / 'metrics.json'} and {out / 'demo.png'} ({result['wall_time_s']:.0f} s)")
+    written = ", ".join(str(out / name) for name in ("metrics.json", "leaderboard.md", "demo.png"))
+    print(f"wrote {written} ({result['wall_time_s']:.0f} s)")
 
 
 def plumbing(
@@ -162,11 +177,18 @@ def toyworld_tune(
     model: Annotated[Path | None, typer.Option(help="Model directory (default: the shipped one).")] = None,
     images: Annotated[int, typer.Option(help="Val-split images.")] = 80,
     max_drop: Annotated[float, typer.Option(help="Largest prior-consistent accuracy loss allowed.")] = 0.02,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated leaderboard names to (re-)tune; the others keep their choice.")
+    ] = None,
 ) -> None:
     """Choose each method's settings on the val split; writes tuning.json beside the model (the demo reads it)."""
-    from ..toyworld.demo import tune
+    from ..toyworld.demo import LEADERBOARD, tune
 
-    result = tune(model, n_images=images, max_drop=max_drop)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(LEADERBOARD)
+    try:
+        result = tune(model, n_images=images, max_drop=max_drop, methods=names)
+    except (FileNotFoundError, *user_errors()) as err:
+        fail(str(err))
     for method, best in result["chosen"].items():
         r = best["rates"]
         print(f"{method:20s} {json.dumps(best['settings'])}  hallucination {r['prior_conflict']:.3f}  "

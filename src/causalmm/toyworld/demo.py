@@ -5,67 +5,37 @@ epsilon; VCD's noise step) on the **val** images with one counterfactual seed, a
 setting with the lowest prior-induced hallucination rate among those that keep prior-consistent accuracy
 within ``max_drop`` of regular decoding (on val). The choice, and the whole grid, go to ``tuning.json`` in
 the model directory. ``demo`` (``causalmm demo``) runs regular greedy, VCD and CausalMM in vision, language
-and multimodal mode with those settings on the **test** images over three counterfactual seeds, and writes
-``metrics.json`` and ``demo.png``: nothing in it is chosen on the numbers it reports.
+and multimodal mode (``--all``: the full leaderboard, every baseline and the original feature gate too) with
+those settings on the **test** images, over three counterfactual seeds for the methods that draw one and once
+for the others, times every batch against regular decoding, and writes ``metrics.json``, ``demo.png`` and
+``leaderboard.md``: nothing in it is chosen on the numbers it reports. What is run and tried is in :mod:`.grid`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
+import os
+import platform
 import time
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..config import CausalMMConfig
-from .study import GROUPS, answer, group_rates, questions, summarise
+from ..config import CausalMMConfig, ConfigError
+from .grid import DEFAULTS, LEADERBOARD, METHODS, grid, seeded
+from .study import GROUPS, Answers, answer_timed, cost_ratio, group_rates, questions, summarise
 from .world import WorldConfig
 
-__all__ = ["METHODS", "DEFAULTS", "tune", "demo", "load_settings", "plot"]
-
-#: the demo's methods, in table order
-METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/language", "causalmm/multimodal")
-
-#: settings used when the model directory has no tuning.json
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "regular": {"method": "regular"},
-    "vcd": {"method": "vcd", "gamma": 1.0, "epsilon": 0.1},
-    "causalmm/vision": {"method": "causalmm", "mode": "vision", "gamma": 1.0, "epsilon": 0.1},
-    "causalmm/language": {"method": "causalmm", "mode": "language", "gamma": 1.0, "epsilon": 0.1},
-    "causalmm/multimodal": {"method": "causalmm", "mode": "multimodal", "gamma": 1.0, "epsilon": 0.1},
-}
-
-GAMMAS = (1.0, 2.0, 4.0)
-EPSILONS = (0.01, 0.1)
+__all__ = ["METHODS", "LEADERBOARD", "DEFAULTS", "tune", "demo", "load_settings", "plot", "leaderboard"]
 
 
-def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, Any]]]:
-    """method -> the settings ``tune`` tries (layer choices sized to the model)."""
-    last_text = n_text_layers - 1
-    text_layers = ["all", f"0-{max(0, n_text_layers // 2 - 1)}", f"{n_text_layers // 2}-{last_text}"]
-    vision_layers = [None, "all"]  # None: the layer that feeds the LLM
-    out: dict[str, list[dict[str, Any]]] = {"regular": [{"method": "regular"}]}
-    out["vcd"] = [
-        {"method": "vcd", "noise_step": s, "gamma": g, "epsilon": e}
-        for s, g, e in itertools.product((500, 999), GAMMAS, EPSILONS)
-    ]
-    out["causalmm/vision"] = [
-        {"method": "causalmm", "mode": "vision", "vision_layers": v, "gamma": g, "epsilon": e}
-        for v, g, e in itertools.product(vision_layers, GAMMAS, EPSILONS)
-    ]
-    out["causalmm/language"] = [
-        {"method": "causalmm", "mode": "language", "language_layers": t, "gamma": g, "epsilon": e}
-        for t, g, e in itertools.product(text_layers, GAMMAS, EPSILONS)
-    ]
-    out["causalmm/multimodal"] = [  # both branches: all LLM layers (the widest language setting), each vision choice
-        {"method": "causalmm", "mode": "multimodal", "vision_layers": v, "language_layers": "all", "gamma": g,
-         "epsilon": e}
-        for v, g, e in itertools.product(vision_layers, GAMMAS, EPSILONS)
-    ]
-    return out
+def _with_regular(methods: Sequence[str]) -> list[str]:
+    """``methods`` checked against the leaderboard, regular decoding first (the reference of every comparison)."""
+    unknown = [m for m in methods if m not in LEADERBOARD]
+    if unknown:
+        raise ConfigError(f"unknown toy-world method(s) {', '.join(unknown)}; choose among {', '.join(LEADERBOARD)}")
+    return ["regular", *(m for m in methods if m != "regular")]
 
 
 def _load(model: str | Path | None) -> tuple[Any, Path]:
@@ -88,13 +58,18 @@ def trained_world(path: Path) -> WorldConfig:
     return WorldConfig(**world)
 
 
-def load_settings(path: Path) -> tuple[dict[str, dict[str, Any]], str]:
-    """(method -> settings, where they came from): the model's tuning.json, or :data:`DEFAULTS`."""
+def load_settings(path: Path, methods: Sequence[str] = METHODS) -> tuple[dict[str, dict[str, Any]], str]:
+    """(method -> settings, where they came from): the model's tuning.json, or :data:`DEFAULTS` for the methods
+    it has no choice for (the source says which)."""
     tuning = path / "tuning.json"
-    if tuning.is_file():
-        chosen = json.loads(tuning.read_text(encoding="utf-8"))["chosen"]
-        return {m: chosen[m]["settings"] for m in METHODS}, f"chosen on the val split ({tuning.name})"
-    return DEFAULTS, "defaults (no tuning.json beside the model)"
+    chosen = json.loads(tuning.read_text(encoding="utf-8"))["chosen"] if tuning.is_file() else {}
+    settings = {m: chosen[m]["settings"] if m in chosen else DEFAULTS[m] for m in methods}
+    missing = [m for m in methods if m not in chosen]
+    if not chosen:
+        return settings, "defaults (no tuning.json beside the model)"
+    if missing:
+        return settings, f"chosen on the val split ({tuning.name}); defaults for {', '.join(missing)}"
+    return settings, f"chosen on the val split ({tuning.name})"
 
 
 def tune(
@@ -105,29 +80,36 @@ def tune(
     max_drop: float = 0.02,
     batch_size: int = 32,
     write: bool = True,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = LEADERBOARD,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Sweep each method's settings on the val split; keep the best admissible one per method."""
+    """Sweep each method's settings on the val split; keep the best admissible one per method.
+
+    Regular decoding is always run (its accuracy sets the floor). With ``write``, the choices join those of an
+    earlier tuning.json made with the same images and seed, so one method can be re-tuned without the rest.
+    """
+    methods = _with_regular(methods)
     cm, path = _load(model)
     world = trained_world(path)
     images, qs = questions(world, "val", n_images)
     n_vision = cm.adapter.model.config.vision_config.num_hidden_layers
     n_text = cm.adapter.model.config.text_config.num_hidden_layers
+    settings_grid = grid(n_vision, n_text)
     results: dict[str, list[dict[str, Any]]] = {}
     start = time.perf_counter()
     for method in methods:
         results[method] = []
-        for settings in grid(n_vision, n_text)[method]:
+        for settings in settings_grid[method]:
             cfg = CausalMMConfig(seed=seed, **settings)
-            rates = group_rates(answer(cm, cfg, images, qs, [seed], batch_size=batch_size), qs, n_boot=0)
+            words = answer_timed(cm, cfg, images, qs, [seed], batch_size=batch_size).words
+            rates = group_rates(words, qs, n_boot=0)
             results[method].append({"settings": settings, "rates": {k: v["mean"] for k, v in rates.items()}})
             r = results[method][-1]["rates"]
             log(
                 f"{method:20s} {json.dumps(settings):110s} hallucination {r['prior_conflict']:.3f} "
                 f"consistent {r['prior_consistent']:.3f} acc {r['accuracy']:.3f}"
             )
-    floor = results["regular"][0]["rates"]["prior_consistent"] - max_drop if "regular" in results else 0.0
+    floor = results["regular"][0]["rates"]["prior_consistent"] - max_drop
     chosen = {}
     for method, rows in results.items():
         ok = [r for r in rows if r["rates"]["prior_consistent"] >= floor - 1e-12]
@@ -136,12 +118,20 @@ def tune(
         else:  # nothing keeps accuracy: the least damaging setting, flagged, never the most aggressive one
             best = max(rows, key=lambda r: (r["rates"]["prior_consistent"], -r["rates"]["prior_conflict"]))
         chosen[method] = {**best, "admissible": bool(ok)}
+    walls = _walls(results, round(time.perf_counter() - start, 1))
+    previous = _previous_tuning(path, n_images, seed, max_drop, results["regular"][0]) if write else None
+    if previous is not None:  # keep the earlier choices of the methods not re-run, in leaderboard order
+        keep = [m for m in LEADERBOARD if m in chosen or m in previous["chosen"]]
+        chosen = {m: chosen[m] if m in chosen else previous["chosen"][m] for m in keep}
+        results = {m: results[m] if m in results else previous["grid"][m] for m in keep}
+        walls = {m: walls[m] if m in walls else previous["wall_time_s_by_method"][m] for m in keep}
     out = {
-        "format": "causalmm-toyworld-tuning/1",
+        "format": "causalmm-toyworld-tuning/2",
         "split": "val",
         "n_images": n_images,
         "n_questions": len(qs),
         "seed": seed,
+        "max_drop": max_drop,
         "rule": (
             f"per method, the lowest prior_conflict false-yes rate among settings whose prior_consistent accuracy "
             f"is at least regular's minus {max_drop} (val split, one counterfactual seed); where no setting "
@@ -149,11 +139,34 @@ def tune(
         ),
         "chosen": chosen,
         "grid": results,
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "wall_time_s_by_method": walls,
     }
     if write:
         (path / "tuning.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return out
+
+
+def _walls(results: dict[str, list], wall: float) -> dict[str, float]:
+    """This run's wall time, shared among the methods it ran in proportion to their grid sizes."""
+    sizes = {m: len(rows) for m, rows in results.items()}
+    return {m: round(wall * n / sum(sizes.values()), 1) for m, n in sizes.items()}
+
+
+def _previous_tuning(
+    path: Path, n_images: int, seed: int, max_drop: float, regular: dict[str, Any]
+) -> dict[str, Any] | None:
+    """An earlier tuning.json whose choices still hold: same images, seed and rule, and regular decoding giving
+    the same rates (the floor every choice was made against); otherwise None and it is replaced whole."""
+    file = path / "tuning.json"
+    if not file.is_file():
+        return None
+    old = json.loads(file.read_text(encoding="utf-8"))
+    same = (
+        old.get("format") == "causalmm-toyworld-tuning/2"
+        and (old.get("n_images"), old.get("seed"), old.get("max_drop")) == (n_images, seed, max_drop)
+        and old.get("chosen", {}).get("regular", {}).get("rates") == regular["rates"]
+    )
+    return old if same else None
 
 
 def demo(
@@ -162,83 +175,153 @@ def demo(
     out: str | Path = "runs/demo",
     n_images: int = 240,
     seeds: Sequence[int] = (0, 1, 2),
+    methods: Sequence[str] = METHODS,
     batch_size: int = 32,
     n_boot: int = 2000,
+    command: str = "causalmm demo",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Every method on the test split (three counterfactual seeds); writes metrics.json and demo.png under ``out``."""
+    """``methods`` on the test split; writes metrics.json, demo.png and leaderboard.md under ``out``.
+
+    Methods whose answers depend on the counterfactual seed run once per seed, the others once. Every
+    ``generate`` call is timed; each method's cost per token is reported relative to regular decoding on the
+    same batches (regular is always run). One warm-up batch per method runs before its timed ones.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    methods = _with_regular(methods)
     cm, path = _load(model)
     world = trained_world(path)
-    settings, source = load_settings(path)
+    settings, source = load_settings(path, methods)
     images, qs = questions(world, "test", n_images)
-    runs = {m: (list(seeds)[:1] if settings[m]["method"] == "regular" else list(seeds)) for m in METHODS}
+    runs = {m: list(seeds) if seeded(settings[m]) else list(seeds)[:1] for m in methods}
     total = sum(len(s) for s in runs.values()) * len(qs)
     rows: dict[str, dict[str, dict[str, float]]] = {}
-    answers: dict[str, np.ndarray] = {}
+    answers: dict[str, Answers] = {}
     start = time.perf_counter()
     with Progress(
         TextColumn("{task.description:22s}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         disable=not progress, transient=False,
     ) as bar:
         task = bar.add_task("demo", total=total)
-        for method in METHODS:
+        for method in methods:
             bar.update(task, description=method)
             cfg = CausalMMConfig(**settings[method])
-            answers[method] = answer(
+            answer_timed(cm, cfg, images, qs[:batch_size], [0], batch_size=batch_size)  # warm-up: one full batch
+            answers[method] = answer_timed(
                 cm, cfg, images, qs, runs[method], batch_size=batch_size, advance=lambda n: bar.advance(task, n)
             )
-            rows[method] = group_rates(answers[method], qs, n_boot=n_boot)
+            rows[method] = group_rates(answers[method].words, qs, n_boot=n_boot)
+            rows[method]["cost_per_token"] = cost_ratio(answers[method], answers["regular"], n_boot=n_boot)
     table = summarise(rows)
     result = {
-        "format": "causalmm-toyworld-demo/1",
+        "format": "causalmm-toyworld-demo/2",
         "model": str(path),
         "split": "test",
         "n_images": n_images,
         "n_questions": len(qs),
         "seeds": list(seeds),
+        "seeds_run": runs,
         "settings": settings,
         "settings_source": source,
         "groups": GROUPS,
         "rates": rows,
         "table": table,
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "command": command,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (out / "leaderboard.md").write_text(leaderboard(result), encoding="utf-8")
     plot(result, out / "demo.png")
     return result
 
 
+def machine() -> str:
+    """What the timings ran on, for the table's caption."""
+    import torch
+
+    return (
+        f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def describe(settings: dict[str, Any]) -> str:
+    """A setting in a table cell: every knob but the method's name (``gamma 4, epsilon 0.01, layers all``)."""
+    flat = {k: v for k, v in settings.items() if k not in ("method", "params")}
+    flat.update(settings.get("params", {}))
+    return ", ".join(f"{k} {v}" for k, v in flat.items() if v is not None) or "-"
+
+
+def leaderboard(result: dict[str, Any]) -> str:
+    """The demo's table as markdown: date, machine and command in the caption, every rate with its interval."""
+
+    def ci(x: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+        lo, hi = x["ci95"]
+        return f"{scale * x['mean']:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+    lines = [
+        f"Toy world, test split: {result['n_questions']} questions, counterfactual seeds {result['seeds']} (methods "
+        f"that draw none run once); 95% bootstrap intervals (questions for rates, batches for cost). Settings "
+        f"{result['settings_source']}. {result['date']}, {result['machine']}; `{result['command']}` "
+        f"({result['wall_time_s']:.0f} s).",
+        "",
+        "| method | settings | prior-induced hallucination % | Δ | other absent, false yes % | "
+        "prior-consistent accuracy % | accuracy % | cost per token × regular |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["table"]:
+        name = row["method"]
+        rates = result["rates"][name]
+        mark = "**" if row["ci_disjoint_from_reference"] and row["delta_hallucination"] < 0 else ""
+        lines.append(
+            f"| {mark}{name}{mark} | {describe(result['settings'][name])} | {ci(row['prior_hallucination'])} | "
+            f"{100 * row['delta_hallucination']:+.1f} | {ci(rates['other_absent'])} | "
+            f"{ci(row['consistent_accuracy'])} | {ci(rates['accuracy'])} | "
+            f"{ci(rates['cost_per_token'], 1.0, 2)} |"
+        )
+    lines += ["", "Bold: hallucination lower than regular's with disjoint intervals.", ""]
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Bars with 95% intervals: prior-induced hallucination, other absent objects' false-yes, consistent accuracy."""
+    """Bars with 95% intervals, one row per method: prior-induced hallucination, other absent objects' false-yes,
+    prior-consistent accuracy and cost per token relative to regular (a dashed line marks regular's value)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [
-        ("prior_conflict", "prior-induced hallucination\n(false yes, favoured object absent)"),
-        ("other_absent", "false yes, other absent objects"),
-        ("prior_consistent", "accuracy, prior-consistent questions"),
+        ("prior_conflict", "prior-induced hallucination\n(false yes, favoured object absent)", (0, 1)),
+        ("other_absent", "false yes,\nother absent objects", (0, 1)),
+        ("prior_consistent", "accuracy,\nprior-consistent questions", (0, 1)),
+        ("cost_per_token", "cost per token\n× regular", None),
     ]
     methods = list(result["rates"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110)
-    colours = ["#777777", "#d08c2b", "#3b7dd8", "#2f9e5a", "#8a4fc4"]
-    for ax, (key, title) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, max(3.2, 1.2 + 0.28 * len(methods))), dpi=110, sharey=True)
+    colours = [plt.get_cmap("tab20")(i % 20) for i in range(len(methods))]
+    colours[0] = "#777777"  # regular
+    rows = range(len(methods))
+    for ax, (key, title, limits) in zip(axes, panels, strict=True):
         means = [result["rates"][m][key]["mean"] for m in methods]
         lo = [m - result["rates"][x][key]["ci95"][0] for m, x in zip(means, methods, strict=True)]
         hi = [result["rates"][x][key]["ci95"][1] - m for m, x in zip(means, methods, strict=True)]
-        ax.bar(range(len(methods)), means, yerr=[lo, hi], capsize=3, color=colours[: len(methods)])
-        ax.set_xticks(range(len(methods)), [m.replace("causalmm/", "cmm/") for m in methods], rotation=30, ha="right")
+        ax.barh(rows, means, xerr=[lo, hi], capsize=2, color=colours)
+        ax.axvline(means[0], color="#444444", linestyle="--", linewidth=0.8)
         ax.set_title(title, fontsize=9)
-        ax.set_ylim(0, 1)
-        ax.grid(axis="y", alpha=0.3)
+        if limits is not None:
+            ax.set_xlim(*limits)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(rows, methods, fontsize=8)
+    axes[0].invert_yaxis()  # table order, top to bottom
     fig.suptitle(
-        f"toy world, test split: {result['n_questions']} questions, {len(result['seeds'])} counterfactual seeds, "
-        "95% bootstrap intervals",
+        f"toy world, test split: {result['n_questions']} questions, {len(result['seeds'])} counterfactual seeds "
+        "(methods that draw none: one run), 95% bootstrap intervals",
         fontsize=9,
     )
     fig.tight_layout()

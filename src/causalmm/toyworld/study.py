@@ -21,6 +21,7 @@ counterfactual seeds, as the point estimate does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,9 @@ from .statistics import ask_probabilities, train_statistics
 from .texts import exist_question
 from .world import WorldConfig
 
-__all__ = ["GROUPS", "Question", "questions", "answer", "group_rates", "summarise"]
+__all__ = [
+    "GROUPS", "Answers", "Question", "questions", "answer", "answer_timed", "cost_ratio", "group_rates", "summarise",
+]  # fmt: skip
 
 #: group -> (what is measured, the answer that counts as a hit): false-yes rates and accuracies
 GROUPS: dict[str, str] = {
@@ -109,24 +112,79 @@ def answer(
 
     Each (seed, question) gets its own counterfactual generator seed, so answers do not depend on batching.
     """
+    return answer_timed(causalmm, config, images, qs, seeds, batch_size=batch_size, advance=advance).words
+
+
+@dataclass(frozen=True)
+class Answers:
+    """:func:`answer_timed`'s result: the parsed words (seeds, questions) and, per (seed, batch), the wall time
+    of the ``generate`` call and the tokens it generated (the demo's cost per token)."""
+
+    words: np.ndarray
+    seconds: np.ndarray
+    tokens: np.ndarray
+
+
+def answer_timed(
+    causalmm: Any,
+    config: CausalMMConfig,
+    images: Sequence[Image.Image],
+    qs: Sequence[Question],
+    seeds: Sequence[int],
+    *,
+    batch_size: int = 32,
+    advance: Callable[[int], None] | None = None,
+) -> Answers:
+    """:func:`answer`, with each batch's ``generate`` call timed."""
     cm = causalmm.with_config(config)
     out = np.empty((len(seeds), len(qs)), dtype=object)
+    starts = range(0, len(qs), batch_size)
+    seconds = np.zeros((len(seeds), len(starts)))
+    tokens = np.zeros((len(seeds), len(starts)), dtype=np.int64)
     prompts = [exist_question(q.object) + DEFAULT_SUFFIX for q in qs]
     for s, seed in enumerate(seeds):
-        for start in range(0, len(qs), batch_size):
+        for b, start in enumerate(starts):
             idx = range(start, min(start + batch_size, len(qs)))
+            tic = time.perf_counter()
             results = cm.generate(
                 [images[qs[i].image] for i in idx],
                 [prompts[i] for i in idx],
                 seeds=[seed * 1_000_003 + i for i in idx],
                 max_new_tokens=3,
             )
+            seconds[s, b] = time.perf_counter() - tic
+            tokens[s, b] = sum(len(res.token_ids) for res in results)
             for i, res in zip(idx, results, strict=True):
                 word, ok = parse_official(res.text)
                 out[s, i] = word if ok else "other"
             if advance is not None:
                 advance(len(idx))
-    return out
+    return Answers(out, seconds, tokens)
+
+
+def cost_ratio(
+    method: Answers, reference: Answers, *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, float | list[float] | int]:
+    """Cost per generated token of ``method`` relative to ``reference`` on the same batches of questions, with a
+    95% bootstrap interval that resamples batches (paired: a drawn batch brings both runs' times).
+
+    Each run's cost is its total time over its total tokens (every seed of a batch together), so a method that
+    answers in fewer tokens is not credited with a cheaper token.
+    """
+    t_m, n_m = method.seconds.sum(axis=0), method.tokens.sum(axis=0)
+    t_r, n_r = reference.seconds.sum(axis=0), reference.tokens.sum(axis=0)
+    if t_m.shape != t_r.shape:
+        raise ValueError(f"cost_ratio needs the same batches: {t_m.shape[0]} and {t_r.shape[0]}")
+
+    def ratio(idx: np.ndarray) -> float:
+        return float((t_m[idx].sum() / max(n_m[idx].sum(), 1)) / (t_r[idx].sum() / max(n_r[idx].sum(), 1)))
+
+    n = t_m.shape[0]
+    point = ratio(np.arange(n))
+    rng = np.random.default_rng(seed)
+    draws = [ratio(rng.integers(0, n, n)) for _ in range(n_boot)] if n > 1 else []
+    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (point, point)
+    return {"mean": point, "ci95": [float(lo), float(hi)], "n": n}
 
 
 def _rates(yes: np.ndarray, labels: np.ndarray, members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,0 +1,113 @@
+"""What the toy-world study runs: the methods (headline and leaderboard), their defaults and ``tune``'s grid.
+
+Every entry is a name in the tables (``causalmm/language``, ``pai``) mapped to the keyword arguments of
+:class:`~causalmm.config.CausalMMConfig` (a method's own hyper-parameters under ``params``). The grids are sized
+to the model: the shipped one has 4 LLM layers, 3 vision-tower layers and 16 image tokens, so the layer choices
+and SID's kept-token counts below are the official settings scaled to it, not the 32-layer values.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from ..config import CausalMMConfig
+from ..methods import get_method
+
+__all__ = ["METHODS", "LEADERBOARD", "DEFAULTS", "grid", "seeded"]
+
+#: the default demo's methods, in table order (``causalmm demo``)
+METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/language", "causalmm/multimodal")
+
+#: the full leaderboard (``causalmm demo --all``): the headline methods, the original release's feature gate and
+#: every baseline of the registry
+LEADERBOARD: tuple[str, ...] = (
+    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "dola", "deco",
+)  # fmt: skip
+
+#: settings used where the model directory's tuning.json has no choice for a method: each method's own defaults
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "regular": {"method": "regular"},
+    "vcd": {"method": "vcd", "gamma": 1.0, "epsilon": 0.1},
+    "causalmm/vision": {"method": "causalmm", "mode": "vision", "gamma": 1.0, "epsilon": 0.1},
+    "causalmm/language": {"method": "causalmm", "mode": "language", "gamma": 1.0, "epsilon": 0.1},
+    "causalmm/multimodal": {"method": "causalmm", "mode": "multimodal", "gamma": 1.0, "epsilon": 0.1},
+    "causalmm/gate": {"method": "causalmm", "mode": "vision", "vision_style": "gate", "gamma": 1.0, "epsilon": 0.1},
+    **{name: {"method": name} for name in ("icd", "m3id", "pai", "avisc")},
+    "sid": {"method": "sid", "params": {"keep": 4}},  # 100 of 576 image tokens in LLaVA-1.5; 16 here
+    **{name: {"method": name} for name in ("dola", "deco")},
+}
+
+GAMMAS = (1.0, 2.0, 4.0)
+EPSILONS = (0.01, 0.1)
+
+
+def _product(base: dict[str, Any], **axes: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """``base`` with every combination of ``axes``; axes named ``params_x`` go under ``params`` as ``x``."""
+    out = []
+    for values in itertools.product(*axes.values()):
+        settings = dict(base)
+        params: dict[str, Any] = {}
+        for key, value in zip(axes, values, strict=True):
+            if key.startswith("params_"):
+                params[key.removeprefix("params_")] = value
+            else:
+                settings[key] = value
+        if params:
+            settings["params"] = params
+        out.append(settings)
+    return out
+
+
+def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, Any]]]:
+    """method -> the settings ``tune`` tries (layer choices sized to the model).
+
+    CausalMM and VCD sweep the layers intervened, gamma and epsilon, as the paper's ablations do; each baseline
+    sweeps the knobs its paper reports (ICD/AvisC/SID alpha, M3ID's forgetting rate and gate, PAI's alpha,
+    gamma and whether the prefill is edited, SID's kept tokens, DoLa's candidate layers, DeCo's alpha and layers)
+    around its official default, which every grid contains.
+    """
+    last_text = n_text_layers - 1
+    half = n_text_layers // 2
+    text_layers = ["all", f"0-{max(0, half - 1)}", f"{half}-{last_text}"]
+    vision_layers = [None, "all"]  # None: the layer that feeds the LLM
+    ge = {"gamma": GAMMAS, "epsilon": EPSILONS}
+    out: dict[str, list[dict[str, Any]]] = {"regular": [{"method": "regular"}]}
+    out["vcd"] = _product({"method": "vcd"}, noise_step=(500, 999), **ge)
+    out["causalmm/vision"] = _product({"method": "causalmm", "mode": "vision"}, vision_layers=vision_layers, **ge)
+    out["causalmm/language"] = _product({"method": "causalmm", "mode": "language"}, language_layers=text_layers, **ge)
+    # both branches: all LLM layers (the widest language setting), each vision choice
+    out["causalmm/multimodal"] = _product(
+        {"method": "causalmm", "mode": "multimodal", "language_layers": "all"}, vision_layers=vision_layers, **ge
+    )
+    out["causalmm/gate"] = _product(
+        {"method": "causalmm", "mode": "vision", "vision_style": "gate"}, vision_layers=vision_layers, **ge
+    )
+    out["icd"] = _product({"method": "icd"}, **ge)
+    out["m3id"] = _product({"method": "m3id"}, params_lamb=(0.02, 0.2, 1.0), params_alpha=(0.3, 1.0), epsilon=EPSILONS)
+    out["pai"] = _product(
+        {"method": "pai"}, gamma=(1.1, 2.0), params_alpha=(0.2, 0.5, 1.0), params_edit_prefill=(False, True)
+    )
+    out["avisc"] = _product({"method": "avisc"}, gamma=GAMMAS, params_lamb=(0.5, 1.0))
+    out["sid"] = _product({"method": "sid"}, gamma=(0.5, 1.0, 2.0), params_keep=(2, 4, 8))
+    out["dola"] = _product({"method": "dola"}, params_layers=("low", "high", f"0-{half}"), epsilon=EPSILONS)
+    out["deco"] = _product({"method": "deco"}, params_alpha=(0.2, 0.6, 1.0), params_layers=("auto", f"1-{last_text}"))
+    return out
+
+
+#: counterfactual attention maps that draw random numbers (the others are functions of the factual map)
+_RANDOM_MAPS = ("random", "shuffle")
+
+
+def seeded(settings: dict[str, Any]) -> bool:
+    """Whether a setting's answers depend on the counterfactual seed (VCD's noise, random or shuffled attention):
+    the demo runs those over every seed and the others once, since more seeds would repeat the same answers."""
+    config = CausalMMConfig(**settings)
+    for branch in get_method(config.method).branches(config):
+        if branch.noise:
+            return True
+        if branch.vision and config.vision_cf in _RANDOM_MAPS:
+            return True
+        if branch.language and config.language_cf in _RANDOM_MAPS:
+            return True
+    return False

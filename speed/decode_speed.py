@@ -20,7 +20,8 @@ as ``W @ x.T``: what this machine's BLAS charges per extra row, a floor under an
 
 The *sequential reference* runs every branch as its own batch-1 forward pass per token with its own KV cache,
 which is what the original CausalMM code and its peers do; our engine runs all branches as rows of one
-batched forward per step. Where the peer library ``mitigv`` is installed, its VCD runs on the same model too.
+batched forward per step. Where the peer library ``mitigv`` is installed, its VCD, ICD, PAI and M3ID run on the
+same model beside ours (``--group baselines``: regular, CausalMM, the gate and every baseline, with those peers).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from PIL import Image
 
 from causalmm import CausalMM, CausalMMConfig
 from causalmm.attention import Intervention, attention_name, intervene
+from causalmm.config import ConfigError
 from causalmm.decoding import GenerationOptions, contrast
 from causalmm.decoding.features import ImageFeatures
 from causalmm.seeds import derive_seed
@@ -251,10 +253,12 @@ def run_engine(
         t0 = clock._now()
         runner.engine.generate([image], [prompt], GenerationOptions(max_new_tokens=n))
         t1 = clock._now()
-    # prefill = everything up to the end of the first forward (vision tower, features, first LLM pass)
-    prefill = clock.ends[0] - t0
-    per_token = (t1 - clock.ends[0]) / max(1, n - 1)
-    return Sample(prefill, per_token, peak.value)
+    # the last n - 1 forwards are the decode steps; prefill is everything before them (vision tower, features, the
+    # first LLM pass, and AvisC's probe prefill where it runs one)
+    if len(clock.ends) < n:
+        raise RuntimeError(f"{n} tokens took {len(clock.ends)} forward calls: the step clock cannot time them")
+    first = clock.ends[len(clock.ends) - n]
+    return Sample(first - t0, (t1 - first) / max(1, n - 1), peak.value)
 
 
 @torch.no_grad()
@@ -335,20 +339,31 @@ def plausible_set_size(cm: CausalMM, image: Image.Image, prompt: str, n: int, de
     return statistics.median(sizes[2:]), cm.model.get_output_embeddings().out_features  # after the prefill
 
 
-def mitigv_vcd(cm: CausalMM) -> Any | None:
-    """mitigv's VCD (a peer library on transformers 5) on the same model, eos disabled; None if not installed."""
+#: mitigv's name and keyword arguments for each method it shares with us, set to our defaults (its own names:
+#: ICD's lam/alpha are our gamma/epsilon, PAI's beta our epsilon, M3ID's forgetting_rate our lamb)
+MITIGV_PEERS: dict[str, dict[str, float]] = {
+    "vcd": {"alpha": 1.0, "beta": 0.1},
+    "icd": {"lam": 1.0, "alpha": 0.1},
+    "pai": {"alpha": 0.2, "gamma": 1.1, "beta": 0.1},
+    "m3id": {"alpha": 0.3, "forgetting_rate": 0.02},
+}
+
+
+def mitigv_peer(cm: CausalMM, method: str) -> Any | None:
+    """mitigv's implementation of ``method`` (a peer library on transformers 5) on the same model, eos disabled;
+    None if mitigv is not installed."""
     try:
         from mitigv import load_mitigator
     except ImportError:
         return None
-    vcd = load_mitigator(
-        "vcd", model=cm.model, processor=cm.adapter.processor, model_type="llava", alpha=1.0, beta=0.1
+    peer = load_mitigator(
+        method, model=cm.model, processor=cm.adapter.processor, model_type="llava", **MITIGV_PEERS[method]
     )
-    vcd._eos_token_id = lambda: None  # full length, as for our engine
-    return vcd
+    peer._eos_token_id = lambda: None  # full length, as for our engine
+    return peer
 
 
-def run_mitigv(vcd: Any, model: torch.nn.Module, image: Image.Image, prompt: str, n: int, device: str) -> Sample:
+def run_mitigv(peer: Any, model: torch.nn.Module, image: Image.Image, prompt: str, n: int, device: str) -> Sample:
     """Its prefill is the time of a 1-token call; per token, the difference to an n-token call over n - 1.
 
     It returns text only, so the tokens it generated are counted from the model's forward calls: the n-token
@@ -359,11 +374,11 @@ def run_mitigv(vcd: Any, model: torch.nn.Module, image: Image.Image, prompt: str
     try:
         with _Peak(device) as peak:
             t0 = time.perf_counter()
-            vcd(image, prompt, max_new_tokens=1)
+            peer(image, prompt, max_new_tokens=1)
             sync()
             t1 = time.perf_counter()
             one = len(calls)
-            vcd(image, prompt, max_new_tokens=n)
+            peer(image, prompt, max_new_tokens=n)
             sync()
             t2 = time.perf_counter()
     finally:
@@ -400,10 +415,27 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("causalmm vision K=4", "engine", CausalMMConfig(mode="vision", num_cf_samples=4)),
     ("causalmm multimodal K=4", "engine", CausalMMConfig(mode="multimodal", num_cf_samples=4)),
     ("vcd", "engine", CausalMMConfig(method="vcd")),
+    # the baselines at their official defaults, and the original release's feature gate
+    ("causalmm gate K=1", "engine", CausalMMConfig(mode="vision", vision_style="gate")),
+    ("icd", "engine", CausalMMConfig(method="icd")),
+    ("m3id", "engine", CausalMMConfig(method="m3id")),
+    ("pai", "engine", CausalMMConfig(method="pai")),
+    ("avisc", "engine", CausalMMConfig(method="avisc")),
+    ("sid", "engine", CausalMMConfig(method="sid")),
+    ("dola", "engine", CausalMMConfig(method="dola")),
+    ("deco", "engine", CausalMMConfig(method="deco")),
     ("sequential ref. vision", "sequential", CausalMMConfig(mode="vision")),
     ("sequential ref. multimodal", "sequential", CausalMMConfig(mode="multimodal")),
 ]
 
+
+#: named groups of configurations (``--group``)
+GROUPS: dict[str, tuple[str, ...]] = {
+    "baselines": (
+        "regular greedy", "causalmm multimodal K=1", "vcd", "causalmm gate K=1", "icd", "m3id", "pai", "avisc", "sid",
+        "dola", "deco",
+    ),
+}  # fmt: skip
 
 #: the optimisation a configuration kind turns off (its before/after rows)
 SWITCHES_OFF = {
@@ -454,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda for llava7b, else cpu")
     parser.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    parser.add_argument("--group", choices=sorted(GROUPS), default=None, help="a named group of configurations")
     parser.add_argument(
         "--memory", action="store_true", help="CPU: also measure each config's peak RSS, each in a fresh process"
     )
@@ -467,17 +500,22 @@ def main(argv: list[str] | None = None) -> int:
     cm, image, prompt = build(args.preset, device, dtype)
     n_params = sum(p.numel() for p in cm.model.parameters())
     configs = [c for c in CONFIGS if not args.only or any(o in c[0] for o in args.only.split(","))]
+    if args.group:
+        configs = [c for c in configs if c[0] in GROUPS[args.group]]
     if not configs:
         names = ", ".join(name for name, _, _ in CONFIGS)
         print(f"--only {args.only!r} matches no configuration; the names are: {names}", file=sys.stderr)
         return 2
-    vcd = mitigv_vcd(cm)
-    if vcd is not None and not args.only:
-        configs.append(("mitigv vcd (peer)", "mitigv", CausalMMConfig(method="vcd")))
+    # mitigv beside each of our rows it has a method for (kept out of --only runs that select neither)
+    peers = {}
+    for name, _, cfg in list(configs):
+        if name in MITIGV_PEERS and (peer := mitigv_peer(cm, name)) is not None:
+            peers[name] = peer
+            configs.append((f"mitigv {name} (peer)", "mitigv", cfg))
 
     def run(kind: str, cfg: CausalMMConfig, n: int) -> Sample:
         if kind == "mitigv":
-            return run_mitigv(vcd, cm.model, image, prompt, n, device)
+            return run_mitigv(peers[cfg.method], cm.model, image, prompt, n, device)
         if kind == "sequential":
             return run_sequential(cm, cfg, image, prompt, n, device)
         if kind == "eager":
@@ -493,8 +531,19 @@ def main(argv: list[str] | None = None) -> int:
         peak, base = cpu_peak_in_this_process(lambda: run(kind, cfg, args.new_tokens))
         print(json.dumps({"peak_bytes": peak, "base_bytes": base}))
         return 0
-    for _, kind, cfg in configs:  # a configuration's first run pays one-time costs (allocator growth): untimed
-        run(kind, cfg, 2)
+    skipped_peers: dict[str, str] = {}
+    for entry in list(configs):  # a configuration's first run pays one-time costs (allocator growth): untimed
+        try:
+            run(entry[1], entry[2], 2)
+        except ConfigError as err:  # a setting this model cannot take (PAI's start layer on a 2-layer LLM)
+            print(f"skipped {entry[0]}: {err}", file=sys.stderr)
+            configs.remove(entry)
+        except Exception as err:  # noqa: BLE001  (a peer that refuses this model is reported, not fatal)
+            if entry[1] != "mitigv":
+                raise
+            print(f"skipped {entry[0]}: mitigv failed: {type(err).__name__}: {err}", file=sys.stderr)
+            configs.remove(entry)
+            skipped_peers[entry[2].method] = f"{type(err).__name__}: {err}"
     results: dict[str, list[Sample]] = {name: [] for name, _, _ in configs}
     for rep in range(args.reps):
         for name, kind, cfg in configs:
@@ -537,12 +586,15 @@ def main(argv: list[str] | None = None) -> int:
     if seq and ours:
         speedup = statistics.median(s.per_token for s in seq) / statistics.median(s.per_token for s in ours)
         print(f"\nmultimodal: engine is {speedup:.2f}× faster per token than the sequential reference")
-    if vcd is None:
-        print("\nmitigv not installed (`pip install mitigv`): its VCD was not timed")
-    elif "mitigv vcd (peer)" in results and "vcd" in results:
-        theirs = statistics.median(s.per_token for s in results["mitigv vcd (peer)"])
-        ours = statistics.median(s.per_token for s in results["vcd"])
-        print(f"vcd: our engine is {theirs / ours:.2f}× faster per token than mitigv's VCD on the same model")
+    if not peers and any(name in MITIGV_PEERS for name, _, _ in configs):
+        print("\nmitigv not installed (`pip install mitigv`): its implementations were not timed")
+    for name, why in skipped_peers.items():
+        print(f"{name}: mitigv's implementation did not run on this model ({why})")
+        del peers[name]
+    for name in peers:
+        theirs = statistics.median(s.per_token for s in results[f"mitigv {name} (peer)"])
+        ours = statistics.median(s.per_token for s in results[name])
+        print(f"{name}: our engine is {theirs / ours:.2f}× faster per token than mitigv's on the same model")
     if resident:
         model = statistics.median(resident.values())
         first = configs[0][0]

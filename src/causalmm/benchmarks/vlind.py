@@ -67,13 +67,12 @@ and ``_d1``, ``_d2`` (LP) mapping image id -> ``{"response", "answer"}``; ``scor
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .base import Benchmark, BenchmarkError, Sample, id_field, read_json_records, str_field, unparseable_pct
+from .vlind_native import NATIVE, model_key, write_data_json
 from .vlind_prompts import PROMPTS, infer_true_or_false
 
 __all__ = ["VLind", "infer_true_or_false"]
@@ -102,19 +101,6 @@ FIELDS = (
 #: as "There is None in the given image.")
 _TEXT_FIELDS = tuple(f for f in FIELDS if f not in ("context_id", "best_img_id", "aggregated_human_label_good_images"))
 _EXPECTED = {1: "True", 2: "False"}
-#: (test, statement) -> key suffix of the official prediction fields (lp keys map image id -> answer)
-_NATIVE = {
-    ("ck", 1): "a1_image",
-    ("ck", 2): "a2_image",
-    ("vp", 1): "b1",
-    ("vp", 2): "b2",
-    ("cb", 1): "c1_image",
-    ("cb", 2): "c2_image",
-    ("lp", 1): "d1",
-    ("lp", 2): "d2",
-}
-_MODEL_KEY = re.compile(r"^(?P<mid>.+)_pred_a1_image$")
-
 def _resolve_data(data: Path) -> Path:
     data = Path(data)
     return data / "data.json" if data.is_dir() else data
@@ -337,7 +323,7 @@ class VLind(Benchmark):
         """
         path = Path(path)
         pred = self._instances(path, what="VLind-Bench prediction")
-        mid = self._model_key(pred, path)
+        mid = model_key(pred, path, self.options["model_key"])
         by_id = {iid: (inst, where) for iid, inst, where in pred}
         if data is not None:
             data_path = _resolve_data(data)
@@ -355,7 +341,7 @@ class VLind(Benchmark):
             if m["instance"] not in by_id:
                 raise BenchmarkError(f"{path} has no predictions for instance {m['instance']} of {data_path}")
             inst, where = by_id[m["instance"]]
-            key = f"{mid}_pred_{_NATIVE[(m['test'], m['statement'])]}"
+            key = f"{mid}_pred_{NATIVE[(m['test'], m['statement'])]}"
             entry = inst.get(key)
             if m["test"] == "lp":
                 entry = entry.get(m["image_id"]) if isinstance(entry, dict) else None
@@ -370,59 +356,10 @@ class VLind(Benchmark):
             records.append(record)
         return records
 
-    def _model_key(self, pred: list[tuple[str, dict[str, Any], str]], path: Path) -> str:
-        found = list(dict.fromkeys(m.group("mid") for _, inst, _ in pred for k in inst if (m := _MODEL_KEY.match(k))))
-        wanted = self.options["model_key"]
-        if wanted is not None:
-            if wanted not in found:
-                listed = ", ".join(found) or "none"
-                raise BenchmarkError(f"{path}: no {wanted}_pred_* predictions (models present: {listed})")
-            return wanted
-        if not found:
-            raise BenchmarkError(
-                f"{path}: no {{model}}_pred_a1_image fields; not a VLind-Bench prediction file "
-                "(the official inference writes them into data.json)"
-            )
-        if len(found) > 1:
-            raise BenchmarkError(
-                f"{path} holds predictions of several models ({', '.join(found)}); choose one with the "
-                f"model_key option (e.g. model_key={found[0]!r})"
-            )
-        return found[0]
-
     def write_native(self, records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         """``data.json`` with ``{mid}_pred_*`` fields (``data_seed{S}.json`` per seed when several), for
         ``score_pipeline.py -dp FILE -mid {mid}``."""
-        mid = self.options["model_key"] or "causalmm"
-        by_seed: dict[Any, list[dict[str, Any]]] = {}
-        for r in records:
-            by_seed.setdefault(r.get("seed"), []).append(r)
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for seed, part in by_seed.items():
-            instances: dict[str, dict[str, Any]] = {}
-            for r in part:
-                try:
-                    iid, test, k, image_id = r["instance"], r["test"], r["statement"], r["image_id"]
-                    source = r["source"]
-                except KeyError as err:
-                    raise BenchmarkError(f"record {r.get('id')!r} lacks the VLind-Bench field {err}") from None
-                inst = instances.get(iid)
-                if inst is None:
-                    inst = instances[iid] = dict(source)
-                text = str(r.get("text") or "")
-                answer = {"response": text, "answer": infer_true_or_false(text)}
-                key = f"{mid}_pred_{_NATIVE[(test, k)]}"
-                if test == "lp":
-                    inst.setdefault(key, {})[str(image_id)] = answer
-                else:
-                    inst[key] = answer
-            name = "data.json" if len(by_seed) == 1 else f"data_seed{seed}.json"
-            target = out / name
-            target.write_text(json.dumps(list(instances.values()), indent=4, ensure_ascii=False) + "\n", "utf-8")
-            paths.append(target)
-        return paths
+        return write_data_json(records, out, self.options["model_key"] or "causalmm")
 
 
 def _image_file(path: Path) -> Path:

@@ -11,7 +11,7 @@ import causalmm.decoding.head as head_module
 from causalmm import CausalMMConfig
 from causalmm.adapters import Adapter
 from causalmm.decoding import contrast, plausible
-from causalmm.decoding.head import DENSE_FRACTION, head_on_rows, plausible_logits
+from causalmm.decoding.head import DENSE_FRACTION, dense_logits, head_on_rows, plausible_logits
 from causalmm.tiny import FAMILIES
 
 PROMPTS = ["Is there a cat in the image?", "Describe the image.", "Is there a dog on the left?", "What color is it?"]
@@ -103,6 +103,16 @@ def test_head_on_rows_runs_the_head_on_those_rows_and_keeps_the_input():
     assert not head._forward_pre_hooks
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_logits_are_the_head(bias):
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(24, 70, bias=bias)
+    hidden = torch.randn(3, 24, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(dense_logits(head, hidden), head(hidden), atol=1e-5, rtol=1e-5)
+        assert dense_logits(head, hidden[:0]).shape == (0, 70)
+
+
 # -- the engine --------------------------------------------------------------------------------------------
 
 
@@ -184,3 +194,42 @@ def test_plausible_head_is_off_where_the_rule_needs_full_logits(loaded, images):
         hook.remove()
     assert sizes == [2, 2, 2]
     assert torch.isfinite(res.branch_logits["V"]).all()
+
+
+#: methods whose rule reads whole counterfactual distributions (log-softmax), and a cut of zero
+WHOLE = {
+    "m3id": CausalMMConfig(method="m3id", params={"alpha": 1.0, "lamb": 0.5}),
+    "pai": CausalMMConfig(method="pai", gamma=2.0, params={"start_layer": 1}),
+    "no cut": CausalMMConfig(mode="language", language_layers="all", epsilon=0.0),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(WHOLE))
+def test_whole_distributions_in_one_product_give_the_reference_tokens(family, name, loaded, images):
+    """Where the rule reads whole distributions, decode steps compute every row's logits in one ``dense_logits``
+    product (the model's own head gets no row): the tokens of the head on every row, greedy and sampled."""
+    cm = loaded(family)
+    if name == "pai" and len(cm.adapter.lm_layers) < 2:
+        pytest.skip("a one-layer LLM has no layer 1 to boost")
+    cfg = WHOLE[name]
+    fast, ref = cm.with_config(cfg), cm.with_config(cfg, plausible_head=False)
+    head = cm.model.get_output_embeddings()
+    if not cm.adapter.plain_lm_head or type(head) is not torch.nn.Linear:
+        assert fast.engine.forward.dense_head is None  # a capped or scaled head keeps the model's own path
+        return
+    assert fast.engine.forward.dense_head is head and fast.engine.head is None
+    assert ref.engine.forward.dense_head is None
+    imgs = [images[0], images[1], images[0], images[2]]
+    for kw in (
+        dict(max_new_tokens=5, seeds=[3, 4, 5, 6]),
+        dict(max_new_tokens=5, seeds=[3, 4, 5, 6], do_sample=True, temperature=1.5),
+    ):
+        sizes, hook = _head_rows(cm)
+        try:
+            got = fast.generate(imgs, PROMPTS, **kw)
+        finally:
+            hook.remove()
+        want = ref.generate(imgs, PROMPTS, **kw)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert sizes[-4:] == [0] * 4, sizes  # the 4 decode steps: no row through the model's head

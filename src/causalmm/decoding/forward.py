@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from ..adapters import Adapter, UnsupportedModelError
 from ..attention import Draws, Intervention, SiteRule, intervene
 from .cache import growing_cache
-from .head import head_on_rows, plausible_logits
+from .head import dense_logits, head_on_rows, plausible_logits
 from .rows import Row, RowLayout
 from .sharing import RowPlan, share_lower_layers
 
@@ -73,6 +73,7 @@ class Forward:
         share_low: int,
         head: torch.nn.Linear | None,
         epsilon: float,
+        dense_head: torch.nn.Linear | None = None,
         preallocate: bool,
         pad_id: int,
         exits: tuple[int, ...] = (),
@@ -80,6 +81,9 @@ class Forward:
     ) -> None:
         self.adapter, self.language_rule = adapter, language_rule
         self.share_low, self.head, self.epsilon = share_low, head, epsilon
+        #: where the rule reads whole counterfactual distributions (M3ID's, PAI's log-softmax): decode steps
+        #: compute every row's logits in one :func:`dense_logits` product instead of the model's own head
+        self.dense_head = dense_head
         self.preallocate, self.pad_id = preallocate, pad_id
         self.text_config = adapter.model.config.get_text_config()
         #: early-exit layers (``hidden_states`` indices) whose last-position logits each forward computes
@@ -153,11 +157,7 @@ class Forward:
         if self.exit_norm:
             hidden = self.adapter.lm.norm(hidden)
         head = self.adapter.model.get_output_embeddings()
-        if type(head) is torch.nn.Linear:
-            logits = (head.weight @ hidden.to(head.weight.dtype).T).T
-            logits = logits if head.bias is None else logits + head.bias
-        else:
-            logits = head(hidden)
+        logits = dense_logits(head, hidden) if type(head) is torch.nn.Linear else head(hidden)
         logits = logits.float()
         cap = getattr(self.text_config, "final_logit_softcapping", None)
         logits = torch.tanh(logits / cap) * cap if cap else logits
@@ -179,6 +179,10 @@ class Forward:
         rows' logits are exact on the plausible tokens only (the only ones the rule reads); ``full_head`` (branch
         logits asked for) computes them whole."""
         cf = [j for j, r in enumerate(rows) if r.branch is not None]
+        if self.dense_head is not None and cf and not full_head:
+            with head_on_rows(self.dense_head, []) as kept:  # the model's own head computes no row
+                self(inputs, mask, positions, cache, language_rows, plan, edits)
+            return dense_logits(self.dense_head, kept["hidden"][:, -1]).float()
         if self.head is None or full_head or not cf:
             return self(inputs, mask, positions, cache, language_rows, plan, edits).logits[:, -1].float()
         fact = [j for j, r in enumerate(rows) if r.branch is None]

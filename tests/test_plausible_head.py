@@ -233,3 +233,20 @@ def test_whole_distributions_in_one_product_give_the_reference_tokens(family, na
         want = ref.generate(imgs, PROMPTS, **kw)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert sizes[-4:] == [0] * 4, sizes  # the 4 decode steps: no row through the model's head
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_early_exits_and_final_logits_are_one_product(family, loaded, images):
+    """DoLa and DeCo on a plain head: the final rows join the early exits' product (the model's own head gets
+    no row), and with the contrast off the tokens are regular decoding's."""
+    cm = loaded(family)
+    imgs, kw = [images[0], images[1]], dict(max_new_tokens=4, seeds=[1, 2])
+    want = [r.token_ids for r in cm.with_config(CausalMMConfig(method="regular")).generate(imgs, PROMPTS[:2], **kw)]
+    for cfg in (CausalMMConfig(method="dola", gamma=0.0), CausalMMConfig(method="deco", params={"alpha": 0.0})):
+        sizes, hook = _head_rows(cm)
+        try:
+            got = cm.with_config(cfg).generate(imgs, PROMPTS[:2], **kw)
+        finally:
+            hook.remove()
+        assert [r.token_ids for r in got] == want, cfg.method
+        assert sizes and set(sizes) == {0}, sizes

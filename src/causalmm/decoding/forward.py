@@ -114,7 +114,10 @@ class Forward:
             if plan is not None and self.share_low
             else contextlib.nullcontext()
         )
-        with intervene(state), shared, self._exit_states() as states:
+        # early exits on a plain head: the final rows join the exits' product, the model's own head gets none
+        merge = bool(self.exits) and self.adapter.plain_lm_head and type(self._lm_head) is torch.nn.Linear
+        final = head_on_rows(self._lm_head, []) if merge else contextlib.nullcontext({})
+        with intervene(state), shared, self._exit_states() as states, final as kept:
             out = self.adapter.model(
                 **inputs,
                 attention_mask=mask,
@@ -124,8 +127,14 @@ class Forward:
                 logits_to_keep=1,
             )
         if self.exits:
-            self.exit_logits = self._exit_heads(states)
+            self.exit_logits = self._exit_heads(states, kept.get("hidden"))
+            if merge:
+                out.logits = self.exit_logits.pop("final")[:, None]
         return out
+
+    @property
+    def _lm_head(self) -> torch.nn.Module:
+        return self.adapter.model.get_output_embeddings()
 
     @contextlib.contextmanager
     def _exit_states(self):
@@ -145,22 +154,29 @@ class Forward:
             for handle in handles:
                 handle.remove()
 
-    def _exit_heads(self, states: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _exit_heads(
+        self, states: dict[int, torch.Tensor], final: torch.Tensor | None = None
+    ) -> dict[int | str, torch.Tensor]:
         """Next-token logits from each early layer's state: the LM head (after the final norm for DeCo), capped as
-        the model caps its own logits.
+        the model caps its own logits; with ``final`` (the head's input, last position kept by the caller or
+        not), the final logits too, under ``"final"``.
 
         Every layer's rows go through the head in one product, so its weight (often the largest matrix of the
         model) is read once per step rather than once per layer, laid out ``W @ h.T`` (what a CPU BLAS runs
         fastest for a few rows, ``speed/README.md``) where the head is a plain linear map."""
-        layers = list(states)
-        hidden = torch.cat([states[i] for i in layers])
+        layers: list[int | str] = list(states)
+        hidden = torch.cat([states[i] for i in states])
         if self.exit_norm:
             hidden = self.adapter.lm.norm(hidden)
-        head = self.adapter.model.get_output_embeddings()
+        if final is not None:
+            layers.append("final")
+            hidden = torch.cat([hidden, final[:, -1].to(hidden.dtype)])
+        head = self._lm_head
         logits = dense_logits(head, hidden) if type(head) is torch.nn.Linear else head(hidden)
         logits = logits.float()
         cap = getattr(self.text_config, "final_logit_softcapping", None)
-        logits = torch.tanh(logits / cap) * cap if cap else logits
+        if cap:  # (never with ``final``: a capped model's head is not plain, its own call computes it)
+            logits = torch.tanh(logits / cap) * cap
         return dict(zip(layers, logits.split(len(logits) // len(layers)), strict=True))
 
     def step(

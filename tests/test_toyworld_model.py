@@ -305,7 +305,7 @@ def test_shipped_model_is_grounded_and_shows_the_prior(shipped):
     """Trained, not random: on unseen val images it sees present objects and rejects most absent ones, yet a
     favoured absent object still draws a "yes" far more often than another absent one (the prior at work)."""
     images, qs = questions(WORLD, "val", 20)
-    rates = group_rates(answer(shipped, CausalMMConfig(method="regular"), images, qs, [0]), qs, n_boot=0)
+    rates = group_rates(answer(shipped, CausalMMConfig(method="regular"), images, qs, [0]).words, qs, n_boot=0)
     assert rates["present"]["mean"] >= 0.6
     assert rates["other_absent"]["mean"] <= 0.4
     assert rates["prior_conflict"]["mean"] >= rates["other_absent"]["mean"] + 0.3

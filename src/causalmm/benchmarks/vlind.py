@@ -101,6 +101,8 @@ FIELDS = (
 #: as "There is None in the given image.")
 _TEXT_FIELDS = tuple(f for f in FIELDS if f not in ("context_id", "best_img_id", "aggregated_human_label_good_images"))
 _EXPECTED = {1: "True", 2: "False"}
+
+
 def _resolve_data(data: Path) -> Path:
     data = Path(data)
     return data / "data.json" if data.is_dir() else data

@@ -52,9 +52,7 @@ def demo(
 
 
 def _print_demo(result: dict, out: Path) -> None:
-    def ci(x: dict, scale: float = 100.0, digits: int = 1) -> str:
-        lo, hi = x["ci95"]
-        return f"{scale * x['mean']:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+    from ..toyworld.demo import ci
 
     table = Table(
         title=f"Toy world, test split: {result['n_questions']} questions, seeds {result['seeds']} "

@@ -24,10 +24,10 @@ from typing import Any
 
 from ..config import CausalMMConfig, ConfigError
 from .grid import DEFAULTS, LEADERBOARD, METHODS, grid, seeded
-from .study import GROUPS, Answers, answer_timed, cost_ratio, group_rates, questions, summarise
+from .study import GROUPS, Answers, answer, cost_ratio, group_rates, questions, summarise
 from .world import WorldConfig
 
-__all__ = ["METHODS", "LEADERBOARD", "DEFAULTS", "tune", "demo", "load_settings", "plot", "leaderboard"]
+__all__ = ["METHODS", "LEADERBOARD", "DEFAULTS", "tune", "demo", "load_settings", "plot", "leaderboard", "ci"]
 
 
 def _with_regular(methods: Sequence[str]) -> list[str]:
@@ -101,7 +101,7 @@ def tune(
         results[method] = []
         for settings in settings_grid[method]:
             cfg = CausalMMConfig(seed=seed, **settings)
-            words = answer_timed(cm, cfg, images, qs, [seed], batch_size=batch_size).words
+            words = answer(cm, cfg, images, qs, [seed], batch_size=batch_size).words
             rates = group_rates(words, qs, n_boot=0)
             results[method].append({"settings": settings, "rates": {k: v["mean"] for k, v in rates.items()}})
             r = results[method][-1]["rates"]
@@ -207,8 +207,8 @@ def demo(
         for method in methods:
             bar.update(task, description=method)
             cfg = CausalMMConfig(**settings[method])
-            answer_timed(cm, cfg, images, qs[:batch_size], [0], batch_size=batch_size)  # warm-up: one full batch
-            answers[method] = answer_timed(
+            answer(cm, cfg, images, qs[:batch_size], [0], batch_size=batch_size)  # warm-up: one full batch
+            answers[method] = answer(
                 cm, cfg, images, qs, runs[method], batch_size=batch_size, advance=lambda n: bar.advance(task, n)
             )
             rows[method] = group_rates(answers[method].words, qs, n_boot=n_boot)
@@ -257,12 +257,14 @@ def describe(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in flat.items() if v is not None) or "-"
 
 
+def ci(x: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    """A rate with its interval, ``59.1 [53.8, 64.2]`` (percent by default; ``scale=1, digits=2`` for a ratio)."""
+    lo, hi = x["ci95"]
+    return f"{scale * x['mean']:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
 def leaderboard(result: dict[str, Any]) -> str:
     """The demo's table as markdown: date, machine and command in the caption, every rate with its interval."""
-
-    def ci(x: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
-        lo, hi = x["ci95"]
-        return f"{scale * x['mean']:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
     lines = [
         f"Toy world, test split: {result['n_questions']} questions, counterfactual seeds {result['seeds']} (methods "

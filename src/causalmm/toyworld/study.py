@@ -38,7 +38,7 @@ from .texts import exist_question
 from .world import WorldConfig
 
 __all__ = [
-    "GROUPS", "Answers", "Question", "questions", "answer", "answer_timed", "cost_ratio", "group_rates", "summarise",
+    "GROUPS", "Answers", "Question", "questions", "answer", "cost_ratio", "group_rates", "summarise",
 ]  # fmt: skip
 
 #: group -> (what is measured, the answer that counts as a hit): false-yes rates and accuracies
@@ -98,6 +98,16 @@ def questions(config: WorldConfig, split: str, n_images: int) -> tuple[list[Imag
     return images, out
 
 
+@dataclass(frozen=True)
+class Answers:
+    """:func:`answer`'s result: the parsed words (seeds, questions) and, per (seed, batch), the wall time of the
+    ``generate`` call and the tokens it generated (the demo's cost per token)."""
+
+    words: np.ndarray
+    seconds: np.ndarray
+    tokens: np.ndarray
+
+
 def answer(
     causalmm: Any,
     config: CausalMMConfig,
@@ -107,35 +117,12 @@ def answer(
     *,
     batch_size: int = 32,
     advance: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Parsed answers as a (seeds, questions) array of "yes" / "no" / "other" (POPE's official rule).
+) -> Answers:
+    """The parsed answers (``.words``: a (seeds, questions) array of "yes" / "no" / "other", POPE's official
+    rule), with each batch's ``generate`` call timed.
 
     Each (seed, question) gets its own counterfactual generator seed, so answers do not depend on batching.
     """
-    return answer_timed(causalmm, config, images, qs, seeds, batch_size=batch_size, advance=advance).words
-
-
-@dataclass(frozen=True)
-class Answers:
-    """:func:`answer_timed`'s result: the parsed words (seeds, questions) and, per (seed, batch), the wall time
-    of the ``generate`` call and the tokens it generated (the demo's cost per token)."""
-
-    words: np.ndarray
-    seconds: np.ndarray
-    tokens: np.ndarray
-
-
-def answer_timed(
-    causalmm: Any,
-    config: CausalMMConfig,
-    images: Sequence[Image.Image],
-    qs: Sequence[Question],
-    seeds: Sequence[int],
-    *,
-    batch_size: int = 32,
-    advance: Callable[[int], None] | None = None,
-) -> Answers:
-    """:func:`answer`, with each batch's ``generate`` call timed."""
     cm = causalmm.with_config(config)
     out = np.empty((len(seeds), len(qs)), dtype=object)
     starts = range(0, len(qs), batch_size)

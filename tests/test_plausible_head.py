@@ -123,6 +123,15 @@ def _head_rows(cm):
     return sizes, hook
 
 
+def _generate_counting_head_rows(cm, runner, *args, **kw):
+    """``runner.generate(*args, **kw)`` and the rows the LM head received, per call."""
+    sizes, hook = _head_rows(cm)
+    try:
+        return runner.generate(*args, **kw), sizes
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("fraction", [1, 10**9], ids=["sliced", "dense"])
@@ -225,11 +234,7 @@ def test_whole_distributions_in_one_product_give_the_reference_tokens(family, na
         dict(max_new_tokens=5, seeds=[3, 4, 5, 6]),
         dict(max_new_tokens=5, seeds=[3, 4, 5, 6], do_sample=True, temperature=1.5),
     ):
-        sizes, hook = _head_rows(cm)
-        try:
-            got = fast.generate(imgs, PROMPTS, **kw)
-        finally:
-            hook.remove()
+        got, sizes = _generate_counting_head_rows(cm, fast, imgs, PROMPTS, **kw)
         want = ref.generate(imgs, PROMPTS, **kw)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert sizes[-4:] == [0] * 4, sizes  # the 4 decode steps: no row through the model's head
@@ -243,10 +248,12 @@ def test_early_exits_and_final_logits_are_one_product(family, loaded, images):
     imgs, kw = [images[0], images[1]], dict(max_new_tokens=4, seeds=[1, 2])
     want = [r.token_ids for r in cm.with_config(CausalMMConfig(method="regular")).generate(imgs, PROMPTS[:2], **kw)]
     for cfg in (CausalMMConfig(method="dola", gamma=0.0), CausalMMConfig(method="deco", params={"alpha": 0.0})):
-        sizes, hook = _head_rows(cm)
-        try:
-            got = cm.with_config(cfg).generate(imgs, PROMPTS[:2], **kw)
-        finally:
-            hook.remove()
+        got, sizes = _generate_counting_head_rows(cm, cm.with_config(cfg), imgs, PROMPTS[:2], **kw)
         assert [r.token_ids for r in got] == want, cfg.method
         assert sizes and set(sizes) == {0}, sizes
+    # at the official settings, the tokens of the model's own head on the final rows (plausible_head=False)
+    for cfg in (CausalMMConfig(method="dola"), CausalMMConfig(method="deco")):
+        ref = cm.with_config(cfg, plausible_head=False)
+        assert ref.engine.forward.dense_head is None
+        got = cm.with_config(cfg).generate(imgs, PROMPTS[:2], **kw)
+        assert [r.token_ids for r in got] == [r.token_ids for r in ref.generate(imgs, PROMPTS[:2], **kw)]

@@ -47,8 +47,8 @@ class Switches:
         plausible_head: in decode steps the LM head runs on the factual rows only, and counterfactual logits are
             computed on the tokens the plausibility cut keeps, the only ones the rule reads (where the adapter
             declares ``plain_lm_head``, the method reads plausible tokens only, ``epsilon > 0`` and no branch
-            logits are requested); where the method reads whole distributions, every row's logits are one
-            product laid out for a few rows (``decoding.head.dense_logits``) instead.
+            logits are requested); where the method reads whole distributions or early exits, every row's logits
+            (and every exit's) are one product laid out for a few rows (``decoding.head.dense_logits``) instead.
         preallocate_cache: the decoding KV cache reserves room for the answer and each step writes its token in
             place, where ``DynamicCache`` copies every row's whole cache at every step (plain caches only).
     """
@@ -95,20 +95,21 @@ class Engine:
         )
         share = switches.share_layers and adapter.supports_layer_sharing and plain and language_rule is not None
         head = adapter.model.get_output_embeddings()
-        head_fits = (
+        plain_head = (
             switches.plausible_head
             and adapter.plain_lm_head
             and type(head) is torch.nn.Linear  # not a quantised subclass, whose weight cannot be sliced
-            and bool(self.branches)
         )
-        head_ok = head_fits and self.method.plausible_only and config.epsilon > 0
+        head_ok = plain_head and bool(self.branches) and self.method.plausible_only and config.epsilon > 0
+        # rules that read whole distributions, and early exits: several rows' logits in one product
+        dense = plain_head and not head_ok and bool(self.branches or self.needs.exits)
         self.forward = Forward(
             adapter,
             language_rule,
             share_low=min(language_rule.layers) if share else 0,
             head=head if head_ok else None,
             epsilon=config.epsilon,
-            dense_head=head if head_fits and not head_ok else None,
+            dense_head=head if dense else None,
             preallocate=bool(switches.preallocate_cache and plain),
             pad_id=int(pad),
             exits=self.needs.exits,

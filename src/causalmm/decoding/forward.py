@@ -81,8 +81,9 @@ class Forward:
     ) -> None:
         self.adapter, self.language_rule = adapter, language_rule
         self.share_low, self.head, self.epsilon = share_low, head, epsilon
-        #: where the rule reads whole counterfactual distributions (M3ID's, PAI's log-softmax): decode steps
-        #: compute every row's logits in one :func:`dense_logits` product instead of the model's own head
+        #: where the rule reads whole counterfactual distributions (M3ID's, PAI's log-softmax) or early exits:
+        #: every row's logits (decode steps; with exits, every forward and every exit too) come from one
+        #: :func:`dense_logits` product instead of the model's own head
         self.dense_head = dense_head
         self.preallocate, self.pad_id = preallocate, pad_id
         self.text_config = adapter.model.config.get_text_config()
@@ -114,9 +115,9 @@ class Forward:
             if plan is not None and self.share_low
             else contextlib.nullcontext()
         )
-        # early exits on a plain head: the final rows join the exits' product, the model's own head gets none
-        merge = bool(self.exits) and self.adapter.plain_lm_head and type(self._lm_head) is torch.nn.Linear
-        final = head_on_rows(self._lm_head, []) if merge else contextlib.nullcontext({})
+        # early exits on a dense head: the final rows join the exits' product, the model's own head gets none
+        merge = bool(self.exits) and self.dense_head is not None
+        final = head_on_rows(self.dense_head, []) if merge else contextlib.nullcontext({})
         with intervene(state), shared, self._exit_states() as states, final as kept:
             out = self.adapter.model(
                 **inputs,
@@ -131,10 +132,6 @@ class Forward:
             if merge:
                 out.logits = self.exit_logits.pop("final")[:, None]
         return out
-
-    @property
-    def _lm_head(self) -> torch.nn.Module:
-        return self.adapter.model.get_output_embeddings()
 
     @contextlib.contextmanager
     def _exit_states(self):
@@ -171,11 +168,11 @@ class Forward:
         if final is not None:
             layers.append("final")
             hidden = torch.cat([hidden, final[:, -1].to(hidden.dtype)])
-        head = self._lm_head
+        head = self.adapter.model.get_output_embeddings()
         logits = dense_logits(head, hidden) if type(head) is torch.nn.Linear else head(hidden)
         logits = logits.float()
         cap = getattr(self.text_config, "final_logit_softcapping", None)
-        if cap:  # (never with ``final``: a capped model's head is not plain, its own call computes it)
+        if cap:  # (never with ``final``: a capped model's head is not plain, so there is no dense head)
             logits = torch.tanh(logits / cap) * cap
         return dict(zip(layers, logits.split(len(logits) // len(layers)), strict=True))
 
@@ -195,7 +192,7 @@ class Forward:
         rows' logits are exact on the plausible tokens only (the only ones the rule reads); ``full_head`` (branch
         logits asked for) computes them whole."""
         cf = [j for j, r in enumerate(rows) if r.branch is not None]
-        if self.dense_head is not None and cf and not full_head:
+        if self.dense_head is not None and cf and not full_head and not self.exits:  # (exits: merged in the call)
             with head_on_rows(self.dense_head, []) as kept:  # the model's own head computes no row
                 self(inputs, mask, positions, cache, language_rows, plan, edits)
             return dense_logits(self.dense_head, kept["hidden"][:, -1]).float()

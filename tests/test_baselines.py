@@ -219,6 +219,10 @@ def test_baselines_on_every_family(family, method, any_family, images):
     regular = [r.token_ids for r in cm.generate(imgs, prompts, max_new_tokens=4)]
     off = CausalMMConfig(method=method, **NEUTRAL[method])
     assert [r.token_ids for r in cm.with_config(off).generate(imgs, prompts, max_new_tokens=4)] == regular
+    # beam search reads the whole distribution: the neutral setting (no contrast, no cut) is regular beams too
+    beams = {"max_new_tokens": 4, "num_beams": 3}
+    regular_beams = [r.token_ids for r in cm.generate(imgs, prompts, **beams)]
+    assert [r.token_ids for r in cm.with_config(off).generate(imgs, prompts, **beams)] == regular_beams
 
 
 def test_dola_candidates_divergence_and_rule():

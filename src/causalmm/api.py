@@ -98,7 +98,8 @@ class CausalMM:
 
         ``images`` is one image (used for every prompt) or a list, one per prompt. ``generation_kwargs`` are
         :class:`GenerationOptions` fields (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
-        ``top_p``, ``repetition_penalty``, ``stop_strings``). A single prompt gives a single result, a list gives a
+        ``top_p``, ``repetition_penalty``, ``stop_strings``, and beam search: ``num_beams``, ``length_penalty``,
+        ``early_stopping``, ``no_repeat_ngram_size``). A single prompt gives a single result, a list gives a
         list. ``seeds`` / ``image_seeds``: lists of ints, one per prompt (see :meth:`Engine.generate`).
 
         Raises:

@@ -96,14 +96,18 @@ def checked_options(kwargs: dict[str, Any], known: Sequence[str]) -> dict[str, A
     for name, value in kwargs.items():
         if value is None and name in ("top_k", "top_p"):
             continue
-        if name in ("max_new_tokens", "top_k"):
+        if name in ("max_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size"):
             if not is_int(value):
                 raise ConfigError(f"{name}={value!r} must be an integer")
             out[name] = int(value)
-        elif name in ("temperature", "top_p", "repetition_penalty"):
+        elif name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
             if not is_real(value):
                 raise ConfigError(f"{name}={value!r} must be a finite number")
             out[name] = float(value)
+        elif name == "early_stopping":
+            if not (isinstance(value, (bool, np.bool_)) or value == "never"):
+                raise ConfigError(f"early_stopping={value!r} must be True, False or 'never'")
+            out[name] = value if value == "never" else bool(value)
         elif name == "do_sample" and not isinstance(value, (bool, np.bool_)):
             raise ConfigError(f"do_sample={value!r} must be True or False")
         elif name == "stop_strings" and not (

@@ -22,6 +22,7 @@ from .. import seeds as streams
 from ..adapters import Adapter
 from ..attention import SiteRule
 from ..config import CausalMMConfig, ConfigError, resolve_layers
+from .beams import beam_decode, check_beam_options
 from .features import ImageFeatures, first_equal, image_digest, inputs_digest, zero_image_tokens
 from .forward import Forward
 from .needs import MethodNeeds, plain_cache, same_token_keys
@@ -263,6 +264,8 @@ class Engine:
             )
         if opts.stop_strings and self.tokenizer is None:
             raise ConfigError("stop strings need the tokenizer: build the engine with the model's processor")
+        if opts.num_beams > 1:
+            check_beam_options(opts, cfg.legacy, return_branch_logits)
         imgs = [ad.image_inputs(e) for e in encs]
         variants = dict(variants or {})
         missing = [k for k in self.needs.prompt_kinds() if k not in variants]
@@ -288,6 +291,10 @@ class Engine:
             prefill = fw.prefill(layout, row_feature, lang_draws, plan, opts.max_new_tokens, edits)
         else:
             prefill, self.prefill_stats = shared
+        # the n-gram ban reads the prompt too (as transformers counts it)
+        prompt_ids = [e["input_ids"][0].tolist() if opts.no_repeat_ngram_size else [] for e in encs]
+        if opts.num_beams > 1:
+            return beam_decode(self, layout, prefill, plan, lang_draws, image_cols, opts, seeds, prompt_ids)
         logits, cache, mask, positions = prefill
         select = TokenSelector(opts)
         sample_gens = [streams.generator("cpu", s, streams.SAMPLING) for s in seeds]
@@ -315,7 +322,7 @@ class Engine:
                     z = self.method.combine(fl, cf_logits, cfg, step, exits=exits)
                 else:
                     z = self.method.combine(fl, cf_logits, cfg, step) if self.branches else fl
-                tok = select(z, out_ids[p], sample_gens[p])
+                tok = select(z, out_ids[p], sample_gens[p], prompt_ids[p])
                 out_ids[p].append(tok)
                 if return_branch_logits:
                     early = [(f"exit{i}", t) for i, t in exits.items()] if fw.exits else []

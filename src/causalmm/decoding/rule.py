@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import (
     LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -21,7 +22,7 @@ from transformers import (
 
 from ..config import ConfigError
 
-__all__ = ["GenerationOptions", "GenerationResult", "TokenSelector", "contrast", "plausible"]
+__all__ = ["GenerationOptions", "GenerationResult", "HistoryProcessors", "TokenSelector", "contrast", "plausible"]
 
 
 def plausible(factual: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -43,20 +44,31 @@ def contrast(
 
     ``z = l + gamma * sum_b (l - l_b)``, then ``z = -inf`` wherever the factual probability is below
     ``epsilon`` times the factual maximum. Taken on raw logits: on log-probabilities it would differ by one
-    constant per row only (``docs/method.md#why-the-contrast-is-taken-on-raw-logits-only``).
+    constant per row only (``docs/method.md#why-the-contrast-is-taken-on-raw-logits-only``). ``gamma = 0`` is no
+    contrast, so no cut either: the factual logits as they are, so that sampling and beam search (which read the
+    whole distribution, not only its top) reproduce regular decoding too.
 
     >>> l = torch.tensor([2.0, 1.0, -3.0]); lb = torch.tensor([1.0, 1.5, -3.0])
     >>> contrast(l, [lb], gamma=1.0, epsilon=0.1)
     tensor([3.0000, 0.5000,   -inf])
     """
     fl = factual.float()
+    if gamma == 0:
+        return fl
     z = fl + gamma * sum((fl - c.float() for c in counterfactuals), torch.zeros_like(fl))
     return z.masked_fill(~plausible(factual, epsilon), float("-inf"))
 
 
 @dataclass
 class GenerationOptions:
-    """Token-selection options shared by every method (validated)."""
+    """Token-selection options shared by every method (validated), with ``transformers``' meaning.
+
+    ``num_beams > 1`` decodes by beam search (:mod:`causalmm.decoding.beams`): each beam scores its next token by
+    the log-softmax of its method's combined scores; ``length_penalty`` and ``early_stopping`` (``True``,
+    ``False`` or ``"never"``) rank and stop the finished hypotheses as ``model.generate`` does. Beam search is
+    deterministic here (no ``do_sample`` with beams). ``no_repeat_ngram_size`` bans any n-gram already in the
+    prompt or the answer (as ``transformers`` counts it); ``repetition_penalty`` reads the answer only.
+    """
 
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -65,6 +77,10 @@ class GenerationOptions:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     stop_strings: tuple[str, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -80,6 +96,17 @@ class GenerationOptions:
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ConfigError(f"num_beams={self.num_beams!r} must be an integer >= 1")
+        if self.num_beams > 1 and self.do_sample:
+            raise ConfigError("beam search is deterministic here: use do_sample=False with num_beams > 1")
+        if not math.isfinite(self.length_penalty):
+            raise ConfigError(f"length_penalty={self.length_penalty} must be a finite number")
+        if self.early_stopping not in (True, False, "never"):
+            raise ConfigError(f"early_stopping={self.early_stopping!r} must be True, False or 'never'")
+        n = self.no_repeat_ngram_size
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"no_repeat_ngram_size={n!r} must be an integer >= 0 (0: off)")
 
 
 @dataclass
@@ -94,16 +121,40 @@ class GenerationResult:
     branch_logits: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
-class TokenSelector:
-    """Picks the next token from a prompt's combined scores: ``transformers``' repetition penalty (over the
-    tokens generated so far, not the prompt), then argmax, or temperature, top-k, top-p and a draw from the
-    prompt's own generator."""
+class HistoryProcessors:
+    """``transformers``' processors that read what came before: the repetition penalty (over the answer so far)
+    and the no-repeat n-gram ban (over the prompt and the answer), in ``model.generate``'s order."""
 
     def __init__(self, opts: GenerationOptions) -> None:
-        self.greedy = not opts.do_sample
         self.penalty = (
             RepetitionPenaltyLogitsProcessor(float(opts.repetition_penalty)) if opts.repetition_penalty != 1.0 else None
         )
+        size = int(opts.no_repeat_ngram_size)
+        self.ngram = NoRepeatNGramLogitsProcessor(size) if size else None
+
+    def __bool__(self) -> bool:
+        return self.penalty is not None or self.ngram is not None
+
+    def __call__(self, scores: torch.Tensor, answers: list[list[int]], prompt: list[int]) -> torch.Tensor:
+        """``scores`` ``(k, vocab)`` of ``k`` continuations of one prompt, ``answers`` their tokens so far (all of
+        one length), ``prompt`` its ids."""
+        if self.penalty is not None and answers[0]:
+            ids = torch.tensor(answers, dtype=torch.long, device=scores.device)
+            scores = self.penalty(ids, scores.clone())
+        if self.ngram is not None:
+            ids = torch.tensor([prompt + a for a in answers], dtype=torch.long, device=scores.device)
+            scores = self.ngram(ids, scores.clone())
+        return scores
+
+
+class TokenSelector:
+    """Picks the next token from a prompt's combined scores: ``transformers``' repetition penalty (over the
+    tokens generated so far, not the prompt) and no-repeat n-gram ban, then argmax, or temperature, top-k, top-p
+    and a draw from the prompt's own generator."""
+
+    def __init__(self, opts: GenerationOptions) -> None:
+        self.greedy = not opts.do_sample
+        self.history = HistoryProcessors(opts)
         warpers = LogitsProcessorList()
         if opts.do_sample:
             if opts.temperature != 1.0:
@@ -114,13 +165,16 @@ class TokenSelector:
                 warpers.append(TopPLogitsWarper(float(opts.top_p)))
         self.warpers = warpers
 
-    def __call__(self, scores: torch.Tensor, history: list[int], gen: torch.Generator) -> int:
-        """The next token of one prompt: ``scores`` ``(vocab,)``, ``history`` its generated ids."""
+    def __call__(
+        self, scores: torch.Tensor, history: list[int], gen: torch.Generator, prompt: list[int] | None = None
+    ) -> int:
+        """The next token of one prompt: ``scores`` ``(vocab,)``, ``history`` its generated ids, ``prompt`` its
+        prompt's ids (read by the n-gram ban only)."""
         z = scores[None]
-        ids = torch.tensor([history], dtype=torch.long, device=z.device)
-        if self.penalty is not None and history:
-            z = self.penalty(ids, z.clone())
+        if self.history:
+            z = self.history(z, [history], list(prompt or []))
         if self.greedy:
             return int(z.argmax())
+        ids = torch.tensor([history], dtype=torch.long, device=z.device)
         probs = self.warpers(ids, z).softmax(-1)[0]
         return int(torch.multinomial(probs.to(gen.device), 1, generator=gen))

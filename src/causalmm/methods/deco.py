@@ -53,6 +53,8 @@ def deco_scores(
     (0, tensor([0., 0.]), tensor([-inf, -inf]))
     """
     fl = final.float()
+    if alpha == 0:  # nothing mixed in, so no candidate cut: regular decoding in every mode, beam search included
+        return fl, 0
     probs, ids = torch.softmax(fl, -1).topk(min(top_k, fl.shape[-1]))
     n = min(int(torch.searchsorted(probs.cumsum(-1), torch.tensor(top_p, device=fl.device))) + 1, ids.numel())
     cand = ids[:n]

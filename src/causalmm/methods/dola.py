@@ -67,6 +67,8 @@ def dola_scores(final: torch.Tensor, premature: torch.Tensor, *, epsilon: float,
     tensor([ 0.6931, -0.6931,  0.0000])
     """
     lf, lp = F.log_softmax(final.float(), -1), F.log_softmax(premature.float(), -1)
+    if gamma == 0:  # no contrast, so no filter: regular decoding in every mode, beam search included
+        return lf
     if epsilon > 0:
         lf = lf.masked_fill(lf < lf.max(-1, keepdim=True).values + math.log(epsilon), float("-inf"))
     return lf - gamma * lp

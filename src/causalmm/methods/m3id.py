@@ -45,6 +45,8 @@ def m3id_scores(
     lc = torch.log_softmax(factual.float(), -1)
     lu = torch.log_softmax(text.float(), -1)
     keep = math.exp(-lamb * t)
+    if keep == 1.0:  # no contrast (lamb = 0), so no cut: regular decoding in every mode, beam search included
+        return lc
     z = (lc + (1.0 - keep) / keep * (lc - lu)).masked_fill(~plausible(factual, epsilon), float("-inf"))
     unsure = lc.amax(-1, keepdim=True) < math.log(alpha) if alpha < 1 else torch.ones_like(lc[..., :1], dtype=bool)
     return torch.where(unsure, z, lc)

@@ -42,6 +42,8 @@ def pai_scores(factual: torch.Tensor, text: torch.Tensor, *, gamma: float, epsil
     tensor([ 0.0000, -2.0794, -1.3863])
     """
     s = torch.log_softmax(factual.float(), -1)
+    if gamma == 1.0:  # no contrast, so no cut: the (edited) factual scores whole, for sampling and beams too
+        return s
     u = torch.log_softmax(text.float(), -1)
     return (gamma * s - (gamma - 1.0) * u).masked_fill(~plausible(factual, epsilon), float("-inf"))
 

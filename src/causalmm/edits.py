@@ -4,7 +4,8 @@ the batch rows an :class:`~causalmm.attention.Intervention` names, after the sto
 - :class:`Boost` (PAI): the newest query's pre-softmax scores on the image keys scaled up;
 - :class:`Prune` (SID): from one layer on, the image keys other than the least-attended few are hidden, chosen
   per forward from the layer before;
-- :class:`Watch` (AvisC): the newest query's head-averaged attention in every layer, recorded (no edit).
+- :class:`Watch` (AvisC, OPERA): the newest queries' attention, averaged or maximised over heads, recorded in the
+  layers it names (no edit).
 
 An edited row is recomputed as eager attention in float32 and spliced back; every other row keeps exactly what
 the base implementation computed. Image keys are given per row as a boolean mask over the cache's first columns
@@ -48,11 +49,15 @@ class Prune:
 
 @dataclass
 class Watch:
-    """AvisC: ``seen[layer][row]`` receives the last query's attention over the keys, averaged over heads, of each
-    row in ``rows``."""
+    """``seen[layer][row]`` receives the attention over the keys of the last ``queries`` queries of each row in
+    ``rows`` (``(keys,)`` for one query, else ``(queries, keys)``), reduced over heads by ``heads`` (``mean``:
+    AvisC; ``max``: OPERA), in ``layers`` (``None``: every layer)."""
 
     rows: list[int]
     seen: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    layers: frozenset[int] | None = None
+    heads: str = "mean"
+    queries: int = 1
 
 
 def image_columns(mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -97,10 +102,15 @@ def apply_edits(module, site: Site, state, query, key, value, attention_mask, sc
     """``(out, weights)`` of one LLM attention call with the active edits applied (see the module docstring)."""
     batch, nk = query.shape[0], key.shape[2]
     watch, prune, boost = state.watch, state.prune, state.boost
-    if watch is not None and (rows := [r for r in watch.rows if r < batch]):
-        scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows, last=True)
-        probs = _softmax(scores, allowed).mean(1)[:, 0]  # (rows, keys)
-        watch.seen.setdefault(site.layer, {}).update({r: probs[i] for i, r in enumerate(rows)})
+    if watch is not None and (watch.layers is None or site.layer in watch.layers):
+        rows = [r for r in watch.rows if r < batch]
+        if rows:
+            one = watch.queries == 1
+            scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows, last=one)
+            probs = _softmax(scores[:, :, -watch.queries :], allowed[:, :, -watch.queries :])
+            probs = probs.mean(1) if watch.heads == "mean" else probs.amax(1)  # (rows, queries, keys)
+            probs = probs[:, 0] if watch.queries == 1 else probs
+            watch.seen.setdefault(site.layer, {}).update({r: probs[i] for i, r in enumerate(rows)})
     if prune is not None and (rows := [r for r in sorted(prune.keys) if r < batch]):
         if site.layer == prune.select:
             scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows, last=True)

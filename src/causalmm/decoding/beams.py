@@ -21,7 +21,6 @@ sharing keeps working (a beam's rows share its factual row's lower layers, reord
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -281,15 +280,15 @@ def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: Gen
     return results
 
 
-def check_beam_options(opts: GenerationOptions, legacy: bool, branch_logits: bool) -> None:
-    """Refuse what beam search does not combine with, naming the fix."""
+def check_beam_options(opts: GenerationOptions, legacy: bool, branch_logits: bool, search: str | None = None) -> None:
+    """Refuse what beam search (or a method's own search, ``search``) does not combine with, naming the fix."""
     from ..config import ConfigError
 
+    what = search or "beam search"
+    if opts.do_sample:
+        raise ConfigError(f"{what} is deterministic here: use do_sample=False")
     if legacy:
-        raise ConfigError("legacy=True (the contrast on the first token only) decodes greedily: use num_beams=1")
+        raise ConfigError(f"legacy=True (the contrast on the first token only) decodes greedily, not by {what}")
     if branch_logits:
-        raise ConfigError(
-            "branch logits are recorded along one sequence (explain): use num_beams=1 to read them"
-        )
-    if not math.isfinite(opts.length_penalty):
-        raise ConfigError(f"length_penalty={opts.length_penalty} must be finite")
+        fix = "use a method with a per-token rule" if search else "use num_beams=1"
+        raise ConfigError(f"branch logits are recorded along one sequence (explain), not over beams: {fix}")

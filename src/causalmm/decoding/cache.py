@@ -83,6 +83,16 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._views
         return self.keys, self.values
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (``transformers``' convention), keeping the buffer: the next
+        update writes over them."""
+        if tokens_to_remove < 0 and self._views is not None and self.keys is self._views[0]:
+            n = self.keys.shape[-2] + tokens_to_remove
+            self._views = (self._buffers[0][..., :n, :], self._buffers[1][..., :n, :])
+            self.keys, self.values = self._views
+            return
+        super().crop(tokens_to_remove)
+
     def reset(self) -> None:
         """Drop the buffer with the cached tokens."""
         self._buffers = self._views = None

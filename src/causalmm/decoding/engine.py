@@ -26,6 +26,7 @@ from .beams import beam_decode, check_beam_options
 from .features import ImageFeatures, first_equal, image_digest, inputs_digest, zero_image_tokens
 from .forward import Forward
 from .needs import MethodNeeds, plain_cache, same_token_keys
+from .opera import opera_decode
 from .prefill import image_prefix, prefill_shared
 from .rows import Row, RowLayout
 from .rule import GenerationOptions, GenerationResult, TokenSelector
@@ -264,8 +265,8 @@ class Engine:
             )
         if opts.stop_strings and self.tokenizer is None:
             raise ConfigError("stop strings need the tokenizer: build the engine with the model's processor")
-        if opts.num_beams > 1:
-            check_beam_options(opts, cfg.legacy, return_branch_logits)
+        if opts.num_beams > 1 or self.method.search is not None:
+            check_beam_options(opts, cfg.legacy, return_branch_logits, self.method.search)
         imgs = [ad.image_inputs(e) for e in encs]
         variants = dict(variants or {})
         missing = [k for k in self.needs.prompt_kinds() if k not in variants]
@@ -293,6 +294,8 @@ class Engine:
             prefill, self.prefill_stats = shared
         # the n-gram ban reads the prompt too (as transformers counts it)
         prompt_ids = [e["input_ids"][0].tolist() if opts.no_repeat_ngram_size else [] for e in encs]
+        if self.method.search == "opera":
+            return opera_decode(self, layout, prefill, image_cols, opts, seeds, prompt_ids)
         if opts.num_beams > 1:
             return beam_decode(self, layout, prefill, plan, lang_draws, image_cols, opts, seeds, prompt_ids)
         logits, cache, mask, positions = prefill

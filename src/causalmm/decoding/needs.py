@@ -67,7 +67,7 @@ class MethodNeeds:
     @property
     def image_columns(self) -> bool:
         """Whether forwards need each row's image keys in the cache's layout (PAI, SID)."""
-        return self.edit is not None or self.prune is not None
+        return self.edit is not None or self.prune is not None or self.method.search == "opera"
 
     @property
     def allow_prefix_reuse(self) -> bool:

@@ -5,10 +5,11 @@ Adding a branch-style method is one new file here (a :class:`Method` subclass de
 """
 
 # each import registers its method, in the order `causalmm methods` lists them: the headline methods first,
-# then the baselines (branch methods, then layer-contrast methods)
+# then the baselines (branch methods, then layer-contrast methods, then searches)
 from . import regular, causalmm, vcd  # noqa: E402, F401, I001
 from . import icd, m3id, pai, avisc, sid  # noqa: E402, F401, I001
 from . import dola, deco  # noqa: E402, F401, I001
+from . import opera  # noqa: E402, F401, I001
 from .base import Branch, FactualEdit, Method, Param
 from .registry import METHODS, get_method, method_names, register
 

@@ -143,6 +143,8 @@ class Method:
             token, so the engine may compute them there only (``causalmm.decoding.head``).
         exit_norm: early-exit logits (:meth:`exit_layers`) go through the LLM's final norm before the LM head
             (DeCo) or not (DoLa).
+        search: the engine runs this method's own search instead of choosing a token per step by the rule
+            (``"opera"``: :mod:`causalmm.decoding.opera`); ``None`` for a rule.
     """
 
     name: ClassVar[str]
@@ -151,6 +153,7 @@ class Method:
     params: ClassVar[tuple[Param, ...]] = ()
     plausible_only: ClassVar[bool] = False
     exit_norm: ClassVar[bool] = False
+    search: ClassVar[str | None] = None
 
     def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
         """The counterfactual branches run beside the factual one (none: plain decoding)."""

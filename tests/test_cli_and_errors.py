@@ -48,6 +48,24 @@ def test_cli_generate_plain_text_other_families(family, model_dirs, image_file, 
     assert proc.stdout.endswith("\n")
 
 
+@pytest.mark.parametrize(
+    ("flags", "config", "options"),
+    [
+        (["--mode", "language", "--num-beams", "3", "--early-stopping", "never", "--length-penalty", "0.5"],
+         {"mode": "language"},
+         {"num_beams": 3, "early_stopping": "never", "length_penalty": 0.5}),
+        (["--method", "opera", "--param", "candidates=2"], {"method": "opera", "params": {"candidates": 2}}, {}),
+    ],
+)  # fmt: skip
+def test_cli_beam_searches_match_the_api(flags, config, options, model_dirs, image_file, loaded, causalmm_cli):
+    args = ["generate", "--model", str(model_dirs["llava"]), "--image", str(image_file), "--prompt", "Describe it."]
+    args += ["--max-new-tokens", "6", "--attention", "eager", "--json", *flags]
+    payload = json.loads(causalmm_cli(*args).stdout)
+    api = loaded("llava").with_config(CausalMMConfig(**config))
+    want = api.generate(str(image_file), "Describe it.", max_new_tokens=6, **options)
+    assert payload["token_ids"] == want.token_ids
+
+
 def _one_line_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     err = proc.stderr.strip()
@@ -69,6 +87,9 @@ def _one_line_error(proc, *needles):
         (["--language-layers", "40"], ["language layer index 40", "4 layers"]),
         (["--mode", "vision", "--vision-layers", "2"], ["vision layer index 2", "2 layers"]),
         (["--language-layers", "x-y"], ["cannot read"]),
+        (["--num-beams", "2", "--do-sample"], ["do_sample=False"]),
+        (["--num-beams", "2", "--early-stopping", "soon"], ["--early-stopping 'soon'", "never"]),
+        (["--method", "opera", "--param", "beams=1"], ["beams=1", ">= 2"]),
     ],
 )
 def test_cli_bad_config_is_one_line(extra, needles, model_dirs, image_file, causalmm_cli):

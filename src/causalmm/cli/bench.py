@@ -17,7 +17,11 @@ from .common import (
     DeviceOpt,
     DoSampleOpt,
     DtypeOpt,
+    EarlyStoppingOpt,
+    LengthPenaltyOpt,
     ModelOpt,
+    NoRepeatOpt,
+    NumBeamsOpt,
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
@@ -26,6 +30,7 @@ from .common import (
     fail,
     hf_kwargs,
     sampling,
+    search,
     user_errors,
 )
 
@@ -70,6 +75,10 @@ def eval_(
     temperature: TemperatureOpt = 1.0,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
+    num_beams: NumBeamsOpt = 1,
+    length_penalty: LengthPenaltyOpt = 1.0,
+    early_stopping: EarlyStoppingOpt = "false",
+    no_repeat_ngram_size: NoRepeatOpt = 0,
     suffix: Annotated[str | None, typer.Option(help="POPE/MME: text appended to each question.")] = None,
     prompt: Annotated[str | None, typer.Option(help="CHAIR: the captioning prompt.")] = None,
     parse: Annotated[str | None, typer.Option(help="POPE answer parsing: official | substring.")] = None,
@@ -99,6 +108,7 @@ def eval_(
     run_seeds = _parse_seeds(seed, seeds)
     try:
         generation = sampling(do_sample, temperature, top_p, top_k)
+        generation.update(search(num_beams, length_penalty, early_stopping, no_repeat_ngram_size))
         if max_new_tokens is not None:
             generation["max_new_tokens"] = max_new_tokens
         options = _bench_options(suffix=suffix, prompt=prompt, parse=parse, category=category, annotations=annotations)

@@ -61,6 +61,10 @@ DoSampleOpt = Annotated[bool, typer.Option("--do-sample", help="Sample instead o
 TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
 TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling mass.")]
 TopKOpt = Annotated[int | None, typer.Option(help="Top-k sampling.")]
+NumBeamsOpt = Annotated[int, typer.Option(help="Beam search with this many beams (1: greedy or sampling).")]
+LengthPenaltyOpt = Annotated[float, typer.Option(help="Beam search: score / length ** this (transformers').")]
+EarlyStoppingOpt = Annotated[str, typer.Option(help="Beam search: true | false | never (transformers' meaning).")]
+NoRepeatOpt = Annotated[int, typer.Option(help="Ban any n-gram of this size already in prompt or answer (0: off).")]
 LegacyOpt = Annotated[bool, typer.Option("--legacy", help="Original release: contrast on the first token only.")]
 VisionStyleOpt = Annotated[str, typer.Option(help="attention | gate (the original feature gate)")]
 AttentionOpt = Annotated[
@@ -136,6 +140,24 @@ def sampling(do_sample: bool, temperature: float, top_p: float | None, top_k: in
     out: dict = {"do_sample": do_sample}
     if do_sample:
         out.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    return out
+
+
+def search(num_beams: int, length_penalty: float, early_stopping: str, no_repeat_ngram_size: int) -> dict:
+    """The beam-search options of the flags, only those that differ from the defaults (so a run folder's
+    recorded options stay what they were without them)."""
+    stopping = {"true": True, "false": False, "never": "never"}.get(str(early_stopping).lower())
+    if stopping is None:
+        fail(f"--early-stopping {early_stopping!r}: choose true, false or never")
+    out: dict = {}
+    if num_beams != 1:
+        out["num_beams"] = num_beams
+    if length_penalty != 1.0:
+        out["length_penalty"] = length_penalty
+    if stopping is not False:
+        out["early_stopping"] = stopping
+    if no_repeat_ngram_size:
+        out["no_repeat_ngram_size"] = no_repeat_ngram_size
     return out
 
 

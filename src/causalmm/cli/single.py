@@ -17,9 +17,13 @@ from .common import (
     DeviceOpt,
     DoSampleOpt,
     DtypeOpt,
+    EarlyStoppingOpt,
     ImageOpt,
     LanguageLayersOpt,
+    LengthPenaltyOpt,
     ModelOpt,
+    NoRepeatOpt,
+    NumBeamsOpt,
     PromptOpt,
     TemperatureOpt,
     TopKOpt,
@@ -28,6 +32,7 @@ from .common import (
     decoding_options,
     fail,
     hf_kwargs,
+    search,
     user_errors,
 )
 
@@ -71,12 +76,17 @@ def generate(
     temperature: TemperatureOpt = 1.0,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
+    num_beams: NumBeamsOpt = 1,
+    length_penalty: LengthPenaltyOpt = 1.0,
+    early_stopping: EarlyStoppingOpt = "false",
+    no_repeat_ngram_size: NoRepeatOpt = 0,
     attention: AttentionOpt = "sdpa",
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
     """Answer one prompt about one image with the chosen decoding method."""
+    beams = search(num_beams, length_penalty, early_stopping, no_repeat_ngram_size)
     try:
         cm, pil = _open(model, image, prompt, config, attention, device, dtype)
         result = cm.generate(
@@ -87,6 +97,7 @@ def generate(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
+            **beams,
         )
     except user_errors() as err:
         fail(str(err))

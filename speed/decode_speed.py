@@ -21,7 +21,9 @@ as ``W @ x.T``: what this machine's BLAS charges per extra row, a floor under an
 The *sequential reference* runs every branch as its own batch-1 forward pass per token with its own KV cache,
 which is what the original CausalMM code and its peers do; our engine runs all branches as rows of one
 batched forward per step. Where the peer library ``mitigv`` is installed, its VCD, ICD, PAI and M3ID run on the
-same model beside ours (``--group baselines``: regular, CausalMM, the gate and every baseline, with those peers).
+same model beside ours (``--group baselines``: regular, CausalMM, the gate and every baseline, with those peers);
+``--group beams``: regular, CausalMM and VCD with 5 beams against regular 5-beam decoding, and OPERA (official and
+fast settings) beside mitigv's OPERA.
 """
 
 from __future__ import annotations
@@ -243,16 +245,27 @@ class Sample:
 
 
 def run_engine(
-    cm: CausalMM, config: CausalMMConfig, image: Image.Image, prompt: str, n: int, device: str, **switches: bool
+    cm: CausalMM,
+    config: CausalMMConfig,
+    image: Image.Image,
+    prompt: str,
+    n: int,
+    device: str,
+    options: dict[str, Any] | None = None,
+    **switches: bool,
 ) -> Sample:
     """One generation of ``n`` tokens with our engine (all branches batched); ``switches`` turn optimisations off
-    (``share_layers=False``, ``plausible_head=False``: the before of each)."""
+    (``share_layers=False``, ``plausible_head=False``: the before of each); ``options``: more generation options
+    (``num_beams``). OPERA runs two forwards per token (its candidates, then the chosen tokens) and a rollback
+    more: its time per token is everything after the prefill over the ``n`` tokens."""
     runner = cm.with_config(config, **switches)
     runner.engine.eos = set()
     with _Peak(device) as peak, _StepClock(cm.model, device) as clock:
         t0 = clock._now()
-        runner.engine.generate([image], [prompt], GenerationOptions(max_new_tokens=n))
+        runner.engine.generate([image], [prompt], GenerationOptions(max_new_tokens=n, **(options or {})))
         t1 = clock._now()
+    if config.method == "opera":
+        return Sample(clock.ends[0] - t0, (t1 - clock.ends[0]) / n, peak.value)
     # the last n - 1 forwards are the decode steps; prefill is everything before them (vision tower, features, the
     # first LLM pass, and AvisC's probe prefill where it runs one)
     if len(clock.ends) < n:
@@ -346,6 +359,7 @@ MITIGV_PEERS: dict[str, dict[str, float]] = {
     "icd": {"lam": 1.0, "alpha": 0.1},
     "pai": {"alpha": 0.2, "gamma": 1.1, "beta": 0.1},
     "m3id": {"alpha": 0.3, "forgetting_rate": 0.02},
+    "opera": {"num_beams": 5, "sigma": 50, "threshold": 15, "num_attn_candidates": 5, "penalty_weight": 1},
 }
 
 
@@ -424,6 +438,13 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("sid", "engine", CausalMMConfig(method="sid")),
     ("dola", "engine", CausalMMConfig(method="dola")),
     ("deco", "engine", CausalMMConfig(method="deco")),
+    # beam search (5 beams, the CHAIR protocols' and OPERA's), each row against "regular beams 5"
+    ("regular beams 5", "engine", CausalMMConfig(method="regular")),
+    ("causalmm language K=1 beams 5", "engine", CausalMMConfig(mode="language")),
+    ("causalmm multimodal K=1 beams 5", "engine", CausalMMConfig(mode="multimodal")),
+    ("vcd beams 5", "engine", CausalMMConfig(method="vcd")),
+    ("opera", "engine", CausalMMConfig(method="opera")),
+    ("opera fast", "engine", CausalMMConfig(method="opera", params={"threshold": 25, "candidates": 1})),
     ("sequential ref. vision", "sequential", CausalMMConfig(mode="vision")),
     ("sequential ref. multimodal", "sequential", CausalMMConfig(mode="multimodal")),
 ]
@@ -435,7 +456,14 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "regular greedy", "causalmm multimodal K=1", "vcd", "causalmm gate K=1", "icd", "m3id", "pai", "avisc", "sid",
         "dola", "deco",
     ),
+    "beams": (
+        "regular greedy", "regular beams 5", "causalmm language K=1 beams 5", "causalmm multimodal K=1 beams 5",
+        "vcd beams 5", "opera", "opera fast",
+    ),
 }  # fmt: skip
+
+#: generation options of the rows that decode by beam search (OPERA takes its own 5)
+BEAM_ROWS = {name: {"num_beams": 5} for name, *_ in CONFIGS if name.endswith("beams 5")}
 
 #: the optimisation a configuration kind turns off (its before/after rows)
 SWITCHES_OFF = {
@@ -513,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             peers[name] = peer
             configs.append((f"mitigv {name} (peer)", "mitigv", cfg))
 
-    def run(kind: str, cfg: CausalMMConfig, n: int) -> Sample:
+    def run(kind: str, cfg: CausalMMConfig, n: int, name: str = "") -> Sample:
         if kind == "mitigv":
             return run_mitigv(peers[cfg.method], cm.model, image, prompt, n, device)
         if kind == "sequential":
@@ -521,20 +549,20 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "eager":
             with attention_base(cm, "eager"):
                 return run_engine(cm, cfg, image, prompt, n, device)
-        return run_engine(cm, cfg, image, prompt, n, device, **SWITCHES_OFF.get(kind, {}))
+        return run_engine(cm, cfg, image, prompt, n, device, BEAM_ROWS.get(name), **SWITCHES_OFF.get(kind, {}))
 
     run_engine(cm, configs[0][2], image, prompt, 2, device)  # warm-up
     if args.peak_of is not None:
         import json
 
         kind, cfg = next((k, c) for name, k, c in configs if name == args.peak_of)
-        peak, base = cpu_peak_in_this_process(lambda: run(kind, cfg, args.new_tokens))
+        peak, base = cpu_peak_in_this_process(lambda: run(kind, cfg, args.new_tokens, args.peak_of))
         print(json.dumps({"peak_bytes": peak, "base_bytes": base}))
         return 0
     skipped_peers: dict[str, str] = {}
     for entry in list(configs):  # a configuration's first run pays one-time costs (allocator growth): untimed
         try:
-            run(entry[1], entry[2], 2)
+            run(entry[1], entry[2], 2, entry[0])
         except ConfigError as err:  # a setting this model cannot take (PAI's start layer on a 2-layer LLM)
             print(f"skipped {entry[0]}: {err}", file=sys.stderr)
             configs.remove(entry)
@@ -547,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Sample]] = {name: [] for name, _, _ in configs}
     for rep in range(args.reps):
         for name, kind, cfg in configs:
-            results[name].append(run(kind, cfg, args.new_tokens))
+            results[name].append(run(kind, cfg, args.new_tokens, name))
             print(
                 f"rep {rep + 1}/{args.reps} {name}: {results[name][-1].per_token * 1e3:.1f} ms/token", file=sys.stderr
             )
@@ -581,6 +609,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {name}: " + " / ".join(f"{t * 1e3:.2f} ({t / cost['F.linear'][0]:.2f}×)" for t in ts))
     kept, vocab = plausible_set_size(cm, image, prompt, args.new_tokens, device)
     print(f"\nplausible tokens per decode step (factual row, epsilon 0.1): median {kept:g} of {vocab}")
+    beams = results.get("regular beams 5")
+    if beams:
+        ref_beams = statistics.median(s.per_token for s in beams)
+        rows = [n for n, _, _ in configs if n in BEAM_ROWS or n.startswith(("opera", "mitigv opera"))]
+        print("\nbeam search, per token × regular beams 5: " + ", ".join(
+            f"{n} {statistics.median(s.per_token for s in results[n]) / ref_beams:.2f}" for n in rows))  # fmt: skip
     seq = results.get("sequential ref. multimodal")
     ours = results.get("causalmm multimodal K=1")
     if seq and ours:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CausalMMConfig, ConfigError
-from .grid import DEFAULTS, LEADERBOARD, METHODS, grid, seeded
+from .grid import DEFAULTS, LEADERBOARD, METHODS, grid, seeded, split
 from .study import GROUPS, Answers, answer, cost_ratio, group_rates, questions, summarise
 from .world import WorldConfig
 
@@ -100,8 +100,9 @@ def tune(
     for method in methods:
         results[method] = []
         for settings in settings_grid[method]:
-            cfg = CausalMMConfig(seed=seed, **settings)
-            words = answer(cm, cfg, images, qs, [seed], batch_size=batch_size).words
+            kwargs, generation = split(settings)
+            cfg = CausalMMConfig(seed=seed, **kwargs)
+            words = answer(cm, cfg, images, qs, [seed], batch_size=batch_size, generation=generation).words
             rates = group_rates(words, qs, n_boot=0)
             results[method].append({"settings": settings, "rates": {k: v["mean"] for k, v in rates.items()}})
             r = results[method][-1]["rates"]
@@ -206,11 +207,14 @@ def demo(
         task = bar.add_task("demo", total=total)
         for method in methods:
             bar.update(task, description=method)
-            cfg = CausalMMConfig(**settings[method])
-            answer(cm, cfg, images, qs[:batch_size], [0], batch_size=batch_size)  # warm-up: one full batch
+            kwargs, generation = split(settings[method])
+            cfg = CausalMMConfig(**kwargs)
+            # warm-up: one full batch
+            answer(cm, cfg, images, qs[:batch_size], [0], batch_size=batch_size, generation=generation)
             answers[method] = answer(
-                cm, cfg, images, qs, runs[method], batch_size=batch_size, advance=lambda n: bar.advance(task, n)
-            )
+                cm, cfg, images, qs, runs[method], batch_size=batch_size, advance=lambda n: bar.advance(task, n),
+                generation=generation,
+            )  # fmt: skip
             rows[method] = group_rates(answers[method].words, qs, n_boot=n_boot)
             rows[method]["cost_per_token"] = cost_ratio(answers[method], answers["regular"], n_boot=n_boot)
     table = summarise(rows)

@@ -1,7 +1,8 @@
 """What the toy-world study runs: the methods (headline and leaderboard), their defaults and ``tune``'s grid.
 
 Every entry is a name in the tables (``causalmm/language``, ``pai``) mapped to the keyword arguments of
-:class:`~causalmm.config.CausalMMConfig` (a method's own hyper-parameters under ``params``). The grids are sized
+:class:`~causalmm.config.CausalMMConfig` (a method's own hyper-parameters under ``params``), plus ``num_beams``
+for the rows that decode by beam search (:func:`split`). The grids are sized
 to the model: the shipped one has 4 LLM layers, 3 vision-tower layers and 16 image tokens, so the layer choices
 and SID's kept-token counts below are the official settings scaled to it, not the 32-layer values.
 """
@@ -14,7 +15,10 @@ from typing import Any
 from ..config import CausalMMConfig
 from ..methods import get_method
 
-__all__ = ["METHODS", "LEADERBOARD", "DEFAULTS", "grid", "seeded"]
+__all__ = ["BEAMS", "METHODS", "LEADERBOARD", "DEFAULTS", "grid", "seeded", "split"]
+
+#: the beam rows' number of beams (OPERA's and the CHAIR protocols' 5)
+BEAMS = 5
 
 #: the default demo's methods, in table order (``causalmm demo``)
 METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/language", "causalmm/multimodal")
@@ -23,6 +27,7 @@ METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/langu
 #: every baseline of the registry
 LEADERBOARD: tuple[str, ...] = (
     *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "dola", "deco",
+    "regular/beams", "causalmm/language/beams", "opera",
 )  # fmt: skip
 
 #: settings used where the model directory's tuning.json has no choice for a method: each method's own defaults
@@ -36,7 +41,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     **{name: {"method": name} for name in ("icd", "m3id", "pai", "avisc")},
     "sid": {"method": "sid", "params": {"keep": 4}},  # 100 of 576 image tokens in LLaVA-1.5; 16 here
     **{name: {"method": name} for name in ("dola", "deco")},
-}
+    "regular/beams": {"method": "regular", "num_beams": BEAMS},
+    "causalmm/language/beams": {"method": "causalmm", "mode": "language", "gamma": 1.0, "epsilon": 0.1,
+                                "num_beams": BEAMS},
+    "opera": {"method": "opera"},
+}  # fmt: skip
 
 GAMMAS = (1.0, 2.0, 4.0)
 EPSILONS = (0.01, 0.1)
@@ -92,7 +101,18 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
     out["sid"] = _product({"method": "sid"}, gamma=(0.5, 1.0, 2.0), params_keep=(2, 4, 8))
     out["dola"] = _product({"method": "dola"}, params_layers=("low", "high", f"0-{half}"), epsilon=EPSILONS)
     out["deco"] = _product({"method": "deco"}, params_alpha=(0.2, 0.6, 1.0), params_layers=("auto", f"1-{last_text}"))
+    # beam search: the beams' regular decoding, CausalMM's language branch with beams (its greedy grid), and OPERA
+    # (official and fast settings; a 3-token answer only ever gets its image term, so its weight is swept)
+    out["regular/beams"] = [{"method": "regular", "num_beams": BEAMS}]
+    out["causalmm/language/beams"] = [{**s, "num_beams": BEAMS} for s in out["causalmm/language"]]
+    out["opera"] = _product({"method": "opera"}, params_candidates=(5, 1), params_penalty=(1.0, 4.0))
     return out
+
+
+def split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A setting's :class:`CausalMMConfig` keywords and its generation options (``num_beams``)."""
+    config = {k: v for k, v in settings.items() if k != "num_beams"}
+    return config, ({"num_beams": settings["num_beams"]} if "num_beams" in settings else {})
 
 
 #: counterfactual attention maps that draw random numbers (the others are functions of the factual map)
@@ -102,7 +122,7 @@ _RANDOM_MAPS = ("random", "shuffle")
 def seeded(settings: dict[str, Any]) -> bool:
     """Whether a setting's answers depend on the counterfactual seed (VCD's noise, random or shuffled attention):
     the demo runs those over every seed and the others once, since more seeds would repeat the same answers."""
-    config = CausalMMConfig(**settings)
+    config = CausalMMConfig(**split(settings)[0])
     for branch in get_method(config.method).branches(config):
         if branch.noise:
             return True

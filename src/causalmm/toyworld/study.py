@@ -117,9 +117,10 @@ def answer(
     *,
     batch_size: int = 32,
     advance: Callable[[int], None] | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> Answers:
     """The parsed answers (``.words``: a (seeds, questions) array of "yes" / "no" / "other", POPE's official
-    rule), with each batch's ``generate`` call timed.
+    rule), with each batch's ``generate`` call timed; ``generation``: more generation options (``num_beams``).
 
     Each (seed, question) gets its own counterfactual generator seed, so answers do not depend on batching.
     """
@@ -138,6 +139,7 @@ def answer(
                 [prompts[i] for i in idx],
                 seeds=[seed * 1_000_003 + i for i in idx],
                 max_new_tokens=3,
+                **(generation or {}),
             )
             seconds[s, b] = time.perf_counter() - tic
             tokens[s, b] = sum(len(res.token_ids) for res in results)

@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/causalmm demo --all
+	$(VENV)/bin/causalmm demo
 
 lint: install
 	$(PY) -m ruff check src tests

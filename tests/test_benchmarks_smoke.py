@@ -42,9 +42,15 @@ def test_decode_speed_prints_every_configuration_with_ratios():
         "causalmm multimodal K=1, eager attention",
         "regular greedy, DynamicCache",
         "causalmm multimodal K=1, DynamicCache",
+        "regular beams 5",
+        "causalmm language K=1 beams 5",
+        "causalmm multimodal K=1 beams 5",
         "sequential ref. multimodal",
     ]
     assert list(rows) == want
+    beams = re.search(r"beam search, per token × regular beams 5: regular beams 5 1\.00, causalmm language K=1 beams 5 "
+                      r"(\d+\.\d\d), causalmm multimodal K=1 beams 5 (\d+\.\d\d)$", out, re.M)  # fmt: skip
+    assert beams and all(float(x) > 0 for x in beams.groups())
     assert rows["regular greedy"][2] == "1.00"
     assert all(re.fullmatch(r"\d+\.\d\d", r[2]) and float(r[2]) > 0 for r in rows.values())
     assert re.search(r"engine is \d+\.\d\d× faster per token than the sequential reference", out)

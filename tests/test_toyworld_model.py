@@ -211,7 +211,8 @@ def test_demo_cli_all_runs_the_leaderboard(tmp_path, causalmm_cli, smoke_model):
         assert name in proc.stdout
     # deterministic methods (no noise, no random attention) run once; VCD and the random-attention gate twice
     once = {m for m, seeds in metrics["seeds_run"].items() if seeds == [0]}
-    assert once == {"regular", "icd", "m3id", "pai", "avisc", "sid", "dola", "deco"}
+    assert once == {"regular", "icd", "m3id", "pai", "avisc", "sid", "dola", "deco", "regular/beams", "opera"}
+    assert metrics["seeds_run"]["causalmm/language/beams"] == [0, 1]  # random attention, with beams
     assert metrics["seeds_run"]["causalmm/gate"] == [0, 1]
 
 
@@ -238,15 +239,17 @@ def test_cost_ratio_hand_example():
 def test_leaderboard_grid_holds_every_default_and_only_valid_settings():
     """``tune`` tries each method's official default (scaled to the toy model) among its settings, and every
     setting of the grid is a configuration the method accepts."""
-    from causalmm.toyworld.grid import DEFAULTS, grid, seeded
+    from causalmm.toyworld.grid import BEAMS, DEFAULTS, grid, seeded, split
 
     settings = grid(3, 4)
     assert list(settings) == list(LEADERBOARD) == list(DEFAULTS)
     for method, rows in settings.items():
-        configs = [CausalMMConfig(**s).to_dict() for s in rows]
+        configs = [(CausalMMConfig(**split(s)[0]).to_dict(), split(s)[1]) for s in rows]
         assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(rows), f"{method}: repeated settings"
-        default = CausalMMConfig(**DEFAULTS[method]).to_dict()
-        if method not in ("causalmm/language", "causalmm/multimodal"):  # the paper's middle-third default: not on 4
+        assert all(g == ({"num_beams": BEAMS} if method.endswith("beams") else {}) for _, g in configs), method
+        default = (CausalMMConfig(**split(DEFAULTS[method])[0]).to_dict(), split(DEFAULTS[method])[1])
+        # the paper's middle-third default is not a layer choice of a 4-layer LLM
+        if method not in ("causalmm/language", "causalmm/multimodal", "causalmm/language/beams"):
             assert default in configs, method
     assert seeded({"method": "vcd"}) and seeded({"method": "causalmm", "mode": "language"})
     assert not seeded({"method": "causalmm", "mode": "language", "language_cf": "uniform"})
@@ -270,7 +273,7 @@ def test_tune_keeps_earlier_choices_and_refuses_unknown_methods(smoke_model, tmp
     third = tune(model, n_images=2, methods=("deco",), log=lambda _: None)
     assert list(third["chosen"]) == ["regular", "deco"]
     with pytest.raises(ConfigError, match="unknown toy-world method"):
-        tune(model, n_images=1, methods=("opera",), log=lambda _: None)
+        tune(model, n_images=1, methods=("vista",), log=lambda _: None)
     proc = causalmm_cli("toyworld", "tune", "--model", str(model), "--methods", "nope", check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -99,8 +99,11 @@ def test_generation_options_follow_lmms_eval_conventions():
     assert opts == {"max_new_tokens": 16, "stop_strings": ("END",), "do_sample": True, "temperature": 0.7, "top_p": 0.9}
     assert ignored == ["image_aspect_ratio"]
     assert "do_sample" not in generation_options({"temperature": 0.7, "do_sample": False}, 8)[0]
-    with pytest.raises(ModelArgsError, match="num_beams=4: causalmm decodes one sequence"):
-        generation_options({"num_beams": 4}, 8)
+    assert generation_options({"num_beams": 4}, 8)[0] == {"max_new_tokens": 8, "stop_strings": (), "num_beams": 4}
+    with pytest.raises(ModelArgsError, match="num_beams=4 with temperature=0.7: causalmm's beam search is determ"):
+        generation_options({"num_beams": 4, "temperature": 0.7}, 8)
+    with pytest.raises(ModelArgsError, match="num_beams=-2"):
+        generation_options({"num_beams": -2}, 8)
 
 
 def _png(color) -> bytes:

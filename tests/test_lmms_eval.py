@@ -172,8 +172,8 @@ def test_refused_requests_name_the_problem(task):
         lm.generate_until([_request(lambda doc: [image, image])])
     with pytest.raises(UnsupportedRequestError, match="gives video input"):
         lm.generate_until([_request(lambda doc: ["clip.mp4"])])
-    with pytest.raises(UnsupportedRequestError, match="num_beams=3"):
-        lm.generate_until([_request(lambda doc: [image], gen_kwargs={"num_beams": 3})])
+    with pytest.raises(UnsupportedRequestError, match="num_beams=3 with temperature=0.5"):
+        lm.generate_until([_request(lambda doc: [image], gen_kwargs={"num_beams": 3, "temperature": 0.5})])
     with pytest.raises(UnsupportedRequestError, match="the loglikelihood / multiple_choice tasks \\(seedbench_ppl"):
         lm.loglikelihood([_request(lambda doc: [image])])
     # one image given as a PIL image outside any data set: seeded by its pixels, answered

@@ -145,7 +145,10 @@ def _options(generation_config: Any, prompt_length: int) -> GenerationOptions:
 def _check_call(generation_config: Any, logits_processor: Any, stopping_criteria: Any) -> None:
     g = generation_config
     if (g.num_beams or 1) > 1:
-        raise _refuse(f"num_beams={g.num_beams}: the contrastive rule decodes one sequence per prompt; use num_beams=1")
+        raise _refuse(
+            f"num_beams={g.num_beams}: through model.generate the prompts arrive already expanded per beam; use "
+            "CausalMM.generate(..., num_beams=N) (every method beams there) or num_beams=1"
+        )
     if (g.num_return_sequences or 1) > 1:
         raise _refuse(
             f"num_return_sequences={g.num_return_sequences}: one sequence per prompt; repeat the prompt with other "

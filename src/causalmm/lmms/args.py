@@ -213,15 +213,13 @@ def generation_options(
 
     lmms-eval's convention is followed: ``temperature: 0`` (POPE, MME...) means greedy whatever ``top_p`` says
     (its ``top_p: 0`` too); sampling needs ``temperature > 0`` and no ``do_sample: false``. ``until`` becomes
-    the stop strings (the answer is cut before the first). Beams are refused: the rule picks one token per step.
+    the stop strings (the answer is cut before the first). ``num_beams > 1`` is beam search (every method
+    beams, deterministically: with sampling asked too it is refused).
     """
     kw = dict(gen_kwargs or {})
     beams = _int_like(kw.get("num_beams") or 1)
-    if beams != 1:
-        raise ModelArgsError(
-            f"num_beams={beams}: causalmm decodes one sequence per prompt (its rule picks one token per step); "
-            "set num_beams: 1 in the task's generation_kwargs (or --gen_kwargs num_beams=1)"
-        )
+    if not isinstance(beams, int) or beams < 1:
+        raise ModelArgsError(f"num_beams={beams!r}: give an integer >= 1")
     until = kw.get("until") or []
     until = [until] if isinstance(until, str) else [str(u) for u in until]
     max_new = kw.get("max_new_tokens")
@@ -230,7 +228,14 @@ def generation_options(
         "stop_strings": tuple(u for u in until if u),
     }
     temperature = float(kw.get("temperature") or 0.0)
-    if temperature > 0 and kw.get("do_sample") is not False:
+    if beams > 1:
+        if temperature > 0 and kw.get("do_sample") is not False:
+            raise ModelArgsError(
+                f"num_beams={beams} with temperature={temperature}: causalmm's beam search is deterministic; set "
+                "temperature: 0 (or do_sample: false) or num_beams: 1 in the task's generation_kwargs"
+            )
+        opts["num_beams"] = beams
+    elif temperature > 0 and kw.get("do_sample") is not False:
         top_p, top_k = kw.get("top_p"), kw.get("top_k")
         opts.update(do_sample=True, temperature=temperature)
         if top_p is not None and 0 < float(top_p) < 1:

@@ -266,11 +266,16 @@ def _counterfactual_rows(module, query, key, value, attention_mask, scaling, kwa
 def causalmm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered attention function: stock attention, plus ``do(A = a~)`` or a baseline's edit
     (:mod:`causalmm.edits`) where the context asks."""
-    out = _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     state = active()
+    site = getattr(module, SITE_ATTR, None)
+    language = site is not None and site.kind == "language"
+    if language and state is not None and state.prune is not None:
+        from .edits import prune_mask  # imports this module's helpers
+
+        attention_mask = prune_mask(module, state.prune, site, query, key, attention_mask, kwargs)
+    out = _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if state is not None and (state.boost or state.prune or state.watch):
-        site = getattr(module, SITE_ATTR, None)
-        if site is not None and site.kind == "language":
+        if language:
             from .edits import apply_edits  # imports this module's helpers
 
             return apply_edits(module, site, state, query, key, value, attention_mask, scaling, kwargs, *out)

@@ -8,8 +8,10 @@ the batch rows an :class:`~causalmm.attention.Intervention` names, after the sto
   layers it names (no edit).
 
 An edited row is recomputed as eager attention in float32 and spliced back; every other row keeps exactly what
-the base implementation computed. Image keys are given per row as a boolean mask over the cache's first columns
-(the prompt's layout); a column beyond it (a generated token) is not an image key.
+the base implementation computed. SID's hidden keys are the exception: from its layer on they are masked in the
+call's own attention mask (:func:`prune_mask`), so the base computes those rows once, with no recompute. Image
+keys are given per row as a boolean mask over the cache's first columns (the prompt's layout); a column beyond it
+(a generated token) is not an image key.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from .attention import Site, _allowed, _repeat
 from .interventions import boost_scores, least_attended
 
-__all__ = ["Boost", "Prune", "Watch", "apply_edits", "image_columns"]
+__all__ = ["Boost", "Prune", "Watch", "apply_edits", "image_columns", "prune_mask"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,29 @@ def _softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
 
 
+def prune_mask(module, prune: Prune, site: Site, query, key, attention_mask, kwargs):
+    """The call's attention mask with SID's hidden image keys masked for its rows, in the layers after the one
+    that chose them (else the mask as given): the base attention then computes those rows itself. The mask keeps
+    the base's format (boolean for sdpa, additive for eager); the other rows' entries are unchanged."""
+    if site.layer <= prune.select or not prune.hidden:
+        return attention_mask
+    batch, nk = query.shape[0], key.shape[2]
+    rows = [r for r in sorted(prune.hidden) if r < batch]
+    if not rows:
+        return attention_mask
+    allowed = _allowed(module, attention_mask, query, key, kwargs.get("is_causal"))
+    allowed = allowed.expand(batch, 1, query.shape[2], nk).clone()
+    idx = torch.tensor(rows, device=allowed.device)
+    hide = torch.stack([prune.hidden[r][:nk].to(allowed.device) for r in rows])[:, None, None, :]
+    allowed[idx] = allowed[idx] & ~hide
+    additive = attention_mask is not None and attention_mask.dtype != torch.bool
+    if additive or (attention_mask is None and "sdpa" not in module.config._attn_implementation):  # eager's format
+        dtype = attention_mask.dtype if additive else query.dtype
+        zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
 def apply_edits(module, site: Site, state, query, key, value, attention_mask, scaling, kwargs, out, weights):
     """``(out, weights)`` of one LLM attention call with the active edits applied (see the module docstring)."""
     batch, nk = query.shape[0], key.shape[2]
@@ -118,11 +143,7 @@ def apply_edits(module, site: Site, state, query, key, value, attention_mask, sc
             for i, r in enumerate(rows):
                 image = image_columns(prune.keys[r].to(attn.device), nk)
                 prune.hidden[r] = image & ~least_attended(attn[i], image, prune.keep)
-        elif site.layer > prune.select and prune.hidden:
-            rows = [r for r in rows if r in prune.hidden]
-            scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows)
-            hide = torch.stack([prune.hidden[r][:nk] for r in rows])[:, None, None, :]
-            out, weights = _splice(out, weights, value, query, rows, _softmax(scores, allowed & ~hide))
+        # (from the next layer on, the hidden keys are masked before the call: prune_mask)
     if boost is not None and site.layer in boost.layers and (rows := [r for r in sorted(boost.keys) if r < batch]):
         scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows)
         image = torch.stack([image_columns(boost.keys[r].to(scores.device), nk) for r in rows])

@@ -299,3 +299,25 @@ def test_a_predictions_line_without_id_or_seed_is_one_error(tmp_path):
     path.write_text('{"id": "1", "seed": "zero"}\n{"id": "2", "seed": 0}\n')
     with pytest.raises(BenchmarkError, match="line 1 is not a prediction record"):
         load_records(path)
+
+
+def test_beam_search_and_opera_runs_are_evaluated_and_compared(reference_run, model_dirs, pope_data, tmp_path,
+                                                              causalmm_cli):  # fmt: skip
+    """``eval`` with beams and with OPERA records its search, resumes only into the same search, and ``compare``
+    takes the runs."""
+    ref_out, _ = reference_run
+    beams, opera = tmp_path / "beams", tmp_path / "opera"
+    causalmm_cli(*eval_args(model_dirs["llava"], pope_data, beams, "--num-beams", "3", "--language-layers", "all",
+                            "--batch-size", "3"))  # fmt: skip
+    causalmm_cli(*eval_args(model_dirs["llava"], pope_data, opera, "--method", "opera", "--batch-size", "4"))
+    for out, generation in ((beams, {"num_beams": 3}), (opera, {})):
+        run = json.loads((out / "run.json").read_text())
+        assert {k: v for k, v in run["generation"].items() if k not in ("max_new_tokens", "do_sample")} == generation
+        assert len((out / "predictions.jsonl").read_text().splitlines()) == len(QUESTIONS)
+    assert json.loads((opera / "run.json").read_text())["config"]["params"]["candidates"] == 5
+    # the greedy run's folder refuses a beam run (a different search), with one line
+    again = causalmm_cli(*eval_args(model_dirs["llava"], pope_data, ref_out, "--batch-size", "3",
+                                    "--language-layers", "all", "--num-beams", "3"), check=False)  # fmt: skip
+    assert again.returncode == 2 and "num_beams" in again.stderr and "Traceback" not in again.stderr
+    proc = causalmm_cli("compare", str(ref_out), str(beams), str(opera), "--out", str(tmp_path / "cmp"))
+    assert "opera" in proc.stdout and "McNemar" in proc.stdout

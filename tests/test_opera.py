@@ -70,30 +70,29 @@ def test_rollback_rule_counts_retries_and_shifts():
     assert rollback_position([[12] * 20, [12] * 15], 12, 15, {}, 5, 30) is None  # a beam at 15, not more
 
 
-def _stock_attention(cm, enc, extra: list[int]) -> torch.Tensor:
-    """The stock model's last-layer attention of the last token of prompt + ``extra``, max over heads,
-    renormalised."""
+def _stock_inputs(enc, extra: list[int]) -> dict:
+    """The stock model's inputs for prompt + answer tokens ``extra`` (answer tokens are text: causal suffix)."""
     ids = torch.cat([enc["input_ids"], torch.tensor([extra])], 1)
     e = {k: v for k, v in enc.items() if k != "labels"}
     e["input_ids"], e["attention_mask"] = ids, torch.ones_like(ids)
     for key, fill in (("token_type_ids", 1), ("mm_token_type_ids", 0)):
         if key in e:
             e[key] = torch.cat([e[key], torch.full((1, len(extra)), fill, dtype=torch.long)], 1)
+    return e
+
+
+def _stock_attention(cm, enc, extra: list[int]) -> torch.Tensor:
+    """The stock model's last-layer attention of the last token of prompt + ``extra``, max over heads,
+    renormalised."""
     with torch.no_grad():
-        out = cm.model(**e, output_attentions=True)
+        out = cm.model(**_stock_inputs(enc, extra), output_attentions=True)
     a = out.attentions[-1][0, :, -1].float().amax(0)
     return a / a.sum()
 
 
 def _stock_logits(cm, enc, extra: list[int]) -> torch.Tensor:
-    ids = torch.cat([enc["input_ids"], torch.tensor([extra])], 1)
-    e = {k: v for k, v in enc.items() if k != "labels"}
-    e["input_ids"], e["attention_mask"] = ids, torch.ones_like(ids)
-    for key, fill in (("token_type_ids", 1), ("mm_token_type_ids", 0)):
-        if key in e:
-            e[key] = torch.cat([e[key], torch.full((1, len(extra)), fill, dtype=torch.long)], 1)
     with torch.no_grad():
-        return cm.model(**e).logits[0, -1].float()
+        return cm.model(**_stock_inputs(enc, extra)).logits[0, -1].float()
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -34,7 +34,7 @@ from .rows import Row
 from .rule import GenerationOptions, GenerationResult, HistoryProcessors
 from .sharing import select_cache_rows
 
-__all__ = ["BeamState", "beam_decode", "reorder_cache_rows"]
+__all__ = ["BeamState", "beam_decode", "choose", "reorder_cache_rows", "searches", "stop_rule", "search_results"]
 
 #: the score ``transformers`` gives what may not be chosen (a beam that stopped, an empty finished slot)
 _BLOCKED = -1.0e9
@@ -171,6 +171,50 @@ def _clone_draws(d: Draws | torch.Generator | None):
     return _clone(d)
 
 
+def searches(engine, opts: GenerationOptions, n: int, num_beams: int) -> list[BeamState]:
+    """One :class:`BeamState` per prompt, under ``opts``' length penalty, early stopping and length."""
+    args = (num_beams, len(engine.eos), opts.length_penalty, opts.early_stopping, opts.max_new_tokens)
+    return [BeamState(*args) for _ in range(n)]
+
+
+def stop_rule(engine, opts: GenerationOptions) -> Callable[[list[int], int], str | None]:
+    """Why a continuation ``(tokens, last token)`` ends: ``"eos"``, ``"stop"`` (a stop string in its text) or
+    ``None``."""
+
+    def stops(seq: list[int], last: int) -> str | None:
+        if last in engine.eos:
+            return "eos"
+        if opts.stop_strings and any(
+            s in engine.tokenizer.decode(seq, skip_special_tokens=True) for s in opts.stop_strings
+        ):
+            return "stop"
+        return None
+
+    return stops
+
+
+def choose(st: BeamState, z: torch.Tensor, history: HistoryProcessors, prompt: list[int], stops) -> list[int]:
+    """One step of ``st`` from the beams' scores ``z`` ``(beams, vocab)`` (log-softmax, then the history
+    processors): the parents of the new beams."""
+    scores = F.log_softmax(z.float(), dim=-1)
+    if history:
+        scores = history(scores, st.running, prompt)
+    return st.step(scores, stops).tolist()
+
+
+def search_results(engine, beams: list[BeamState], opts: GenerationOptions, seeds) -> list[GenerationResult]:
+    """Each prompt's best finished hypothesis as its result (the text cut before a stop string it ends on)."""
+    tok, results = engine.tokenizer, []
+    for p, st in enumerate(beams):
+        ids, how = st.best()
+        text = tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
+        if how == "stop":
+            hit = [text.find(s) for s in opts.stop_strings if s in text]
+            text = text[: min(hit)] if hit else text
+        results.append(GenerationResult(text, ids, how, seeds[p]))
+    return results
+
+
 def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: GenerationOptions, seeds, prompt_ids):
     """Beam search from a prefill (the engine's :meth:`~causalmm.decoding.Engine.generate_encoded` hands over
     its rows, prefill, sharing plan, language draws and image columns); one result per prompt."""
@@ -190,26 +234,18 @@ def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: Gen
     lang_all = {i * nb + b: _clone_draws(d) for i, d in lang_draws.items() for b in range(nb)}
     image_cols = None if image_cols is None else image_cols.repeat_interleave(nb, 0)
     plan = fw.plan(lower_keys)
-    beams = [
-        BeamState(nb, len(engine.eos), opts.length_penalty, opts.early_stopping, opts.max_new_tokens) for _ in range(n)
-    ]
-    history = HistoryProcessors(opts)
-    stop_strings, tok = opts.stop_strings, engine.tokenizer
-
-    def stops(seq: list[int], last: int) -> str | None:
-        if last in engine.eos:
-            return "eos"
-        if stop_strings and any(s in tok.decode(seq, skip_special_tokens=True) for s in stop_strings):
-            return "stop"
-        return None
+    beams = searches(engine, opts, n, nb)
+    history, stops = HistoryProcessors(opts), stop_rule(engine, opts)
 
     active = list(range(len(rows)))
     low_rows = active if plan is None else plan.keep
     # each prompt's rows by (beam, branch) in `rows` order
     fact_of = {(rows0[i].prompt, b): i * nb + b for i, b in origin if rows0[i].branch is None}
     cf_of: dict[tuple[int, int, str], list[int]] = {}
+    rows_of: dict[int, list[tuple[int, int, int]]] = {}  # each prompt's rows: (row, prefill row, beam)
     for j, (i, b) in enumerate(origin):
         r = rows0[i]
+        rows_of.setdefault(r.prompt, []).append((j, i, b))
         if r.branch is not None:
             cf_of.setdefault((r.prompt, b, r.branch.name), []).append(j)
 
@@ -232,12 +268,9 @@ def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: Gen
                     zs.append(method.combine(fl, cf, cfg, step, exits=exits))
                 else:
                     zs.append(method.combine(fl, cf, cfg, step) if engine.branches else fl)
-            scores = F.log_softmax(torch.stack(zs).float(), dim=-1)
-            if history:
-                scores = history(scores, st.running, prompt_ids[p])
-            parents = st.step(scores, stops).tolist()
-            for j, (i, b) in enumerate(origin):
-                if rows0[i].prompt == p and j in where and parents[b] != b:
+            parents = choose(st, torch.stack(zs), history, prompt_ids[p], stops)
+            for j, i, b in rows_of[p]:
+                if j in where and parents[b] != b:
                     source[j] = i * nb + parents[b]
         if all(st.done for st in beams) or step == opts.max_new_tokens - 1:
             break
@@ -269,15 +302,7 @@ def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: Gen
             edits=engine.needs.edits(cols, batch_rows, prefill=False),
         )  # fmt: skip
 
-    results = []
-    for p in range(n):
-        ids, how = beams[p].best()
-        text = tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
-        if how == "stop":
-            hit = [text.find(s) for s in stop_strings if s in text]
-            text = text[: min(hit)] if hit else text
-        results.append(GenerationResult(text, ids, how, seeds[p]))
-    return results
+    return search_results(engine, beams, opts, seeds)
 
 
 def check_beam_options(opts: GenerationOptions, legacy: bool, branch_logits: bool, search: str | None = None) -> None:

@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from ..edits import Watch, image_columns
 from ..methods.opera import opera_penalty, rollback_position
-from .beams import BeamState, reorder_cache_rows
+from .beams import choose, reorder_cache_rows, search_results, searches, stop_rule
 from .head import head_on_rows
 from .rows import Row
-from .rule import GenerationOptions, GenerationResult, HistoryProcessors
+from .rule import GenerationOptions, HistoryProcessors
 from .sharing import select_cache_rows
 
 __all__ = ["candidate_attention", "opera_decode"]
@@ -102,17 +101,8 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
     start = ad.next_positions(positions)  # each row's first answer position
     image = image_cols.repeat_interleave(nb, 0)
     rows = [Row(p * nb + b) for p in range(n) for b in range(nb)]
-    beams = [BeamState(nb, len(engine.eos), opts.length_penalty, opts.early_stopping, opts.max_new_tokens)
-             for _ in range(n)]  # fmt: skip
-    history = HistoryProcessors(opts)
-    tok, stop_strings = engine.tokenizer, opts.stop_strings
-
-    def stops(seq: list[int], last: int) -> str | None:
-        if last in engine.eos:
-            return "eos"
-        if stop_strings and any(s in tok.decode(seq, skip_special_tokens=True) for s in stop_strings):
-            return "stop"
-        return None
+    beams = searches(engine, opts, n, nb)
+    history, stops = HistoryProcessors(opts), stop_rule(engine, opts)
 
     # per prompt: each beam's attention rows over the answer (row i: token i's query on answer tokens 0..i), the
     # cache columns of its answer tokens, each beam slot's peak columns, rollbacks per position, bans, snapshots
@@ -166,7 +156,7 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
                 continue
             z = torch.full((nb, vocab), _OUT, device=logits.device)
             z.scatter_(-1, cand[idx], cand_scores[idx] - weight * penalty.to(cand_scores.device))
-            parents_of[p] = _choose(st, z, history, prompt_ids[p], stops)
+            parents_of[p] = choose(st, z, history, prompt_ids[p], stops)
             snaps[p][k]["chosen"] = [(parents_of[p][b], st.running[b][-1]) for b in range(nb)]
 
         if rollback:
@@ -184,7 +174,7 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
                 for parent, token in bans[p][pos]:
                     z[parent, token] = _OUT
                 st = beams[p]
-                parents_of[p] = _choose(st, z, history, prompt_ids[p], stops)
+                parents_of[p] = choose(st, z, history, prompt_ids[p], stops)
                 snaps[p][pos]["chosen"] = [(parents_of[p][b], st.running[b][-1]) for b in range(nb)]
 
         if all(st.done for st in beams):
@@ -218,23 +208,7 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
             for b in range(nb):
                 attn[p][b].append(seen[active.index(p * nb + b)][answer])
 
-    results = []
-    for p in range(n):
-        ids, how = beams[p].best()
-        text = tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
-        if how == "stop":
-            hit = [text.find(s) for s in stop_strings if s in text]
-            text = text[: min(hit)] if hit else text
-        results.append(GenerationResult(text, ids, how, seeds[p]))
-    return results
-
-
-def _choose(st: BeamState, z: torch.Tensor, history, prompt: list[int], stops) -> list[int]:
-    """One beam step of ``st`` from the beams' scores ``z`` ``(beams, vocab)``: the parents of the new beams."""
-    scores = F.log_softmax(z.float(), dim=-1)
-    if history:
-        scores = history(scores, st.running, prompt)
-    return st.step(scores, stops).tolist()
+    return search_results(engine, beams, opts, seeds)
 
 
 def _roll_back(fw, rollback, beams, attn, cols, peaks, bans, snaps, nb, where, active, cache, mask, positions,

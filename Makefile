@@ -13,7 +13,7 @@ OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' p
 # What depends most on transformers: every family's model and processor, loading, the KV cache.
 OLDEST_TESTS := tests/test_families.py tests/test_generic_families.py tests/test_loading.py tests/test_cache.py
 
-.PHONY: install demo test lint test-oldest
+.PHONY: install demo test lint test-oldest browser
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -33,7 +33,15 @@ demo: install
 lint: install
 	$(PY) -m ruff check src tests
 
-test: install lint
+# Debian's Chromium and ChromeDriver for the browser tests; where they cannot be installed those tests skip, saying so
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "Chromium could not be installed (apt-get failed): the browser tests will skip"; fi
+
+test: install lint browser
 	$(PY) -m pytest -q
 
 # The same tests on the oldest transformers pyproject.toml allows, in a venv of its own (about 2 minutes to build).

@@ -103,3 +103,34 @@ def causalmm_cli():
         return proc
 
     return run
+
+
+#: Debian's Chromium and its driver (`make test` installs them where it can: `make browser`)
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """Headless Chromium driven by Selenium, one per test session; skips, saying why, where it is missing."""
+    import shutil
+
+    selenium = pytest.importorskip("selenium", reason="selenium is not installed (the test extra has it)")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not shutil.which(path):
+            pytest.skip(f"{path} not found: install Debian's chromium and chromium-driver (`make browser`)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    del selenium
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # the machine's network is closed: without the background-networking flags Chromium keeps dialling out
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1800",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

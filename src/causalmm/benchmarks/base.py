@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -103,6 +103,18 @@ class Benchmark:
     def correct(self, record: dict[str, Any]) -> bool | None:
         """Whether the record is right (for McNemar); ``None`` when the notion does not apply."""
         return None
+
+    def outcome(self, record: dict[str, Any]) -> tuple[Hashable, float | None]:
+        """What a sample-by-sample comparison of two runs reads (``compare --html``): the parsed answer, whose
+        change marks a disagreement, and the record's own score, higher is better (``None`` where the notion does
+        not apply), which says whether a change fixed or broke the sample."""
+        right = self.correct(record)
+        return record.get("answer"), None if right is None else float(right)
+
+    def label_of(self, record: dict[str, Any]) -> str | None:
+        """What the record's answer is scored against, as a reader of a report wants to see it."""
+        label = record.get("label")
+        return None if label is None else str(label)
 
     def headline_metrics(self, metrics: dict[str, float]) -> list[str]:
         """The metrics a table shows, in order."""

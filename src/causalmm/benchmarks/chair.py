@@ -117,6 +117,15 @@ class Chair(Benchmark):
             "words": found.length,
         }
 
+    def outcome(self, record: dict[str, Any]) -> tuple[Any, float | None]:
+        """The objects the caption names (a change in them is a disagreement) and minus the number of
+        hallucinated mentions (fewer is better)."""
+        return tuple(sorted(set(record["mentioned"]))), -float(len(record["hallucinated"]))
+
+    def label_of(self, record: dict[str, Any]) -> str | None:
+        gt = record.get("gt_objects") or []
+        return "objects in the image: " + (", ".join(gt) if gt else "none annotated")
+
     def metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         """CHAIR_s, CHAIR_i, recall (percent), length (tokens per caption), n, of parsed records.
 

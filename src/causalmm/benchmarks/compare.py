@@ -135,13 +135,28 @@ def _paired(ref: Run, run: Run, n_boot: int) -> dict[str, Any]:
 
 
 def compare_runs(
-    paths: list[str | Path], out: str | Path | None = None, *, n_boot: int = 1000, plot: bool = True
+    paths: list[str | Path],
+    out: str | Path | None = None,
+    *,
+    n_boot: int = 1000,
+    plot: bool = True,
+    html: str | Path | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """Compare run folders; writes ``compare.md``, ``compare.json`` (and ``compare.png``) into ``out``."""
+    """Compare run folders; writes ``compare.md``, ``compare.json`` (and ``compare.png``) into ``out``, and,
+    given ``html``, one self-contained page with the table, the chart and the samples where the runs disagree
+    (:mod:`.html_report`; ``command`` is the command line it names as its origin)."""
     if len(paths) < 1:
         raise BenchmarkError("give at least one run folder")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise BenchmarkError(f"--out {out} is a file; compare writes a folder (compare.md, .json, .png): pick one")
+    if html is not None:
+        from ..inputs import InputError, check_output_file
+
+        try:
+            check_output_file(Path(html), "--html", "report.html")
+        except InputError as err:
+            raise BenchmarkError(str(err)) from None
     runs = [load_run(p) for p in paths]
     names = {r.info["benchmark"] for r in runs}
     if len(names) > 1:
@@ -180,8 +195,31 @@ def compare_runs(
                 result["plot"] = str(plot_runs(result, out / "compare.png"))
         except OSError as err:
             raise BenchmarkError(f"cannot write to --out {out} ({err.strerror or err}); pick another folder") from None
+    if html is not None:
+        _write_html(result, runs, Path(html), plot, command)
     result["table"] = table
     return result
+
+
+def _write_html(result: dict[str, Any], runs: list[Run], path: Path, plot: bool, command: str | None) -> None:
+    import tempfile
+
+    from .html_report import render_html
+
+    png = None
+    if plot:
+        if result.get("plot"):
+            png = Path(result["plot"]).read_bytes()
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                png = plot_runs(result, Path(tmp) / "compare.png").read_bytes()
+    page = render_html(result, runs, plot_png=png, command=command)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise BenchmarkError(f"cannot write --html {path} ({err.strerror or err}); pick another path") from None
+    result["html"] = str(path)
 
 
 def _unique_labels(runs: list[Run]) -> list[str]:

@@ -248,6 +248,9 @@ class VLind(Benchmark):
     def correct(self, record: dict[str, Any]) -> bool | None:
         return record["answer"] == record["expected"]
 
+    def label_of(self, record: dict[str, Any]) -> str | None:
+        return str(record["expected"])
+
     def metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         # instance -> [number of records, {(test, image, statement): right}]; repeated ids are bootstrap copies
         groups: dict[str, list[Any]] = {}

@@ -175,16 +175,25 @@ def compare(
     ],
     out: Annotated[Path | None, typer.Option(help="Where compare.md/.json/.png go (default: ./compare).")] = None,
     plot: Annotated[bool, typer.Option(help="Also draw compare.png.")] = True,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write one self-contained page: table, chart, disagreeing samples.")
+    ] = None,
 ) -> None:
-    """Table of metrics with 95% bootstrap CIs and paired tests against the first run, plus a bar chart."""
+    """Table of metrics with 95% bootstrap CIs and paired tests against the first run, plus a bar chart; with
+    --html, a page listing the samples where the runs disagree (fixed or broken by each run), with images."""
+    import shlex
+
     from ..benchmarks import BenchmarkError
     from ..benchmarks.compare import compare_runs
 
+    command = shlex.join(["causalmm", *sys.argv[1:]])
     try:
-        result = compare_runs(runs, out or Path("compare"), plot=plot)
+        result = compare_runs(runs, out or Path("compare"), plot=plot, html=html, command=command)
     except BenchmarkError as err:
         fail(str(err))
     sys.stdout.write(result["table"])
+    if html is not None:
+        console.print(f"wrote {html}", highlight=False)
 
 
 def _relaunch_with_accelerate(n: int, out: Path | None = None, lock_fd: int | None = None) -> int:

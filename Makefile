@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,lmms]"
+	$(PY) -m pip install -q -e ".[test,lmms,app]"
 	@# lmms-eval without its declared requirements (they pull torchvision and a CUDA torch); the lmms extra above
 	@# holds what it imports at run time (docs/integrations.md)
 	$(PY) -m pip install -q --no-deps "lmms-eval>=0.7.3,<0.8"

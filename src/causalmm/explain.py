@@ -123,6 +123,18 @@ class Explanation:
             "steps": steps,
         }
 
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """The per-token table as plain text: column names and one row per generated token (the app's view)."""
+        names = ["factual", *self.branches, "combined"]
+        head = ["#", "token", *names, "promoted", "suppressed"]
+        out = []
+        for s in self.steps:
+            row = [str(s.index), repr(s.text) + (" *" if s.flipped else "")]
+            row += ["\n".join(f"{c.text!r} {c.prob:.3f}" for c in s.top[name]) for name in names]
+            row += ["\n".join(_change(c) for c in s.promoted), "\n".join(_change(c) for c in s.suppressed)]
+            out.append(row)
+        return head, out
+
     def table(self):
         """A ``rich.table.Table``: one row per generated token, one column per branch."""
         from rich.table import Table

@@ -36,6 +36,7 @@ def _register() -> None:
     app.command()(single.visualize)
     app.command()(single.explain)
     app.command()(single.methods)
+    app.command("app")(single.app)
     app.command()(toy.demo)
     app.command()(toy.plumbing)
     app.add_typer(toy.toyworld_app, name="toyworld")

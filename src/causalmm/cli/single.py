@@ -194,3 +194,49 @@ def methods() -> None:
         params = "\n".join(f"{p.field}={p.default!r}: {p.source}" for p in m.params)
         table.add_row(name, m.summary, m.reference, params)
     Console(width=max(Console().width, 160)).print(table)
+
+
+def app(
+    model: Annotated[
+        str | None, typer.Option(help="Hub id or local directory (default: the shipped toy-world model).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback is reachable by others.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """A local web page: drop an image, ask, tick methods, compare their answers, explain one (needs
+    `pip install 'causalmm[app]'`)."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the app talks to nobody
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        fail("the app needs gradio: pip install 'causalmm[app]'")
+    from ..app import Session
+    from ..app.ui import build_app, examples, is_loopback
+
+    if not 1 <= port <= 65535:
+        fail(f"--port {port} must be between 1 and 65535")
+    if not is_loopback(host):
+        console.print(
+            f"[bold yellow]warning:[/] binding {host}: anyone who can reach this machine can use the app and its "
+            "model; use the default 127.0.0.1 to keep it local",
+            highlight=False,
+        )
+    toy = model is None
+    if toy:
+        from ..toyworld.model import shipped_model_path
+
+        model = str(shipped_model_path())
+    try:
+        session = Session(model, base=attention, **hf_kwargs(device, dtype))
+    except user_errors() as err:
+        fail(str(err))
+    page = build_app(session, example_images=examples() if toy else None)
+    console.print(f"serving {model} on http://{host}:{port} (Ctrl+C stops)", highlight=False)
+    page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, quiet=True)

@@ -174,3 +174,12 @@ def test_the_app_in_a_browser_answers_as_the_api(served, browser, toy_image, tmp
     wait.until(lambda d: "question is empty" in d.find_element(By.CSS_SELECTOR, "#message").text)
     assert proc.poll() is None and "Traceback" not in log.read_text()
     assert urllib.request.urlopen(url, timeout=10).status == 200
+
+
+def test_a_bad_port_is_one_line_before_any_model_load(causalmm_cli):
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'causalmm[app]')")
+    bad = causalmm_cli("app", "--port", "70000", check=False)
+    assert bad.returncode == 2 and "--port 70000 must be between 1 and 65535" in bad.stderr
+    assert "Traceback" not in bad.stderr and "warning" not in bad.stderr
+    exposed = causalmm_cli("app", "--host", "0.0.0.0", "--port", "70000", check=False)
+    assert "warning: binding 0.0.0.0" in exposed.stderr and exposed.returncode == 2

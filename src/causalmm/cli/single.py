@@ -220,14 +220,14 @@ def app(
     from ..app import Session
     from ..app.ui import build_app, examples, is_loopback
 
-    if not 1 <= port <= 65535:
-        fail(f"--port {port} must be between 1 and 65535")
     if not is_loopback(host):
         console.print(
             f"[bold yellow]warning:[/] binding {host}: anyone who can reach this machine can use the app and its "
             "model; use the default 127.0.0.1 to keep it local",
             highlight=False,
         )
+    if not 1 <= port <= 65535:
+        fail(f"--port {port} must be between 1 and 65535")
     toy = model is None
     if toy:
         from ..toyworld.model import shipped_model_path

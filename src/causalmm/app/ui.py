@@ -52,7 +52,7 @@ def build_app(session: Session, *, example_images: list[str] | None = None) -> A
     names = method_names()
     with gr.Blocks(title="causalmm") as demo:
         gr.Markdown(
-            f"# causalmm\nModel: `{session.model_name}`. Drop an image (or pick an example), ask, tick methods; "
+            f"# causalmm\nModel: {session.model_name}. Drop an image (or pick an example), ask, tick methods; "
             "each answer is `CausalMM.generate` with that method's settings and the seed."
         )
         with gr.Row():

@@ -237,6 +237,8 @@ def app(
         session = Session(model, base=attention, **hf_kwargs(device, dtype))
     except user_errors() as err:
         fail(str(err))
+    if toy:
+        session.model_name = "the shipped toy-world model"
     page = build_app(session, example_images=examples() if toy else None)
     console.print(f"serving {model} on http://{host}:{port} (Ctrl+C stops)", highlight=False)
     page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, quiet=True)

@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -99,7 +100,11 @@ def test_colour_spaces_convert_to_the_same_colour(tmp_path):
     assert _pixel(_saved(cmyk, "TIFF", tmp_path)) == (255, 0, 0)
     _near(_pixel(_saved(cmyk, "JPEG", tmp_path, quality=100)), (255, 0, 0), tol=3)
     ycc = Image.new("RGB", (2, 2), RED).convert("YCbCr")
-    _near(_pixel(_saved(ycc, "TIFF", tmp_path)), RED)
+    if int(PIL.__version__.split(".")[0]) >= 13:
+        _near(_pixel(_saved(ycc, "TIFF", tmp_path)), RED)
+    else:  # Pillow 12 cannot read back the YCbCr TIFF it writes (gradio caps Pillow below 13): refused by name
+        with pytest.raises(InputError, match="a damaged image"):
+            _saved(ycc, "TIFF", tmp_path)
     _near(_pixel(load_image(Image.new("RGB", (2, 2), RED).convert("HSV"))), RED, tol=3)
     lab_grey = Image.new("LAB", (2, 2), (127, 128, 128))  # L* 50, a = b = 0: sRGB 119
     _near(_pixel(_saved(lab_grey, "TIFF", tmp_path)), (119, 119, 119))

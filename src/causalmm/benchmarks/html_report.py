@@ -81,14 +81,14 @@ def _shown(answer: Any) -> str:
     return str(answer)
 
 
-def sample_images(run: Any, wanted: set[str]) -> tuple[dict[str, str], str | None]:
-    """Image digest -> data URI of a small copy, for the samples of ``run`` whose record digest is in
-    ``wanted``, read again from the run's ``--data``/``--images``; and a note when some could not be shown.
+def sample_images(run: Any, wanted: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """Image digest -> data URI of a small copy, for the samples ``wanted`` (id -> the image digest its records
+    carry), read again from the run's ``--data``/``--images``; and a note when some could not be shown.
 
     Only an image whose bytes still have the digest its records carry is shown: a file replaced since the run
-    would show a picture the model never saw."""
-    from ..seeds import file_digest
+    would show a picture the model never saw. Only the wanted samples' files are read, each once."""
     from .evaluate import load_run_samples
+    from .records import image_digest
 
     if not wanted:
         return {}, None
@@ -98,16 +98,17 @@ def sample_images(run: Any, wanted: set[str]) -> tuple[dict[str, str], str | Non
     except (BenchmarkError, OSError) as err:
         return {}, f"images not shown: the run's data cannot be read again ({err})"
     uris: dict[str, str] = {}
+    memo: dict[Any, str] = {}
     for s in samples:
-        if s.image is None or isinstance(s.image, bytes) and not s.image:
+        digest = wanted.get(s.id)
+        if digest is None or digest in uris or s.image is None:
             continue
         try:
-            digest = file_digest(s.image)
+            if image_digest(s, memo) == digest:
+                uris[digest] = _data_uri(s.image)
         except OSError:
             continue
-        if digest in wanted and digest not in uris:
-            uris[digest] = _data_uri(s.image)
-    missing = len(wanted - set(uris))
+    missing = len(set(wanted.values()) - set(uris))
     note = None
     if missing:
         note = f"{missing} image(s) not shown: no file of the run's data has the bytes its records were made from"
@@ -176,7 +177,7 @@ def render_html(
     ``runs`` its loaded runs, in order)."""
     labels = [row["run"] for row in result["runs"]]
     flips = disagreements(runs, labels)
-    wanted = {f["image_digest"] for f in flips if f["image_digest"]}
+    wanted = {f["id"]: f["image_digest"] for f in flips if f["image_digest"]}
     uris, image_note = sample_images(runs[0], wanted)
     digest_class = {d: f"im{i}" for i, d in enumerate(sorted(uris))}
     esc = html.escape

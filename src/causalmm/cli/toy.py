@@ -12,11 +12,14 @@ from rich.table import Table
 
 from .common import fail, int_list, user_errors
 
+WORLD_HELP = "A shipped toy world: default (language prior) | vision-prior (language and vision-encoder priors)."
+
 
 def demo(
     model: Annotated[
-        Path | None, typer.Option(help="A toy-world model directory (default: the one shipped in the package).")
+        Path | None, typer.Option(help="A toy-world model directory (default: the --world model in the package).")
     ] = None,
+    world: Annotated[str, typer.Option(help=WORLD_HELP)] = "default",
     out: Annotated[Path, typer.Option(help="Where metrics.json and demo.png go.")] = Path("runs/demo"),
     images: Annotated[int, typer.Option(help="Test-split images (every object is asked about each).")] = 240,
     seeds: Annotated[str, typer.Option(help="Counterfactual seeds, comma-separated.")] = "0,1,2",
@@ -44,7 +47,7 @@ def demo(
     try:
         result = run_demo(
             model, out=out, n_images=images, seeds=seed_list, batch_size=batch_size,
-            methods=LEADERBOARD if all_methods else METHODS, command=command,
+            methods=LEADERBOARD if all_methods else METHODS, command=command, world=world,
         )  # fmt: skip
     except (FileNotFoundError, *user_errors()) as err:
         fail(str(err))
@@ -58,24 +61,25 @@ def _print_demo(result: dict, out: Path) -> None:
         title=f"Toy world, test split: {result['n_questions']} questions, seeds {result['seeds']} "
         f"(settings {result['settings_source']})"
     )
-    for col in (
-        "method", "prior-induced hallucination %", "Δ", "other absent false-yes %", "prior-consistent accuracy %",
-        "Δ", "accuracy %", "cost/token × regular", "CIs disjoint",
-    ):  # fmt: skip
+    vision = "vision_hallucination" in result["table"][0]
+    columns = ["method", "prior-induced hallucination %", "Δ", "CIs disjoint"]
+    if vision:
+        columns[1:] = ["language-prior hallucination %", "Δ", "CIs disjoint", "vision-prior hallucination %", "Δ",
+                       "CIs disjoint", "cued absent, no cue, false-yes %"]  # fmt: skip
+    columns += ["other absent false-yes %", "prior-consistent accuracy %", "Δ", "accuracy %", "cost/token × regular"]
+    for col in columns:
         table.add_column(col)
     for row in result["table"]:
         rates = result["rates"][row["method"]]
-        table.add_row(
-            row["method"],
-            ci(row["prior_hallucination"]),
-            f"{100 * row['delta_hallucination']:+.1f}",
-            ci(rates["other_absent"]),
-            ci(row["consistent_accuracy"]),
-            f"{100 * row['delta_consistent_accuracy']:+.1f}",
-            ci(rates["accuracy"]),
-            ci(rates["cost_per_token"], 1.0, 2),
-            "yes" if row["ci_disjoint_from_reference"] else "",
-        )
+        cells = [row["method"], ci(row["prior_hallucination"]), f"{100 * row['delta_hallucination']:+.1f}",
+                 "yes" if row["ci_disjoint_from_reference"] else ""]  # fmt: skip
+        if vision:
+            cells += [ci(row["vision_hallucination"]), f"{100 * row['delta_vision_hallucination']:+.1f}",
+                      "yes" if row["vision_ci_disjoint_from_reference"] else "", ci(rates["cue_control"])]  # fmt: skip
+        cells += [ci(rates["other_absent"]), ci(row["consistent_accuracy"]),
+                  f"{100 * row['delta_consistent_accuracy']:+.1f}", ci(rates["accuracy"]),
+                  ci(rates["cost_per_token"], 1.0, 2)]  # fmt: skip
+        table.add_row(*cells)
     Console(width=max(Console().width, 150)).print(table)
     written = ", ".join(str(out / name) for name in ("metrics.json", "leaderboard.md", "demo.png"))
     print(f"wrote {written} ({result['wall_time_s']:.0f} s)")
@@ -132,22 +136,26 @@ toyworld_app = typer.Typer(no_args_is_help=True, help="The embedded toy world: t
 @toyworld_app.command("train")
 def toyworld_train(
     out: Annotated[Path, typer.Option(help="Output directory (a from_pretrained model directory).")],
+    world: Annotated[str, typer.Option(help=WORLD_HELP)] = "default",
     seed: Annotated[int, typer.Option(help="Initialisation seed (and the stretch of the data stream used).")] = 0,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default: the shipped model's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per step (default: the shipped model's).")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads (results are reproducible for a fixed count).")] = 2,
 ) -> None:
-    """Train the toy-world LLaVA from scratch on generated data (about 14 minutes on 2 CPU cores)."""
+    """Train the toy-world LLaVA from scratch on generated data (about 14 minutes on 2 CPU cores; the
+    vision-prior world about 15)."""
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..toyworld.train import TrainConfig, train
+    from ..toyworld.worlds import get_world
 
-    cfg = TrainConfig(seed=seed, threads=threads)
     try:
+        shipped = get_world(world)
+        cfg = TrainConfig(seed=seed, threads=threads, **shipped.training)
         cfg = replace(cfg, **{k: v for k, v in (("steps", steps), ("batch_size", batch_size)) if v is not None})
-    except ValueError as err:
+    except (ValueError, *user_errors()) as err:
         fail(str(err))
     with Progress(
         TextColumn("training"),
@@ -166,13 +174,14 @@ def toyworld_train(
             info = f"loss {record['loss']:.3f}  exist {acc.get('exist', 0):.2f}  colour {acc.get('colour', 0):.2f}"
             bar.update(task, completed=record["step"], info=info)
 
-        path = train(out, cfg=cfg, on_log=on_log)
+        path = train(out, world=shipped.config, cfg=cfg, on_log=on_log)
     print(f"wrote {path} (load it with --model {path})")
 
 
 @toyworld_app.command("tune")
 def toyworld_tune(
-    model: Annotated[Path | None, typer.Option(help="Model directory (default: the shipped one).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: the --world model shipped).")] = None,
+    world: Annotated[str, typer.Option(help=WORLD_HELP)] = "default",
     images: Annotated[int, typer.Option(help="Val-split images.")] = 80,
     max_drop: Annotated[float, typer.Option(help="Largest prior-consistent accuracy loss allowed.")] = 0.02,
     methods: Annotated[
@@ -184,23 +193,30 @@ def toyworld_tune(
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(LEADERBOARD)
     try:
-        result = tune(model, n_images=images, max_drop=max_drop, methods=names)
+        result = tune(model, n_images=images, max_drop=max_drop, methods=names, world=world)
     except (FileNotFoundError, *user_errors()) as err:
         fail(str(err))
     for method, best in result["chosen"].items():
         r = best["rates"]
-        print(f"{method:20s} {json.dumps(best['settings'])}  hallucination {r['prior_conflict']:.3f}  "
+        vision = f"  vision {r['cue_conflict']:.3f}" if "cue_conflict" in r else ""
+        print(f"{method:20s} {json.dumps(best['settings'])}  hallucination {r['prior_conflict']:.3f}{vision}  "
               f"consistent {r['prior_consistent']:.3f}")
 
 
 @toyworld_app.command("splits")
 def toyworld_splits(
     out: Annotated[Path, typer.Option(help="Output directory.")],
+    world: Annotated[str, typer.Option(help=WORLD_HELP)] = "default",
     val_images: Annotated[int, typer.Option(help="Val-split images.")] = 200,
     test_images: Annotated[int, typer.Option(help="Test-split images.")] = 500,
 ) -> None:
     """Write the val and test splits in the POPE, CHAIR and VLind-Bench formats (for `causalmm eval`)."""
-    from ..toyworld import WorldConfig, write_splits
+    from ..toyworld import write_splits
+    from ..toyworld.worlds import get_world
 
-    paths = write_splits(out, WorldConfig(), n_images_val=val_images, n_images_test=test_images)
+    try:
+        config = get_world(world).config
+    except user_errors() as err:
+        fail(str(err))
+    paths = write_splits(out, config, n_images_val=val_images, n_images_test=test_images)
     print(f"wrote {paths['manifest']}; commands to run are listed in it")

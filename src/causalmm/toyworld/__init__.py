@@ -4,7 +4,7 @@
 :mod:`.texts` words the text tasks; :mod:`.stream` gives the training stream (multi-turn samples), and
 :mod:`.splits` writes the evaluation splits in the POPE, CHAIR and VLind-Bench formats, so
 ``causalmm eval pope|chair|vlind`` runs on them. Everything is a pure function of a :class:`WorldConfig`
-(seeded) and an index.
+(seeded) and an index; :mod:`.worlds` names the worlds that ship with a trained model.
 """
 
 from .render import render
@@ -12,7 +12,7 @@ from .splits import chair_categories, eval_scenes, pope_questions, vlind_instanc
 from .statistics import TrainStatistics, ask_probabilities, train_statistics
 from .stream import TrainSample, Turn, train_sample, train_samples
 from .texts import caption, split_words, vocabulary
-from .world import SPECIAL_TOKENS, Item, Scene, WorldConfig, sample_scene
+from .world import SPECIAL_TOKENS, Item, Scene, WorldConfig, sample_scene, vision_prior_world
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -34,6 +34,7 @@ __all__ = [
     "train_samples",
     "train_statistics",
     "vlind_instances",
+    "vision_prior_world",
     "vocabulary",
     "write_splits",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import CausalMMConfig, ConfigError
 from .grid import DEFAULTS, LEADERBOARD, METHODS, grid, seeded, split
-from .study import GROUPS, Answers, answer, cost_ratio, group_rates, questions, summarise
+from .study import GROUPS, Answers, answer, cost_ratio, group_rates, objective, questions, summarise
 from .world import WorldConfig
 
 __all__ = ["METHODS", "LEADERBOARD", "DEFAULTS", "tune", "demo", "load_settings", "plot", "leaderboard", "ci"]
@@ -38,11 +38,11 @@ def _with_regular(methods: Sequence[str]) -> list[str]:
     return ["regular", *(m for m in methods if m != "regular")]
 
 
-def _load(model: str | Path | None) -> tuple[Any, Path]:
+def _load(model: str | Path | None, world: str = "default") -> tuple[Any, Path]:
     from ..api import CausalMM
-    from .model import shipped_model_path
+    from .worlds import shipped_model_path
 
-    path = Path(model) if model is not None else shipped_model_path()
+    path = Path(model) if model is not None else shipped_model_path(world)
     return CausalMM.from_pretrained(str(path), CausalMMConfig(method="regular")), path
 
 
@@ -82,16 +82,17 @@ def tune(
     write: bool = True,
     methods: Sequence[str] = LEADERBOARD,
     log: Callable[[str], None] = print,
+    world: str = "default",
 ) -> dict[str, Any]:
-    """Sweep each method's settings on the val split; keep the best admissible one per method.
+    """Sweep each method's settings on the val split; keep the best admissible one per method (``model``: a
+    model directory; else the shipped model of ``world``).
 
     Regular decoding is always run (its accuracy sets the floor). With ``write``, the choices join those of an
     earlier tuning.json made with the same images and seed, so one method can be re-tuned without the rest.
     """
     methods = _with_regular(methods)
-    cm, path = _load(model)
-    world = trained_world(path)
-    images, qs = questions(world, "val", n_images)
+    cm, path = _load(model, world)
+    images, qs = questions(trained_world(path), "val", n_images)
     n_vision = cm.adapter.model.config.vision_config.num_hidden_layers
     n_text = cm.adapter.model.config.text_config.num_hidden_layers
     settings_grid = grid(n_vision, n_text)
@@ -106,8 +107,9 @@ def tune(
             rates = group_rates(words, qs, n_boot=0)
             results[method].append({"settings": settings, "rates": {k: v["mean"] for k, v in rates.items()}})
             r = results[method][-1]["rates"]
+            vision = f" vision {r['cue_conflict']:.3f}" if "cue_conflict" in r else ""
             log(
-                f"{method:20s} {json.dumps(settings):110s} hallucination {r['prior_conflict']:.3f} "
+                f"{method:20s} {json.dumps(settings):110s} hallucination {r['prior_conflict']:.3f}{vision} "
                 f"consistent {r['prior_consistent']:.3f} acc {r['accuracy']:.3f}"
             )
     floor = results["regular"][0]["rates"]["prior_consistent"] - max_drop
@@ -115,9 +117,9 @@ def tune(
     for method, rows in results.items():
         ok = [r for r in rows if r["rates"]["prior_consistent"] >= floor - 1e-12]
         if ok:
-            best = min(ok, key=lambda r: (r["rates"]["prior_conflict"], -r["rates"]["prior_consistent"]))
+            best = min(ok, key=lambda r: (objective(r["rates"]), -r["rates"]["prior_consistent"]))
         else:  # nothing keeps accuracy: the least damaging setting, flagged, never the most aggressive one
-            best = max(rows, key=lambda r: (r["rates"]["prior_consistent"], -r["rates"]["prior_conflict"]))
+            best = max(rows, key=lambda r: (r["rates"]["prior_consistent"], -objective(r["rates"])))
         chosen[method] = {**best, "admissible": bool(ok)}
     walls = _walls(results, round(time.perf_counter() - start, 1))
     previous = _previous_tuning(path, n_images, seed, max_drop, results["regular"][0]) if write else None
@@ -134,7 +136,8 @@ def tune(
         "seed": seed,
         "max_drop": max_drop,
         "rule": (
-            f"per method, the lowest prior_conflict false-yes rate among settings whose prior_consistent accuracy "
+            f"per method, the lowest {_objective_words(results['regular'][0]['rates'])} among settings whose "
+            f"prior_consistent accuracy "
             f"is at least regular's minus {max_drop} (val split, one counterfactual seed); where no setting "
             f"qualifies, the one with the highest prior_consistent accuracy, marked admissible=false"
         ),
@@ -145,6 +148,12 @@ def tune(
     if write:
         (path / "tuning.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return out
+
+
+def _objective_words(rates: dict[str, float]) -> str:
+    if "cue_conflict" in rates:
+        return "mean of the prior_conflict and cue_conflict false-yes rates"
+    return "prior_conflict false-yes rate"
 
 
 def _walls(results: dict[str, list], wall: float) -> dict[str, float]:
@@ -181,8 +190,10 @@ def demo(
     n_boot: int = 2000,
     command: str = "causalmm demo",
     progress: bool = True,
+    world: str = "default",
 ) -> dict[str, Any]:
-    """``methods`` on the test split; writes metrics.json, demo.png and leaderboard.md under ``out``.
+    """``methods`` on the test split; writes metrics.json, demo.png and leaderboard.md under ``out`` (``model``:
+    a model directory; else the shipped model of ``world``).
 
     Methods whose answers depend on the counterfactual seed run once per seed, the others once. Every
     ``generate`` call is timed; each method's cost per token is reported relative to regular decoding on the
@@ -191,10 +202,9 @@ def demo(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     methods = _with_regular(methods)
-    cm, path = _load(model)
-    world = trained_world(path)
+    cm, path = _load(model, world)
     settings, source = load_settings(path, methods)
-    images, qs = questions(world, "test", n_images)
+    images, qs = questions(trained_world(path), "test", n_images)
     runs = {m: list(seeds) if seeded(settings[m]) else list(seeds)[:1] for m in methods}
     total = sum(len(s) for s in runs.values()) * len(qs)
     rows: dict[str, dict[str, dict[str, float]]] = {}
@@ -270,32 +280,45 @@ def ci(x: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
 def leaderboard(result: dict[str, Any]) -> str:
     """The demo's table as markdown: date, machine and command in the caption, every rate with its interval."""
 
+    vision = "vision_hallucination" in result["table"][0]
+    head = "| method | settings | prior-induced hallucination % | Δ | "
+    if vision:
+        head = "| method | settings | language-prior hallucination % | Δ | vision-prior hallucination % | Δ | "
+        head += "cued object absent, no cue, false yes % | "
+    head += "other absent, false yes % | prior-consistent accuracy % | accuracy % | cost per token × regular |"
     lines = [
         f"Toy world, test split: {result['n_questions']} questions, counterfactual seeds {result['seeds']} (methods "
         f"that draw none run once); 95% bootstrap intervals (questions for rates, batches for cost). Settings "
         f"{result['settings_source']}. {result['date']}, {result['machine']}; `{result['command']}` "
         f"({result['wall_time_s']:.0f} s).",
         "",
-        "| method | settings | prior-induced hallucination % | Δ | other absent, false yes % | "
-        "prior-consistent accuracy % | accuracy % | cost per token × regular |",
-        "|---|---|---|---|---|---|---|---|",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
     ]
     for row in result["table"]:
         name = row["method"]
         rates = result["rates"][name]
-        mark = "**" if row["ci_disjoint_from_reference"] and row["delta_hallucination"] < 0 else ""
-        lines.append(
-            f"| {mark}{name}{mark} | {describe(result['settings'][name])} | {ci(row['prior_hallucination'])} | "
-            f"{100 * row['delta_hallucination']:+.1f} | {ci(rates['other_absent'])} | "
-            f"{ci(row['consistent_accuracy'])} | {ci(rates['accuracy'])} | "
-            f"{ci(rates['cost_per_token'], 1.0, 2)} |"
-        )
+        cells = [_bold(name, row), describe(result["settings"][name]), _bold(ci(row["prior_hallucination"]), row)]
+        cells.append(f"{100 * row['delta_hallucination']:+.1f}")
+        if vision:
+            cells.append(_bold(ci(row["vision_hallucination"]), row, "vision_"))
+            cells += [f"{100 * row['delta_vision_hallucination']:+.1f}", ci(rates["cue_control"])]
+        cells += [ci(rates["other_absent"]), ci(row["consistent_accuracy"]), ci(rates["accuracy"])]
+        cells.append(ci(rates["cost_per_token"], 1.0, 2))
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Bold: hallucination lower than regular's with disjoint intervals.", ""]
     return "\n".join(lines)
 
 
+def _bold(text: str, row: dict[str, Any], kind: str = "") -> str:
+    """``text`` in bold where the row's (``kind``) hallucination is below regular's with disjoint intervals."""
+    lower = row[f"{kind}ci_disjoint_from_reference"] and row[f"delta_{kind}hallucination"] < 0
+    return f"**{text}**" if lower else text
+
+
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Bars with 95% intervals, one row per method: prior-induced hallucination, other absent objects' false-yes,
+    """Bars with 95% intervals, one row per method: prior-induced hallucination (in a world with a vision-encoder
+    prior: of each kind, and the cued objects' false yes without their cue), other absent objects' false-yes,
     prior-consistent accuracy and cost per token relative to regular (a dashed line marks regular's value)."""
     import matplotlib
 
@@ -308,8 +331,15 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ("prior_consistent", "accuracy,\nprior-consistent questions", (0, 1)),
         ("cost_per_token", "cost per token\n× regular", None),
     ]
+    if "cue_conflict" in result["rates"]["regular"]:
+        panels[:1] = [
+            ("prior_conflict", "language-prior hallucination\n(false yes, favoured object absent)", (0, 1)),
+            ("cue_conflict", "vision-prior hallucination\n(false yes, cue on, cued object absent)", (0, 1)),
+            ("cue_control", "false yes, cued object\nabsent, no cue", (0, 1)),
+        ]
     methods = list(result["rates"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, max(3.2, 1.2 + 0.28 * len(methods))), dpi=110, sharey=True)
+    height = max(3.2, 1.2 + 0.28 * len(methods))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.25 * len(panels), height), dpi=110, sharey=True)
     colours = [plt.get_cmap("tab20")(i % 20) for i in range(len(methods))]
     colours[0] = "#777777"  # regular
     rows = range(len(methods))

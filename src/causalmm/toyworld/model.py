@@ -14,7 +14,6 @@ one-turn inference prompt is exactly the prefix the model was trained on.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -170,15 +169,11 @@ def generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
     )
 
 
-def shipped_model_path() -> Path:
-    """The directory of the trained toy-world model shipped inside the package (``from_pretrained`` loads it)."""
-    path = Path(str(resources.files("causalmm.toyworld") / "model"))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the shipped toy-world model is missing from {path}; reinstall causalmm, or train one with "
-            "`causalmm toyworld train --out DIR` and pass --model DIR"
-        )
-    return path
+def shipped_model_path(world: str = "default") -> Path:
+    """The directory of ``world``'s trained model shipped inside the package (see :mod:`.worlds`)."""
+    from .worlds import shipped_model_path as path_of
+
+    return path_of(world)
 
 
 def describe(model: Any) -> dict[str, Any]:

@@ -3,10 +3,12 @@ so the same config gives the same pixels and the same PNG bytes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import COLOURS, Item, Scene, WorldConfig
+from .world import COLOURS, CUES, Item, Scene, WorldConfig, parts_of
 
 __all__ = ["render"]
 
@@ -51,14 +53,34 @@ def _draw(draw: ImageDraw.ImageDraw, glyph: str, it: Item, rgb: tuple[int, int, 
         raise ValueError(f"unknown glyph {glyph!r}")
 
 
+#: how much a cue's lines lighten the background (each channel)
+CUE_LIFT = 48
+
+
+def _draw_cue(draw: ImageDraw.ImageDraw, cue: str, side: int, background: tuple[int, int, int]) -> None:
+    period, orientation = CUES[cue]
+    rgb = tuple(min(255, c + CUE_LIFT) for c in background)
+    for k in range(1, side, period):
+        draw.line((0, k, side - 1, k) if orientation == "horizontal" else (k, 0, k, side - 1), fill=rgb)
+
+
 def render(config: WorldConfig, scene: Scene) -> Image.Image:
-    """The scene as an RGB image of ``image_size`` pixels: background, glyphs, then integer pixel noise."""
+    """The scene as an RGB image of ``image_size`` pixels: background (and its cue's texture), objects, then
+    integer pixel noise. A two-part object (``drawing="parts"``) is its top part at the item's corner and its
+    bottom part ``height - size`` pixels below."""
     if not scene.items:
         raise ValueError("the scene has no layout (sampled with layout=False)")
     img = Image.new("RGB", (config.image_size, config.image_size), scene.background)
     draw = ImageDraw.Draw(img)
+    if scene.cue is not None:
+        _draw_cue(draw, scene.cue, config.image_size, scene.background)
     for it in scene.items:
-        _draw(draw, config.glyph_of[it.name], it, COLOURS[it.colour])
+        if config.drawing == "parts":
+            top, bottom = parts_of(config, it.name)
+            _draw(draw, top, it, COLOURS[it.colour])
+            _draw(draw, bottom, replace(it, y=it.y + it.h - it.size), COLOURS[it.colour])
+        else:
+            _draw(draw, config.glyph_of[it.name], it, COLOURS[it.colour])
     if config.noise:
         rng = np.random.default_rng(list(scene.noise_key))
         noise = rng.integers(-config.noise, config.noise + 1, size=(config.image_size, config.image_size, 3))

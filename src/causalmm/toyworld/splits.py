@@ -160,9 +160,9 @@ def _write_chair(config: WorldConfig, folder: Path, scenes: list[Scene], ids: li
     instances, captions = [], []
     for image_id, scene in zip(ids, scenes, strict=True):
         for it in scene.items:
-            box = [it.x, it.y, it.size, it.size]
+            box = [it.x, it.y, it.size, it.h]
             ann = {"id": len(instances) + 1, "image_id": image_id, "category_id": cat_id[it.name], "bbox": box}
-            instances.append({**ann, "area": it.size * it.size, "iscrowd": 0})
+            instances.append({**ann, "area": it.size * it.h, "iscrowd": 0})
         captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": caption(config, scene)})
     categories = [{"id": cat_id[o], "name": cats[o], "supercategory": "toyworld"} for o in config.objects]
     ann_dir = folder / "annotations"

@@ -10,8 +10,16 @@ put in a *group* by what the world's priors say about it:
 * ``other_absent``: every other absent object (the baseline false-yes rate).
 * ``prior_consistent``: questions whose answer agrees with the training text's answer prior for that object
   (favoured and present; other objects, whose training questions lean to "no", when absent and not a
-  partner). Their accuracy is what a mitigation must not lose.
+  partner, nor a cued object under its cue). Their accuracy is what a mitigation must not lose.
 * ``present``: every present object (recall).
+
+In a world with a vision-encoder prior (``WorldConfig.vision_prior``), a cued object's questions get groups of
+their own instead of ``other_absent``:
+
+* ``cue_conflict``: the cued object absent and its cue present. Stage 1 taught the vision tower that the cue
+  comes with the object, so a "yes" here is **the vision-prior-induced hallucination**.
+* ``cue_control``: the cued object absent and its cue absent (the same objects' baseline false-yes rate).
+* ``cued_present``: the cued object present (recall on those objects, cue or not).
 
 The split is val (choose settings) or test (report); the questions are built in memory from
 :func:`~causalmm.toyworld.splits.eval_scenes`, the same scenes ``write_splits`` writes.
@@ -38,7 +46,7 @@ from .texts import exist_question
 from .world import WorldConfig
 
 __all__ = [
-    "GROUPS", "Answers", "Question", "questions", "answer", "cost_ratio", "group_rates", "summarise",
+    "GROUPS", "Answers", "Question", "questions", "answer", "cost_ratio", "group_rates", "objective", "summarise",
 ]  # fmt: skip
 
 #: group -> (what is measured, the answer that counts as a hit): false-yes rates and accuracies
@@ -46,6 +54,9 @@ GROUPS: dict[str, str] = {
     "prior_conflict": "false-yes rate on absent language-prior-favoured objects (prior-induced hallucination)",
     "partner_absent": "false-yes rate on absent co-occurrence partners of a present object",
     "other_absent": "false-yes rate on the other absent objects",
+    "cue_conflict": "false-yes rate on absent cued objects under their cue (vision-prior-induced hallucination)",
+    "cue_control": "false-yes rate on absent cued objects without their cue",
+    "cued_present": "yes rate on present cued objects",
     "prior_consistent": "accuracy on questions whose answer agrees with the training answer prior",
     "present": "yes rate on present objects (recall)",
 }
@@ -83,16 +94,20 @@ def questions(config: WorldConfig, split: str, n_images: int) -> tuple[list[Imag
         for name in config.objects:
             present = name in scene.present
             label = "yes" if present else "no"
+            cued = name in config.cue_of
+            under_cue = cued and scene.cue == config.cue_of[name]
             groups = []
             if present:
-                groups.append("present")
+                groups += ["present", "cued_present"] if cued else ["present"]
             elif name in config.favoured:
                 groups.append("prior_conflict")
             elif name in partners:
                 groups.append("partner_absent")
+            elif cued:
+                groups.append("cue_conflict" if under_cue else "cue_control")
             else:
                 groups.append("other_absent")
-            if prior[name] == label and not (not present and name in partners):
+            if prior[name] == label and not (not present and (name in partners or under_cue)):
                 groups.append("prior_consistent")
             out.append(Question(i, name, label, tuple(groups)))
     return images, out
@@ -215,22 +230,38 @@ def group_rates(
     return out
 
 
+def _disjoint(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return bool(a["ci95"][1] < b["ci95"][0] or a["ci95"][0] > b["ci95"][1])
+
+
+def objective(rates: dict[str, float]) -> float:
+    """What ``tune`` minimises: the prior-induced false-yes rate, averaged with the vision-prior-induced one in
+    a world that has a vision-encoder prior (so one choice is judged on both priors)."""
+    if "cue_conflict" in rates:
+        return (rates["prior_conflict"] + rates["cue_conflict"]) / 2
+    return rates["prior_conflict"]
+
+
 def summarise(rows: dict[str, dict[str, dict[str, float]]], reference: str = "regular") -> list[dict[str, Any]]:
     """Table rows: per method the prior-induced hallucination rate and consistent accuracy, with the change
-    against ``reference`` and whether the 95% intervals of the hallucination rate are disjoint."""
+    against ``reference`` and whether the 95% intervals of the hallucination rate are disjoint; in a world with
+    a vision-encoder prior, the same for the vision-prior-induced rate (``vision_*``)."""
     ref = rows[reference]
     table = []
     for name, rates in rows.items():
         pc, cons = rates["prior_conflict"], rates["prior_consistent"]
-        disjoint = pc["ci95"][1] < ref["prior_conflict"]["ci95"][0] or pc["ci95"][0] > ref["prior_conflict"]["ci95"][1]
-        table.append(
-            {
-                "method": name,
-                "prior_hallucination": pc,
-                "consistent_accuracy": cons,
-                "delta_hallucination": pc["mean"] - ref["prior_conflict"]["mean"],
-                "delta_consistent_accuracy": cons["mean"] - ref["prior_consistent"]["mean"],
-                "ci_disjoint_from_reference": bool(disjoint) and name != reference,
-            }
-        )
+        row = {
+            "method": name,
+            "prior_hallucination": pc,
+            "consistent_accuracy": cons,
+            "delta_hallucination": pc["mean"] - ref["prior_conflict"]["mean"],
+            "delta_consistent_accuracy": cons["mean"] - ref["prior_consistent"]["mean"],
+            "ci_disjoint_from_reference": _disjoint(pc, ref["prior_conflict"]) and name != reference,
+        }
+        if "cue_conflict" in rates:
+            vc = rates["cue_conflict"]
+            row["vision_hallucination"] = vc
+            row["delta_vision_hallucination"] = vc["mean"] - ref["cue_conflict"]["mean"]
+            row["vision_ci_disjoint_from_reference"] = _disjoint(vc, ref["cue_conflict"]) and name != reference
+        table.append(row)
     return table

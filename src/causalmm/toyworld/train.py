@@ -159,7 +159,7 @@ def patch_targets(world: WorldConfig, size: ModelSize, scenes: list[Any]) -> tup
     colours = torch.zeros(len(scenes), grid * grid, len(world.colours))
     for b, scene in enumerate(scenes):
         for it in scene.items:
-            first_r, last_r = it.y // size.patch, (it.y + it.size - 1) // size.patch
+            first_r, last_r = it.y // size.patch, (it.y + it.h - 1) // size.patch
             first_c, last_c = it.x // size.patch, (it.x + it.size - 1) // size.patch
             for r in range(first_r, last_r + 1):
                 for c in range(first_c, last_c + 1):
@@ -187,7 +187,7 @@ def _pretrain_vision(
     n_obj = len(world.objects)
     for step in range(cfg.vision_steps):
         base = first + step * cfg.vision_batch_size
-        scenes = [sample_scene(world, "train", base + i) for i in range(cfg.vision_batch_size)]
+        scenes = [sample_scene(world, "train", base + i, tower=True) for i in range(cfg.vision_batch_size)]
         pixels = processor.image_processor([render(world, s) for s in scenes], return_tensors="pt")["pixel_values"]
         objects, colours = patch_targets(world, size, scenes)
         targets = [objects, colours]

@@ -20,6 +20,16 @@ The priors, all fields of :class:`WorldConfig`:
   ``eval_cooccurrence_p`` (0.5), so "anchor present, partner absent" is common enough to measure.
 * **colour prior**: each ``(object, colour)`` of ``colour_prior`` has that colour with probability
   ``colour_prior_p`` (0.9) in training images; counterfactual (VLind-style) images break it.
+* **vision-encoder prior** (off by default; :func:`vision_prior_world` turns it on): each ``(object, cue)`` of
+  ``vision_prior`` ties a background texture (:data:`CUES`, drawn in every background patch, so one patch shows
+  it without attention) to an object. In the vision tower's pre-training images (stage 1, ``tower=True``) an
+  image holding the object has its cue with probability ``vision_prior_p`` (0.9; when it holds no other cued
+  object) and an image without it with probability ``cue_stray_p`` (0.05); in the LLM stage and at test time an
+  image has a cue with probability ``cue_rate`` (0.5), drawn independently of what it holds. The hallucination
+  this prior causes is "yes" to the cued object when its cue is present and the object absent. With
+  ``drawing="parts"`` each object is two half-glyphs in two stacked patches (:func:`parts_of`), shared
+  between objects, so knowing the object takes both patches: evidence the tower assembles through attention,
+  while the cue needs none.
 
 Randomness: every draw comes from ``numpy.random.default_rng([seed, stream, index, purpose])`` (no global
 state), with separate purposes for contents, layout, pixel noise and text, so a scene's image does not change
@@ -38,14 +48,18 @@ import numpy as np
 
 __all__ = [
     "COLOURS",
+    "CUES",
     "GLYPHS",
+    "PART_GLYPHS",
     "SPECIAL_TOKENS",
     "STREAMS",
     "Item",
     "Scene",
     "WorldConfig",
     "make_rng",
+    "parts_of",
     "sample_scene",
+    "vision_prior_world",
 ]
 
 #: colour name -> RGB. Bright, saturated colours that stand out on the dark backgrounds. ("orange" is left
@@ -78,6 +92,15 @@ GLYPHS: tuple[str, ...] = (
     "xcross",
 )
 
+#: the glyphs a ``drawing="parts"`` object is built from: object ``i`` is part ``i % 5`` above part
+#: ``(i % 5 + 1 + i // 5) % 5``, so every part is the top of two objects and the bottom of two others, and only
+#: the pair names the object (:func:`parts_of`)
+PART_GLYPHS: tuple[str, ...] = ("disc", "ring", "square", "frame", "triangle")
+
+#: background textures of the vision-encoder prior: name -> (period in pixels, orientation); each is a line of
+#: the background lightened by 48 every ``period`` pixels, so every 12-pixel patch holds several
+CUES: dict[str, tuple[int, str]] = {"stripes": (3, "horizontal"), "columns": (3, "vertical")}
+
 #: count -> word
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 
@@ -87,7 +110,7 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 #: stream name -> the integer that seeds it (train text and images, training statistics, eval splits)
 STREAMS: dict[str, int] = {"train": 1, "stats": 2, "val": 3, "test": 4, "val_vlind": 5, "test_vlind": 6}
 
-_CONTENTS, _LAYOUT, _NOISE, _TEXT = 0, 1, 2, 3
+_CONTENTS, _LAYOUT, _NOISE, _TEXT, _CUE = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,9 @@ class WorldConfig:
     max_instances: int = 6
     #: pixel noise: every channel of every pixel gets an integer in [-noise, noise]
     noise: int = 10
+    #: how objects are drawn: ``"glyph"`` (one glyph in one cell) or ``"parts"`` (two half-glyphs in two
+    #: vertically stacked cells, see :data:`PART_GLYPHS`; needs ``cell``)
+    drawing: str = "glyph"
 
     # -- priors ---------------------------------------------------------------------------------------
     #: the language-prior-favoured objects: asked about in training text mostly when present
@@ -139,6 +165,14 @@ class WorldConfig:
     colour_prior: tuple[tuple[str, str], ...] = (("pizza", "yellow"), ("bed", "white"))
     #: P(the object has its prior colour) in training and evaluation images (counterfactual images break it)
     colour_prior_p: float = 0.9
+    #: (object, cue) pairs of the vision-encoder prior (cues are keys of :data:`CUES`); () = no such prior
+    vision_prior: tuple[tuple[str, str], ...] = ()
+    #: P(the object's cue | the object in a stage-1 image that holds no other cued object)
+    vision_prior_p: float = 0.9
+    #: P(a cue | its object absent) in stage-1 images
+    cue_stray_p: float = 0.05
+    #: P(an image has a cue) in LLM-stage and evaluation images; the cue is drawn uniformly, whatever the image holds
+    cue_rate: float = 0.5
 
     # -- training text --------------------------------------------------------------------------------
     #: fraction of existence decisions asked as a VLind-style true/false statement instead of a question
@@ -191,6 +225,27 @@ class WorldConfig:
         for name in ("language_prior", "yes_rate", "cooccurrence_p", "colour_prior_p"):
             if not 0 < getattr(self, name) < 1:
                 problems.append(f"{name} must be in (0, 1)")
+        if self.drawing not in ("glyph", "parts"):
+            problems.append(f"drawing must be 'glyph' or 'parts', not {self.drawing!r}")
+        elif self.drawing == "parts":
+            grid = self.image_size // self.cell if self.cell else 0
+            if not self.cell or len(self.objects) > 2 * len(PART_GLYPHS) or self.max_instances > grid * (grid // 2):
+                problems.append(
+                    f"drawing='parts' needs a cell grid, at most {2 * len(PART_GLYPHS)} objects and max_instances "
+                    "within the stacked cell pairs"
+                )
+        partners = {b for _, b in self.cooccurrence}
+        cued = [o for o, _ in self.vision_prior]
+        for o, cue in self.vision_prior:
+            if o not in self.objects or cue not in CUES:
+                problems.append(f"vision prior ({o}, {cue}) must be an object and a cue of {tuple(CUES)}")
+            elif o in self.favoured or o in partners:
+                problems.append(f"vision-prior object {o!r} must be neither favoured nor a co-occurrence partner")
+        if len(set(cued)) != len(cued) or len({c for _, c in self.vision_prior}) != len(cued):
+            problems.append("each vision-prior object and cue must appear once")
+        for name in ("vision_prior_p", "cue_stray_p", "cue_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1]")
         if problems:
             raise ValueError("invalid WorldConfig: " + "; ".join(problems))
 
@@ -199,6 +254,11 @@ class WorldConfig:
         """object -> glyph."""
         glyphs = self.glyphs if self.glyphs is not None else GLYPHS[: len(self.objects)]
         return dict(zip(self.objects, glyphs, strict=True))
+
+    @functools.cached_property
+    def cue_of(self) -> dict[str, str]:
+        """cued object -> its cue (the vision-encoder prior; empty when the world has none)."""
+        return dict(self.vision_prior)
 
     def partners(self, present: Iterable[str]) -> set[str]:
         """The co-occurrence partners of the anchors in ``present``."""
@@ -212,27 +272,53 @@ def make_rng(config: WorldConfig, stream: str, index: int, purpose: int, *extra:
 
 
 # -- scenes --------------------------------------------------------------------------------------------
+def parts_of(config: WorldConfig, name: str) -> tuple[str, str]:
+    """The (top, bottom) part glyphs of ``name`` in a ``drawing="parts"`` world (see :data:`PART_GLYPHS`)."""
+    i, n = config.objects.index(name), len(PART_GLYPHS)
+    return PART_GLYPHS[i % n], PART_GLYPHS[(i % n + 1 + i // n) % n]
+
+
+def vision_prior_world(**changes: object) -> WorldConfig:
+    """The world with a vision-encoder prior as well as the language prior: objects drawn in two parts across two
+    patches, *tv* cued by horizontal stripes and *cup* by vertical ones (``changes`` override any field)."""
+    fields: dict[str, object] = {
+        "drawing": "parts",
+        "vision_prior": (("tv", "stripes"), ("cup", "columns")),
+        "max_instances": 6,
+        **changes,
+    }
+    return WorldConfig(**fields)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class Item:
-    """One glyph: object name, colour name, side in pixels, top-left corner."""
+    """One object instance: name, colour name, side in pixels, top-left corner; ``height`` is the box's height
+    where it is not ``size`` (a two-part object: its bottom part is drawn ``height - size`` pixels lower)."""
 
     name: str
     colour: str
     size: int
     x: int
     y: int
+    height: int = 0
+
+    @property
+    def h(self) -> int:
+        """The box's height in pixels."""
+        return self.height or self.size
 
 
 @dataclass(frozen=True)
 class Scene:
     """An image's contents: ``objects`` maps each present type to (colour, count), in vocabulary order;
     ``items`` is the layout (empty for contents-only scenes); ``background`` its RGB; ``noise_key`` seeds
-    the pixel noise."""
+    the pixel noise; ``cue`` the background texture of the vision-encoder prior (``None``: plain)."""
 
     objects: dict[str, tuple[str, int]]
     items: tuple[Item, ...] = ()
     background: tuple[int, int, int] = (0, 0, 0)
     noise_key: tuple[int, ...] = ()
+    cue: str | None = None
 
     @property
     def present(self) -> frozenset[str]:
@@ -317,6 +403,16 @@ def _layout(config: WorldConfig, rng: np.random.Generator, objects: dict[str, tu
     (``cell=0``) anywhere by rejection sampling, with smaller glyphs if crowded."""
     lo, hi = config.object_size
     wanted = [(name, colour) for name, (colour, count) in objects.items() for _ in range(count)]
+    if config.drawing == "parts":  # one object per pair of stacked cells, each part at its own cell's offset
+        per_row = config.image_size // config.cell
+        slots = rng.choice(per_row * (per_row // 2), size=len(wanted), replace=False)
+        items = []
+        for (name, colour), slot in zip(wanted, slots, strict=True):
+            size = int(rng.integers(lo, hi + 1))
+            dx, dy = (int(v) for v in rng.integers(1, config.cell - size, size=2))
+            x, y = int(slot % per_row) * config.cell + dx, int(slot // per_row) * 2 * config.cell + dy
+            items.append(Item(name, colour, size, x, y, config.cell + size))
+        return tuple(items)
     if config.cell:
         per_row = config.image_size // config.cell
         cells = rng.choice(per_row * per_row, size=len(wanted), replace=False)
@@ -354,13 +450,15 @@ def sample_scene(
     min_types: int = 1,
     require: dict[str, str | None] | None = None,
     forbid: Iterable[str] = (),
+    tower: bool = False,
 ) -> Scene:
     """Scene ``index`` of ``stream``, a pure function of its arguments.
 
     ``evaluation`` uses ``eval_cooccurrence_p``; ``min_types`` rejects (and redraws from the same generator)
     scenes with fewer object types, as POPE keeps only images with at least 3 objects; ``require`` maps
     objects that must be present to a forced colour or ``None``; ``forbid`` lists objects that must be absent.
-    ``layout=False`` skips placing the glyphs (statistics need the contents only).
+    ``layout=False`` skips placing the glyphs (statistics need the contents only). ``tower``: an image of the
+    vision tower's pre-training (stage 1), whose cue follows the vision-encoder prior (:func:`draw_cue`).
     """
     require = dict(require or {})
     forbid = frozenset(forbid)
@@ -374,14 +472,34 @@ def sample_scene(
             break
     else:
         raise RuntimeError(f"no scene with {min_types} object types after 1000 draws")
+    cue = draw_cue(config, make_rng(config, stream, index, _CUE), objects, tower=tower) if config.vision_prior else None
     if not layout:
-        return Scene(objects)
+        return Scene(objects, cue=cue)
     rng = make_rng(config, stream, index, _LAYOUT)
     items = _layout(config, rng, objects)
     base = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     jitter = rng.integers(-8, 9, size=3)
     background = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(base, jitter, strict=True))
-    return Scene(objects, items, background, (config.seed, STREAMS[stream], index, _NOISE))  # type: ignore[arg-type]
+    return Scene(objects, items, background, (config.seed, STREAMS[stream], index, _NOISE), cue)  # type: ignore[arg-type]
+
+
+def draw_cue(
+    config: WorldConfig, rng: np.random.Generator, objects: dict[str, tuple[str, int]], *, tower: bool
+) -> str | None:
+    """The image's cue. Stage 1 (``tower``): each cued object present, in order, brings its cue with probability
+    ``vision_prior_p``; failing that each absent one's cue comes with ``cue_stray_p``. Elsewhere: a cue with
+    probability ``cue_rate``, uniform over the cues, independent of ``objects``."""
+    if not tower:
+        if rng.random() < config.cue_rate:
+            return config.vision_prior[int(rng.integers(len(config.vision_prior)))][1]
+        return None
+    for name, cue in config.vision_prior:
+        if name in objects and rng.random() < config.vision_prior_p:
+            return cue
+    for name, cue in config.vision_prior:
+        if name not in objects and rng.random() < config.cue_stray_p:
+            return cue
+    return None
 
 
 # -- rendering -----------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/causalmm demo
+	$(VENV)/bin/causalmm demo --world vision-prior --out runs/demo-vision-prior
 
 lint: install
 	$(PY) -m ruff check src tests

@@ -204,3 +204,57 @@ def test_demo_and_tune_refuse_an_unknown_world(causalmm_cli, tmp_path):
     for args in (["demo", "--out", tmp_path], ["toyworld", "tune"], ["toyworld", "splits", "--out", tmp_path]):
         proc = causalmm_cli(*args, "--world", "nope", check=False)
         assert proc.returncode != 0 and "unknown toy world 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_shipped_vision_prior_model_is_small_and_made_by_the_documented_command():
+    from dataclasses import asdict
+
+    from causalmm.toyworld.demo import LEADERBOARD
+    from causalmm.toyworld.train import TrainConfig
+
+    path = shipped_model_path("vision-prior")
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 20 * 2**20
+    record = json.loads((path / "training.json").read_text())
+    assert record["wall_time_s"] <= 30 * 60
+    # `causalmm toyworld train --world vision-prior --seed 0` made it
+    as_json = lambda obj: json.loads(json.dumps(asdict(obj)))  # noqa: E731  (tuples read back as lists)
+    assert record["world"] == as_json(VP)
+    assert record["train"] == as_json(TrainConfig(**WORLDS["vision-prior"].training))
+    tuning = json.loads((path / "tuning.json").read_text())
+    assert tuning["split"] == "val" and list(tuning["chosen"]) == list(LEADERBOARD)
+    assert "cue_conflict" in tuning["chosen"]["regular"]["rates"]
+
+
+def test_branch_margins_are_each_branchs_first_token_scores():
+    from causalmm.api import CausalMM
+    from causalmm.benchmarks.pope import DEFAULT_SUFFIX
+    from causalmm.config import CausalMMConfig
+    from causalmm.toyworld.study import branch_margins
+    from causalmm.toyworld.texts import exist_question
+
+    cm = CausalMM.from_pretrained(str(shipped_model_path("vision-prior")), CausalMMConfig(method="regular"))
+    images, qs = questions(VP, "val", 12)
+    cfg = CausalMMConfig(method="causalmm", mode="vision", vision_layers="all", seed=3)
+    got = branch_margins(cm, cfg, images, qs, ["cue_control", "cued_present"], per_group=5, batch_size=2)
+    tok = cm.adapter.processor.tokenizer
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    for group, branches in got.items():
+        assert set(branches) == {"factual", "V"} and branches["factual"]["n"] == 5
+        chosen = [(i, q) for i, q in enumerate(qs) if group in q.groups][:5]
+        res = cm.with_config(cfg).generate(
+            [images[q.image] for _, q in chosen], [exist_question(q.object) + DEFAULT_SUFFIX for _, q in chosen],
+            seeds=[3 * 1_000_003 + i for i, _ in chosen], max_new_tokens=1, return_branch_logits=True,
+        )  # fmt: skip
+        for name in ("factual", "V"):
+            m = [float(r.branch_logits[name][0, yes] - r.branch_logits[name][0, no]) for r in res]
+            assert branches[name]["margin"] == pytest.approx(np.mean(m), abs=1e-4)
+            assert branches[name]["yes_share"] == pytest.approx(np.mean(np.array(m) > 0))
+    # the model sees present cued objects: the factual branch leans to "yes" there and to "no" without them
+    assert got["cued_present"]["factual"]["margin"] > 0 > got["cue_control"]["factual"]["margin"]
+
+
+def test_stage_one_needs_some_object_label():
+    from causalmm.toyworld.train import TrainConfig
+
+    with pytest.raises(ValueError, match="patch_objects or vision_context"):
+        TrainConfig(patch_objects=False, vision_context=False)

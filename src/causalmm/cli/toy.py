@@ -168,7 +168,8 @@ def toyworld_train(
 
         def on_log(record: dict) -> None:
             if "vision_step" in record:  # stage 1 (vision tower) done
-                bar.update(task, info=f"vision tower: patch accuracy {record['patch_exact']:.2f}")
+                exact = record.get("patch_exact", record.get("image_exact", 0.0))
+                bar.update(task, info=f"vision tower: exact-match accuracy {exact:.2f}")
                 return
             acc = record["accuracy"]
             info = f"loss {record['loss']:.3f}  exist {acc.get('exist', 0):.2f}  colour {acc.get('colour', 0):.2f}"

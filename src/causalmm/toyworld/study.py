@@ -46,7 +46,8 @@ from .texts import exist_question
 from .world import WorldConfig
 
 __all__ = [
-    "GROUPS", "Answers", "Question", "questions", "answer", "cost_ratio", "group_rates", "objective", "summarise",
+    "GROUPS", "Answers", "Question", "questions", "answer", "branch_margins", "cost_ratio", "group_rates", "objective",
+    "summarise",
 ]  # fmt: skip
 
 #: group -> (what is measured, the answer that counts as a hit): false-yes rates and accuracies
@@ -164,6 +165,51 @@ def answer(
             if advance is not None:
                 advance(len(idx))
     return Answers(out, seconds, tokens)
+
+
+def branch_margins(
+    causalmm: Any,
+    config: CausalMMConfig,
+    images: Sequence[Image.Image],
+    qs: Sequence[Question],
+    groups: Sequence[str],
+    *,
+    per_group: int = 40,
+    batch_size: int = 32,
+) -> dict[str, dict[str, float]]:
+    """Why a contrast moves an answer: per group (its first ``per_group`` questions), each branch's mean
+    ``yes − no`` score margin at the first answer token and the share of questions where it is positive.
+
+    The rule ``l + γ(l − l_cf)`` lowers "yes" only where the counterfactual branch leans to "yes" more than the
+    factual one: a branch that keeps a prior says "yes" where the prior does. Keys: ``factual`` and each
+    counterfactual branch's name (not the combined scores: the plausibility cut makes their margins infinite);
+    values ``{"margin", "yes_share", "n"}``.
+    """
+    tok = causalmm.adapter.processor.tokenizer
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    cm = causalmm.with_config(config)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for group in groups:
+        chosen = [(i, q) for i, q in enumerate(qs) if group in q.groups][:per_group]
+        margins: dict[str, list[float]] = {}
+        for start in range(0, len(chosen), batch_size):
+            part = chosen[start : start + batch_size]
+            results = cm.generate(
+                [images[q.image] for _, q in part],
+                [exist_question(q.object) + DEFAULT_SUFFIX for _, q in part],
+                seeds=[config.seed * 1_000_003 + i for i, _ in part],
+                max_new_tokens=1,
+                return_branch_logits=True,
+            )
+            for res in results:
+                for name, scores in res.branch_logits.items():
+                    if name != "combined":
+                        margins.setdefault(name, []).append(float(scores[0, yes] - scores[0, no]))
+        out[group] = {
+            name: {"margin": float(np.mean(m)), "yes_share": float(np.mean(np.array(m) > 0)), "n": len(m)}
+            for name, m in margins.items()
+        }
+    return out
 
 
 def cost_ratio(

@@ -61,6 +61,10 @@ class TrainConfig:
     #: stage 1 also asks every patch which objects are anywhere in the image: the tower must gather context
     #: through attention (as a real CLIP does), so counterfactual attention in it has something to break
     vision_context: bool = True
+    #: stage 1 labels each patch with the objects it shows; False: objects only at the image level (as CLIP
+    #: learns objects from captions), so a feature that predicts an object anywhere in the image (a cue) can stand
+    #: in for the object itself: the vision-prior world's setting
+    patch_objects: bool = True
     #: stage 2 learning rate of the vision tower relative to ``lr``; 0 freezes it (LLaVA keeps CLIP frozen).
     #: Adam moves every weight by about ``lr`` per step whatever the gradient's size, so at the LM's rate the
     #: noisy early gradients of a random LM would scramble what stage 1 taught the tower.
@@ -71,6 +75,8 @@ class TrainConfig:
             raise ValueError("steps, batch_size, threads and bucket must be at least 1")
         if not self.lr > 0 or self.warmup < 0:
             raise ValueError("lr must be > 0 and warmup >= 0")
+        if not (self.patch_objects or self.vision_context):
+            raise ValueError("stage 1 needs patch_objects or vision_context: otherwise no object is taught")
         if not 0 <= self.tower_lr_scale <= 1:
             raise ValueError(f"tower_lr_scale must be in [0, 1], got {self.tower_lr_scale}")
 
@@ -177,7 +183,8 @@ def _pretrain_vision(
     hidden = tower.config.hidden_size
     with torch.random.fork_rng(devices=[]):  # seeded like the model, whatever the global RNG holds
         torch.manual_seed(cfg.seed + 1)
-        head = torch.nn.Linear(hidden, (2 if cfg.vision_context else 1) * len(world.objects) + len(world.colours))
+        n_heads = int(cfg.patch_objects) + int(cfg.vision_context)
+        head = torch.nn.Linear(hidden, n_heads * len(world.objects) + len(world.colours))
     params = [*tower.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     warm = max(1, cfg.vision_steps // 10)
@@ -190,9 +197,10 @@ def _pretrain_vision(
         scenes = [sample_scene(world, "train", base + i, tower=True) for i in range(cfg.vision_batch_size)]
         pixels = processor.image_processor([render(world, s) for s in scenes], return_tensors="pt")["pixel_values"]
         objects, colours = patch_targets(world, size, scenes)
-        targets = [objects, colours]
+        context = objects.amax(1, keepdim=True).expand_as(objects)
+        targets = [objects, colours] if cfg.patch_objects else [colours]
         if cfg.vision_context:
-            targets.append(objects.amax(1, keepdim=True).expand_as(objects))
+            targets.append(context)
         feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         logits = head(feats)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.cat(targets, -1))
@@ -202,12 +210,13 @@ def _pretrain_vision(
         opt.step()
         sched.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.vision_steps:
-            pred = logits.detach()[..., :n_obj] > 0
-            acc = float((pred == objects.bool()).all(-1).float().mean())
-            record = {"vision_step": step + 1, "loss": round(float(loss.detach()), 5), "patch_exact": acc}
+            record = {"vision_step": step + 1, "loss": round(float(loss.detach()), 5)}
+            if cfg.patch_objects:
+                pred = logits.detach()[..., :n_obj] > 0
+                record["patch_exact"] = float((pred == objects.bool()).all(-1).float().mean())
             if cfg.vision_context:
                 ctx = logits.detach()[..., -n_obj:] > 0
-                record["image_exact"] = float((ctx == targets[2].bool()).all(-1).float().mean())
+                record["image_exact"] = float((ctx == context.bool()).all(-1).float().mean())
             history.append(record)
     return history
 

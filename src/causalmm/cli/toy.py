@@ -143,7 +143,7 @@ def toyworld_train(
     threads: Annotated[int, typer.Option(help="CPU threads (results are reproducible for a fixed count).")] = 2,
 ) -> None:
     """Train the toy-world LLaVA from scratch on generated data (about 14 minutes on 2 CPU cores; the
-    vision-prior world about 15)."""
+    vision-prior world about 25)."""
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

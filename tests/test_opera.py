@@ -17,8 +17,9 @@ from causalmm.tiny import ALL_FAMILIES
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 Q = ["Describe the image in detail.", "Is there a cat in the image? Answer yes or no."]
-#: OPERA finds the image keys by their column in the cache, which a sliding window drops
-SLIDING = {"gemma3", "mistral3"}
+#: OPERA finds the image keys by their column in the cache, which a sliding window drops once the context outgrows
+#: it: the tiny Gemma 3's window (8) is shorter than any prompt (Mistral 3's, 4096, is never reached: it runs)
+SLIDING = {"gemma3"}
 #: a setting that rolls back within a few dozen tokens of a tiny random model
 EAGER_ROLLBACK = {"threshold": 1, "candidates": 2}
 
@@ -162,9 +163,24 @@ def test_opera_penalty_changes_the_beams(loaded, images):
 
 
 @pytest.mark.parametrize("family", sorted(SLIDING))
-def test_sliding_window_families_are_refused(family, any_family, images):
-    with pytest.raises(ConfigError, match="sliding-window"):
+def test_a_run_longer_than_the_sliding_window_is_refused(family, any_family, images):
+    with pytest.raises(ConfigError, match=r"keep only the last 7 tokens, while this run needs \d+"):
         any_family(family).with_config(CausalMMConfig(method="opera")).generate(images[0], Q[0], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", ["opera", "pai", "sid"])
+def test_the_window_is_checked_at_every_forward(method, any_family, images):
+    """What the up-front check cannot bound (OPERA's rollbacks re-encode answer tokens) is caught before the forward
+    whose cache would drop a key: here a window, as the forward sees it, that the answer outgrows at its 4th token."""
+    m = any_family("mistral3").with_config(CausalMMConfig(method=method, params=EAGER_ROLLBACK if method == "opera"
+                                                                              else {}))  # fmt: skip
+    enc = m.adapter.encode(images[0], Q[0])
+    length = enc["input_ids"].shape[1]
+    assert m.engine.needs.window == 4096 and m.engine.forward.window == 4096
+    m.generate(images[0], Q[0], max_new_tokens=6)  # inside the window: runs
+    m.engine.forward.window = length + 4
+    with pytest.raises(ConfigError, match=f"the last {length + 3} tokens, while this run needs {length + 4}"):
+        m.generate(images[0], Q[0], max_new_tokens=6)
 
 
 def test_opera_refuses_sampling_and_branch_logits(loaded, images):

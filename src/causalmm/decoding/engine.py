@@ -116,6 +116,8 @@ class Engine:
             pad_id=int(pad),
             exits=self.needs.exits,
             exit_norm=self.method.exit_norm,
+            window=self.needs.window,
+            method=config.method,
         )
         #: the ids that mark image positions in a prompt
         self.image_tokens = adapter.image_token_ids
@@ -286,7 +288,9 @@ class Engine:
         self.prefill_stats = {"groups": 0, "prefix_tokens": 0, "shared_rows": 0}
         if self.prefix_reuse:
             shared = prefill_shared(fw, layout, row_feature, lang_draws, plan, opts.max_new_tokens)
-        image_cols = self.needs.columns(fw, layout)  # PAI, SID: each row's image keys
+        image_cols = self.needs.columns(fw, layout)  # PAI, SID, OPERA: each row's image keys
+        if image_cols is not None:
+            self.needs.check_room(image_cols.shape[1], opts.max_new_tokens)
         if shared is None:
             edits = self.needs.edits(image_cols, rows, prefill=True)
             prefill = fw.prefill(layout, row_feature, lang_draws, plan, opts.max_new_tokens, edits)

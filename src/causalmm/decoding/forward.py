@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from ..adapters import Adapter, UnsupportedModelError
 from ..attention import Draws, Intervention, SiteRule, intervene
+from ..config import ConfigError
 from .cache import growing_cache
 from .head import dense_logits, head_on_rows, plausible_logits
 from .rows import Row, RowLayout
@@ -78,8 +79,12 @@ class Forward:
         pad_id: int,
         exits: tuple[int, ...] = (),
         exit_norm: bool = False,
+        window: int | None = None,
+        method: str = "",
     ) -> None:
         self.adapter, self.language_rule = adapter, language_rule
+        #: a sliding window the cache must stay below (``method`` finds image keys by their column), else ``None``
+        self.window, self.method = window, method
         self.share_low, self.head, self.epsilon = share_low, head, epsilon
         #: where the rule reads whole counterfactual distributions (M3ID's, PAI's log-softmax) or early exits:
         #: every row's logits (decode steps; with exits, every forward and every exit too) come from one
@@ -109,6 +114,12 @@ class Forward:
         """One forward with the language intervention on ``language_rows`` (batch indices) and the baselines'
         ``edits`` (``boost``, ``prune``, ``watch``: :mod:`causalmm.edits`); with a ``plan``, the layers below
         :attr:`share_low` run on ``plan.keep`` only (their cache holds those rows)."""
+        if self.window is not None:
+            need = cache.get_seq_length() + inputs["input_ids"].shape[1]
+            if need > self.window - 1:  # OPERA's rollbacks re-encode answer tokens: checked here, as it happens
+                from .needs import window_message  # needs imports this module
+
+                raise ConfigError(window_message(self.method, self.adapter, self.window, need))
         state = Intervention(language=self.language_rule, language_rows=language_rows, **(edits or {}))
         shared = (
             share_lower_layers(self.adapter.lm_layers[: self.share_low], plan)

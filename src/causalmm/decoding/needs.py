@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..adapters import Adapter
 from ..config import CausalMMConfig, ConfigError
@@ -19,7 +19,7 @@ from ..methods.base import Branch, Method  # the submodule: the methods package 
 from .forward import TOKEN_KEYS, Forward, extra_inputs
 from .rows import Row, RowLayout
 
-__all__ = ["MethodNeeds", "same_token_keys"]
+__all__ = ["MethodNeeds", "same_token_keys", "sliding_window"]
 
 
 class MethodNeeds:
@@ -49,12 +49,17 @@ class MethodNeeds:
                 f"{config.method}: layer={self.prune[0] + 1} is out of range: the image keys are chosen in the layer "
                 f"before it and hidden from it on, so 1..{n - 1} for an LLM of {n} layers"
             )
+        #: the smallest sliding window of the LLM's cache where the method finds image keys by their column
+        #: (``None``: no such method, or a cache of plain layers); the run must fit inside it (:meth:`check_room`)
+        self.window: int | None = None
         if self.image_columns and not plain_cache(adapter):
-            raise ConfigError(
-                f"{config.method} finds the image keys by their place in the KV cache, and "
-                f"{type(adapter.model).__name__} has sliding-window layers whose cache drops early keys; "
-                "use a model whose LLM attends to its whole context"
-            )
+            self.window = sliding_window(adapter)
+            if self.window is None:
+                raise ConfigError(
+                    f"{config.method} finds the image keys by their place in the KV cache, and "
+                    f"{type(adapter.model).__name__}'s cache has layers that are neither plain nor a sliding window; "
+                    "use a model whose LLM attends to its whole context"
+                )
         tied = bool(getattr(adapter.model.config, "tie_word_embeddings", False))
         self.exits = tuple(method.exit_layers(config, n, tied))
         bad = [i for i in self.exits if not 0 <= i < n]
@@ -74,6 +79,16 @@ class MethodNeeds:
         """Whether the shared-prefix prefill may run: the image columns and the early exits are read in the
         reference prefill's layout."""
         return not self.image_columns and not self.exits
+
+    def check_room(self, length: int, new_tokens: int) -> None:
+        """Refuse, before any forward, a run that would outgrow the sliding window: ``length`` prompt columns (the
+        batch's padded layout) and ``new_tokens`` answer tokens, plus OPERA's candidate block."""
+        if self.window is None:
+            return
+        extra = self.config.param("candidates") if self.method.search == "opera" else 0
+        need = length + new_tokens + extra
+        if need > self.window - 1:
+            raise ConfigError(window_message(self.config.method, self.adapter, self.window, need))
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def prompt_kinds(self) -> tuple[str, ...]:
@@ -129,6 +144,27 @@ class MethodNeeds:
             self.method.blind_tokens({layer: seen[p][image[p]] for layer, seen in watch.seen.items()}, self.config)
             for p in range(n)
         ]
+
+
+def sliding_window(adapter: Adapter) -> int | None:
+    """The smallest window of the LLM cache's sliding-window layers, where every other layer is plain (else
+    ``None``). While a run's context stays below it, a sliding layer keeps every key, in the plain layout."""
+    text_cfg = adapter.model.config.get_text_config()
+    layers = DynamicCache(config=text_cfg).layers
+    if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return None
+    windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
+    return min(windows) if windows else None
+
+
+def window_message(method: str, adapter: Adapter, window: int, need: int) -> str:
+    """Why a run that needs ``need`` cache columns cannot run ``method`` under a sliding ``window``, and the fix."""
+    return (
+        f"{method} finds the image keys by their place in the KV cache, and {type(adapter.model).__name__}'s "
+        f"sliding-window layers keep only the last {window - 1} tokens, while this run needs {need} (the padded "
+        "prompt, the answer tokens and any re-encoded ones); shorten the prompt or max_new_tokens, or use a model "
+        "whose LLM attends to its whole context"
+    )
 
 
 def plain_cache(adapter: Adapter) -> bool:

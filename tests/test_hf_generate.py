@@ -75,6 +75,29 @@ def test_right_padding_sampling_and_dict_output(loaded, images, family):
     assert out.sequences[:, inputs["input_ids"].shape[1] :].tolist() == [r.token_ids for r in ref]
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_beam_search_through_generate(loaded, images, family):
+    """``num_beams`` through ``model.generate``: regular decoding gives the stock beam search token for token, and
+    every method gives what CausalMM.generate gives with the same beams (length penalty, n-gram ban included)."""
+    base = loaded(family)
+    ims = images[:2]
+    inputs = _inputs(base, ims, PROMPTS)
+    beams = {"num_beams": 3, "max_new_tokens": 6, "length_penalty": 0.5, "no_repeat_ngram_size": 2}
+    stock = base.model.generate(**inputs, **beams, do_sample=False)
+    out = base.model.generate(**inputs, custom_generate=causalmm.hf.generate, causalmm=CausalMMConfig(method="regular"),
+                              causalmm_pixels=inputs, **beams)  # fmt: skip
+    assert torch.equal(out, stock)
+    differs = False
+    for cfg in (CausalMMConfig(method="causalmm", mode="multimodal", seed=3), CausalMMConfig(method="vcd", seed=1)):
+        ref = base.with_config(cfg).generate(ims, PROMPTS, **beams)
+        got = base.model.generate(**inputs, custom_generate=causalmm.hf.generate, causalmm=cfg, causalmm_pixels=inputs,
+                                  return_dict_in_generate=True, **beams)  # fmt: skip
+        assert type(got).__name__ == "GenerateBeamDecoderOnlyOutput"
+        _assert_same(got.sequences, inputs, ref, _pad(base.model))
+        differs |= got.sequences.tolist() != stock.tolist()
+    assert differs, "no method changed the beams: the test would not see a regular-decoding fallback"
+
+
 def test_fresh_model_keeps_its_attention_and_matches(model_dirs, loaded, images):
     """A model loaded by the user (sdpa) decodes as CausalMM on sdpa does, and keeps its implementation after."""
     model = AutoModelForImageTextToText.from_pretrained(str(model_dirs["llava"]))
@@ -117,10 +140,10 @@ class _Recorder(BaseStreamer):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"num_beams": 2}, "num_beams=2"),
         ({"do_sample": True, "num_return_sequences": 2}, "num_return_sequences=2"),
+        ({"num_beams": 2, "num_return_sequences": 2}, "num_return_sequences=2"),
         ({"streamer": _Recorder()}, "streamers are not supported"),
-        ({"no_repeat_ngram_size": 2}, "NoRepeatNGramLogitsProcessor"),
+        ({"bad_words_ids": [[5]]}, "NoBadWordsLogitsProcessor"),
         ({"output_scores": True, "return_dict_in_generate": True}, "output_scores not available"),
         ({"causalmm_pixels": None}, "causalmm_pixels=inputs"),
         ({"causalmm": {"gama": 1}}, "unknown config field"),

@@ -13,8 +13,11 @@ it the encoded features, not the pixels; the counterfactual branches need the pi
 tower under counterfactual attention, VCD noises the image). So the image inputs come once more, explicitly.
 
 The decoding is the engine's (:meth:`causalmm.decoding.Engine.generate_encoded`): ``generate`` only prepares the
-inputs and the generation config. What the engine does not do is refused, each with one message: beams, several
-sequences per prompt, streamers, assistant models, logits processors or stopping criteria it does not know.
+inputs and the generation config. Beam search (``num_beams``, ``length_penalty``, ``early_stopping``,
+``no_repeat_ngram_size``) is the engine's too: ``generate`` hands the function each prompt repeated once per beam,
+and the function takes one copy of each, so every method beams with its branch rows as in
+:meth:`CausalMM.generate`. What the engine does not do is refused, each with one message: several sequences per
+prompt, streamers, assistant models, logits processors or stopping criteria it does not know.
 
 :func:`generate_from_inputs` is the same for the Hub form (``custom_generate="owner/repo"``, the folder
 ``integrations/custom_generate``), which ``transformers`` calls before any input preparation.
@@ -40,8 +43,9 @@ __all__ = ["generate", "generate_from_inputs", "split_inputs"]
 #: logits processors ``generate`` builds from the options the engine applies itself (greedy or sampling with
 #: temperature, top-k, top-p, repetition penalty); any other is refused
 _KNOWN_PROCESSORS = frozenset(
-    {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "RepetitionPenaltyLogitsProcessor"}
-)
+    {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "RepetitionPenaltyLogitsProcessor",
+     "NoRepeatNGramLogitsProcessor"}
+)  # fmt: skip
 #: stopping criteria the engine applies itself (the length, the end-of-sequence tokens)
 _KNOWN_CRITERIA = frozenset({"MaxLengthCriteria", "EosTokenCriteria"})
 #: per-token or generation-state inputs that are never image inputs (the Hub form sorts its kwargs with it)
@@ -139,16 +143,15 @@ def _options(generation_config: Any, prompt_length: int) -> GenerationOptions:
         top_k=int(g.top_k) if sample and g.top_k else None,
         top_p=float(top_p) if top_p is not None else None,
         repetition_penalty=float(g.repetition_penalty) if g.repetition_penalty else 1.0,
+        num_beams=int(g.num_beams or 1),
+        length_penalty=float(g.length_penalty) if g.length_penalty is not None else 1.0,
+        early_stopping=g.early_stopping if g.early_stopping is not None else False,
+        no_repeat_ngram_size=int(g.no_repeat_ngram_size or 0),
     )
 
 
 def _check_call(generation_config: Any, logits_processor: Any, stopping_criteria: Any) -> None:
     g = generation_config
-    if (g.num_beams or 1) > 1:
-        raise _refuse(
-            f"num_beams={g.num_beams}: through model.generate the prompts arrive already expanded per beam; use "
-            "CausalMM.generate(..., num_beams=N) (every method beams there) or num_beams=1"
-        )
     if (g.num_return_sequences or 1) > 1:
         raise _refuse(
             f"num_return_sequences={g.num_return_sequences}: one sequence per prompt; repeat the prompt with other "
@@ -216,6 +219,9 @@ def generate(
         raise _refuse(str(err)) from None
     if not isinstance(config, CausalMMConfig):
         raise _refuse(f"causalmm= takes a CausalMMConfig or a dict of its fields, not {type(causalmm).__name__}")
+    beams = int(generation_config.num_beams or 1)
+    if beams > 1:  # generate repeated each prompt once per beam (repeat_interleave): one copy of each
+        input_ids, model_kwargs = _one_per_prompt(input_ids, model_kwargs, beams)
     encs = split_inputs(input_ids, model_kwargs, causalmm_pixels)
     before = _implementations(model.config)
     try:
@@ -235,10 +241,26 @@ def generate(
         new[i, : len(r.token_ids)] = torch.tensor(r.token_ids, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids, new], dim=1)
     if getattr(generation_config, "return_dict_in_generate", False):
-        from transformers.generation.utils import GenerateDecoderOnlyOutput
+        from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-        return GenerateDecoderOnlyOutput(sequences=sequences)
+        return (GenerateBeamDecoderOnlyOutput if beams > 1 else GenerateDecoderOnlyOutput)(sequences=sequences)
     return sequences
+
+
+def _one_per_prompt(input_ids: torch.Tensor, tokens: dict[str, Any], beams: int) -> tuple[torch.Tensor, dict]:
+    """Undo ``generate``'s expansion of each prompt into ``beams`` consecutive copies: the ids and every per-token
+    input (the attention mask, token type ids) keep one row per prompt; the rest is not read per row."""
+    rows = int(input_ids.shape[0])
+    if rows % beams:
+        raise _refuse(f"{rows} rows for num_beams={beams}: expected each prompt repeated once per beam")
+    first = input_ids[::beams]
+    if not torch.equal(first.repeat_interleave(beams, 0), input_ids):
+        raise _refuse(f"the {rows} rows are not each prompt repeated num_beams={beams} times; call generate directly")
+    out = {
+        k: v[::beams] if isinstance(v, torch.Tensor) and k in TOKEN_KEYS and v.dim() and v.shape[0] == rows else v
+        for k, v in tokens.items()
+    }
+    return first, out
 
 
 #: ``generate``'s own arguments, which the Hub form passes on as they are

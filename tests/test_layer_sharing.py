@@ -103,6 +103,32 @@ def test_sdpa_base_and_single_prompts_share_too(family, loaded, images):
             assert torch.allclose(g.branch_logits["combined"], w.branch_logits["combined"], atol=1e-4)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sid_shares_the_layers_up_to_its_choosing_one(family, loaded, images):
+    """SID's pruned row is its factual row up to the layer that chooses the kept image keys: those layers run once
+    (that layer's choice read from the factual row's attention), with the reference's tokens and logits."""
+    cm = loaded(family)
+    cfg = CausalMMConfig(method="sid", params={"layer": 2, "keep": 2})
+    shared = cm.with_config(cfg, share_layers=True)
+    ref = cm.with_config(cfg, share_layers=False)
+    assert shared.engine.share_low == 2 and ref.engine.share_low == 0
+    imgs = [images[0], images[1], images[2]]
+    kw = dict(max_new_tokens=5, return_branch_logits=True)
+    calls, hooks = _rows_per_layer(cm)
+    try:
+        got = shared.generate(imgs, PROMPTS[:3], **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    want = ref.generate(imgs, PROMPTS[:3], **kw)
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        for key in w.branch_logits:
+            assert torch.allclose(g.branch_logits[key], w.branch_logits[key], atol=1e-4), key
+        assert not torch.allclose(w.branch_logits["sid"], w.branch_logits["factual"], atol=1e-3)
+    assert all(c[1] < c[2] for c in calls), calls  # layers 0-1 on the factual rows only, prefill and decode
+
+
 def test_sharing_is_off_where_nothing_can_be_shared(loaded):
     cm = loaded("llava")
     # the language branch from layer 0: nothing below it

@@ -47,6 +47,9 @@ class Prune:
     keep: int
     keys: dict[int, torch.Tensor]
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: with shared lower layers (``select`` among them: the branch row computes the same as its factual row up to
+    #: there), each batch row's row in those layers' smaller batch (:attr:`RowPlan.gather`); ``None``: the same
+    source: list[int] | None = None
 
 
 @dataclass
@@ -136,13 +139,17 @@ def apply_edits(module, site: Site, state, query, key, value, attention_mask, sc
             probs = probs.mean(1) if watch.heads == "mean" else probs.amax(1)  # (rows, queries, keys)
             probs = probs[:, 0] if watch.queries == 1 else probs
             watch.seen.setdefault(site.layer, {}).update({r: probs[i] for i, r in enumerate(rows)})
-    if prune is not None and (rows := [r for r in sorted(prune.keys) if r < batch]):
-        if site.layer == prune.select:
-            scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows, last=True)
+    if prune is not None and site.layer == prune.select:
+        # each pruned row chooses from its own attention there, or, where that layer is shared, its source row's
+        at = {r: r if prune.source is None else prune.source[r] for r in sorted(prune.keys)}
+        sources = sorted({a for a in at.values() if a < batch})
+        if sources:
+            scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, sources, last=True)
             attn = _softmax(scores, allowed).mean(1)[:, 0]
-            for i, r in enumerate(rows):
-                image = image_columns(prune.keys[r].to(attn.device), nk)
-                prune.hidden[r] = image & ~least_attended(attn[i], image, prune.keep)
+            for r, a in at.items():
+                if a < batch:
+                    image = image_columns(prune.keys[r].to(attn.device), nk)
+                    prune.hidden[r] = image & ~least_attended(attn[sources.index(a)], image, prune.keep)
         # (from the next layer on, the hidden keys are masked before the call: prune_mask)
     if boost is not None and site.layer in boost.layers and (rows := [r for r in sorted(boost.keys) if r < batch]):
         scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows)

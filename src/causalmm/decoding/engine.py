@@ -44,8 +44,9 @@ class Switches:
         reuse_prefix: prefill a prompt prefix shared by several rows once and fork its KV cache, and compute the
             features of an image repeated in the batch once (where the adapter declares
             ``supports_prefix_reuse`` and the cache is plain full-attention layers).
-        share_layers: a language row and its factual row run the LLM layers below the first intervened one once
-            (where the adapter declares ``supports_layer_sharing``).
+        share_layers: a language row and its factual row run the LLM layers below the first intervened one once,
+            and so do SID's pruned row and its factual row up to SID's choosing layer (where the adapter declares
+            ``supports_layer_sharing``).
         plausible_head: in decode steps the LM head runs on the factual rows only, and counterfactual logits are
             computed on the tokens the plausibility cut keeps, the only ones the rule reads (where the adapter
             declares ``plain_lm_head``, the method reads plausible tokens only, ``epsilon > 0`` and no branch
@@ -95,7 +96,13 @@ class Engine:
         self.prefix_reuse = bool(
             switches.reuse_prefix and adapter.supports_prefix_reuse and plain and self.needs.allow_prefix_reuse
         )
-        share = switches.share_layers and adapter.supports_layer_sharing and plain and language_rule is not None
+        # the first LLM layer where a branch row computes otherwise than its factual row: the language branch's
+        # first intervened layer, or the layer after SID's choosing one (below it the pruned row is the factual)
+        if language_rule is not None:
+            share_from = min(language_rule.layers)
+        else:
+            share_from = self.needs.prune[0] + 1 if self.needs.prune is not None else 0
+        share = switches.share_layers and adapter.supports_layer_sharing and plain and share_from > 0
         head = adapter.model.get_output_embeddings()
         plain_head = (
             switches.plausible_head
@@ -108,7 +115,7 @@ class Engine:
         self.forward = Forward(
             adapter,
             language_rule,
-            share_low=min(language_rule.layers) if share else 0,
+            share_low=share_from if share else 0,
             head=head if head_ok else None,
             epsilon=config.epsilon,
             dense_head=head if dense else None,

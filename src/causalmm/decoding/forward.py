@@ -4,6 +4,7 @@ reference prefill (every row's whole prompt, left-padded) that the shared-prefix
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from typing import Any
@@ -120,6 +121,9 @@ class Forward:
                 from .needs import window_message  # needs imports this module
 
                 raise ConfigError(window_message(self.method, self.adapter, self.window, need))
+        if plan is not None and self.share_low and edits and edits.get("prune") is not None:
+            # SID's choosing layer is among the shared ones: its rows read their factual rows' attention there
+            edits = {**edits, "prune": dataclasses.replace(edits["prune"], source=plan.gather, hidden={})}
         state = Intervention(language=self.language_rule, language_rows=language_rows, **(edits or {}))
         shared = (
             share_lower_layers(self.adapter.lm_layers[: self.share_low], plan)

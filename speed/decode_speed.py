@@ -436,6 +436,7 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("pai", "engine", CausalMMConfig(method="pai")),
     ("avisc", "engine", CausalMMConfig(method="avisc")),
     ("sid", "engine", CausalMMConfig(method="sid")),
+    ("sid, no layer sharing", "unshared", CausalMMConfig(method="sid")),
     ("dola", "engine", CausalMMConfig(method="dola")),
     ("deco", "engine", CausalMMConfig(method="deco")),
     # beam search (5 beams, the CHAIR protocols' and OPERA's), each row against "regular beams 5"

@@ -92,6 +92,11 @@ def test_bad_input_is_a_message(session, toy_image, tmp_path):
             session.answer(*args, {})
     with pytest.raises(AppError, match="between 1 and 512"):
         session.answer(toy_image, QUESTION, ["regular"], {}, max_new_tokens=0)
+    # a setting this model cannot take (its LLM has 4 layers) is a message in both tabs, not a traceback
+    with pytest.raises(AppError, match="sid: layer=9 is out of range"):
+        session.answer(toy_image, QUESTION, ["sid"], {"sid": "layer=9"})
+    with pytest.raises(AppError, match="sid: layer=9 is out of range"):
+        session.explain(toy_image, QUESTION, "sid", "layer=9")
 
 
 def test_only_loopback_is_called_local():

@@ -239,8 +239,8 @@ def test_branch_margins_are_each_branchs_first_token_scores():
     tok = cm.adapter.processor.tokenizer
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     for group, branches in got.items():
-        assert set(branches) == {"factual", "V"} and branches["factual"]["n"] == 5
-        chosen = [(i, q) for i, q in enumerate(qs) if group in q.groups][:5]
+        chosen = [(i, q) for i, q in enumerate(qs) if group in q.groups][:5]  # (12 images: 4 or 5 per group)
+        assert set(branches) == {"factual", "V"} and branches["factual"]["n"] == len(chosen) >= 3
         res = cm.with_config(cfg).generate(
             [images[q.image] for _, q in chosen], [exist_question(q.object) + DEFAULT_SUFFIX for _, q in chosen],
             seeds=[3 * 1_000_003 + i for i, _ in chosen], max_new_tokens=1, return_branch_logits=True,

@@ -186,5 +186,24 @@ def test_a_bad_port_is_one_line_before_any_model_load(causalmm_cli):
     bad = causalmm_cli("app", "--port", "70000", check=False)
     assert bad.returncode == 2 and "--port 70000 must be between 1 and 65535" in bad.stderr
     assert "Traceback" not in bad.stderr and "warning" not in bad.stderr
+    for args, words in ((["--world", "nope"], "unknown toy world 'nope'"),
+                        (["--world", "vision-prior", "--model", "x"], "--world picks a shipped toy-world model")):
+        proc = causalmm_cli("app", *args, check=False)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     exposed = causalmm_cli("app", "--host", "0.0.0.0", "--port", "70000", check=False)
     assert "warning: binding 0.0.0.0" in exposed.stderr and exposed.returncode == 2
+
+
+def test_examples_are_the_chosen_worlds_test_images():
+    import numpy as np
+    from PIL import Image
+
+    from causalmm.app.ui import examples
+    from causalmm.toyworld import eval_scenes, render, vision_prior_world
+
+    config = vision_prior_world()
+    want = [np.asarray(render(config, s)) for s in eval_scenes(config, "test", 2)]
+    got = [np.asarray(Image.open(p).convert("RGB")) for p in examples(2, world="vision-prior")]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    default = [np.asarray(Image.open(p).convert("RGB")) for p in examples(2)]
+    assert not np.array_equal(default[0], got[0])

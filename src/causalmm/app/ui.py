@@ -20,11 +20,13 @@ __all__ = ["build_app", "examples", "is_loopback"]
 QUESTION = "Is there a cat in the image? Please answer this question with one word."
 
 
-def examples(n: int = 6) -> list[str]:
-    """``n`` images of the toy world's test split, written once to a temporary folder (for the example picker)."""
-    from ..toyworld import WorldConfig, eval_scenes, render
+def examples(n: int = 6, world: str = "default") -> list[str]:
+    """``n`` images of the shipped toy ``world``'s test split, written once to a temporary folder (for the example
+    picker)."""
+    from ..toyworld import eval_scenes, render
+    from ..toyworld.worlds import get_world
 
-    config = WorldConfig()
+    config = get_world(world).config
     folder = Path(tempfile.mkdtemp(prefix="causalmm-app-examples-"))
     paths = []
     for i, scene in enumerate(eval_scenes(config, "test", n)):

@@ -204,6 +204,10 @@ def app(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    world: Annotated[
+        str, typer.Option(help="Without --model: the shipped toy world whose model and examples to serve (default | "
+                          "vision-prior).")
+    ] = "default",
     attention: AttentionOpt = "sdpa",
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
@@ -230,15 +234,21 @@ def app(
         fail(f"--port {port} must be between 1 and 65535")
     toy = model is None
     if toy:
-        from ..toyworld.model import shipped_model_path
+        from ..config import ConfigError
+        from ..toyworld.worlds import shipped_model_path
 
-        model = str(shipped_model_path())
+        try:
+            model = str(shipped_model_path(world))
+        except (ConfigError, FileNotFoundError) as err:
+            fail(str(err))
+    elif world != "default":
+        fail("--world picks a shipped toy-world model: give it without --model")
     try:
         session = Session(model, base=attention, **hf_kwargs(device, dtype))
     except user_errors() as err:
         fail(str(err))
     if toy:
-        session.model_name = "the shipped toy-world model"
-    page = build_app(session, example_images=examples() if toy else None)
+        session.model_name = "the shipped toy-world model" + ("" if world == "default" else f" ({world} world)")
+    page = build_app(session, example_images=examples(world=world) if toy else None)
     console.print(f"serving {model} on http://{host}:{port} (Ctrl+C stops)", highlight=False)
     page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, quiet=True)

@@ -200,3 +200,46 @@ def test_sdpa_base_takes_the_candidate_mask(loaded, images):
         got[base] = ([r.token_ids for r in m.generate(images[:2], Q, max_new_tokens=40)],
                      [(r["prompt"], r["pos"]) for r in m.engine.search_stats["rollbacks"]])  # fmt: skip
     assert got["eager"] == got["sdpa"] and got["eager"][1]
+
+
+def test_image_key_methods_inside_a_sliding_window_equal_full_attention(generic_dirs, images, tmp_path):
+    """Gemma 3 with a window its runs stay below (64): PAI, SID and OPERA find the image keys in its sliding
+    layers' cache as in full ones, so they give what the same weights give with every layer full-attention (one
+    rope theta for both kinds, so that the layer kind is the only difference)."""
+    import json
+    import shutil
+
+    from causalmm import CausalMM
+
+    def variant(name: str, layer_types: list[str]) -> CausalMM:
+        folder = tmp_path / name
+        shutil.copytree(generic_dirs["gemma3"], folder)
+        config = json.loads((folder / "config.json").read_text())
+        text = config["text_config"]
+        theta = {"rope_theta": 10000.0, "rope_type": "default"}
+        text.update(sliding_window=64, layer_types=layer_types,
+                    rope_parameters={"full_attention": theta, "sliding_attention": dict(theta)})  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(config))
+        return CausalMM.from_pretrained(str(folder), CausalMMConfig(method="regular"), base="eager")
+
+    kinds = ["sliding_attention", "full_attention"] * 2
+    sliding, full = variant("sliding", kinds), variant("full", ["full_attention"] * 4)
+    configs = (
+        CausalMMConfig(method="pai", params={"start_layer": 0}),
+        CausalMMConfig(method="sid", params={"keep": 2}),
+        CausalMMConfig(method="opera", params=EAGER_ROLLBACK),
+    )
+    for cfg in configs:
+        a, b = sliding.with_config(cfg), full.with_config(cfg)
+        assert a.engine.needs.window == 64 and b.engine.needs.window is None
+        kw = {"max_new_tokens": 6}
+        got, want = a.generate(images[:2], Q, **kw), b.generate(images[:2], Q, **kw)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want], cfg.method
+        if cfg.method != "opera":
+            got = a.generate(images[:2], Q, **kw, return_branch_logits=True)
+            want = b.generate(images[:2], Q, **kw, return_branch_logits=True)
+            for g, w in zip(got, want, strict=True):
+                for key in w.branch_logits:
+                    assert torch.allclose(g.branch_logits[key], w.branch_logits[key], atol=1e-4), (cfg.method, key)
+        with pytest.raises(ConfigError, match="keep only the last 63 tokens"):
+            a.generate(images[:2], Q, max_new_tokens=64)

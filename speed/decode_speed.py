@@ -374,6 +374,11 @@ def mitigv_peer(cm: CausalMM, method: str) -> Any | None:
         method, model=cm.model, processor=cm.adapter.processor, model_type="llava", **MITIGV_PEERS[method]
     )
     peer._eos_token_id = lambda: None  # full length, as for our engine
+    # mitigv 0.1.7 looks for the decoder layers (PAI's and OPERA's attention edits) at its adapter's
+    # `.language_model` or `.model.language_model`; on transformers 5.24 they sit one level deeper
+    # (`model.model.language_model`), so it finds none and refuses. Point it at them; nothing else is changed.
+    if getattr(peer.model, "language_model", None) is None:
+        peer.model.language_model = cm.adapter.lm
     return peer
 
 

@@ -9,7 +9,9 @@ positions and cache unchanged), chosen again at every step from the newest token
 ``(1 + alpha) l - alpha l_sid`` on raw logits (``vcd_sample.py`` l.177-194): ``alpha = 0.5``, what runs (the
 scripts' ``--cd-alpha 1`` is not passed on, so ``vcd_sample.py``'s fallback 0.5 applies), ``beta = 0.1``. Its
 default greedy path takes the argmax before the ``beta`` cut (``epsilon=0`` reproduces that); sampling applies it.
-The official code reads LLaVA-1.5's fixed span of 576 image tokens at batch size 1; here each row's own.
+The official code reads LLaVA-1.5's fixed span of 576 image tokens at batch size 1; here each row's own. Up to
+the choosing layer the branch row is its factual row, so the engine runs those layers once for both
+(``Switches.share_layers``) and the choice reads the factual row's attention there, which is the same.
 """
 
 from __future__ import annotations

@@ -315,6 +315,11 @@ class Engine:
 
         active = list(range(len(rows)))  # rows still in the batch, in batch order
         low_rows = active if plan is None else plan.keep  # rows in the cache's shared lower layers
+        # each prompt's rows of each branch (indices into `rows`), found once rather than at every step
+        rows_of: dict[tuple[int, str], list[int]] = {}
+        for i, r in enumerate(rows):
+            if r.branch is not None:
+                rows_of.setdefault((r.prompt, r.branch.name), []).append(i)
         out_ids: list[list[int]] = [[] for _ in range(n)]
         done: list[str | None] = [None] * n
         record: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(n)]
@@ -328,7 +333,7 @@ class Engine:
                 fl = logits[where[p]]
                 cf_logits = {}
                 for b in self.branches:
-                    idx = [where[i] for i, r in enumerate(rows) if r.prompt == p and r.branch is b and i in where]
+                    idx = [where[i] for i in rows_of.get((p, b.name), ()) if i in where]
                     # Legacy: the counterfactual rows shared the factual cache after the first token.
                     cf_logits[b.name] = logits[idx].mean(0) if idx else fl
                 if fw.exits:

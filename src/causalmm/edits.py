@@ -146,10 +146,11 @@ def apply_edits(module, site: Site, state, query, key, value, attention_mask, sc
         if sources:
             scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, sources, last=True)
             attn = _softmax(scores, allowed).mean(1)[:, 0]
+            of = {a: i for i, a in enumerate(sources)}  # each source row's place in `attn`
             for r, a in at.items():
-                if a < batch:
+                if a in of:
                     image = image_columns(prune.keys[r].to(attn.device), nk)
-                    prune.hidden[r] = image & ~least_attended(attn[sources.index(a)], image, prune.keep)
+                    prune.hidden[r] = image & ~least_attended(attn[of[a]], image, prune.keep)
         # (from the next layer on, the hidden keys are masked before the call: prune_mask)
     if boost is not None and site.layer in boost.layers and (rows := [r for r in sorted(boost.keys) if r < batch]):
         scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows)

@@ -21,7 +21,7 @@ from .head import dense_logits, head_on_rows, plausible_logits
 from .rows import Row, RowLayout
 from .sharing import RowPlan, share_lower_layers
 
-__all__ = ["TOKEN_KEYS", "Forward", "Prefill", "cache_kwargs", "extra_inputs"]
+__all__ = ["TOKEN_KEYS", "Forward", "Prefill", "cache_kwargs", "extra_inputs", "window_message"]
 
 #: the per-token inputs of a prompt (ids, mask and the token types some families take)
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -56,6 +56,16 @@ def _cache_kwarg(model_cls: type) -> str:
 def extra_inputs(batch: dict[str, torch.Tensor], lo: int = 0) -> dict[str, torch.Tensor]:
     """The per-token inputs besides the ids that a forward takes (token type ids), from column ``lo`` on."""
     return {k: v[:, lo:] for k, v in batch.items() if k in ("token_type_ids", "mm_token_type_ids")}
+
+
+def window_message(method: str, adapter: Adapter, window: int, need: int) -> str:
+    """Why a run that needs ``need`` cache columns cannot run ``method`` under a sliding ``window``, and the fix."""
+    return (
+        f"{method} finds the image keys by their place in the KV cache, and {type(adapter.model).__name__}'s "
+        f"sliding-window layers keep only the last {window - 1} tokens, while this run needs {need} (the padded "
+        "prompt, the answer tokens and any re-encoded ones); shorten the prompt or max_new_tokens, or use a model "
+        "whose LLM attends to its whole context"
+    )
 
 
 class Forward:
@@ -118,8 +128,6 @@ class Forward:
         if self.window is not None:
             need = cache.get_seq_length() + inputs["input_ids"].shape[1]
             if need > self.window - 1:  # OPERA's rollbacks re-encode answer tokens: checked here, as it happens
-                from .needs import window_message  # needs imports this module
-
                 raise ConfigError(window_message(self.method, self.adapter, self.window, need))
         if plan is not None and self.share_low and edits and edits.get("prune") is not None:
             # SID's choosing layer is among the shared ones: its rows read their factual rows' attention there

@@ -16,7 +16,7 @@ from ..adapters import Adapter
 from ..config import CausalMMConfig, ConfigError
 from ..edits import Boost, Prune, Watch
 from ..methods.base import Branch, Method  # the submodule: the methods package imports the rule from decoding
-from .forward import TOKEN_KEYS, Forward, extra_inputs
+from .forward import TOKEN_KEYS, Forward, extra_inputs, window_message
 from .rows import Row, RowLayout
 
 __all__ = ["MethodNeeds", "same_token_keys", "sliding_window"]
@@ -155,16 +155,6 @@ def sliding_window(adapter: Adapter) -> int | None:
         return None
     windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
     return min(windows) if windows else None
-
-
-def window_message(method: str, adapter: Adapter, window: int, need: int) -> str:
-    """Why a run that needs ``need`` cache columns cannot run ``method`` under a sliding ``window``, and the fix."""
-    return (
-        f"{method} finds the image keys by their place in the KV cache, and {type(adapter.model).__name__}'s "
-        f"sliding-window layers keep only the last {window - 1} tokens, while this run needs {need} (the padded "
-        "prompt, the answer tokens and any re-encoded ones); shorten the prompt or max_new_tokens, or use a model "
-        "whose LLM attends to its whole context"
-    )
 
 
 def plain_cache(adapter: Adapter) -> bool:

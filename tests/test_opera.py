@@ -232,12 +232,10 @@ def test_image_key_methods_inside_a_sliding_window_equal_full_attention(generic_
     for cfg in configs:
         a, b = sliding.with_config(cfg), full.with_config(cfg)
         assert a.engine.needs.window == 64 and b.engine.needs.window is None
-        kw = {"max_new_tokens": 6}
+        kw = {"max_new_tokens": 6, "return_branch_logits": cfg.method != "opera"}  # (OPERA records none)
         got, want = a.generate(images[:2], Q, **kw), b.generate(images[:2], Q, **kw)
         assert [r.token_ids for r in got] == [r.token_ids for r in want], cfg.method
         if cfg.method != "opera":
-            got = a.generate(images[:2], Q, **kw, return_branch_logits=True)
-            want = b.generate(images[:2], Q, **kw, return_branch_logits=True)
             for g, w in zip(got, want, strict=True):
                 for key in w.branch_logits:
                     assert torch.allclose(g.branch_logits[key], w.branch_logits[key], atol=1e-4), (cfg.method, key)

@@ -10,7 +10,7 @@ import torch
 from causalmm import CausalMMConfig, ConfigError
 from causalmm.adapters import UnsupportedModelError
 from causalmm.attention import Intervention, Site, intervene
-from causalmm.edits import Boost, apply_edits
+from causalmm.edits import Boost, boosted_attention
 from causalmm.methods import get_method
 from causalmm.methods.icd import PREFIXES, instruction
 from causalmm.methods.m3id import m3id_scores
@@ -77,21 +77,32 @@ def test_pai_rule_on_log_probabilities():
 
 def test_pai_boost_edits_the_last_querys_image_scores_before_the_softmax():
     g = torch.Generator().manual_seed(0)
-    b, h, q, k, d = 2, 2, 3, 5, 4
+    b, h, q, k, d = 3, 2, 3, 5, 4
     query, key, value = (torch.randn(b, h, n, d, generator=g) for n in (q, k, k))
     module = torch.nn.Module()
     module.is_causal = True
-    image = torch.tensor([False, True, True, False, False])
-    boost = Boost(0.5, frozenset({0}), {1: image})
-    base_out = torch.zeros(b, q, h, d)
-    state = Intervention(boost=boost)
-    out, _ = apply_edits(module, Site("language", 0), state, query, key, value, None, None, {}, base_out, None)
-    assert torch.equal(out[0], base_out[0])  # a row the boost does not name is left as the base computed it
-    scores = query[1] @ key[1].transpose(-1, -2) * d**-0.5
+    image = {0: torch.tensor([False, True, True, False]), 2: torch.tensor([True, False, False, True])}
+    boost = Boost(0.5, frozenset({0}), image)
+    assert boost.rows(0, b) == [0, 2] and boost.rows(1, b) == [] and boost.rows(0, 2) == [0]
+
+    def base(module, query, key, value, mask, scaling=None, dropout=0.0, **kw):
+        seen.append(query.shape[0])
+        return torch.full((query.shape[0], q, h, d), 7.0), torch.full((query.shape[0], h, q, k), 9.0)
+
+    seen = []
+    out, weights = boosted_attention(module, boost, [0, 2], base, query, key, value, None, None, 0.0, {})
+    assert seen == [1] and (out[1] == 7.0).all() and (weights[1] == 9.0).all()  # the other row: the base's alone
     causal = torch.ones(q, k).tril(k - q).bool()
-    scores[:, -1, image] += 0.5 * scores[:, -1, image].abs()  # only the last query, only the image keys
-    want = torch.softmax(scores.masked_fill(~causal, -math.inf), -1) @ value[1]
-    assert torch.allclose(out[1], want.transpose(0, 1), atol=1e-6)
+    for r in (0, 2):
+        scores = query[r] @ key[r].transpose(-1, -2) * d**-0.5
+        cols = torch.cat([image[r], torch.tensor([False])])  # a key past the prompt's layout is no image key
+        scores[:, -1, cols] += 0.5 * scores[:, -1, cols].abs()  # only the last query, only the image keys
+        probs = torch.softmax(scores.masked_fill(~causal, -math.inf), -1)
+        assert torch.allclose(out[r], (probs @ value[r]).transpose(0, 1), atol=1e-6)
+        assert torch.allclose(weights[r], probs, atol=1e-6)
+    # every row boosted: the base is not called
+    alone, _ = boosted_attention(module, boost, [0], base, query[:1], key[:1], value[:1], None, None, 0.0, {})
+    assert seen == [1] and torch.equal(alone, out[:1])
 
 
 def test_own_parameters_are_checked():

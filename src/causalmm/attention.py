@@ -268,24 +268,38 @@ def causalmm_attention(module, query, key, value, attention_mask, scaling=None, 
     (:mod:`causalmm.edits`) where the context asks."""
     state = active()
     site = getattr(module, SITE_ATTR, None)
-    language = site is not None and site.kind == "language"
-    if language and state is not None and state.prune is not None:
+    language = state is not None and site is not None and site.kind == "language"
+    if language and state.prune is not None:
         from .edits import prune_mask  # imports this module's helpers
 
         attention_mask = prune_mask(module, state.prune, site, query, key, attention_mask, kwargs)
-    out = _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    if state is not None and (state.boost or state.prune or state.watch):
-        if language:
-            from .edits import apply_edits  # imports this module's helpers
+    boosted = state.boost.rows(site.layer, query.shape[0]) if language and state.boost is not None else []
+    if boosted:
+        from .edits import boosted_attention  # imports this module's helpers
 
-            return apply_edits(module, site, state, query, key, value, attention_mask, scaling, kwargs, *out)
+        if state.language is not None and state.language_rows:
+            raise ValueError("PAI's boost and a counterfactual LLM branch cannot share a forward")
+        out = boosted_attention(
+            module, state.boost, boosted, _base(module), query, key, value, attention_mask, scaling, dropout, kwargs
+        )
+    else:
+        out = _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if language and (state.prune or state.watch):
+        from .edits import apply_edits  # imports this module's helpers
+
+        return apply_edits(module, site, state, query, key, attention_mask, scaling, kwargs, *out)
     return out
+
+
+def _base(module) -> Callable:
+    """The base implementation the module's attention goes to (sdpa, or the model file's own eager)."""
+    base_name = module.config._attn_implementation.removeprefix("causalmm_")
+    return sdpa_attention_forward if base_name == "sdpa" else _eager_for(module)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Stock attention, with ``do(A = a~)`` on the rows the active intervention selects."""
-    base_name = module.config._attn_implementation.removeprefix("causalmm_")
-    base = sdpa_attention_forward if base_name == "sdpa" else _eager_for(module)
+    base = _base(module)
     state = active()
     rule, rows = (None, []) if state is None else state.rows_for(module, query.shape[0], query.shape[2])
     rows = [(r, g) for r, g in rows if 0 <= r < query.shape[0]]

@@ -7,11 +7,12 @@ the batch rows an :class:`~causalmm.attention.Intervention` names, after the sto
 - :class:`Watch` (AvisC, OPERA): the newest queries' attention, averaged or maximised over heads, recorded in the
   layers it names (no edit).
 
-An edited row is recomputed as eager attention in float32 and spliced back; every other row keeps exactly what
-the base implementation computed. SID's hidden keys are the exception: from its layer on they are masked in the
-call's own attention mask (:func:`prune_mask`), so the base computes those rows once, with no recompute. Image
-keys are given per row as a boolean mask over the cache's first columns (the prompt's layout); a column beyond it
-(a generated token) is not an image key.
+Each edited row is computed once. PAI's boosted rows are computed here, as eager attention in float32, and the
+base implementation computes only the other rows (:func:`boosted_attention`); SID's hidden keys are masked in the
+call's own attention mask from its layer on (:func:`prune_mask`), so the base computes those rows itself. A row no
+edit names keeps exactly what the base computes for it. The watch reads the attention after the call and changes
+nothing. Image keys are given per row as a boolean mask over the cache's first columns (the prompt's layout); a
+column beyond it (a generated token) is not an image key.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from .attention import Site, _allowed, _repeat
 from .interventions import boost_scores, least_attended
 
-__all__ = ["Boost", "Prune", "Watch", "apply_edits", "image_columns", "prune_mask"]
+__all__ = ["Boost", "Prune", "Watch", "apply_edits", "boosted_attention", "image_columns", "prune_mask"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,21 @@ class Boost:
     alpha: float
     layers: frozenset[int]
     keys: dict[int, torch.Tensor]
+    #: the stacked image-key masks of one forward, by (rows, key count, device): every layer of a forward asks for
+    #: the same, so they are built once
+    _columns: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def rows(self, layer: int, batch: int) -> list[int]:
+        """The rows of a ``batch``-row call in ``layer`` that the boost edits (sorted; empty: none)."""
+        return [r for r in sorted(self.keys) if r < batch] if layer in self.layers else []
+
+    def columns(self, rows: list[int], n: int, device: torch.device) -> torch.Tensor:
+        """``rows``' image-key masks over ``n`` key columns, ``(len(rows), 1, 1, n)``."""
+        key = (tuple(rows), n, device)
+        if key not in self._columns:
+            masks = [image_columns(self.keys[r].to(device), n) for r in rows]
+            self._columns[key] = torch.stack(masks)[:, None, None, :]
+        return self._columns[key]
 
 
 @dataclass
@@ -88,17 +104,6 @@ def _scores(module, query, key, attention_mask, scaling, kwargs, rows: list[int]
     return scores, allowed.expand_as(scores)
 
 
-def _splice(out, weights, value, query, rows, probs):
-    idx = torch.tensor(rows, device=out.device)
-    new = torch.matmul(probs.to(value.dtype), _repeat(value[idx], query.shape[1])).transpose(1, 2)
-    out = out.clone()
-    out[idx] = new.to(out.dtype)
-    if weights is not None:
-        weights = weights.clone()
-        weights[idx] = probs.to(weights.dtype)
-    return out, weights
-
-
 def _softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
 
@@ -126,10 +131,11 @@ def prune_mask(module, prune: Prune, site: Site, query, key, attention_mask, kwa
     return allowed
 
 
-def apply_edits(module, site: Site, state, query, key, value, attention_mask, scaling, kwargs, out, weights):
-    """``(out, weights)`` of one LLM attention call with the active edits applied (see the module docstring)."""
+def apply_edits(module, site: Site, state, query, key, attention_mask, scaling, kwargs, out, weights):
+    """``(out, weights)`` of one LLM attention call after the base computed it: the watch records, SID's layer
+    chooses its hidden keys (see the module docstring; the boost is :func:`boosted_attention`, in place of the base)."""
     batch, nk = query.shape[0], key.shape[2]
-    watch, prune, boost = state.watch, state.prune, state.boost
+    watch, prune = state.watch, state.prune
     if watch is not None and (watch.layers is None or site.layer in watch.layers):
         rows = [r for r in watch.rows if r < batch]
         if rows:
@@ -152,9 +158,59 @@ def apply_edits(module, site: Site, state, query, key, value, attention_mask, sc
                     image = image_columns(prune.keys[r].to(attn.device), nk)
                     prune.hidden[r] = image & ~least_attended(attn[of[a]], image, prune.keep)
         # (from the next layer on, the hidden keys are masked before the call: prune_mask)
-    if boost is not None and site.layer in boost.layers and (rows := [r for r in sorted(boost.keys) if r < batch]):
-        scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows)
-        image = torch.stack([image_columns(boost.keys[r].to(scores.device), nk) for r in rows])
-        scores[:, :, -1, :] = boost_scores(scores[:, :, -1, :], image[:, None, :], boost.alpha)
-        out, weights = _splice(out, weights, value, query, rows, _softmax(scores, allowed))
+    return out, weights
+
+
+def _take(x: torch.Tensor | None, rows: list[int], batch: int) -> torch.Tensor | None:
+    """``x``'s batch rows ``rows`` (a view where they are consecutive); a tensor broadcast over the batch (first
+    dimension 1) or ``None`` as it is."""
+    if x is None or x.shape[0] != batch:
+        return x
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0] : rows[0] + len(rows)]
+    return x[torch.tensor(rows, device=x.device)]
+
+
+def _put(parts: list[tuple[list[int], torch.Tensor | None]], batch: int) -> torch.Tensor | None:
+    """One tensor of ``batch`` rows from ``(rows, values)`` parts that cover the batch between them."""
+    if any(v is None for _, v in parts):
+        return None
+    (first, a), (second, b) = parts
+    if first == list(range(len(first))):  # the edited rows lead the batch: the usual layout
+        return torch.cat([a, b.to(a.dtype)])
+    out = a.new_empty((batch, *a.shape[1:]))
+    out[torch.tensor(first, device=a.device)] = a
+    out[torch.tensor(second, device=a.device)] = b.to(a.dtype)
+    return out
+
+
+def boosted_attention(module, boost: Boost, rows: list[int], base, query, key, value, attention_mask, scaling,
+                      dropout, kwargs):  # fmt: skip
+    """``(out, weights)`` of one LLM attention call in which ``rows`` carry PAI's boost: those rows computed here
+    (eager, float32, the last query's image scores raised before the softmax), the other rows by ``base`` alone,
+    so no row is computed twice and the others get exactly what ``base`` gives them."""
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{type(module).__name__} uses attention sinks, which PAI's edit does not support")
+    batch, nk = query.shape[0], key.shape[2]
+    allowed = _allowed(module, attention_mask, query, key, kwargs.get("is_causal"))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k = _take(query, rows, batch).float(), _repeat(_take(key, rows, batch), query.shape[1]).float()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if kwargs.get("softcap") is not None:
+        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+    last = scores[:, :, -1:, :]  # a view: the edit writes into ``scores``
+    last.copy_(boost_scores(last, boost.columns(rows, nk, scores.device), boost.alpha))
+    probs = _softmax(scores, _take(allowed, rows, batch))
+    v = _repeat(_take(value, rows, batch), query.shape[1])
+    mine = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).to(query.dtype)
+    others = [r for r in range(batch) if r not in set(rows)]
+    if not others:
+        return mine.contiguous(), probs.to(query.dtype)
+    theirs, weights = base(
+        module, _take(query, others, batch), _take(key, others, batch), _take(value, others, batch),
+        _take(attention_mask, others, batch), scaling=scaling, dropout=dropout, **kwargs,
+    )  # fmt: skip
+    out = _put([(rows, mine), (others, theirs)], batch)
+    if weights is not None:
+        weights = _put([(rows, probs.to(weights.dtype)), (others, weights)], batch)
     return out, weights

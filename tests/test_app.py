@@ -100,7 +100,7 @@ def test_bad_input_is_a_message(session, toy_image, tmp_path):
 
 
 def test_only_loopback_is_called_local():
-    from causalmm.app.ui import is_loopback
+    from causalmm.cli.common import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
@@ -182,7 +182,7 @@ def test_the_app_in_a_browser_answers_as_the_api(served, browser, toy_image, tmp
 
 
 def test_a_bad_port_is_one_line_before_any_model_load(causalmm_cli):
-    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'causalmm[app]')")
+    """Bad settings are refused before gradio is imported or a model loaded (with or without gradio)."""
     bad = causalmm_cli("app", "--port", "70000", check=False)
     assert bad.returncode == 2 and "--port 70000 must be between 1 and 65535" in bad.stderr
     assert "Traceback" not in bad.stderr and "warning" not in bad.stderr

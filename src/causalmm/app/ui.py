@@ -7,14 +7,13 @@ server nor shows a traceback.
 
 from __future__ import annotations
 
-import ipaddress
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .session import AppError, Session, default_settings
 
-__all__ = ["build_app", "examples", "is_loopback"]
+__all__ = ["build_app", "examples"]
 
 #: the question the page opens with (the toy world's POPE question)
 QUESTION = "Is there a cat in the image? Please answer this question with one word."
@@ -34,15 +33,6 @@ def examples(n: int = 6, world: str = "default") -> list[str]:
         render(config, scene).save(path)
         paths.append(str(path))
     return paths
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def build_app(session: Session, *, example_images: list[str] | None = None) -> Any:

@@ -89,8 +89,9 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # keep stderr for our own one-line errors
     try:
         app()
-    except (*user_errors(), OSError) as err:
-        line = str(err) if not isinstance(err, OSError) else user_os_error(err)
+    except Exception as err:  # not SystemExit, which ends every run: the user errors' modules load only on an error
+        user = isinstance(err, user_errors())
+        line = str(err) if user else user_os_error(err)
         if line is None:
             raise
         console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)

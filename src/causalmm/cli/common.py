@@ -31,6 +31,18 @@ def user_errors():
     return (InputError, ConfigError, UnsupportedModelError)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (a server bound there is reachable from this machine only)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def attention_flag(value: str) -> str:
     """``--attention`` checked as the command line is read, so a typo fails before any model is loaded."""
     from ..attention import BASES

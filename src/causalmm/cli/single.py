@@ -32,6 +32,7 @@ from .common import (
     decoding_options,
     fail,
     hf_kwargs,
+    is_loopback,
     search,
     user_errors,
 )
@@ -216,14 +217,6 @@ def app(
     `pip install 'causalmm[app]'`)."""
     import os
 
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the app talks to nobody
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        fail("the app needs gradio: pip install 'causalmm[app]'")
-    from ..app import Session
-    from ..app.ui import build_app, examples, is_loopback
-
     if not is_loopback(host):
         console.print(
             f"[bold yellow]warning:[/] binding {host}: anyone who can reach this machine can use the app and its "
@@ -243,6 +236,15 @@ def app(
             fail(str(err))
     elif world != "default":
         fail("--world picks a shipped toy-world model: give it without --model")
+    # the settings are checked above, before gradio's import (seconds), so a typo fails at once
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the app talks to nobody
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        fail("the app needs gradio: pip install 'causalmm[app]'")
+    from ..app import Session
+    from ..app.ui import build_app, examples
+
     try:
         session = Session(model, base=attention, **hf_kwargs(device, dtype))
     except user_errors() as err:

@@ -268,3 +268,18 @@ def test_user_os_error_lines_name_the_path_and_leave_bugs_alone():
     assert user_os_error(OSError(errno.EIO, "Input/output error", "/x")) is None  # not the user's doing
     assert user_os_error(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None  # commands name those
     assert user_os_error(RuntimeError("a bug")) is None
+
+
+def test_help_and_a_missing_option_load_no_model_code():
+    """``causalmm --help`` and an incomplete command line end without importing torch: the safety net's error
+    types load only when an exception reaches it (SystemExit, which ends every run, is not one)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom causalmm.cli import main\nsys.argv = ['causalmm', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n"
+    )
+    for args, code in ((["--help"], 0), (["generate", "--prompt", "x"], 2)):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert proc.stdout.splitlines()[-1] == f"exit {code} False", (args, proc.stdout[-500:], proc.stderr[-500:])

@@ -8,11 +8,12 @@
 """
 
 from .render import render
+from .scenes import Item, Scene, sample_scene
 from .splits import chair_categories, eval_scenes, pope_questions, vlind_instances, write_splits
 from .statistics import TrainStatistics, ask_probabilities, train_statistics
 from .stream import TrainSample, Turn, train_sample, train_samples
 from .texts import caption, split_words, vocabulary
-from .world import SPECIAL_TOKENS, Item, Scene, WorldConfig, sample_scene, vision_prior_world
+from .world import SPECIAL_TOKENS, WorldConfig, vision_prior_world
 
 __all__ = [
     "SPECIAL_TOKENS",

@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import COLOURS, CUES, Item, Scene, WorldConfig, parts_of
+from .scenes import Item, Scene
+from .world import COLOURS, CUES, WorldConfig, parts_of
 
 __all__ = ["render"]
 

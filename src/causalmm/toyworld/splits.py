@@ -35,6 +35,7 @@ from typing import Any
 
 from ..benchmarks.coco_objects import OBJECT_OF_WORD, caption_objects
 from .render import render
+from .scenes import Scene, sample_scene
 from .statistics import ask_probabilities, train_statistics
 from .texts import (
     article,
@@ -48,7 +49,7 @@ from .texts import (
     plural,
     vocabulary,
 )
-from .world import Scene, WorldConfig, make_rng, sample_scene
+from .world import WorldConfig, make_rng
 
 __all__ = [
     "chair_categories",

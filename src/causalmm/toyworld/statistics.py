@@ -7,7 +7,8 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .world import WorldConfig, sample_scene
+from .scenes import sample_scene
+from .world import WorldConfig
 
 __all__ = ["TrainStatistics", "ask_probabilities", "train_statistics"]
 

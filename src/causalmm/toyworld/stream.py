@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .render import render
+from .scenes import Scene, sample_scene
 from .statistics import ask_probabilities
 from .texts import (
     CAPTION_PROMPT,
@@ -28,7 +29,7 @@ from .texts import (
     exist_statement,
     statement_prompt,
 )
-from .world import _TEXT, NUMBER_WORDS, Scene, WorldConfig, make_rng, sample_scene
+from .world import _TEXT, NUMBER_WORDS, WorldConfig, make_rng
 
 __all__ = ["TrainSample", "Turn", "train_sample", "train_samples"]
 

@@ -8,7 +8,8 @@ import re
 from ..benchmarks.chair import DEFAULT_PROMPT as CAPTION_PROMPT
 from ..benchmarks.pope import DEFAULT_SUFFIX as ONE_WORD_SUFFIX
 from ..benchmarks.vlind_prompts import prompt_gpt4o, prompt_instructblip
-from .world import NUMBER_WORDS, SPECIAL_TOKENS, Scene, WorldConfig
+from .scenes import Scene
+from .world import NUMBER_WORDS, SPECIAL_TOKENS, WorldConfig
 
 __all__ = [
     "CAPTION_PROMPT",

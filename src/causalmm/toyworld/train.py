@@ -30,8 +30,9 @@ from transformers import LlavaForConditionalGeneration
 from ..loading import save_quietly
 from .model import ModelSize, build_config, build_processor, build_tokenizer, describe, generation_config, image_tokens
 from .render import render
+from .scenes import sample_scene
 from .stream import TrainSample, train_sample
-from .world import WorldConfig, sample_scene
+from .world import WorldConfig
 
 __all__ = ["TrainConfig", "Batch", "collate", "train"]
 

@@ -22,12 +22,21 @@ __all__ = [
     "image_list",
     "prompt_list",
     "seed_list",
+    "user_errors",
     "write_failed",
 ]
 
 
 class InputError(ValueError):
     """Bad user input (image, prompt, model path); the message says what and how to fix it."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors whose message is for the user (bad input, a bad setting, a model the engine cannot run): the CLI
+    and the app show them as one line, where any other exception is a bug."""
+    from .adapters import UnsupportedModelError  # the adapters import this module
+
+    return (InputError, ConfigError, UnsupportedModelError)
 
 
 def prompt_list(prompts: Any) -> list[str]:

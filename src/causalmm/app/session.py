@@ -126,9 +126,7 @@ class Session:
     ) -> list[Answer]:
         """Each ticked method's answer, with its wall time (the same as ``CausalMM.generate`` with that
         config and seed)."""
-        from ..adapters import UnsupportedModelError
-        from ..config import ConfigError
-        from ..inputs import InputError
+        from ..inputs import user_errors
         from ..methods import get_method
 
         pil = self._check(image, question)
@@ -145,7 +143,7 @@ class Session:
             start = time.perf_counter()
             try:
                 result = self.cm.with_config(config).generate(pil, question, **generation)
-            except (InputError, ConfigError, UnsupportedModelError) as err:
+            except user_errors() as err:
                 raise AppError(f"{method}: {err}") from None
             shown = config.to_dict() | config.params
             text = " ".join(f"{p.field}={shown.get(p.field)}" for p in get_method(method).params)
@@ -157,10 +155,8 @@ class Session:
     ) -> tuple[list[str], list[list[str]], Path]:
         """The per-token table of ``causalmm explain`` for ``method`` and the attention figure of ``causalmm
         visualize`` (a PNG in a temporary folder)."""
-        from ..adapters import UnsupportedModelError
-        from ..config import ConfigError
         from ..explain import explain as run_explain
-        from ..inputs import InputError
+        from ..inputs import user_errors
         from ..visualize import visualize as draw
 
         pil = self._check(image, question)
@@ -170,7 +166,7 @@ class Session:
             ex = run_explain(cm, pil, question, max_new_tokens=int(max_new_tokens), seed=seed)
             folder = Path(tempfile.mkdtemp(prefix="causalmm-app-"))
             figure = draw(cm, pil, question, seed=seed, out=folder / "attention.png")
-        except (InputError, ConfigError, UnsupportedModelError) as err:
+        except user_errors() as err:
             raise AppError(f"{method}: {err}") from None
         head, rows = ex.rows()
         return head, rows, figure

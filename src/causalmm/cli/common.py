@@ -23,12 +23,11 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def user_errors():
-    from ..adapters import UnsupportedModelError
-    from ..config import ConfigError
-    from ..inputs import InputError
+def user_errors() -> tuple[type[Exception], ...]:
+    """:func:`causalmm.inputs.user_errors`, imported when first asked for (it loads torch)."""
+    from ..inputs import user_errors as errors
 
-    return (InputError, ConfigError, UnsupportedModelError)
+    return errors()
 
 
 def is_loopback(host: str) -> bool:

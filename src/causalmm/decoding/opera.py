@@ -104,9 +104,10 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
     beams = searches(engine, opts, n, nb)
     history, stops = HistoryProcessors(opts), stop_rule(engine, opts)
 
-    # per prompt: each beam's attention rows over the answer (row i: token i's query on answer tokens 0..i), the
-    # cache columns of its answer tokens, each beam slot's peak columns, rollbacks per position, bans, snapshots
-    attn: list[list[list[torch.Tensor]]] = [[[] for _ in range(nb)] for _ in range(n)]
+    # per prompt: its beams' attention over the answer, (beams, k, k) for k answer tokens (row i: token i's query
+    # on answer tokens 0..i, zeros after; never written in place, so a snapshot keeps the tensor), the cache columns
+    # of its answer tokens, each beam slot's peak columns, rollbacks per position, bans, snapshots
+    attn = [logits.new_zeros(nb, 0, 0, dtype=torch.float32) for _ in range(n)]
     cols: list[list[int]] = [[] for _ in range(n)]
     peaks: list[list[list[int]]] = [[[] for _ in range(nb)] for _ in range(n)]
     used: list[dict[int, int]] = [{} for _ in range(n)]
@@ -133,10 +134,8 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
             answer = torch.tensor(cols[p], dtype=torch.long, device=seen.device)
             own = length + torch.arange(n_cand, device=seen.device)
             # each beam's window: its answer rows, then each candidate's row (on the answer and on itself)
-            window = torch.zeros(nb, n_cand, k + 1, k + 1, device=seen.device)
-            for b in range(nb):
-                for i, row in enumerate(attn[p][b]):
-                    window[b, :, i, : i + 1] = row
+            window = seen.new_zeros(nb, n_cand, k + 1, k + 1)
+            window[:, :, :k, :k] = attn[p][:, None]
             cand_rows = seen[idx][:, :, answer] if k else seen.new_zeros(nb, n_cand, 0)
             window[:, :, k, :k] = cand_rows
             window[:, :, k, k] = seen[idx][:, torch.arange(n_cand), own]
@@ -147,7 +146,7 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
             loc = int(beam_peak.mode().values)
             for b in range(nb):
                 peaks[p][b].append(int(beam_peak[b]))
-            snaps[p][k] = {"state": copy.deepcopy(st), "attn": [list(r) for r in attn[p]], "chosen": None}
+            snaps[p][k] = {"state": copy.deepcopy(st), "attn": attn[p], "chosen": None}
             for old in [s for s in snaps[p] if s < k - 512]:
                 del snaps[p][old]
             pos = rollback_position(peaks[p], loc, threshold, used[p], n_cand, k + 1)
@@ -182,7 +181,7 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
         # the beams' rows take their parents' caches and attention rows, then finished prompts leave
         source = {i: i for i in active}
         for p, parents in parents_of.items():
-            attn[p] = [list(attn[p][parent]) for parent in parents]
+            attn[p] = attn[p][parents]
             for b in range(nb):
                 source[p * nb + b] = p * nb + parents[b]
         if any(source[i] != i for i in active):
@@ -205,8 +204,11 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
         for p in {i // nb for i in active}:
             cols[p].append(column)
             answer = torch.tensor(cols[p], device=seen.device)
-            for b in range(nb):
-                attn[p][b].append(seen[active.index(p * nb + b)][answer])
+            k = attn[p].shape[1]
+            grown = seen.new_zeros(nb, k + 1, k + 1)
+            grown[:, :k, :k] = attn[p]
+            grown[:, k] = seen[[active.index(p * nb + b) for b in range(nb)]][:, answer]
+            attn[p] = grown
 
     return search_results(engine, beams, opts, seeds)
 
@@ -226,7 +228,7 @@ def _roll_back(fw, rollback, beams, attn, cols, peaks, bans, snaps, nb, where, a
     for p, pos in rollback.items():
         snap = snaps[p][pos]
         beams[p] = copy.deepcopy(snap["state"])
-        attn[p] = [list(r) for r in snap["attn"]]
+        attn[p] = snap["attn"]
         bans[p].setdefault(pos, []).extend(snap["chosen"])
         for later in [q for q in bans[p] if q > pos]:
             del bans[p][later]

@@ -17,12 +17,13 @@ get masked padding there, so every prompt keeps its own position in the batch.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 
 from ..edits import Watch, image_columns
 from ..methods.opera import opera_penalty, rollback_position
-from .beams import choose, reorder_cache_rows, search_results, searches, stop_rule
+from .beams import BeamState, choose, reorder_cache_rows, search_results, searches, stop_rule
 from .head import head_on_rows
 from .rows import Row
 from .rule import GenerationOptions, HistoryProcessors
@@ -32,6 +33,41 @@ __all__ = ["candidate_attention", "opera_decode"]
 
 #: the score of a token OPERA does not consider (the official filler)
 _OUT = -999.0
+
+
+@dataclass
+class _Track:
+    """One prompt's record beside its beam search: its beams' attention over the answer, ``(beams, k, k)`` for k
+    answer tokens (row i: token i's query on answer tokens 0..i, zeros after; never written in place, so a
+    snapshot keeps the tensor), each beam slot's peak column per answer position, the cache columns of its answer
+    tokens, the rollbacks tried per position, the continuations banned per position, and the snapshots to roll
+    back to (the search, the attention and the continuations chosen, per answer length)."""
+
+    attn: torch.Tensor
+    peaks: list[list[int]]
+    cols: list[int] = field(default_factory=list)
+    used: dict[int, int] = field(default_factory=dict)
+    bans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    snaps: dict[int, dict] = field(default_factory=dict)
+
+    def snapshot(self, k: int, search: BeamState) -> None:
+        """Keep the state before answer token ``k`` (the official code keeps the last 512)."""
+        self.snaps[k] = {"state": copy.deepcopy(search), "attn": self.attn, "chosen": None}
+        for old in [s for s in self.snaps if s < k - 512]:
+            del self.snaps[old]
+
+    def restore(self, pos: int) -> BeamState:
+        """Back to the state before answer token ``pos``: the attention and peaks as they were there, the
+        continuations chosen there banned, later bans and snapshots dropped; returns the search as it was."""
+        snap = self.snaps[pos]
+        self.attn = snap["attn"]
+        self.bans.setdefault(pos, []).extend(snap["chosen"])
+        for later in [q for q in self.bans if q > pos]:
+            del self.bans[later]
+        for q in [q for q in self.snaps if q > pos]:
+            del self.snaps[q]
+        self.peaks = [h[: pos + 1] for h in self.peaks]
+        return copy.deepcopy(snap["state"])
 
 
 def _watch(rows: int, layer: int, queries: int) -> Watch:
@@ -104,15 +140,7 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
     beams = searches(engine, opts, n, nb)
     history, stops = HistoryProcessors(opts), stop_rule(engine, opts)
 
-    # per prompt: its beams' attention over the answer, (beams, k, k) for k answer tokens (row i: token i's query
-    # on answer tokens 0..i, zeros after; never written in place, so a snapshot keeps the tensor), the cache columns
-    # of its answer tokens, each beam slot's peak columns, rollbacks per position, bans, snapshots
-    attn = [logits.new_zeros(nb, 0, 0, dtype=torch.float32) for _ in range(n)]
-    cols: list[list[int]] = [[] for _ in range(n)]
-    peaks: list[list[list[int]]] = [[[] for _ in range(nb)] for _ in range(n)]
-    used: list[dict[int, int]] = [{} for _ in range(n)]
-    bans: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(n)]
-    snaps: list[dict[int, dict]] = [{} for _ in range(n)]
+    tracks = [_Track(logits.new_zeros(nb, 0, 0, dtype=torch.float32), [[] for _ in range(nb)]) for _ in range(n)]
     active = list(range(len(rows)))  # rows in the batch, in batch order
     vocab = logits.shape[-1]
     #: what the search did (diagnostics, tests): each rollback's prompt, step, position, kept tokens and logits
@@ -129,13 +157,13 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
         rollback: dict[int, int] = {}
         parents_of: dict[int, list[int]] = {}
         for p in live:
-            st, k = beams[p], len(beams[p].running[0])
+            st, k, tr = beams[p], len(beams[p].running[0]), tracks[p]
             idx = [where[p * nb + b] for b in range(nb)]
-            answer = torch.tensor(cols[p], dtype=torch.long, device=seen.device)
+            answer = torch.tensor(tr.cols, dtype=torch.long, device=seen.device)
             own = length + torch.arange(n_cand, device=seen.device)
             # each beam's window: its answer rows, then each candidate's row (on the answer and on itself)
             window = seen.new_zeros(nb, n_cand, k + 1, k + 1)
-            window[:, :, :k, :k] = attn[p][:, None]
+            window[:, :, :k, :k] = tr.attn[:, None]
             cand_rows = seen[idx][:, :, answer] if k else seen.new_zeros(nb, n_cand, 0)
             window[:, :, k, :k] = cand_rows
             window[:, :, k, k] = seen[idx][:, torch.arange(n_cand), own]
@@ -145,43 +173,40 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
             beam_peak = peak.mode(-1).values  # (nb,): each beam's mode over its candidates
             loc = int(beam_peak.mode().values)
             for b in range(nb):
-                peaks[p][b].append(int(beam_peak[b]))
-            snaps[p][k] = {"state": copy.deepcopy(st), "attn": attn[p], "chosen": None}
-            for old in [s for s in snaps[p] if s < k - 512]:
-                del snaps[p][old]
-            pos = rollback_position(peaks[p], loc, threshold, used[p], n_cand, k + 1)
-            if pos is not None and pos in snaps[p] and pos < k:
+                tr.peaks[b].append(int(beam_peak[b]))
+            tr.snapshot(k, st)
+            pos = rollback_position(tr.peaks, loc, threshold, tr.used, n_cand, k + 1)
+            if pos is not None and pos in tr.snaps and pos < k:
                 rollback[p] = pos
                 continue
             z = torch.full((nb, vocab), _OUT, device=logits.device)
             z.scatter_(-1, cand[idx], cand_scores[idx] - weight * penalty.to(cand_scores.device))
             parents_of[p] = choose(st, z, history, prompt_ids[p], stops)
-            snaps[p][k]["chosen"] = [(parents_of[p][b], st.running[b][-1]) for b in range(nb)]
+            tr.snaps[k]["chosen"] = [(parents_of[p][b], st.running[b][-1]) for b in range(nb)]
 
         if rollback:
-            logits_rb = _roll_back(fw, rollback, beams, attn, cols, peaks, bans, snaps, nb, where, active,
-                                   cache, mask, positions, start, engine)  # fmt: skip
-            mask, positions, rb_logits = logits_rb
+            mask, positions, rb_logits = _roll_back(fw, cache, rollback, beams, tracks, nb, where, mask, positions,
+                                                    start)  # fmt: skip
             for p, pos in rollback.items():
                 idx = [where[p * nb + b] for b in range(nb)]
                 engine.search_stats["rollbacks"].append(
                     {"prompt": p, "pos": pos, "tokens": [list(t) for t in beams[p].running],
-                     "logits": rb_logits[idx].cpu(), "banned": list(bans[p][pos])}
+                     "logits": rb_logits[idx].cpu(), "banned": list(tracks[p].bans[pos])}
                 )  # fmt: skip
                 z = rb_logits[idx].clone()
                 z -= 999.0 + z.min(-1, keepdim=True).values
-                for parent, token in bans[p][pos]:
+                for parent, token in tracks[p].bans[pos]:
                     z[parent, token] = _OUT
                 st = beams[p]
                 parents_of[p] = choose(st, z, history, prompt_ids[p], stops)
-                snaps[p][pos]["chosen"] = [(parents_of[p][b], st.running[b][-1]) for b in range(nb)]
+                tracks[p].snaps[pos]["chosen"] = [(parents_of[p][b], st.running[b][-1]) for b in range(nb)]
 
         if all(st.done for st in beams):
             break
         # the beams' rows take their parents' caches and attention rows, then finished prompts leave
         source = {i: i for i in active}
         for p, parents in parents_of.items():
-            attn[p] = attn[p][parents]
+            tracks[p].attn = tracks[p].attn[parents]
             for b in range(nb):
                 source[p * nb + b] = p * nb + parents[b]
         if any(source[i] != i for i in active):
@@ -202,48 +227,41 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
         logits = out.logits[:, -1].float()
         seen = _normalised(watch.seen[last_layer], len(active), 1)[:, 0]
         for p in {i // nb for i in active}:
-            cols[p].append(column)
-            answer = torch.tensor(cols[p], device=seen.device)
-            k = attn[p].shape[1]
+            tr = tracks[p]
+            tr.cols.append(column)
+            answer = torch.tensor(tr.cols, device=seen.device)
+            k = tr.attn.shape[1]
             grown = seen.new_zeros(nb, k + 1, k + 1)
-            grown[:, :k, :k] = attn[p]
+            grown[:, :k, :k] = tr.attn
             grown[:, k] = seen[[active.index(p * nb + b) for b in range(nb)]][:, answer]
-            attn[p] = grown
+            tr.attn = grown
 
     return search_results(engine, beams, opts, seeds)
 
 
-def _roll_back(fw, rollback, beams, attn, cols, peaks, bans, snaps, nb, where, active, cache, mask, positions,
-               start, engine):  # fmt: skip
-    """Each prompt of ``rollback`` back to the state before its answer token ``pos``: the beams, their attention
-    rows and peak histories as they were, the continuations chosen there banned; its kept answer tokens are
-    re-encoded on the cached prompt (one forward for the batch). Returns the mask, the positions and the logits
-    of that forward's last position (read for the rolled-back rows)."""
+def _roll_back(fw, cache, rollback: dict[int, int], beams: list[BeamState], tracks: list[_Track], nb: int,
+               where: dict[int, int], mask: torch.Tensor, positions: torch.Tensor, start: torch.Tensor):  # fmt: skip
+    """Each prompt of ``rollback`` back to the state before its answer token ``pos`` (:meth:`_Track.restore`); its
+    kept answer tokens are re-encoded on the cached prompt (one forward for the batch). Returns the mask, the
+    positions and the logits of that forward's last position (read for the rolled-back rows)."""
     width = max(rollback.values())
-    ids = torch.full((len(active), width), fw.pad_id, dtype=torch.long, device=mask.device)
-    new = torch.zeros(len(active), width, dtype=mask.dtype, device=mask.device)
+    ids = torch.full((mask.shape[0], width), fw.pad_id, dtype=torch.long, device=mask.device)
+    new = torch.zeros(mask.shape[0], width, dtype=mask.dtype, device=mask.device)
     pos_ids = positions.expand(*positions.shape[:-1], width).clone()
     mask = mask.clone()
     length = mask.shape[1]
     for p, pos in rollback.items():
-        snap = snaps[p][pos]
-        beams[p] = copy.deepcopy(snap["state"])
-        attn[p] = snap["attn"]
-        bans[p].setdefault(pos, []).extend(snap["chosen"])
-        for later in [q for q in bans[p] if q > pos]:
-            del bans[p][later]
-        for q in [q for q in snaps[p] if q > pos]:
-            del snaps[p][q]
-        peaks[p] = [h[: pos + 1] for h in peaks[p]]
+        tr = tracks[p]
+        beams[p] = tr.restore(pos)
         for b in range(nb):
             j = where[p * nb + b]
             tokens = beams[p].running[b]
-            mask[j, cols[p]] = 0
+            mask[j, tr.cols] = 0
             lo = width - len(tokens)  # left-pad a shorter re-encoding
             ids[j, lo:] = torch.tensor(tokens, device=ids.device)
             new[j, lo:] = 1
             pos_ids[..., j, lo:] = start[..., j, :] + torch.arange(len(tokens), device=pos_ids.device)
-        cols[p] = list(range(length + width - pos, length + width))
+        tr.cols = list(range(length + width - pos, length + width))
     mask = torch.cat([mask, new], dim=1)
     out = _forward(fw, ids, mask, pos_ids, cache, None)
     return mask, pos_ids[..., -1:], out.logits[:, -1].float()

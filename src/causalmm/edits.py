@@ -89,16 +89,27 @@ def image_columns(mask: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def _take(x: torch.Tensor | None, rows: list[int], batch: int) -> torch.Tensor | None:
+    """``x``'s batch rows ``rows`` (a view where they are consecutive); a tensor broadcast over the batch (first
+    dimension 1) or ``None`` as it is."""
+    if x is None or x.shape[0] != batch:
+        return x
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0] : rows[0] + len(rows)]
+    return x[torch.tensor(rows, device=x.device)]
+
+
 def _scores(module, query, key, attention_mask, scaling, kwargs, rows: list[int], last: bool = False):
     """Pre-softmax float32 scores ``(n, heads, q, k)`` of ``rows`` (``last``: of the last query only) and their
     key mask."""
-    idx = torch.tensor(rows, device=query.device)
-    allowed = _allowed(module, attention_mask, query, key, kwargs.get("is_causal"))
-    allowed = allowed.expand(query.shape[0], -1, -1, -1)[idx] if allowed.shape[0] > 1 else allowed
+    batch = query.shape[0]
+    allowed = _take(_allowed(module, attention_mask, query, key, kwargs.get("is_causal")), rows, batch)
+    query = _take(query, rows, batch)
     if last:
         query, allowed = query[:, :, -1:], allowed[..., -1:, :]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query[idx].float(), _repeat(key[idx], query.shape[1]).float().transpose(-1, -2)) * scale
+    scores = torch.matmul(query.float(), _repeat(_take(key, rows, batch), query.shape[1]).float().transpose(-1, -2))
+    scores = scores * scale
     if kwargs.get("softcap") is not None:
         scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
     return scores, allowed.expand_as(scores)
@@ -161,16 +172,6 @@ def apply_edits(module, site: Site, state, query, key, attention_mask, scaling, 
     return out, weights
 
 
-def _take(x: torch.Tensor | None, rows: list[int], batch: int) -> torch.Tensor | None:
-    """``x``'s batch rows ``rows`` (a view where they are consecutive); a tensor broadcast over the batch (first
-    dimension 1) or ``None`` as it is."""
-    if x is None or x.shape[0] != batch:
-        return x
-    if rows == list(range(rows[0], rows[0] + len(rows))):
-        return x[rows[0] : rows[0] + len(rows)]
-    return x[torch.tensor(rows, device=x.device)]
-
-
 def _put(parts: list[tuple[list[int], torch.Tensor | None]], batch: int) -> torch.Tensor | None:
     """One tensor of ``batch`` rows from ``(rows, values)`` parts that cover the batch between them."""
     if any(v is None for _, v in parts):
@@ -192,18 +193,14 @@ def boosted_attention(module, boost: Boost, rows: list[int], base, query, key, v
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{type(module).__name__} uses attention sinks, which PAI's edit does not support")
     batch, nk = query.shape[0], key.shape[2]
-    allowed = _allowed(module, attention_mask, query, key, kwargs.get("is_causal"))
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q, k = _take(query, rows, batch).float(), _repeat(_take(key, rows, batch), query.shape[1]).float()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if kwargs.get("softcap") is not None:
-        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+    scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows)
     last = scores[:, :, -1:, :]  # a view: the edit writes into ``scores``
     last.copy_(boost_scores(last, boost.columns(rows, nk, scores.device), boost.alpha))
-    probs = _softmax(scores, _take(allowed, rows, batch))
+    probs = _softmax(scores, allowed)
     v = _repeat(_take(value, rows, batch), query.shape[1])
     mine = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).to(query.dtype)
-    others = [r for r in range(batch) if r not in set(rows)]
+    boosted = set(rows)
+    others = [r for r in range(batch) if r not in boosted]
     if not others:
         return mine.contiguous(), probs.to(query.dtype)
     theirs, weights = base(

@@ -279,18 +279,6 @@ def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
     assert worse["diff"] == pytest.approx(-50.0) and worse["p"] < 0.01
 
 
-def test_a_run_folder_from_before_image_seeds_is_not_resumed(tmp_path):
-    """Image-side draws seeded per sample (older runs) and per image must not mix in one predictions file."""
-    from causalmm.benchmarks.run_folder import RunMismatchError, check_run_info
-    from causalmm.benchmarks.runner import IMAGE_SEEDS
-
-    info = {"benchmark": "pope", "options": {}, "model": "m", "config": {}, "generation": {}, "seeds": [0]}
-    (tmp_path / "run.json").write_text(json.dumps(info))
-    with pytest.raises(RunMismatchError, match="image_seeds"):
-        check_run_info(tmp_path, {**info, "image_seeds": IMAGE_SEEDS})
-    assert check_run_info(tmp_path, info)["seeds"] == [0]
-
-
 def test_a_predictions_line_without_id_or_seed_is_one_error(tmp_path):
     path = tmp_path / "predictions.jsonl"
     path.write_text('{"id": "1", "seed": 0, "text": "yes"}\n{"seed": 0, "text": "no"}\n{"id": "3", "seed": 0}\n')

@@ -15,11 +15,11 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -55,10 +55,29 @@ SAMPLING = "sample"
 IMAGE = "image"
 
 
+def _encode(part: int | str) -> bytes:
+    """One part of a seed's address, canonically: a type tag, the length, then the whole value (an int as its
+    decimal digits, a string as UTF-8), so no two different tuples of parts share an encoding."""
+    if isinstance(part, str):
+        tag, body = b"s", part.encode("utf-8", "surrogatepass")
+    elif isinstance(part, bool) or not hasattr(part, "__index__"):
+        raise TypeError(f"seed parts are ints or strings, got {type(part).__name__} {part!r}")
+    else:
+        tag, body = b"i", str(operator.index(part)).encode()
+    return tag + len(body).to_bytes(8, "little") + body
+
+
 def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from a tuple of ints/strings (independent streams per sample, branch, draw)."""
-    words = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") % (2**32) for p in parts]
-    return int(np.random.SeedSequence([w % (2**63) for w in words]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A stable 63-bit seed from a tuple of ints and strings (independent streams per sample, branch, draw).
+
+    Every part is hashed whole: a BLAKE2b digest of the parts' canonical encoding, so ids that share a prefix
+    (MME's ``existence/...``, COCO image ids, image digests) get unrelated seeds, and ``("ab", "c")``,
+    ``("a", "bc")`` and ``(1,)`` vs ``("1",)`` differ. Any collision is one of the 63-bit digest itself.
+    """
+    h = hashlib.blake2b(digest_size=8, person=b"causalmm-seed/2")
+    for part in parts:
+        h.update(_encode(part))
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 def generator(device: torch.device | str, *parts: int | str) -> torch.Generator:

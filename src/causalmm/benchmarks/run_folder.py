@@ -91,6 +91,12 @@ def check_run_info(out: Path, info: dict[str, Any]) -> dict[str, Any]:
     if old is None:
         return info
     diff = [k for k in IDENTITY if canon(old.get(k)) != canon(info.get(k))]
+    if "image_seeds" in diff and not str(old.get("image_seeds", "")).startswith("seeds/2"):
+        raise RunMismatchError(
+            f"{out} was made by an earlier causalmm whose seeds collided (ids sharing their first 4 bytes, e.g. an "
+            "MME subtask's, got one seed); its samples cannot be resumed with the same draws: pick another --out "
+            "to rerun them"
+        )
     if diff:
         detail = "; ".join(f"{k}: was {old.get(k)!r}, now {info.get(k)!r}" for k in diff[:2])
         raise RunMismatchError(

@@ -55,8 +55,8 @@ __all__ = ["IMAGE_SEEDS", "finalize", "limit_samples", "render_report", "run_sam
 
 #: how image-side draws are seeded (in run.json: a run made another way is not resumed with this one)
 IMAGE_SEEDS = (
-    "per image: derive_seed(run_seed, 'image', blake2b of the image file); seeds the vision branch, VCD's noise "
-    "and the language branch's draws over the image prefix"
+    "seeds/2: every part hashed whole (BLAKE2b); per image: derive_seed(run_seed, 'image', blake2b of the image "
+    "file); seeds the vision branch, VCD's noise and the language branch's draws over the image prefix"
 )
 
 

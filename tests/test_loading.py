@@ -237,6 +237,15 @@ def test_cpu_and_auto_device_maps_load(tiny_dirs):
 # -- weights ---------------------------------------------------------------------------------------------
 
 
+class _Payload:
+    """What a malicious checkpoint pickles: loading it unsafely would run a shell command."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
 def _broken_copy(tiny, dst, how):
     shutil.copytree(tiny, dst)
     weights = dst / "model.safetensors"
@@ -254,6 +263,16 @@ def _broken_copy(tiny, dst, how):
         state["training_args"] = argparse.Namespace(lr=1e-4)  # a pickled object, not a tensor
         weights.unlink()
         torch.save(state, dst / "pytorch_model.bin")
+    elif how in ("malicious", "malicious-raw"):
+        import pickle
+
+        state = load_file(str(weights))
+        state["payload"] = _Payload()  # unpickling it would call os.system
+        weights.unlink()
+        if how == "malicious":
+            torch.save(state, dst / "pytorch_model.bin")
+        else:  # a bare pickle, not torch's zip layout
+            (dst / "pytorch_model.bin").write_bytes(pickle.dumps(state, protocol=4))
     elif how in ("truncated-bin", "garbage-bin"):
         torch.save(load_file(str(weights)), dst / "pytorch_model.bin")
         weights.unlink()
@@ -273,6 +292,12 @@ def _broken_copy(tiny, dst, how):
             r"its pytorch_model\.bin pickles objects besides tensors \(argparse\.Namespace\), which torch's safe "
             r"loading \(weights_only\) refuses.*re-save it as safetensors",
         ),
+        (
+            "malicious",
+            r"its pytorch_model\.bin pickles objects besides tensors \(posix\.system\), which torch's safe loading "
+            r"\(weights_only\) refuses, as they could run code",
+        ),
+        ("malicious-raw", r"its pytorch_model\.bin pickles instructions besides tensors, which torch's safe loading"),
         ("truncated-bin", r"its pytorch_model\.bin is truncated or not a torch checkpoint; download or save it again"),
         ("garbage-bin", r"its pytorch_model\.bin is truncated or not a torch checkpoint"),
     ],

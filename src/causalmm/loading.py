@@ -149,12 +149,16 @@ def _weights_error(name_or_path: str, err: Exception) -> InputError | None:
             f"cannot load the weights of {name_or_path!r}: {which}is truncated or not a safetensors file "
             f"({_first_line(err)}); download or save it again"
         )
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if "Weights only load failed" in text and found:
+    # torch names a refused global two ways ("Unsupported global: GLOBAL x", "unsupported GLOBAL x whose module
+    # ... is blocked", for os.system and the like); a bare pickle (no torch zip) gets "Unsupported operand", as
+    # does a file of garbage: told apart by the pickle protocol mark a real pickle starts with
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
+    if "Weights only load failed" in text and (found or _starts_as_pickle(name_or_path)):
+        what = f"objects besides tensors ({found.group(1)})" if found else "instructions besides tensors"
         return InputError(
-            f"cannot load the weights of {name_or_path!r}: its pytorch_model.bin pickles objects besides tensors "
-            f"({found.group(1)}), which torch's safe loading (weights_only) refuses, as they could run code; re-save "
-            "it as safetensors where you trust the file (model.save_pretrained(dir, safe_serialization=True))"
+            f"cannot load the weights of {name_or_path!r}: its pytorch_model.bin pickles {what}, which torch's safe "
+            "loading (weights_only) refuses, as they could run code; re-save it as safetensors where you trust the "
+            "file (model.save_pretrained(dir, safe_serialization=True)), or get safetensors weights from its source"
         )
     if isinstance(err, pickle.UnpicklingError) or "PytorchStreamReader" in text:
         return InputError(
@@ -162,6 +166,16 @@ def _weights_error(name_or_path: str, err: Exception) -> InputError | None:
             "checkpoint; download or save it again"
         )
     return None
+
+
+def _starts_as_pickle(name_or_path: str) -> bool:
+    """Whether a local ``pytorch_model.bin`` begins with pickle's protocol mark (``0x80``, protocol 2-5)."""
+    try:
+        with (Path(name_or_path) / "pytorch_model.bin").open("rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _unreadable_safetensors(name_or_path: str) -> Path | None:

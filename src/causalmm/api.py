@@ -84,6 +84,16 @@ class CausalMM:
         other.engine = Engine(self.adapter, config, other.switches)
         return other
 
+    def check_prompt(self, image: Any, prompt: str, max_new_tokens: int) -> None:
+        """Encode one (image, prompt) as :meth:`generate` would under this config (the variants its method reads
+        too, such as ICD's instruction), without generating: an :class:`InputError` where the prompt leaves no
+        room for ``max_new_tokens`` in the model's positions, or the processor refuses the image. Lets a
+        benchmark run refuse such a sample, by its id, before it writes anything."""
+        pil = load_image(image)
+        with self.adapter.reserving(int(max_new_tokens)):
+            self.adapter.encode(pil, prompt)
+            self.engine.needs.encode_variants([pil], [prompt])
+
     def generate(
         self,
         images: Any,

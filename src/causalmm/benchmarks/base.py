@@ -51,12 +51,14 @@ class Sample:
         image: a path, or encoded image bytes (parquet layouts), or ``None`` for a text-only prompt.
         prompt: the text the model gets (the chat template is applied by the model adapter).
         meta: what scoring needs (label, subtask, ...); copied into the record.
+        where: where the sample is written in its data (``FILE: line N``), for messages; not recorded.
     """
 
     id: str
     image: str | Path | bytes | None
     prompt: str
     meta: dict[str, Any] = field(default_factory=dict)
+    where: str = field(default="", compare=False)
 
 
 class Benchmark:

@@ -14,6 +14,7 @@ the runs and how their data differ.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,23 @@ def _paired(ref: Run, run: Run, n_boot: int) -> dict[str, Any]:
     return {"test": f"paired bootstrap ({bench.primary})", **res}
 
 
+#: stamped into compare.json, so a rerun into the same --out can tell its own result from others'
+COMPARE_FORMAT = "causalmm-compare/1"
+
+
+def _image_inputs(paths: Sequence[str | Path]) -> list[tuple[str, str | None]]:
+    """The data and image paths the runs were made from (their run.json), which the HTML page reads back."""
+    out: list[tuple[str, str | None]] = []
+    for p in paths:
+        try:
+            info = json.loads((Path(p) / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # load_run names what is wrong with the folder
+        if isinstance(info, dict):
+            out += [("--data", info.get("data")), ("--images", info.get("images"))]
+    return out
+
+
 def compare_runs(
     paths: list[str | Path],
     out: str | Path | None = None,
@@ -148,15 +166,24 @@ def compare_runs(
     (:mod:`.html_report`; ``command`` is the command line it names as its origin)."""
     if len(paths) < 1:
         raise BenchmarkError("give at least one run folder")
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise BenchmarkError(f"--out {out} is a file; compare writes a folder (compare.md, .json, .png): pick one")
-    if html is not None:
-        from ..inputs import InputError, check_output_file
+    from ..inputs import InputError, check_output_file
+    from ..outputs import check_output_file as check_not_overwriting
+    from ..outputs import check_results_folder
 
-        try:
+    sources = [str(Path(p).resolve()) for p in paths]
+    inputs = [("run", p) for p in paths]
+    try:
+        if out is not None:
+            check_results_folder(
+                out, "--out", main="compare.json", fmt="causalmm-compare/",
+                writes=("compare.md", "compare.json", "compare.png"), inputs=inputs,
+                same=lambda earlier: earlier.get("sources") == sources, what="other runs",
+            )  # fmt: skip
+        if html is not None:
             check_output_file(Path(html), "--html", "report.html")
-        except InputError as err:
-            raise BenchmarkError(str(err)) from None
+            check_not_overwriting(Path(html), "--html", inputs + _image_inputs(paths))
+    except InputError as err:
+        raise BenchmarkError(str(err)) from None
     runs = [load_run(p) for p in paths]
     names = {r.info["benchmark"] for r in runs}
     if len(names) > 1:
@@ -182,7 +209,14 @@ def compare_runs(
             row["vs_first"]["diff"] = metrics[ref.bench.primary] - rows[0]["metrics"][ref.bench.primary]
         rows.append(row)
     shown = ref.bench.headline_metrics(rows[0]["metrics"])
-    result = {"benchmark": ref.bench.name, "primary": ref.bench.primary, "metrics": shown, "runs": rows}
+    result = {
+        "format": COMPARE_FORMAT,
+        "benchmark": ref.bench.name,
+        "primary": ref.bench.primary,
+        "metrics": shown,
+        "runs": rows,
+        "sources": sources,
+    }
     result["notes"] = notes
     table = render_table(result)
     if out is not None:

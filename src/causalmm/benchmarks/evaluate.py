@@ -23,6 +23,7 @@ __all__ = [
     "RunPlan",
     "RunSpec",
     "check_folder",
+    "check_prompts",
     "evaluate",
     "load_run_samples",
     "plan_run",
@@ -31,6 +32,10 @@ __all__ = [
     "score_predictions",
     "verify_images",
 ]
+
+
+#: stamped into the metrics.json ``causalmm score`` writes, so a rerun can tell its own result from others'
+SCORE_FORMAT = "causalmm-score/1"
 
 
 @dataclass
@@ -238,53 +243,91 @@ def evaluate(
     generation, seeds, out = info["generation"], info["seeds"], Path(out)
     check_out_folder(out, run.inputs, run.image_files())
     rank, world, barrier = _processes()
-    with lock_run_folder(out) if rank == 0 else nullcontext():
-        barrier()  # nobody reads the folder before the main process holds its lock
-        merged = check_run_info(out, info)  # every process refuses a mismatched run before anyone writes
-        barrier()
-        if rank == 0:
-            write_run_info(out, merged)
-        done = load_done(out)  # every process reads the same finished set before anyone appends
-        check_done(samples, done, out, run.digests)
-        barrier()
-        if pending(samples, seeds, done, out)[rank::world]:
-            config = spec.config or CausalMMConfig()
-            cm = _model(causalmm, spec.model, config, base, _process_hf_kwargs(hf_kwargs, world))
+    created = not out.exists()
+    try:
+        with lock_run_folder(out) if rank == 0 else nullcontext():
+            barrier()  # nobody reads the folder before the main process holds its lock
+            merged = check_run_info(out, info)  # every process refuses a mismatched run before anyone writes
+            done = load_done(out)  # every process reads the same finished set before anyone appends
+            check_done(samples, done, out, run.digests)
+            todo = pending(samples, seeds, done, out)
+            cm = None
+            if todo:
+                config = spec.config or CausalMMConfig()
+                cm = _model(causalmm, spec.model, config, base, _process_hf_kwargs(hf_kwargs, world))
+                # every process checks every pending prompt, so all refuse alike and none waits at a barrier
+                check_prompts(cm, [s for _, s in todo], generation["max_new_tokens"])
+            barrier()
+            if rank == 0:  # only now, with every check passed, does the folder get its run.json
+                write_run_info(out, merged)
+            barrier()
+            if todo[rank::world]:
 
-            def generate(
-                batch: Sequence[Sample], sample_seeds: Sequence[int], image_seeds: Sequence[int]
-            ) -> list[dict[str, Any]]:
-                results = cm.generate(
-                    [sample_image(s) for s in batch],
-                    [s.prompt for s in batch],
-                    seeds=list(sample_seeds),
-                    image_seeds=list(image_seeds),
-                    **generation,
-                )
-                return [
-                    {"text": r.text, "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)} for r in results
-                ]
+                def generate(
+                    batch: Sequence[Sample], sample_seeds: Sequence[int], image_seeds: Sequence[int]
+                ) -> list[dict[str, Any]]:
+                    results = cm.generate(
+                        [sample_image(s) for s in batch],
+                        [s.prompt for s in batch],
+                        seeds=list(sample_seeds),
+                        image_seeds=list(image_seeds),
+                        **generation,
+                    )
+                    return [
+                        {"text": r.text, "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)}
+                        for r in results
+                    ]
 
-            run_samples(
-                bench,
-                samples,
-                out,
-                generate,
-                seeds=seeds,
-                batch_size=batch_size,
-                progress=progress,
-                rank=rank,
-                world=world,
-                done=done,
-                digests=run.digests,
-            )
-        barrier()
-        if rank == 0:
-            summary = finalize(bench, samples, out, seeds=seeds, info=info, n_boot=n_boot, digests=run.digests)
-        barrier()
+                run_samples(
+                    bench, samples, out, generate, seeds=seeds, batch_size=batch_size, progress=progress,
+                    rank=rank, world=world, done=done, digests=run.digests,
+                )  # fmt: skip
+            barrier()
+            if rank == 0:
+                summary = finalize(bench, samples, out, seeds=seeds, info=info, n_boot=n_boot, digests=run.digests)
+            barrier()
+    except BaseException:
+        if rank == 0 and created:
+            _remove_if_unused(out)  # a run refused before it wrote anything leaves no folder behind
+        raise
     if rank != 0:
         summary = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     return summary
+
+
+def check_prompts(cm: Any, samples: Sequence[Sample], max_new_tokens: int) -> None:
+    """Encode every sample once as generation will (its method's prompt variants too) and refuse, by id and
+    place in the data, those whose prompt leaves no room for ``max_new_tokens`` or whose image the processor
+    refuses: before ``run.json`` or any prediction is written, never hours into the run."""
+    from ..inputs import InputError
+
+    bad: list[str] = []
+    seen: set[str] = set()
+    for s in samples:
+        if s.id in seen:  # a sample under several run seeds is one prompt
+            continue
+        seen.add(s.id)
+        try:
+            cm.check_prompt(sample_image(s), s.prompt, max_new_tokens)
+        except InputError as err:
+            bad.append(f"sample {s.id}{f' ({s.where})' if s.where else ''}: {err}")
+    if bad:
+        raise BenchmarkError(
+            f"{len(bad)} sample(s) cannot be answered by this model as asked (checked before writing anything), "
+            f"e.g. {'; '.join(bad[:2])}"
+        )
+
+
+def _remove_if_unused(out: Path) -> None:
+    """Take back a run folder this call created, when it was refused before writing anything of its own."""
+    from .run_folder import LOCK_NAME
+
+    if not out.is_dir():
+        return
+    leftovers = {p.name for p in out.iterdir()}
+    if leftovers <= {LOCK_NAME}:
+        (out / LOCK_NAME).unlink(missing_ok=True)
+        out.rmdir()
 
 
 def _processes() -> tuple[int, int, Any]:
@@ -348,17 +391,27 @@ def score_predictions(
         raise BenchmarkError(f"predictions not found: {path}")
     if data is not None:
         check_data_path(data)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise BenchmarkError(f"--out {out} is a file; give a folder for metrics.json")
+    if out is not None:
+        from ..outputs import check_results_folder
+
+        source = str(path.resolve())
+        check_results_folder(
+            out, "--out", main="metrics.json", fmt=SCORE_FORMAT.split("/")[0] + "/", writes=("metrics.json",),
+            inputs=[("predictions", path), ("--data", data), ("--annotations", annotations)],
+            same=lambda earlier: earlier.get("source") == source and earlier.get("benchmark") == bench.name,
+            what="other predictions",
+        )  # fmt: skip
     records = bench.read_predictions(path, Path(data) if data else None, Path(annotations) if annotations else None)
     if not records:
         raise BenchmarkError(f"{path}: no predictions")
     records = [{"seed": 0, **r} for r in records]
     records = [{**r, **bench.parse(r)} for r in records]
     summary: dict[str, Any] = {
+        "format": SCORE_FORMAT,
         "benchmark": bench.name,
         "options": bench.describe(),
         "predictions": str(path),
+        "source": str(path.resolve()),
         "data": str(data) if data else None,
         "n_records": len(records),
         "metrics": bench.metrics(records),

@@ -139,7 +139,7 @@ class Pope(Benchmark):
                 "question": question,
                 "label": _label(str_field(item, "label", where), where),
             }
-            samples.append(Sample(qid, image, question + self.options["suffix"], meta))
+            samples.append(Sample(qid, image, question + self.options["suffix"], meta, where))
         return samples
 
     def _load_table(self, data: Path) -> list[Sample]:
@@ -174,7 +174,7 @@ class Pope(Benchmark):
             }
             if cat is not None:
                 meta["category"] = cat
-            samples.append(Sample(qid, row["image"], meta["question"] + self.options["suffix"], meta))
+            samples.append(Sample(qid, row["image"], meta["question"] + self.options["suffix"], meta, where))
         if not samples:
             raise BenchmarkError(f"{data}: no rows with category {wanted!r}")
         return samples

@@ -193,7 +193,7 @@ class VLind(Benchmark):
     ) -> list[Sample]:
         make_prompt = PROMPTS[self.options["prompts"]]
         samples: list[Sample] = []
-        for iid, inst, _where in instances:
+        for iid, inst, where in instances:
             good = self._good_images(inst)
             if not good:
                 continue
@@ -222,7 +222,7 @@ class VLind(Benchmark):
                         "source": source,
                     }
                     prompt = make_prompt(test, statement, inst["context"])
-                    samples.append(Sample(f"{iid}/{test}/{image_id}/{k}", image, prompt, meta))
+                    samples.append(Sample(f"{iid}/{test}/{image_id}/{k}", image, prompt, meta, where))
         if not samples:
             raise BenchmarkError(
                 f"{path}: no instance has a counterfactual image with >= {self.options['vote_thres']} good-image "

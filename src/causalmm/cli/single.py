@@ -56,11 +56,13 @@ def _open(
     from ..api import CausalMM
     from ..images import load_image
     from ..inputs import check_output_file
+    from ..outputs import check_output_file as check_not_overwriting
 
     if not prompt.strip():
         fail("--prompt is empty; give a question or instruction about the image")
     if output[0] is not None:
         check_output_file(*output)
+        check_not_overwriting(output[0], output[1], [("--image", image), ("--model", model)])
     pil = load_image(image)
     return CausalMM.from_pretrained(model, config, base=attention, **hf_kwargs(device, dtype)), pil
 

@@ -204,6 +204,10 @@ def toyworld_tune(
               f"consistent {r['prior_consistent']:.3f}")
 
 
+#: the most images ``toyworld splits`` writes per split (each is drawn and saved: 100k take minutes and ~1 GB)
+MAX_SPLIT_IMAGES = 100_000
+
+
 @toyworld_app.command("splits")
 def toyworld_splits(
     out: Annotated[Path, typer.Option(help="Output directory.")],
@@ -212,11 +216,24 @@ def toyworld_splits(
     test_images: Annotated[int, typer.Option(help="Test-split images.")] = 500,
 ) -> None:
     """Write the val and test splits in the POPE, CHAIR and VLind-Bench formats (for `causalmm eval`)."""
+    from dataclasses import asdict
+
+    from ..outputs import check_results_folder
     from ..toyworld import write_splits
     from ..toyworld.worlds import get_world
 
+    for flag, n in (("--val-images", val_images), ("--test-images", test_images)):
+        if not 1 <= n <= MAX_SPLIT_IMAGES:
+            fail(f"{flag} {n} is out of range: give 1 to {MAX_SPLIT_IMAGES} images")
     try:
         config = get_world(world).config
+        sizes = {"val": val_images, "test": test_images}
+        check_results_folder(
+            out, "--out", main="splits.json", fmt="causalmm-toyworld-splits/", writes=("splits.json", "val", "test"),
+            same=lambda old: old.get("config") == json.loads(json.dumps(asdict(config)))
+            and {k: v.get("n_images") for k, v in old.get("splits", {}).items()} == sizes,
+            what="another world or other split sizes",
+        )  # fmt: skip
     except user_errors() as err:
         fail(str(err))
     paths = write_splits(out, config, n_images_val=val_images, n_images_test=test_images)

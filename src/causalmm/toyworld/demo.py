@@ -27,6 +27,9 @@ from .grid import DEFAULTS, LEADERBOARD, METHODS, grid, seeded, split
 from .study import GROUPS, Answers, answer, cost_ratio, group_rates, objective, questions, summarise
 from .world import WorldConfig
 
+#: stamped into the demo's metrics.json (a rerun into the same --out replaces only its own result)
+DEMO_FORMAT = "causalmm-toyworld-demo/2"
+
 __all__ = ["METHODS", "LEADERBOARD", "DEFAULTS", "tune", "demo", "load_settings", "plot", "leaderboard", "ci"]
 
 
@@ -201,7 +204,16 @@ def demo(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..outputs import check_results_folder
+    from .worlds import shipped_model_path
+
     methods = _with_regular(methods)
+    where = str(Path(model) if model is not None else shipped_model_path(world))
+    check_results_folder(
+        out, "--out", main="metrics.json", fmt=DEMO_FORMAT.split("/")[0] + "/",
+        writes=("metrics.json", "leaderboard.md", "demo.png"), inputs=[("--model", where)],
+        same=lambda earlier: earlier.get("model") == where, what="another model",
+    )  # fmt: skip
     cm, path = _load(model, world)
     settings, source = load_settings(path, methods)
     images, qs = questions(trained_world(path), "test", n_images)
@@ -229,7 +241,7 @@ def demo(
             rows[method]["cost_per_token"] = cost_ratio(answers[method], answers["regular"], n_boot=n_boot)
     table = summarise(rows)
     result = {
-        "format": "causalmm-toyworld-demo/2",
+        "format": DEMO_FORMAT,
         "model": str(path),
         "split": "test",
         "n_images": n_images,

@@ -72,7 +72,7 @@ def test_right_padding_sampling_and_dict_output(loaded, images, family):
         **inputs, custom_generate=causalmm.hf.generate, causalmm=cfg.to_dict(), causalmm_pixels=inputs,
         max_new_tokens=5, do_sample=True, temperature=0.7, top_k=20, top_p=1.0, return_dict_in_generate=True,
     )  # fmt: skip
-    assert out.sequences[:, inputs["input_ids"].shape[1] :].tolist() == [r.token_ids for r in ref]
+    _assert_same(out.sequences, inputs, ref, _pad(base.model))
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -158,6 +158,78 @@ def test_refusals(loaded, images, extra, message):
     assert str(info.value).startswith("causalmm.hf.generate: ") and "\n" not in str(info.value)
 
 
+def _gen(base, inputs, **kwargs):
+    kwargs = {"causalmm": CausalMMConfig(method="causalmm", mode="multimodal"), "max_new_tokens": 3, **kwargs}
+    return base.model.generate(**inputs, custom_generate=causalmm.hf.generate, **kwargs)
+
+
+def _one_line(info) -> str:
+    message = str(info.value)
+    assert message.startswith("causalmm.hf.generate: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("case", ["another image", "another batch order", "another call's pixels in generate"])
+def test_pixels_that_are_not_the_prompts_are_refused(loaded, images, family, case):
+    """causalmm_pixels must be the inputs generate was given: the engine decodes from causalmm_pixels, so pixels of
+    another image, processor call or batch order were answered about without a word (LLaVA: the same ids for any
+    image), or failed deep inside the model (Qwen2-VL: other token counts)."""
+    base = loaded(family)
+    one = _inputs(base, images[:1], PROMPTS[:1])
+    if case == "another image":
+        call, pixels = one, _inputs(base, images[1:2], PROMPTS[:1])
+    elif case == "another batch order":
+        call, pixels = _inputs(base, images[:2], PROMPTS), _inputs(base, images[1::-1], PROMPTS)
+    else:  # the user swaps another image's pixels into the generate call and passes the processor output
+        if family != "llava":
+            pytest.skip("other pixels of another size fail in generate's own encoding, before any custom function")
+        call, pixels = {**one, "pixel_values": _inputs(base, images[1:2], PROMPTS[:1])["pixel_values"]}, one
+    with pytest.raises(InputError, match=r"causalmm_pixels\['(input_ids|pixel_values)'\] is not the") as info:
+        _gen(base, call, causalmm_pixels=pixels)
+    assert _one_line(info).endswith("pass causalmm_pixels=inputs, the same processor output as **inputs")
+
+
+def test_image_inputs_causalmm_pixels_lacks_come_from_the_call(loaded, images):
+    """A dict of some image tensors (pixels in half precision, no grid) is checked and completed from the call."""
+    base = loaded("qwen2_vl")
+    inputs = _inputs(base, images[:2], PROMPTS)
+    full = _gen(base, inputs, causalmm_pixels=inputs)
+    part = _gen(base, inputs, causalmm_pixels={"pixel_values": inputs["pixel_values"].half()})
+    assert torch.equal(full, part)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("beams", [1, 2])
+def test_image_tokens_that_do_not_fit_the_images_are_refused_up_front(loaded, images, family, beams):
+    """Prompts whose image placeholders do not fit their images: refused before decoding in one line, where the
+    engine failed deep inside the model or (two images in one prompt, none in the next) paired prompts and images
+    silently."""
+    base = loaded(family)
+    token = base.processor.image_token
+    one, bare = base.adapter.format_prompt(PROMPTS[0]), base.adapter.format_prompt(PROMPTS[1], image=False)
+    two = one.replace(token, token + "\n" + token, 1)
+    if family != "qwen2_vl":  # Qwen's placeholders sit inside vision start/end marks: generate's own positions fail
+        inputs = base.processor(text=[two], images=images[:2], return_tensors="pt")
+        with pytest.raises(InputError, match="2 images for 1 prompt"):
+            _gen(base, inputs, causalmm_pixels=inputs, num_beams=beams)
+        base.processor.tokenizer.padding_side = "left"
+        inputs = base.processor(text=[two, bare], images=images[:2], return_tensors="pt", padding=True)
+        with pytest.raises(InputError, match="prompt 1 holds no image token"):
+            _gen(base, inputs, causalmm_pixels=inputs, num_beams=beams)
+    text = dict(base.processor(text=[bare], return_tensors="pt"))
+    pixels = _inputs(base, images[:1], PROMPTS[:1])
+    image = {k: v for k, v in pixels.items() if k not in text}
+    with pytest.raises(InputError, match="prompt 0 holds no image token") as info:
+        _gen(base, {**text, **image}, causalmm_pixels=image, num_beams=beams)
+    _one_line(info)
+    if family == "qwen2_vl":  # no pixels in the call: the grid gives the count
+        other = {k: v for k, v in _inputs(base, images[1:2], PROMPTS[:1]).items() if k not in text}
+        tokens = {k: v for k, v in pixels.items() if k in text}
+        with pytest.raises(InputError, match="prompt 0 holds 12 image tokens where its image fills 10"):
+            _gen(base, tokens, causalmm_pixels=other, num_beams=beams)
+
+
 def test_hub_form_refuses_streamer(loaded, images):
     base = loaded("llava")
     inputs = _inputs(base, images[:1], PROMPTS[:1])
@@ -174,6 +246,9 @@ def test_split_inputs_refuses_what_it_cannot_cut():
         causalmm.hf.split_inputs(ids[:1], {}, two)
     with pytest.raises(InputError, match="no image inputs"):
         causalmm.hf.split_inputs(ids, {}, {"input_ids": ids})
+    with pytest.raises(InputError, match="image_grid_thw gives 48 patches, pixel_values holds 40"):
+        grid = torch.tensor([[1, 6, 8]])
+        causalmm.hf.split_inputs(ids[:1], {}, {"pixel_values": torch.zeros(40, 1176), "image_grid_thw": grid})
 
 
 def test_reachable_after_a_bare_import():

@@ -3,15 +3,23 @@
 import dataclasses
 import io
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
 from PIL import Image
 
 from causalmm import CausalMMConfig, Switches
-from causalmm.lmms.args import ModelArgsError, generation_options, parse_model_args, valid_keys
+from causalmm.lmms.args import (
+    ModelArgsError,
+    generation_options,
+    merge_command_line,
+    parse_model_args,
+    valid_keys,
+)
 from causalmm.lmms.requests import ImageDigests, SampleIds
 from causalmm.methods import METHODS
 from causalmm.seeds import file_digest, pixel_digest
@@ -90,6 +98,67 @@ def test_bad_model_args_name_the_problem(arg_string, message):
     with pytest.raises(ModelArgsError) as info:
         parse_model_args(_split(arg_string))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+#: a bad value (as lmms-eval hands it) for every model_args key the parsing can check
+BAD_VALUES = {
+    "pretrained": "none", "method": 3, "mode": "both", "vision_cf": 3, "language_cf": True, "vision_layers": "a-b",
+    "language_layers": True, "vision_heads": "x", "language_heads": True, "gamma": "abc", "epsilon": "x",
+    "num_cf_samples": 0, "seed": 1.5, "legacy": 2, "vision_style": "foo", "renormalize": "yes", "noise_step": "abc",
+    "noise_schedule": "foo", "reuse_prefix": "maybe", "share_layers": 2, "plausible_head": "x",
+    "preallocate_cache": "no", "dtype": "float8", "attn_implementation": "flash_attention_2", "batch_size": "auto",
+    "max_batch_size": 0, "max_new_tokens": 0,
+}  # fmt: skip
+#: keys whose values only the model or the data can judge: a device or revision when the model loads (one
+#: InputError line: tests/test_lmms_eval.py), a sample-id field when the first request names its doc
+CHECKED_LATER = {"device", "device_map", "revision", "sample_id"}
+
+
+def test_every_documented_key_is_accepted_and_every_key_documented():
+    """docs/integrations.md's model_args table and valid_keys() name the same keys."""
+    text = DOCS.read_text()
+    table = text[text.index("### `--model_args`") : text.index("### What a request gets")]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    in_key_column = {k for row in rows for k in re.findall(r"`(\w+)`", row[0])} - {"CausalMMConfig"}
+    anywhere = set(re.findall(r"`(\w+)`", table))
+    assert in_key_column <= set(valid_keys())
+    assert set(valid_keys()) <= anywhere, f"undocumented: {set(valid_keys()) - anywhere}"
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_a_bad_value_of_every_key_is_one_error_naming_it(key):
+    assert set(BAD_VALUES) | CHECKED_LATER == set(valid_keys()), "a new key needs a bad value here"
+    args = {"pretrained": "m", key: BAD_VALUES[key]}
+    with pytest.raises(ModelArgsError) as info:
+        parse_model_args(args)
+    message = str(info.value)
+    assert ("pretrained" if key == "pretrained" else key) in message and "\n" not in message
+
+
+def test_a_methods_text_parameters_read_back_from_lmms_eval_values():
+    """lmms-eval turns `layers=2` into a number and model_args cannot hold commas: text parameters take both."""
+    dola = parse_model_args(_split("pretrained=m,method=dola,layers=0;2;4-6"))
+    assert CausalMMConfig(**dola.config).param("layers") == "0,2,4-6"
+    assert CausalMMConfig(**parse_model_args(_split("pretrained=m,method=deco,layers=3")).config).param("layers") == "3"
+    assert CausalMMConfig(**parse_model_args(_split("pretrained=m,method=icd,prefix=3")).config).param("prefix") == "3"
+    with pytest.raises(ModelArgsError, match="parameter edit_prefill='x' must be bool"):
+        parse_model_args(_split("pretrained=m,method=pai,edit_prefill=x"))
+
+
+def test_the_command_lines_batch_size_and_device_merge_with_model_args():
+    """lmms-eval hands every model --batch_size (default 1), --max_batch_size and --device beside model_args."""
+    cli = {"batch_size": 1, "max_batch_size": None, "device": None}
+    assert merge_command_line({"pretrained": "m", "batch_size": 4}, cli) == {"pretrained": "m", "batch_size": 4}
+    assert merge_command_line({"pretrained": "m"}, {**cli, "batch_size": "8", "device": "cpu"}) == {
+        "pretrained": "m", "batch_size": "8", "device": "cpu"
+    }  # fmt: skip
+    assert merge_command_line({"batch_size": 8}, {**cli, "batch_size": "8"}) == {"batch_size": 8}
+    with pytest.raises(ModelArgsError, match="batch_size is given twice, batch_size=4 in --model_args and --batch_"):
+        merge_command_line({"batch_size": 4}, {**cli, "batch_size": "8"})
+    with pytest.raises(ModelArgsError, match="device is given twice, device=cpu in --model_args and --device cuda"):
+        merge_command_line({"device": "cpu"}, {**cli, "device": "cuda"})
+    assert parse_model_args(merge_command_line({"pretrained": "m", "batch_size": 4}, cli)).batch_size == 4
 
 
 def test_generation_options_follow_lmms_eval_conventions():

@@ -104,15 +104,18 @@ def test_in_process_answers_equal_causalmm_eval(task, model_dirs, case):
 
 
 def test_lmms_eval_command_and_score(task, causalmm_cli, tmp_path):
+    """The documented command, batch_size among the model_args (lmms-eval also hands the model its --batch_size
+    default: the two once collided in a "multiple values" TypeError, a traceback and exit code 0)."""
     args = "pretrained=" + TOY + ",method=causalmm,mode=multimodal,gamma=1,language_layers=0-1,vision_layers=-1"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "causalmm", "--model_args", args, "--tasks", TASK,
-           "--include_path", str(task["folder"]), "--batch_size", "8", "--output_path", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "causalmm", "--model_args", args + ",batch_size=8",
+           "--tasks", TASK, "--include_path", str(task["folder"]), "--output_path", str(tmp_path / "out"),
            "--log_samples"]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     # lmms-eval exits 0 even when the evaluation failed: its results file says whether it ran
     results = list((tmp_path / "out").rglob("*_results.json"))
     assert proc.returncode == 0 and len(results) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "8 prompt(s) per batch" in proc.stdout + proc.stderr
     metrics = json.loads(results[0].read_text())["results"][TASK]
     samples_file = next((tmp_path / "out").rglob(f"*_samples_{TASK}.jsonl"))
     lines = [json.loads(line) for line in samples_file.read_text().splitlines()]
@@ -147,12 +150,41 @@ def test_two_processes_answer_as_one(task, tmp_path):
     assert _lmms_texts(lines) == {r["id"]: r["text"] for r in _eval(task, TOY, cfg, None, "two-processes")}
 
 
-def test_unknown_model_arg_through_the_command(task, tmp_path):
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "causalmm", "--model_args", f"pretrained={TOY},gama=1",
+@pytest.mark.parametrize(
+    ("model_args", "flags", "message"),
+    [
+        ("gama=1", [], "unknown model_args key(s) gama for --model causalmm; valid keys:"),
+        ("batch_size=4", ["--batch_size", "8"], "batch_size is given twice, batch_size=4 in --model_args and --batch_"),
+        ("", ["--batch_size", "auto"], "batch_size='auto': give a whole number >= 1 (batch_size=auto is not"),
+    ],
+)
+def test_bad_model_args_through_the_command_are_one_line_and_exit_2(task, tmp_path, model_args, flags, message):
+    """lmms-eval prints the traceback of any exception and exits 0; the plugin's refusals end the run instead."""
+    args = ",".join(a for a in (f"pretrained={TOY}", model_args) if a)
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "causalmm", "--model_args", args, *flags,
            "--tasks", TASK, "--include_path", str(task["folder"]), "--output_path", str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
-    assert "unknown model_args key(s) gama for --model causalmm; valid keys:" in proc.stdout + proc.stderr
-    assert not list((tmp_path / "out").rglob("*_results.json")) if (tmp_path / "out").exists() else True
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("*_results.json"))
+
+
+def test_model_args_and_the_command_lines_options_build_the_model(task):
+    """lmms-eval builds the model from the model_args string and its own --batch_size/--max_batch_size/--device
+    (create_from_arg_string); from Python a refusal is raised, not turned into an exit."""
+    from causalmm.inputs import InputError
+    from causalmm.lmms.args import ModelArgsError
+    from causalmm.lmms.model import CausalMMLmms
+
+    cli = {"batch_size": 1, "max_batch_size": None, "device": None}
+    assert CausalMMLmms.create_from_arg_string(f"pretrained={TOY},batch_size=4,device=cpu", cli).batch_size == 4
+    lm = CausalMMLmms.create_from_arg_string({"pretrained": TOY}, {**cli, "batch_size": "3", "device": "cpu"})
+    assert (lm.batch_size, str(lm.device)) == (3, "cpu")
+    with pytest.raises(ModelArgsError, match="give key=value pairs separated by commas"):
+        CausalMMLmms.create_from_arg_string(f"pretrained={TOY},eager", cli)
+    with pytest.raises(InputError, match="device 'gpu' is not a device torch knows"):
+        CausalMMLmms.create_from_arg_string(f"pretrained={TOY},device=gpu", cli)
 
 
 def _request(doc_to_visual, task="toy_pope", gen_kwargs=None):

@@ -17,7 +17,10 @@ inputs and the generation config. Beam search (``num_beams``, ``length_penalty``
 ``no_repeat_ngram_size``) is the engine's too: ``generate`` hands the function each prompt repeated once per beam,
 and the function takes one copy of each, so every method beams with its branch rows as in
 :meth:`CausalMM.generate`. What the engine does not do is refused, each with one message: several sequences per
-prompt, streamers, assistant models, logits processors or stopping criteria it does not know.
+prompt, streamers, assistant models, logits processors or stopping criteria it does not know. So are image inputs
+the answer would not be about: ``causalmm_pixels`` other than the tensors ``generate`` was given, and prompts whose
+image tokens do not fit their one image (checked before decoding, where the model would fail deep inside or pair
+a prompt with another's image).
 
 :func:`generate_from_inputs` is the same for the Hub form (``custom_generate="owner/repo"``, the folder
 ``integrations/custom_generate``), which ``transformers`` calls before any input preparation.
@@ -25,6 +28,7 @@ prompt, streamers, assistant models, logits processors or stopping criteria it d
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -59,14 +63,19 @@ def _refuse(message: str) -> InputError:
 
 
 def _caller_arguments() -> dict[str, Any]:
-    """The ``streamer`` and ``assistant_model`` of the ``generate`` call that called us.
+    """The ``streamer``, ``assistant_model`` and raw keyword arguments (``call``) of the ``generate`` call that
+    called us.
 
-    ``generate`` drops both before it calls a custom function (it feeds a streamer the prompt and nothing more), so
-    they are read from its frame, to refuse them instead of silently ignoring them."""
+    ``generate`` drops the first two before it calls a custom function (it feeds a streamer the prompt and nothing
+    more), so they are read from its frame, to refuse them instead of silently ignoring them. ``call`` holds the
+    tensors it was given (its pixels before it encoded them), to check ``causalmm_pixels`` against; ``None`` where
+    the frame is not ``generate``'s or holds no ``kwargs`` (a caller other than ``transformers``)."""
     frame = sys._getframe(2)
     if frame.f_code.co_name != "generate":
         return {}
-    return {k: frame.f_locals.get(k) for k in ("streamer", "assistant_model")}
+    given = frame.f_locals.get("kwargs")
+    call = {k: v for k, v in given.items() if isinstance(v, torch.Tensor)} if isinstance(given, dict) else None
+    return {**{k: frame.f_locals.get(k) for k in ("streamer", "assistant_model")}, "call": call}
 
 
 def _base_of(model: torch.nn.Module) -> str:
@@ -100,11 +109,16 @@ def split_inputs(
     for key in ("image_grid_thw", "image_sizes"):  # one row per image where a processor says how many there are
         if key in images and images[key].shape[0] != n:
             raise _refuse(f"{images[key].shape[0]} images for {n} prompt(s) ({key}); give one image per prompt")
+    grid, pixels = images.get("image_grid_thw"), images.get("pixel_values")
+    if grid is not None and pixels is not None and int(grid.prod(-1).sum()) != int(pixels.shape[0]):
+        raise _refuse(
+            f"image_grid_thw gives {int(grid.prod(-1).sum())} patches, pixel_values holds {pixels.shape[0]}: they come "
+            "from different processor calls; pass the image inputs of one processor output"
+        )
     shares: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     if n == 1:
         shares[0] = dict(images)
     else:
-        grid = images.get("image_grid_thw")
         counts = grid.prod(-1).tolist() if grid is not None else None
         for key, value in images.items():
             if value.dim() and value.shape[0] == n:
@@ -128,6 +142,111 @@ def split_inputs(
                 enc[key] = value[r][keep][None]
         encs.append({**enc, **shares[r]})
     return encs
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape and values, on any device; float tensors of two precisions (one of them passed through
+    ``.to(torch.float16)``) are compared at the lower one."""
+    if a.shape != b.shape or a.is_floating_point() != b.is_floating_point():
+        return False
+    b = b.to(a.device)
+    if a.is_floating_point() and a.dtype != b.dtype:
+        low = min(a.dtype, b.dtype, key=lambda d: torch.finfo(d).bits)
+        return torch.equal(a.to(low), b.to(low))
+    return torch.equal(a, b.to(a.dtype))
+
+
+def _matching_pixels(
+    pixels: Any, call: Mapping[str, torch.Tensor] | None, input_ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``causalmm_pixels`` checked against the inputs ``generate`` was given, completed by the image inputs of the
+    call it lacks.
+
+    The engine answers about ``causalmm_pixels`` while ``generate`` prepared ``input_ids`` (and encoded the pixels
+    of its own arguments): pixels of another image, processor call or batch order would be answered about without
+    a word. So every tensor both hold must be the same (shape and values), ``input_ids`` included, which a
+    processor output carries. ``call``: the raw tensors of the ``generate`` call, ``None`` where unreadable (then
+    only the ids are compared)."""
+    if not isinstance(pixels, Mapping):
+        raise _refuse(f"causalmm_pixels takes the processor output (a mapping of tensors), not {type(pixels).__name__}")
+    ours = {k: v for k, v in pixels.items() if isinstance(v, torch.Tensor)}
+    given = {**(call or {}), "input_ids": input_ids}
+    for key in sorted(ours.keys() & given.keys(), key=lambda k: (k != "input_ids", k not in _NOT_IMAGE, k)):
+        if _same(ours[key], given[key]):
+            continue
+        a, b = tuple(ours[key].shape), tuple(given[key].shape)
+        how = f"shape {a} vs {b}" if a != b else "same shape, other values"
+        why = (
+            "causalmm_pixels comes from another processor call than the prompts (other text, images or batch order)"
+            if key in _NOT_IMAGE
+            else "it holds other images (or another batch order) than generate was given, and the answer would be "
+            "about them"
+        )
+        raise _refuse(
+            f"causalmm_pixels['{key}'] is not the {key} given to generate ({how}): {why}; pass causalmm_pixels=inputs, "
+            "the same processor output as **inputs"
+        )
+    extra = {k: v for k, v in (call or {}).items() if k not in _NOT_IMAGE and k not in ours}
+    return {**extra, **ours}
+
+
+def _image_token_id(model: torch.nn.Module) -> int | None:
+    """The id of the image placeholder token in the model's prompts (``None`` where the config names none)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _feature_sizes(
+    model: torch.nn.Module, mm_outputs: Any, grid: torch.Tensor | None, beams: int
+) -> tuple[list[int], bool] | None:
+    """How many image tokens each encoded image (or tile) fills, and whether the entries are whole images.
+
+    From the features ``generate`` encoded (``mm_encoder_outputs``: per image a tensor as long as its tokens, or
+    one stacked tensor whose rows may be tiles), the count ``transformers`` itself splits features by; without
+    them, from a packed tower's grid (``t*h*w / merge**2`` tokens per image). ``None`` where neither is there."""
+    image = mm_outputs.get("image") if isinstance(mm_outputs, Mapping) else None
+    pooled = getattr(image, "pooler_output", None)
+    if pooled is not None:
+        return [len(p) for p in pooled], isinstance(pooled, (list, tuple))
+    merge = getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None)
+    if grid is None or not isinstance(merge, int):
+        return None
+    return [int(c) // merge**2 for c in grid.prod(-1).tolist() for _ in range(beams)], True
+
+
+def _check_image_tokens(
+    model: torch.nn.Module, input_ids: torch.Tensor, mm_outputs: Any, grid: torch.Tensor | None, beams: int
+) -> None:
+    """Each prompt holds one image's placeholder tokens, as many as its image fills: refused here in one line,
+    where the engine would fail deep inside the model or, with counts that add up over the batch, pair a prompt
+    with features of another prompt's image. ``input_ids``: the rows ``generate`` handed over (``beams`` per
+    prompt), which its ``mm_encoder_outputs`` follow."""
+    token = _image_token_id(model)
+    if token is None:
+        return
+    tokens = (input_ids == token).sum(-1).tolist()
+    empty = [r // beams for r, t in enumerate(tokens) if t == 0]
+    if empty:
+        raise _refuse(
+            f"prompt {empty[0]} holds no image token: each prompt needs the placeholder of its one image (the chat "
+            "template's image entry, expanded by processor(text=..., images=...))"
+        )
+    found = _feature_sizes(model, mm_outputs, grid, beams)
+    if found is None:
+        return
+    sizes, per_image = found
+    fix = "give each prompt one image placeholder and pass input_ids and the pixels of one processor output"
+    if per_image and len(sizes) != len(tokens):
+        raise _refuse(f"{len(sizes) // beams} images for {len(tokens) // beams} prompt(s): {fix}")
+    if per_image:
+        for r, (t, s) in enumerate(zip(tokens, sizes, strict=True)):
+            if t != s:
+                raise _refuse(f"prompt {r // beams} holds {t} image tokens where its image fills {s}: {fix}")
+    elif sum(sizes) != sum(tokens) or not set(itertools.accumulate(tokens)) <= set(itertools.accumulate(sizes)):
+        raise _refuse(f"the prompts hold {sum(tokens)} image tokens where their images fill {sum(sizes)}: {fix}")
 
 
 def _options(generation_config: Any, prompt_length: int) -> GenerationOptions:
@@ -197,6 +316,11 @@ def generate(
     Returns:
         The prompts followed by the generated ids, finished rows padded with the pad token, like ``generate``;
         a ``GenerateDecoderOnlyOutput`` with ``sequences`` when ``return_dict_in_generate=True``.
+
+    Raises:
+        InputError: an option the engine does not apply; ``causalmm_pixels`` that are not the inputs ``generate``
+            was given (another image, processor call or batch order); prompts whose image tokens do not fit one
+            image each (none, two placeholders, a count its image does not fill); a grid that is not the pixels'.
     """
     caller = _caller_arguments()
     if caller.get("streamer") is not None:
@@ -220,9 +344,13 @@ def generate(
     if not isinstance(config, CausalMMConfig):
         raise _refuse(f"causalmm= takes a CausalMMConfig or a dict of its fields, not {type(causalmm).__name__}")
     beams = int(generation_config.num_beams or 1)
+    rows = input_ids
     if beams > 1:  # generate repeated each prompt once per beam (repeat_interleave): one copy of each
         input_ids, model_kwargs = _one_per_prompt(input_ids, model_kwargs, beams)
-    encs = split_inputs(input_ids, model_kwargs, causalmm_pixels)
+    pixels = _matching_pixels(causalmm_pixels, caller.get("call"), input_ids)
+    grid = pixels.get("image_grid_thw")
+    _check_image_tokens(model, rows, model_kwargs.get("mm_encoder_outputs"), grid, beams)
+    encs = split_inputs(input_ids, model_kwargs, pixels)
     before = _implementations(model.config)
     try:
         engine = Engine(get_adapter(model, None, base=_base_of(model)), config, Switches())

@@ -14,20 +14,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "COMMAND_LINE_DEFAULTS",
     "GENERATION_KEYS",
     "LOAD_KEYS",
     "PLUGIN_KEYS",
     "ModelArgs",
     "ModelArgsError",
     "generation_options",
+    "merge_command_line",
     "parse_model_args",
     "valid_keys",
 ]
 
 #: how the model is loaded (passed to ``CausalMM.from_pretrained``)
 LOAD_KEYS = ("pretrained", "revision", "device", "device_map", "dtype", "attn_implementation")
-#: the plugin's own options (``batch_size`` and ``max_batch_size`` come from lmms-eval's command line too)
+#: the plugin's own options (``batch_size`` and ``max_batch_size`` come from lmms-eval's command line too;
+#: ``max_batch_size`` bounds lmms-eval's ``batch_size=auto``, which the plugin refuses: it is checked, not used)
 PLUGIN_KEYS = ("batch_size", "max_batch_size", "max_new_tokens", "sample_id")
+#: what lmms-eval's command line hands every model beside ``model_args`` (``--batch_size``, ...), with the value
+#: it hands when the flag is not given (``None`` values are dropped by lmms-eval itself)
+COMMAND_LINE_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": None}
 #: the dtypes ``dtype=`` accepts besides ``auto``
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -72,12 +78,22 @@ def _switch_fields() -> tuple[str, ...]:
     return ("reuse_prefix", "share_layers", "plausible_head", "preallocate_cache")
 
 
-def _own_params(method: Any) -> tuple[str, ...]:
-    """The names of ``method``'s own hyper-parameters (none for a name the registry lacks: the config says so)."""
+def _own_params(method: Any) -> dict[str, object]:
+    """``method``'s own hyper-parameters and their defaults (none for a name the registry lacks: the config says
+    so)."""
     from ..methods import METHODS
 
     known = METHODS.get(method) if isinstance(method, str) else None
-    return tuple(p.field for p in known.own_params()) if known is not None else ()
+    return {p.field: p.default for p in known.own_params()} if known is not None else {}
+
+
+def _own_value(value: Any, default: object) -> Any:
+    """A method's own parameter as lmms-eval read it, back in the parameter's type where lmms-eval changed it:
+    text parameters (DoLa's and DeCo's layer specs, ICD's instruction) come as numbers when they look like one
+    (``layers=2``) and write lists with ``;`` (``layers=0;2;4-6``); integral floats are ints."""
+    if isinstance(default, str) and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        return str(_int_like(value)).replace(";", ",")
+    return _int_like(value)
 
 
 def valid_keys(method: str = "causalmm") -> list[str]:
@@ -140,6 +156,32 @@ def _positive_int(key: str, value: Any) -> int:
     return value
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    return str(_int_like(a)).strip().lower() == str(_int_like(b)).strip().lower()
+
+
+def merge_command_line(model_args: dict[str, Any], command_line: dict[str, Any] | None) -> dict[str, Any]:
+    """``model_args`` with what lmms-eval's command line hands every model beside them (``--batch_size``,
+    ``--max_batch_size``, ``--device``; :data:`COMMAND_LINE_DEFAULTS`).
+
+    lmms-eval passes both as keyword arguments of one call, so a key in both (``batch_size=4`` in ``model_args``,
+    and ``--batch_size``, which is always there with its default 1) was Python's "got multiple values" error. The
+    ``model_args`` value wins over a flag left at its default; a key given both ways with different values is
+    refused, naming both, since either could be the one meant.
+    """
+    merged = dict(model_args)
+    for key, value in (command_line or {}).items():
+        if value is None:
+            continue
+        if key not in merged:
+            merged[key] = value
+        elif not _same_value(merged[key], value) and not _same_value(value, COMMAND_LINE_DEFAULTS.get(key)):
+            raise ModelArgsError(
+                f"{key} is given twice, {key}={merged[key]} in --model_args and --{key} {value}; give it once"
+            )
+    return merged
+
+
 def parse_model_args(args: dict[str, Any]) -> ModelArgs:
     """Check and sort ``model_args`` (as lmms-eval parsed them, plus ``batch_size``/``device`` from its command
     line); raises :class:`ModelArgsError` naming an unknown key with the list of valid ones, or a bad value."""
@@ -157,10 +199,10 @@ def parse_model_args(args: dict[str, Any]) -> ModelArgs:
             "model_args needs pretrained=<model folder or hub id> (e.g. pretrained=llava-hf/llava-1.5-7b-hf)"
         )
     out = ModelArgs(pretrained=str(args["pretrained"]))
-    fields, own = set(_config_fields()) - {"params"}, set(_own_params(method))
+    fields, own = set(_config_fields()) - {"params"}, _own_params(method)
     for key, value in args.items():
         if key in own:
-            out.config.setdefault("params", {})[key] = _int_like(value) if isinstance(value, float) else value
+            out.config.setdefault("params", {})[key] = _own_value(value, own[key])
         elif key in fields:
             if key in ("vision_layers", "language_layers"):
                 value = _layers(key, value)
@@ -183,6 +225,8 @@ def parse_model_args(args: dict[str, Any]) -> ModelArgs:
         out.batch_size = _positive_int("batch_size", args["batch_size"])
     if "max_new_tokens" in args:
         out.max_new_tokens = _positive_int("max_new_tokens", args["max_new_tokens"])
+    if args.get("max_batch_size") is not None and not _none(args["max_batch_size"]):
+        _positive_int("max_batch_size", args["max_batch_size"])
     if "sample_id" in args:
         out.sample_id = str(args["sample_id"])
     for key in ("revision", "device", "device_map", "dtype"):

@@ -10,7 +10,12 @@ accelerate, as lmms-eval's built-in models do (on CPU, where accelerate sees one
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +27,9 @@ from tqdm import tqdm
 
 from ..api import CausalMM
 from ..config import CausalMMConfig
+from ..inputs import user_errors
 from ..seeds import image_seed, sample_seed
-from .args import ModelArgs, ModelArgsError, generation_options, parse_model_args
+from .args import ModelArgs, ModelArgsError, generation_options, merge_command_line, parse_model_args
 from .requests import ImageDigests, SampleIds
 
 __all__ = ["CausalMMLmms", "UnsupportedRequestError"]
@@ -37,6 +43,40 @@ LOGLIKELIHOOD_TASKS = (
 
 class UnsupportedRequestError(ValueError):
     """A request the plugin cannot answer (several images, video, audio, beams); the message says which."""
+
+
+def _under_lmms_command() -> bool:
+    """Whether lmms-eval's command line (``lmms-eval``, ``python -m lmms_eval``, ``accelerate launch -m
+    lmms_eval``) is what runs us: its ``cli_evaluate`` is on the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "cli_evaluate" and Path(code.co_filename).parts[-2:] == ("lmms_eval", "__main__.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def _failing_the_command() -> Iterator[None]:
+    """Under lmms-eval's command line an error ends the run with a non-zero exit code: a user's mistake (a bad
+    ``model_args`` key or value, a refused request or input) as one ``error:`` line and exit code 2, like
+    ``causalmm``'s own commands; any other error with its traceback and exit code 1.
+
+    lmms-eval's ``cli_evaluate`` catches every exception, prints its traceback and exits 0 (unless run with
+    ``--verbosity DEBUG``), so a refused run looked like a finished one to scripts and CI; ``SystemExit`` passes its
+    ``except Exception``. Called from Python (``simple_evaluate``, the class itself) errors are raised as they are.
+    """
+    try:
+        yield
+    except Exception as err:
+        if not _under_lmms_command():
+            raise
+        if isinstance(err, (ModelArgsError, UnsupportedRequestError, *user_errors())):
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        traceback.print_exc()
+        raise SystemExit(1) from None
 
 
 class CausalMMLmms(lmms):
@@ -82,7 +122,32 @@ class CausalMMLmms(lmms):
         #: (task, doc_id) -> (sample seed, image seed) of every request answered: what a run can be checked by
         self.seeds: dict[tuple[str, int], tuple[int, int]] = {}
         if self._rank == 0:
-            logger.info(f"causalmm: {settings.pretrained} with {self.config.to_dict()} on {self._device}")
+            logger.info(
+                f"causalmm: {settings.pretrained} with {self.config.to_dict()} on {self._device}, "
+                f"{settings.batch_size} prompt(s) per batch"
+            )
+
+    @classmethod
+    @_failing_the_command()
+    def create_from_arg_string(
+        cls, arg_string: str | Mapping[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> CausalMMLmms:
+        """The model from ``--model_args`` (a string, or a dict of them) and what lmms-eval's command line hands
+        every model beside them (``--batch_size``, ``--max_batch_size``, ``--device``).
+
+        lmms-eval's own version passes the two as keyword arguments of one call, so the documented
+        ``model_args`` key ``batch_size`` (always on the command line too, default 1) failed; they are merged by
+        :func:`~causalmm.lmms.args.merge_command_line`."""
+        if isinstance(arg_string, Mapping):
+            args = dict(arg_string)
+        else:
+            from lmms_eval.utils import simple_parse_args_string
+
+            try:
+                args = simple_parse_args_string(arg_string)
+            except ValueError:
+                raise ModelArgsError(f"--model_args {arg_string!r}: give key=value pairs separated by commas") from None
+        return cls(**merge_command_line(args, additional_config))
 
     # -- what lmms-eval reads -----------------------------------------------------------------------------------
     @property
@@ -121,6 +186,7 @@ class CausalMMLmms(lmms):
             )
         return flat[0]
 
+    @_failing_the_command()
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answer each request; requests that share task, split and generation options run in batches."""
         prepared = []
@@ -167,6 +233,7 @@ class CausalMMLmms(lmms):
             logger.info(f"causalmm: image seeds from encoded bytes for {c['bytes']} request(s), pixels {c['pixels']}")
         return results
 
+    @_failing_the_command()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """Refused. The rule gives scores inside the factual plausibility cut only (``-inf`` elsewhere): every
         option the factual model finds implausible would score ``-inf``, tied with the others, so ranking given
@@ -177,6 +244,7 @@ class CausalMMLmms(lmms):
             "generate_until variants"
         )
 
+    @_failing_the_command()
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise UnsupportedRequestError(
             "causalmm answers single-round requests; multi-round tasks (output_type generate_until_multi_round) "

@@ -11,6 +11,7 @@ from PIL import Image
 
 from causalmm.benchmarks import BenchmarkError, get_benchmark
 from causalmm.benchmarks.base import check_images, read_json_records
+from causalmm.benchmarks.evaluate import score_predictions
 from causalmm.benchmarks.mme import parse_mme
 from causalmm.benchmarks.pope import parse_official, parse_substring, yes_no_metrics
 
@@ -465,3 +466,28 @@ def test_pope_datasets_save_to_disk_arrow_layout(tmp_path):
     assert [s.id for s in samples] == ["7", "8"] and [s.meta["label"] for s in samples] == ["no", "yes"]
     with Image.open(io.BytesIO(samples[1].image)) as im:
         assert im.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_options_that_do_not_apply_to_the_data_are_refused(tmp_path):
+    """An option the data cannot use is refused, never ignored and recorded in run.json as if it had applied."""
+    img = {"bytes": _png(), "path": None}
+    questions = ["Is there a cat?", "Is there a dog?"]
+    table = {"question_id": ["1", "2"], "question": questions, "answer": ["yes", "no"], "image": [img] * 2}
+    _parquet(tmp_path / "POPE" / "data" / "test-00000-of-00001.parquet", {**table, "category": ["random"] * 2})
+    _parquet(tmp_path / "MME" / "data" / "test-00000.parquet", {**table, "question_id": ["existence/1.jpg"] * 2,
+             "answer": ["Yes", "No"], "category": ["existence"] * 2})  # fmt: skip
+    with pytest.raises(BenchmarkError, match=r"--images does not apply to .*POPE: its table holds the images"):
+        get_benchmark("pope").load(tmp_path / "POPE", tmp_path)
+    with pytest.raises(BenchmarkError, match=r"--images does not apply to .*MME: its table holds the images"):
+        get_benchmark("mme").load(tmp_path / "MME", tmp_path)
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "yes"}))
+    with pytest.raises(BenchmarkError, match=r"--category applies to the Hugging Face layout.*drop --category"):
+        get_benchmark("pope", category="random").load(questions, None)
+    assert len(get_benchmark("pope", category="random").load(tmp_path / "POPE", None)) == 2  # where it applies
+    results = tmp_path / "Your_Results"
+    results.mkdir()
+    (results / "existence.txt").write_text("1.jpg\tIs there a dog?\tYes\tYes\n1.jpg\tIs there a cat?\tNo\tNo\n")
+    with pytest.raises(BenchmarkError, match="--data does not apply to MME predictions"):
+        score_predictions("mme", results, data=questions)
+    assert score_predictions("mme", results, n_boot=0)["n_records"] == 2

@@ -99,6 +99,11 @@ class Mme(Benchmark):
                 "parquet/arrow export"
             )
         if looks_like_hub_id(data_s) or Path(data).is_file() or _has_tables(Path(data)):
+            if images is not None:
+                raise BenchmarkError(
+                    f"--images does not apply to {data}: its table holds the images; drop --images (a run records "
+                    "only what it used)"
+                )
             return self._load_table(data)
         data = Path(data)
         if not data.is_dir():
@@ -241,6 +246,11 @@ class Mme(Benchmark):
     # -- the field's formats ------------------------------------------------------------------------
     def read_predictions(self, path: Path, data: Path | None, annotations: Path | None) -> list[dict[str, Any]]:
         """A ``Your_Results`` folder (or one subtask file) with the prediction as the fourth column."""
+        if data is not None:
+            raise BenchmarkError(
+                f"--data does not apply to MME predictions: {path} holds the questions and labels beside each answer; "
+                "drop --data"
+            )
         path = Path(path)
         files = (
             [path]

@@ -114,7 +114,17 @@ class Pope(Benchmark):
     # -- data ---------------------------------------------------------------------------------------
     def load(self, data: Path, images: Path | None) -> list[Sample]:
         if looks_like_hub_id(str(data)) or is_table(Path(data)):
+            if images is not None:
+                raise BenchmarkError(
+                    f"--images does not apply to {data}: its table holds the images; drop --images (a run records "
+                    "only what it used)"
+                )
             return self._load_table(data)
+        if self.options["category"] is not None:
+            raise BenchmarkError(
+                f"--category applies to the Hugging Face layout (a table with a category column), not to the question "
+                f"file {data}, whose questions all belong to one variant: drop --category"
+            )
         return self._load_json(Path(data), images)
 
     def _load_json(self, data: Path, images: Path | None) -> list[Sample]:

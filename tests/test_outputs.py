@@ -270,3 +270,37 @@ def test_a_too_long_question_is_refused_by_id_and_line_before_anything_is_writte
         evaluate(spec, out=out, progress=False, n_boot=0, causalmm=loaded("llava"))
     assert out.is_dir() and not (out / "run.json").exists() and not list(out.glob("predictions*"))
     shutil.rmtree(out)
+
+
+# -- every numeric option of these commands has a range, refused in one line before any work ---------------------
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["demo", "--images", "0"], "--images 0 is out of range: give 1 to 100000"),
+        (["demo", "--batch-size", "5000"], "--batch-size 5000 is out of range: give 1 to 1024"),
+        (["demo", "--seeds", "1,1"], "repeats a seed"),
+        (["toyworld", "tune", "--max-drop", "1.5"], "--max-drop 1.5 is out of range: give 0.0 to 1.0"),
+        (["toyworld", "tune", "--images", "-1"], "--images -1 is out of range"),
+        (["toyworld", "train", "--out", "OUT", "--threads", "999"], "--threads 999 is out of range: give 1 to"),
+        (["toyworld", "train", "--out", "OUT", "--steps", "0"], "--steps 0 is out of range: give at least 1"),
+        (["eval", "pope", "--model", "m", "--data", "d", "--out", "OUT", "--batch-size", "0"], "--batch-size 0"),
+        (["eval", "pope", "--model", "m", "--data", "d", "--out", "OUT", "--limit", "0"], "--limit 0 is out of range"),
+        (["eval", "pope", "--model", "m", "--data", "d", "--out", "OUT", "--num-processes", "4096"], "--num-processes"),
+    ],
+)
+def test_numeric_options_out_of_range_are_one_line(args, needle, tmp_path, causalmm_cli):
+    out = tmp_path / "out"
+    one_line_error(causalmm_cli(*[str(out) if a == "OUT" else a for a in args], check=False), needle)
+    assert not out.exists()
+
+
+def test_explain_top_k_is_bounded_by_the_vocabulary(loaded, images):
+    from causalmm import CausalMMConfig
+    from causalmm.config import ConfigError
+    from causalmm.explain import explain
+
+    cm = loaded("llava").with_config(CausalMMConfig(method="regular"))
+    vocab = cm.model.config.get_text_config().vocab_size
+    with pytest.raises(ConfigError, match=f"top_k={vocab + 1} is more than the model's {vocab} tokens"):
+        explain(cm, images[0], "hi", max_new_tokens=1, top_k=vocab + 1)
+    assert len(explain(cm, images[0], "hi", max_new_tokens=1, top_k=vocab).to_json()["steps"]) == 1

@@ -297,10 +297,14 @@ def explain(
         seed: the sample's seed (``None``: ``cm.config.seed``).
 
     Raises:
-        InputError: missing/unreadable image, empty prompt. ConfigError: ``top_k`` or ``max_new_tokens`` < 1.
+        InputError: missing/unreadable image, empty prompt. ConfigError: ``top_k`` below 1 or above the
+            vocabulary, ``max_new_tokens`` < 1.
     """
     if not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"top_k={top_k!r} must be an integer >= 1")
+    vocab = getattr(cm.model.config.get_text_config(), "vocab_size", None)
+    if isinstance(vocab, int) and top_k > vocab:
+        raise ConfigError(f"top_k={top_k} is more than the model's {vocab} tokens: give 1 to {vocab}")
     res = cm.generate(
         image,
         prompt,

@@ -392,15 +392,18 @@ def score_predictions(
     if data is not None:
         check_data_path(data)
     if out is not None:
-        from ..outputs import check_results_folder
+        from ..outputs import OutputError, check_results_folder
 
         source = str(path.resolve())
-        check_results_folder(
-            out, "--out", main="metrics.json", fmt=SCORE_FORMAT.split("/")[0] + "/", writes=("metrics.json",),
-            inputs=[("predictions", path), ("--data", data), ("--annotations", annotations)],
-            same=lambda earlier: earlier.get("source") == source and earlier.get("benchmark") == bench.name,
-            what="other predictions",
-        )  # fmt: skip
+        try:
+            check_results_folder(
+                out, "--out", main="metrics.json", fmt=SCORE_FORMAT.split("/")[0] + "/", writes=("metrics.json",),
+                inputs=[("predictions", path), ("--data", data), ("--annotations", annotations)],
+                same=lambda earlier: earlier.get("source") == source and earlier.get("benchmark") == bench.name,
+                what="other predictions",
+            )  # fmt: skip
+        except OutputError as err:
+            raise BenchmarkError(str(err)) from None
     records = bench.read_predictions(path, Path(data) if data else None, Path(annotations) if annotations else None)
     if not records:
         raise BenchmarkError(f"{path}: no predictions")

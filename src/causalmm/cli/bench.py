@@ -32,6 +32,7 @@ from .common import (
     sampling,
     search,
     user_errors,
+    within,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 
 BENCH_HELP = "pope | mme | chair | vlind"
+#: the most samples per batched generate call: each adds its rows (times the method's branches) to every forward
+MAX_BATCH = 1024
 
 
 def _bench_options(**given) -> dict:
@@ -69,7 +72,7 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Run seed; each sample's seed derives from it and its id.")] = 0,
     seeds: Annotated[str | None, typer.Option(help="Several run seeds, e.g. 1,2,3: mean ± std.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples (whole MME image pairs).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per batched generate call.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Samples per batched generate call; 1..1024.")] = 1,
     max_new_tokens: Annotated[int | None, typer.Option(help="Default: the benchmark's own.")] = None,
     do_sample: DoSampleOpt = False,
     temperature: TemperatureOpt = 1.0,
@@ -89,7 +92,7 @@ def eval_(
     dtype: DtypeOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     num_processes: Annotated[
-        int, typer.Option(help="Split the run over N processes with `accelerate launch` (one per GPU).")
+        int, typer.Option(help="Split the run over N processes with `accelerate launch`: 1 to the GPUs (one each).")
     ] = 1,
 ) -> None:
     """Run a benchmark into a run folder (resumable), score it, write metrics.json and report.md.
@@ -101,8 +104,15 @@ def eval_(
     from ..benchmarks import BenchmarkError
     from ..benchmarks.evaluate import RunSpec, evaluate
 
-    if num_processes < 1:
-        fail(f"--num-processes must be at least 1, got {num_processes}")
+    within("--batch-size", batch_size, 1, MAX_BATCH)
+    if limit is not None:
+        within("--limit", limit, 1)
+    if num_processes != 1:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        most, what = (gpus, "one per GPU here") if gpus else (os.cpu_count() or 1, "no GPU: one per CPU core here")
+        within("--num-processes", num_processes, 1, most, what)
     relaunch = num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
 
     run_seeds = _parse_seeds(seed, seeds)

@@ -194,3 +194,10 @@ def int_list(text: str, flag: str) -> list[int]:
     if not values:
         fail(f"{flag} is empty: give at least one integer")
     return values
+
+
+def within(flag: str, value: int | float, low: int | float, high: int | float | None = None, why: str = "") -> None:
+    """Refuse ``value`` of ``flag`` outside ``[low, high]`` in one line naming the range (``why``: what sets it)."""
+    if value < low or (high is not None and value > high):
+        span = f"at least {low}" if high is None else f"{low} to {high}"
+        fail(f"{flag} {value} is out of range: give {span}{f' ({why})' if why else ''}")

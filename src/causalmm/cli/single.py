@@ -154,7 +154,7 @@ def explain(
     config: CausalMMConfig = None,  # the decoding flags, added by @decoding_options
     seed: Annotated[int, typer.Option(help="Seed of the counterfactual draws.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 16,
-    top_k: Annotated[int, typer.Option(help="Candidates shown per branch and step.")] = 5,
+    top_k: Annotated[int, typer.Option(help="Candidates shown per branch and step; 1 to the vocabulary size.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
     html: Annotated[Path | None, typer.Option(help="Also write an HTML report with the attention figure.")] = None,
     attention: AttentionOpt = "sdpa",
@@ -215,18 +215,31 @@ def app(
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """A local web page: drop an image, ask, tick methods, compare their answers, explain one (needs
-    `pip install 'causalmm[app]'`)."""
+    """A local web page: drop an image, ask, tick methods, compare their answers, explain one.
+
+    Needs `pip install 'causalmm\\[app]'`.
+    """
+    # typer prints the help through rich, which reads "[app]" as markup: hence the backslash, and escape() on
+    # every message below (a path or a host can hold brackets too)
     import os
 
+    from rich.markup import escape
+
+    from ..app.ui import check_host, check_port
+
+    # the address is checked first, before gradio's import and the model load (seconds), so a typo fails at once
+    problem = check_host(host)
+    if problem:
+        fail(escape(problem))
     if not is_loopback(host):
         console.print(
-            f"[bold yellow]warning:[/] binding {host}: anyone who can reach this machine can use the app and its "
-            "model; use the default 127.0.0.1 to keep it local",
+            f"[bold yellow]warning:[/] binding {escape(host)}: anyone who can reach this machine can use the app and "
+            "its model; use the default 127.0.0.1 to keep it local",
             highlight=False,
         )
-    if not 1 <= port <= 65535:
-        fail(f"--port {port} must be between 1 and 65535")
+    problem = check_port(host, port)
+    if problem:
+        fail(escape(problem))
     toy = model is None
     if toy:
         from ..config import ConfigError
@@ -235,24 +248,24 @@ def app(
         try:
             model = str(shipped_model_path(world))
         except (ConfigError, FileNotFoundError) as err:
-            fail(str(err))
+            fail(escape(str(err)))
     elif world != "default":
         fail("--world picks a shipped toy-world model: give it without --model")
-    # the settings are checked above, before gradio's import (seconds), so a typo fails at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the app talks to nobody
     try:
         import gradio  # noqa: F401
     except ImportError:
-        fail("the app needs gradio: pip install 'causalmm[app]'")
+        fail(escape("the app needs gradio: pip install 'causalmm[app]'"))
     from ..app import Session
     from ..app.ui import build_app, examples
 
     try:
         session = Session(model, base=attention, **hf_kwargs(device, dtype))
     except user_errors() as err:
-        fail(str(err))
+        fail(escape(str(err)))
     if toy:
         session.model_name = "the shipped toy-world model" + ("" if world == "default" else f" ({world} world)")
     page = build_app(session, example_images=examples(world=world) if toy else None)
-    console.print(f"serving {model} on http://{host}:{port} (Ctrl+C stops)", highlight=False)
+    where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    console.print(escape(f"serving {model} on http://{where}:{port} (Ctrl+C stops)"), highlight=False)
     page.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, quiet=True)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import fail, int_list, user_errors
+from .common import fail, int_list, user_errors, within
 
 WORLD_HELP = "A shipped toy world: default (language prior) | vision-prior (language and vision-encoder priors)."
 
@@ -21,9 +21,9 @@ def demo(
     ] = None,
     world: Annotated[str, typer.Option(help=WORLD_HELP)] = "default",
     out: Annotated[Path, typer.Option(help="Where metrics.json and demo.png go.")] = Path("runs/demo"),
-    images: Annotated[int, typer.Option(help="Test-split images (every object is asked about each).")] = 240,
+    images: Annotated[int, typer.Option(help="Test-split images (every object is asked about each); 1..100000.")] = 240,
     seeds: Annotated[str, typer.Option(help="Counterfactual seeds, comma-separated.")] = "0,1,2",
-    batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Questions per batch; 1..1024.")] = 32,
     all_methods: Annotated[
         bool, typer.Option("--all", help="The full leaderboard: every baseline and the original feature gate too.")
     ] = False,
@@ -41,8 +41,10 @@ def demo(
     from ..toyworld.demo import demo as run_demo
 
     seed_list = int_list(seeds, "--seeds")
-    if images < 1 or batch_size < 1:
-        fail("--images and --batch-size must be at least 1")
+    if len(set(seed_list)) != len(seed_list):
+        fail(f"--seeds {seeds!r} repeats a seed: give distinct seeds (a repeat would count its answers twice)")
+    within("--images", images, 1, MAX_IMAGES)
+    within("--batch-size", batch_size, 1, MAX_BATCH)
     command = shlex.join(["causalmm", *sys.argv[1:]])
     try:
         result = run_demo(
@@ -130,6 +132,12 @@ def plumbing(
     Console(width=max(Console().width, 140)).print(table)
 
 
+#: the most images a toy-world command draws per split (each is drawn, and saved or asked about: 100k take
+#: minutes and about 1 GB)
+MAX_IMAGES = 100_000
+#: the most questions per batch: beyond it a batch only adds memory (the test split's 240 images ask 2400)
+MAX_BATCH = 1024
+
 toyworld_app = typer.Typer(no_args_is_help=True, help="The embedded toy world: train its model, tune, write splits.")
 
 
@@ -140,10 +148,13 @@ def toyworld_train(
     seed: Annotated[int, typer.Option(help="Initialisation seed (and the stretch of the data stream used).")] = 0,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default: the shipped model's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per step (default: the shipped model's).")] = None,
-    threads: Annotated[int, typer.Option(help="CPU threads (results are reproducible for a fixed count).")] = 2,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads, 1 to the CPU count (results are reproducible for a fixed count).")
+    ] = 2,
 ) -> None:
     """Train the toy-world LLaVA from scratch on generated data (about 14 minutes on 2 CPU cores; the
     vision-prior world about 25)."""
+    import os
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -151,6 +162,10 @@ def toyworld_train(
     from ..toyworld.train import TrainConfig, train
     from ..toyworld.worlds import get_world
 
+    within("--threads", threads, 1, os.cpu_count() or 1, "this machine's CPU count")
+    for flag_, value in (("--steps", steps), ("--batch-size", batch_size)):
+        if value is not None:
+            within(flag_, value, 1)
     try:
         shipped = get_world(world)
         cfg = TrainConfig(seed=seed, threads=threads, **shipped.training)
@@ -183,8 +198,8 @@ def toyworld_train(
 def toyworld_tune(
     model: Annotated[Path | None, typer.Option(help="Model directory (default: the --world model shipped).")] = None,
     world: Annotated[str, typer.Option(help=WORLD_HELP)] = "default",
-    images: Annotated[int, typer.Option(help="Val-split images.")] = 80,
-    max_drop: Annotated[float, typer.Option(help="Largest prior-consistent accuracy loss allowed.")] = 0.02,
+    images: Annotated[int, typer.Option(help="Val-split images; 1..100000.")] = 80,
+    max_drop: Annotated[float, typer.Option(help="Largest prior-consistent accuracy loss allowed; 0..1.")] = 0.02,
     methods: Annotated[
         str | None, typer.Option(help="Comma-separated leaderboard names to (re-)tune; the others keep their choice.")
     ] = None,
@@ -192,6 +207,8 @@ def toyworld_tune(
     """Choose each method's settings on the val split; writes tuning.json beside the model (the demo reads it)."""
     from ..toyworld.demo import LEADERBOARD, tune
 
+    within("--images", images, 1, MAX_IMAGES)
+    within("--max-drop", max_drop, 0.0, 1.0, "a share of accuracy")
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(LEADERBOARD)
     try:
         result = tune(model, n_images=images, max_drop=max_drop, methods=names, world=world)
@@ -204,16 +221,12 @@ def toyworld_tune(
               f"consistent {r['prior_consistent']:.3f}")
 
 
-#: the most images ``toyworld splits`` writes per split (each is drawn and saved: 100k take minutes and ~1 GB)
-MAX_SPLIT_IMAGES = 100_000
-
-
 @toyworld_app.command("splits")
 def toyworld_splits(
     out: Annotated[Path, typer.Option(help="Output directory.")],
     world: Annotated[str, typer.Option(help=WORLD_HELP)] = "default",
-    val_images: Annotated[int, typer.Option(help="Val-split images.")] = 200,
-    test_images: Annotated[int, typer.Option(help="Test-split images.")] = 500,
+    val_images: Annotated[int, typer.Option(help="Val-split images; 1..100000.")] = 200,
+    test_images: Annotated[int, typer.Option(help="Test-split images; 1..100000.")] = 500,
 ) -> None:
     """Write the val and test splits in the POPE, CHAIR and VLind-Bench formats (for `causalmm eval`)."""
     from dataclasses import asdict
@@ -222,9 +235,8 @@ def toyworld_splits(
     from ..toyworld import write_splits
     from ..toyworld.worlds import get_world
 
-    for flag, n in (("--val-images", val_images), ("--test-images", test_images)):
-        if not 1 <= n <= MAX_SPLIT_IMAGES:
-            fail(f"{flag} {n} is out of range: give 1 to {MAX_SPLIT_IMAGES} images")
+    within("--val-images", val_images, 1, MAX_IMAGES)
+    within("--test-images", test_images, 1, MAX_IMAGES)
     try:
         config = get_world(world).config
         sizes = {"val": val_images, "test": test_images}

@@ -283,3 +283,13 @@ def test_help_and_a_missing_option_load_no_model_code():
     for args, code in ((["--help"], 0), (["generate", "--prompt", "x"], 2)):
         proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
         assert proc.stdout.splitlines()[-1] == f"exit {code} False", (args, proc.stdout[-500:], proc.stderr[-500:])
+
+
+def test_messages_print_brackets_as_written(model_dirs, tmp_path, causalmm_cli):
+    """Rich reads "[cat]" as markup: an error naming such a path lost it ("/x/.png"), as the app's help lost [app]."""
+    missing = tmp_path / "photos" / "[cat].png"
+    proc = causalmm_cli("generate", "--model", model_dirs["llava"], "--image", missing, "--prompt", "hi", check=False)
+    _one_line_error(proc, "[cat].png")
+    odd = tmp_path / "[run]"
+    odd.write_text("a file")
+    _one_line_error(causalmm_cli("demo", "--out", odd, check=False), f"--out {odd} is a file")

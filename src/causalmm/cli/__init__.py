@@ -94,7 +94,9 @@ def main() -> None:
         line = str(err) if user else user_os_error(err)
         if line is None:
             raise
-        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -176,7 +176,7 @@ def score(
     for k, v in summary["metrics"].items():
         table.add_row(k, f"{v:.2f}")
     Console(width=max(Console().width, 100)).print(table)
-    console.print(f"wrote {target / 'metrics.json'}", highlight=False)
+    console.print(f"wrote {target / 'metrics.json'}", highlight=False, markup=False)
 
 
 def compare(
@@ -203,7 +203,7 @@ def compare(
         fail(str(err))
     sys.stdout.write(result["table"])
     if html is not None:
-        console.print(f"wrote {html}", highlight=False)
+        console.print(f"wrote {html}", highlight=False, markup=False)
 
 
 def _relaunch_with_accelerate(n: int, out: Path | None = None, lock_fd: int | None = None) -> int:

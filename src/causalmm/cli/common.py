@@ -19,7 +19,11 @@ console = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` on stderr as one line and exit with code 2. The message is text, never rich
+    markup: a path such as ``photos/[cat].png`` is printed as it is."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 

@@ -143,7 +143,7 @@ def visualize(
         )
     except user_errors() as err:
         fail(str(err))
-    console.print(f"wrote {path}", highlight=False)
+    console.print(f"wrote {path}", highlight=False, markup=False)
 
 
 @decoding_options
@@ -181,7 +181,7 @@ def explain(
     else:
         Console(width=max(Console().width, 140)).print(ex.table())
     if html is not None:
-        console.print(f"wrote {html}", highlight=False)
+        console.print(f"wrote {html}", highlight=False, markup=False)
 
 
 def methods() -> None:
@@ -219,8 +219,8 @@ def app(
 
     Needs `pip install 'causalmm\\[app]'`.
     """
-    # typer prints the help through rich, which reads "[app]" as markup: hence the backslash, and escape() on
-    # every message below (a path or a host can hold brackets too)
+    # typer prints the help through rich, which reads "[app]" as markup: hence the backslash; fail() escapes its
+    # messages, and escape() keeps the two lines printed here as text (a host can hold brackets too)
     import os
 
     from rich.markup import escape
@@ -230,7 +230,7 @@ def app(
     # the address is checked first, before gradio's import and the model load (seconds), so a typo fails at once
     problem = check_host(host)
     if problem:
-        fail(escape(problem))
+        fail(problem)
     if not is_loopback(host):
         console.print(
             f"[bold yellow]warning:[/] binding {escape(host)}: anyone who can reach this machine can use the app and "
@@ -239,7 +239,7 @@ def app(
         )
     problem = check_port(host, port)
     if problem:
-        fail(escape(problem))
+        fail(problem)
     toy = model is None
     if toy:
         from ..config import ConfigError
@@ -248,21 +248,21 @@ def app(
         try:
             model = str(shipped_model_path(world))
         except (ConfigError, FileNotFoundError) as err:
-            fail(escape(str(err)))
+            fail(str(err))
     elif world != "default":
         fail("--world picks a shipped toy-world model: give it without --model")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the app talks to nobody
     try:
         import gradio  # noqa: F401
     except ImportError:
-        fail(escape("the app needs gradio: pip install 'causalmm[app]'"))
+        fail("the app needs gradio: pip install 'causalmm[app]'")
     from ..app import Session
     from ..app.ui import build_app, examples
 
     try:
         session = Session(model, base=attention, **hf_kwargs(device, dtype))
     except user_errors() as err:
-        fail(escape(str(err)))
+        fail(str(err))
     if toy:
         session.model_name = "the shipped toy-world model" + ("" if world == "default" else f" ({world} world)")
     page = build_app(session, example_images=examples(world=world) if toy else None)

@@ -304,3 +304,15 @@ def test_explain_top_k_is_bounded_by_the_vocabulary(loaded, images):
     with pytest.raises(ConfigError, match=f"top_k={vocab + 1} is more than the model's {vocab} tokens"):
         explain(cm, images[0], "hi", max_new_tokens=1, top_k=vocab + 1)
     assert len(explain(cm, images[0], "hi", max_new_tokens=1, top_k=vocab).to_json()["steps"]) == 1
+
+
+def test_toyworld_train_refuses_a_folder_it_did_not_make_before_training(tmp_path, causalmm_cli):
+    someone = tmp_path / "a-model"
+    someone.mkdir()
+    (someone / "config.json").write_text('{"model_type": "theirs"}')
+    proc = causalmm_cli("toyworld", "train", "--out", someone, "--steps", "1", check=False)
+    one_line_error(proc, "holds config.json, which causalmm toyworld train did not write")
+    assert (someone / "config.json").read_text() == '{"model_type": "theirs"}' and proc.stdout == ""
+    existing = tmp_path / "file"
+    existing.write_text("x")
+    one_line_error(causalmm_cli("toyworld", "train", "--out", existing, check=False), "is a file; give a folder")

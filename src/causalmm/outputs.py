@@ -28,11 +28,20 @@ __all__ = ["OutputError", "check_output_file", "check_results_folder", "written_
 
 #: the file that makes a folder a ``causalmm eval`` run folder
 RUN_FILE = "run.json"
-#: a results folder's main file -> the format prefix its writer stamps into it
+#: a results folder's main file -> the format prefixes its writers stamp into it
 RESULT_FILES = {
     "metrics.json": ("causalmm-score/", "causalmm-toyworld-demo/"),
     "compare.json": ("causalmm-compare/",),
     "splits.json": ("causalmm-toyworld-splits/",),
+    "training.json": ("causalmm-toyworld-training/",),
+}
+#: the command that stamps each format
+WRITERS = {
+    "causalmm-score/": "causalmm score",
+    "causalmm-compare/": "causalmm compare",
+    "causalmm-toyworld-demo/": "causalmm demo",
+    "causalmm-toyworld-splits/": "causalmm toyworld splits",
+    "causalmm-toyworld-training/": "causalmm toyworld train",
 }
 
 
@@ -74,7 +83,7 @@ def _owner(folder: Path) -> str | None:
     for name, formats in RESULT_FILES.items():
         fmt = written_by(folder / name) if (folder / name).is_file() else None
         if fmt is not None and fmt.startswith(formats):
-            return f"a results folder of {fmt.split('/')[0].replace('causalmm-', 'causalmm ').replace('-', ' ')}"
+            return f"a results folder of {WRITERS[fmt.split('/')[0] + '/']}"
     return None
 
 
@@ -153,9 +162,8 @@ def check_results_folder(
     stamp = written_by(out / main) if (out / main).is_file() else None
     if stamp is None or not stamp.startswith(fmt):
         raise OutputError(
-            f"{flag} {out} holds {present[0]}, which {fmt.rstrip('/').replace('causalmm-', 'causalmm ')} did not "
-            f"write: a command never overwrites a result it did not write; move it away or pick another folder "
-            f"for {flag}"
+            f"{flag} {out} holds {present[0]}, which {WRITERS[fmt]} did not write: a command never overwrites a "
+            f"result it did not write; move it away or pick another folder for {flag}"
         )
     if same is not None:
         earlier = json.loads((out / main).read_text(encoding="utf-8"))

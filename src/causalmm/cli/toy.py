@@ -135,6 +135,11 @@ def plumbing(
 #: the most images a toy-world command draws per split (each is drawn, and saved or asked about: 100k take
 #: minutes and about 1 GB)
 MAX_IMAGES = 100_000
+#: the files ``toyworld train`` writes into its --out (a from_pretrained folder and its training record)
+MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+    "tokenizer_config.json", "chat_template.jinja", "training.json",
+)  # fmt: skip
 #: the most questions per batch: beyond it a batch only adds memory (the test split's 240 images ask 2400)
 MAX_BATCH = 1024
 
@@ -159,6 +164,7 @@ def toyworld_train(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from ..outputs import check_results_folder
     from ..toyworld.train import TrainConfig, train
     from ..toyworld.worlds import get_world
 
@@ -170,6 +176,8 @@ def toyworld_train(
         shipped = get_world(world)
         cfg = TrainConfig(seed=seed, threads=threads, **shipped.training)
         cfg = replace(cfg, **{k: v for k, v in (("steps", steps), ("batch_size", batch_size)) if v is not None})
+        # before minutes of training: a model folder train made before is replaced, nothing else is
+        check_results_folder(out, "--out", main="training.json", fmt="causalmm-toyworld-training/", writes=MODEL_FILES)
     except (ValueError, *user_errors()) as err:
         fail(str(err))
     with Progress(

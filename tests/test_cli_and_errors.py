@@ -251,7 +251,8 @@ def test_cli_safety_net_turns_os_errors_the_user_caused_into_one_line(tmp_path, 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     args = ["toyworld", "splits", "--val-images", "1", "--test-images", "1", "--out"]
-    _one_line_error(causalmm_cli(*args, str(blocker), check=False), "file exists", str(blocker))
+    # a file as --out is refused up front now; a path below a file still reaches the safety net at the write
+    _one_line_error(causalmm_cli(*args, str(blocker), check=False), f"--out {blocker} is a file; give a folder")
     _one_line_error(causalmm_cli(*args, str(blocker / "sub"), check=False), "not a directory", str(blocker / "sub"))
 
 

@@ -259,3 +259,22 @@ def test_reachable_after_a_bare_import():
     code = "import causalmm; print(causalmm.hf.generate.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "causalmm.hf", out.stderr
+
+
+def test_a_checkpoints_beam_settings_do_not_refuse_a_greedy_call(loaded, images):
+    """A generation config that carries beam settings (``early_stopping=True``, a length penalty) decodes greedily
+    as transformers does, ignoring them, instead of being refused as beam options without a beam search."""
+    base = loaded("llava")
+    inputs = _inputs(base, images[:1], PROMPTS[:1])
+    cfg = CausalMMConfig(method="regular")
+    gc = base.model.generation_config
+    before = (gc.early_stopping, gc.length_penalty)
+    gc.early_stopping, gc.length_penalty = True, 2.0
+    try:
+        out = base.model.generate(
+            **inputs, custom_generate=causalmm.hf.generate, causalmm=cfg, causalmm_pixels=inputs, max_new_tokens=4
+        )
+    finally:
+        gc.early_stopping, gc.length_penalty = before
+    ref = base.with_config(cfg).generate(images[:1], PROMPTS[:1], max_new_tokens=4)
+    _assert_same(out, inputs, ref, _pad(base.model))

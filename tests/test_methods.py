@@ -118,4 +118,5 @@ def test_the_cli_lists_the_registry(causalmm_cli):
     out = causalmm_cli("methods").stdout
     for name in ("regular", "causalmm", "vcd"):
         assert name in out
-    assert "DAMO-NLP-SG/VCD" in out and "noise_step=500" in out
+    # each setting as it is given on the command line, with its range
+    assert "DAMO-NLP-SG/VCD" in out and "--noise-step 500, [0, 999]" in out and "--param lamb=0.02, [0, inf)" in out

@@ -11,11 +11,17 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .interventions import COUNTERFACTUALS
 
-__all__ = ["CausalMMConfig", "ConfigError", "LayerSpec", "is_int", "is_real", "resolve_layers"]
+if TYPE_CHECKING:
+    from .methods import Method
+
+__all__ = [
+    "ANY_DEPTH", "FIELD_RANGES", "GAMMA_MAX", "MAX_CF_SAMPLES", "SEED_RANGE", "CausalMMConfig", "ConfigError",
+    "LayerSpec", "Range", "is_int", "is_real", "resolve_layers", "shown",
+]  # fmt: skip
 
 VISION_STYLES: tuple[str, ...] = ("attention", "gate")
 LAYER_WORDS: tuple[str, ...] = ("all", "shallow", "middle", "deep")
@@ -33,18 +39,105 @@ def is_int(value: Any) -> bool:
 
 
 def is_real(value: Any) -> bool:
-    """A finite real number (Python or numpy), not a bool and not a string."""
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and type(value).__name__ != "bool_"
-        and math.isfinite(value)
-    )
+    """A finite real number (Python or numpy), not a bool and not a string; an integer too large for a float is
+    not (no computation here could use it)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or type(value).__name__ == "bool_":
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _num(x: float) -> str:
+    """A bound as people write it: ``0``, ``0.01``, ``100``, ``2**63 - 1`` in full."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, but an integer too long to print (Python refuses to write one of
+    over 4300 digits) as its size."""
+    if is_int(value) and int(value).bit_length() > 200:
+        return f"<an integer of {int(value).bit_length()} bits>"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric setting must lie in, and a check of it: ``Range(0, 1, low_open=True)`` is ``(0, 1]``,
+    ``Range(0)`` is ``[0, inf)``. ``note`` says what the ends mean (``"0 = no contrast"``). One object gives the
+    check, the error text and the range ``causalmm methods`` and the docs show, so they cannot drift apart."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __str__(self) -> str:
+        left = "(" if self.low is None or self.low_open else "["
+        right = ")" if self.high is None or self.high_open else "]"
+        low = "-inf" if self.low is None else _num(self.low)
+        high = "inf" if self.high is None else _num(self.high)
+        return f"{left}{low}, {high}{right}"
+
+    def __call__(self, value: float) -> str | None:
+        """Why ``value`` is outside (``must be in [0, 1] (note)``), or ``None``."""
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (below or above):
+            return None
+        return f"must be in {self}" + (f" ({self.note})" if self.note else "")
+
+
+#: the fields every method reads: which method, its own parameters, and the seed of its draws and of sampling
+ALWAYS_READ = frozenset({"method", "params", "seed"})
+#: what ``gamma`` and ``epsilon`` resolve to for a method that declares no default of its own
+_FALLBACK = {"gamma": 1.0, "epsilon": 0.1}
+
+#: the largest contrast strength: at 100 the factual term weighs 1% of the score, so the rule ranks by the
+#: contrast alone; far above it the float32 scores overflow (``inf - inf``) and the choice is noise
+GAMMA_MAX = 100.0
+#: the most counterfactual draws per branch: each is a row of its own in every forward, with its own KV cache
+MAX_CF_SAMPLES = 64
+#: seeds are 64-bit signed integers, what torch generators, numpy and JSON readers all carry
+SEED_RANGE = Range(-(2**63), 2**63 - 1, note="a 64-bit signed integer")
+
+#: each shared field's accepted values, as ``causalmm methods`` and docs/methods.md show them
+FIELD_RANGES: dict[str, str] = {
+    "mode": "vision | language | multimodal | joint",
+    "vision_cf": " | ".join(COUNTERFACTUALS),
+    "language_cf": " | ".join(COUNTERFACTUALS),
+    "vision_layers": "layer indices, ranges (2,5-7; 4:8) or all/shallow/middle/deep, within the vision layers up "
+    "to the one that feeds the LLM (checked with the model)",
+    "language_layers": "the same syntax, within the LLM's layers (checked with the model)",
+    "vision_heads": "head indices >= 0, below the tower's head count (checked with the model); none: all",
+    "language_heads": "head indices >= 0, below the LLM's head count (checked with the model); none: all",
+    "gamma": f"[0, {_num(GAMMA_MAX)}]",
+    "epsilon": "[0, 1]",
+    "num_cf_samples": f"[1, {MAX_CF_SAMPLES}]",
+    "seed": "a 64-bit signed integer",
+    "legacy": "true | false",
+    "vision_style": " | ".join(VISION_STYLES),
+    "renormalize": "true | false",
+    "noise_step": "[0, 999]",
+    "noise_schedule": "linear | sigmoid",
+}
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in options:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(options)}")
+
+
+#: the depth a layer spec is read against before the model is known (its syntax, and no absurd index)
+ANY_DEPTH = 10_000
+
+
+def _out_of_range(what: str, index: int, n_layers: int) -> str:
+    if n_layers >= ANY_DEPTH:  # no model yet: the syntax check
+        return f"{what} index {index} is beyond any model's layers; give an index within the model's layers"
+    return f"{what} index {index} is out of range: the module has {n_layers} layers (0..{n_layers - 1})"
 
 
 def resolve_layers(spec: LayerSpec, n_layers: int, *, what: str = "layers") -> list[int]:
@@ -80,6 +173,9 @@ def resolve_layers(spec: LayerSpec, n_layers: int, *, what: str = "layers") -> l
             m = re.fullmatch(r"(-?\d+)\s*([-:])\s*(-?\d+)", part)
             if m:
                 lo, sep, hi = int(m[1]), m[2], int(m[3])
+                for end in (lo, hi - (sep == ":")):  # the ends first: '0-10**12' must not be expanded to be refused
+                    if lo <= end and not -n_layers <= end < n_layers:
+                        raise ConfigError(_out_of_range(what, end, n_layers))
                 items.extend(range(lo, hi + 1 if sep == "-" else hi))
             elif re.fullmatch(r"-?\d+", part):
                 items.append(int(part))
@@ -93,7 +189,7 @@ def resolve_layers(spec: LayerSpec, n_layers: int, *, what: str = "layers") -> l
     out = set()
     for i in items:
         if not -n_layers <= i < n_layers:
-            raise ConfigError(f"{what} index {i} is out of range: the module has {n_layers} layers (0..{n_layers - 1})")
+            raise ConfigError(_out_of_range(what, i, n_layers))
         out.add(i % n_layers)
     if not out:
         raise ConfigError(f"{what} {spec!r} selects no layer")
@@ -129,14 +225,16 @@ class CausalMMConfig:
         vision_layers / language_layers: which layers are intervened (see :func:`resolve_layers`);
             ``None`` takes the model's default (vision: the layer that feeds the LLM; LLM: ``"middle"``).
         vision_heads / language_heads: head indices to intervene, ``None`` for all.
-        gamma: contrast strength, ``z = l + gamma * sum_b (l - l_b)``; 0 gives regular decoding. ``None``: the
-            method's own default (:class:`~causalmm.methods.Param`), 1.0 where it declares none.
+        gamma: contrast strength, ``z = l + gamma * sum_b (l - l_b)``, in ``[0, 100]`` (:data:`GAMMA_MAX`); 0 gives
+            regular decoding. ``None``: the method's own default (:class:`~causalmm.methods.Param`), 1.0 where it
+            declares none.
         epsilon: plausibility cut-off on the factual probabilities, in [0, 1]; 1 keeps only the top token
             (regular greedy). The original scripts' 0.6 often leaves a single token and so disables the contrast.
             ``None``: the method's own default, 0.1 where it declares none.
         num_cf_samples: K draws of each counterfactual branch, logits averaged (a Monte-Carlo estimate of the
-            expectation over a~).
-        seed: base seed; each sample's counterfactual draws and sampling come from generators seeded from it.
+            expectation over a~), 1 to :data:`MAX_CF_SAMPLES`.
+        seed: base seed, a 64-bit signed integer; each sample's counterfactual draws and sampling come from
+            generators seeded from it.
         legacy: reproduce the original release: the counterfactual acts on the first generated token only
             (its branch shared the factual KV cache afterwards).
         vision_style: ``attention`` (replace attention in the encoder) or ``gate`` (the original release's
@@ -147,6 +245,10 @@ class CausalMMConfig:
         params: the method's own hyper-parameters (those its :class:`~causalmm.methods.Param` entries declare
             beyond the fields above), by name; every one is filled in with its default, and a name the method
             does not declare is refused with the list it does.
+
+    A field the method does not read (:meth:`~causalmm.methods.Method.reads`: ``gamma`` for ``regular``, ``mode``
+    for ``vcd``, the vision fields in ``mode="language"``) is refused unless it is at its default
+    (:data:`FIELD_RANGES` lists what each field accepts).
     """
 
     method: str = "causalmm"
@@ -174,7 +276,7 @@ class CausalMMConfig:
 
         _choice("method", self.method, method_names())
         method = get_method(self.method)
-        for name, fallback in (("gamma", 1.0), ("epsilon", 0.1)):
+        for name, fallback in _FALLBACK.items():
             if getattr(self, name) is None:
                 setattr(self, name, method.default(name, fallback))
         self.params = method.check_params(self.params)
@@ -188,28 +290,56 @@ class CausalMMConfig:
         for name in ("gamma", "epsilon"):
             value = getattr(self, name)
             if not is_real(value):
-                raise ConfigError(f"{name}={value!r} must be a finite number")
+                raise ConfigError(f"{name}={shown(value)} must be a finite number")
             setattr(self, name, float(value))
         if self.gamma < 0:
             raise ConfigError(f"gamma={self.gamma} must be a finite number >= 0 (0 = no contrast)")
+        if self.gamma > GAMMA_MAX:
+            raise ConfigError(
+                f"gamma={self.gamma} is above {_num(GAMMA_MAX)}, the largest this accepts: there the factual term "
+                "weighs 1% of the score already, and further on the float32 scores overflow; give a gamma in "
+                f"[0, {_num(GAMMA_MAX)}]"
+            )
         if not 0.0 <= self.epsilon <= 1.0:
             raise ConfigError(f"epsilon={self.epsilon} must be in [0, 1] (0 = no plausibility cut-off)")
         for name in ("num_cf_samples", "seed", "noise_step"):
             value = getattr(self, name)
             if not is_int(value):
-                raise ConfigError(f"{name}={value!r} must be an integer")
+                raise ConfigError(f"{name}={shown(value)} must be an integer")
             setattr(self, name, int(value))
-        if self.num_cf_samples < 1:
-            raise ConfigError(f"num_cf_samples={self.num_cf_samples!r} must be an integer >= 1")
+        if not 1 <= self.num_cf_samples <= MAX_CF_SAMPLES:
+            raise ConfigError(
+                f"num_cf_samples={shown(self.num_cf_samples)} must be an integer in [1, {MAX_CF_SAMPLES}]: each draw "
+                "is a row of its own in every forward, with its own KV cache"
+            )
+        if SEED_RANGE(self.seed):
+            raise ConfigError(f"seed={shown(self.seed)} {SEED_RANGE(self.seed)}")
         if not 0 <= self.noise_step <= 999:
-            raise ConfigError(f"noise_step={self.noise_step!r} must be an integer in [0, 999]")
+            raise ConfigError(f"noise_step={shown(self.noise_step)} must be an integer in [0, 999]")
         for name in ("legacy", "renormalize"):
             if not isinstance(getattr(self, name), bool):  # "no" or 0 would otherwise read as a switch
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         for name in ("vision_layers", "language_layers"):
             spec = getattr(self, name)
             if spec is not None and not (isinstance(spec, str) and spec in LAYER_WORDS):
-                resolve_layers(spec, 10**6, what=name)  # type and syntax now; range once the model is known
+                resolve_layers(spec, ANY_DEPTH, what=name)  # type and syntax now; range once the model is known
+        self._refuse_unread(method)
+
+    def _refuse_unread(self, method: Method) -> None:
+        """Refuse a shared setting the method does not read (``gamma`` for ``regular``, ``mode`` for ``vcd``,
+        ``vision_layers`` in ``mode='language'``), so that no run records a setting as if it had applied.
+
+        A value equal to the field's default is taken as not given: a config written by :meth:`to_dict` names every
+        field, and reading it back must give the same config (the command line, which knows what the user typed,
+        refuses those too)."""
+        read = method.reads(vars(self))
+        for f in dataclasses.fields(self):
+            if f.name in read or f.name in ALWAYS_READ:
+                continue
+            default = _FALLBACK.get(f.name, f.default)  # gamma, epsilon: what None resolved to (not declared)
+            value = getattr(self, f.name)
+            if value != default:
+                raise ConfigError(f"{f.name}={shown(value)} {method.unread_reason(f.name, vars(self))}")
 
     def param(self, name: str) -> Any:
         """The value of the method's own hyper-parameter ``name`` (given, or its default)."""
@@ -237,12 +367,29 @@ class CausalMMConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
+            from .methods import METHODS
+
+            owners = [m.name for m in METHODS.values() if unknown[0] in {p.field for p in m.own_params()}]
+            if owners:  # a method's own parameter at the top level: say where it goes
+                raise ConfigError(
+                    f"unknown config field {unknown[0]}: it is a parameter of method {', '.join(owners)}, which goes "
+                    f'under "params", e.g. {{"method": "{owners[0]}", "params": {{"{unknown[0]}": ...}}}}'
+                )
             raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> CausalMMConfig:
         """A validated copy with ``changes`` applied. Changing the method without giving ``params`` starts the
-        new method's parameters from their defaults (the old method's would not be its own)."""
-        if "method" in changes and changes["method"] != self.method and "params" not in changes:
-            changes["params"] = {}
+        new method's parameters from their defaults (the old method's would not be its own), and the shared
+        settings the new method does not read from theirs (they would be refused as set for it)."""
+        if "method" in changes and changes["method"] != self.method:
+            from .methods import METHODS
+
+            changes.setdefault("params", {})
+            new = METHODS.get(changes["method"])
+            if new is not None:
+                read = new.reads({**vars(self), **changes})
+                for f in dataclasses.fields(self):
+                    if f.name not in read and f.name not in ALWAYS_READ and f.name not in changes:
+                        changes[f.name] = None if f.name in _FALLBACK else f.default
         return dataclasses.replace(self, **changes)

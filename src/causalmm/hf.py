@@ -255,6 +255,9 @@ def _options(generation_config: Any, prompt_length: int) -> GenerationOptions:
     max_new = int(g.max_length) - prompt_length if g.max_length is not None else g.max_new_tokens
     sample = bool(g.do_sample)
     top_p = g.top_p if sample and g.top_p is not None and g.top_p < 1.0 else None
+    beams = int(g.num_beams or 1)
+    # a checkpoint's generation config may carry beam settings (early_stopping=True) that transformers applies to
+    # beam search only: they are passed on only where there is one, or a greedy call would be refused for them
     return GenerationOptions(
         max_new_tokens=int(max_new) if max_new is not None else 0,
         do_sample=sample,
@@ -262,9 +265,9 @@ def _options(generation_config: Any, prompt_length: int) -> GenerationOptions:
         top_k=int(g.top_k) if sample and g.top_k else None,
         top_p=float(top_p) if top_p is not None else None,
         repetition_penalty=float(g.repetition_penalty) if g.repetition_penalty else 1.0,
-        num_beams=int(g.num_beams or 1),
-        length_penalty=float(g.length_penalty) if g.length_penalty is not None else 1.0,
-        early_stopping=g.early_stopping if g.early_stopping is not None else False,
+        num_beams=beams,
+        length_penalty=float(g.length_penalty) if beams > 1 and g.length_penalty is not None else 1.0,
+        early_stopping=g.early_stopping if beams > 1 and g.early_stopping is not None else False,
         no_repeat_ngram_size=int(g.no_repeat_ngram_size or 0),
     )
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, is_int, is_real
+from .config import SEED_RANGE, ConfigError, is_int, is_real, shown
 
 __all__ = [
     "InputError",
@@ -78,7 +78,7 @@ def image_list(images: Any, n_prompts: int, single: bool) -> list[Any]:
 
 
 def seed_list(name: str, seeds: Any, n: int) -> list[int] | None:
-    """``seeds`` checked: ``None``, or a list of ``n`` integers (bools, floats and strings are refused)."""
+    """``seeds`` checked: ``None``, or a list of ``n`` 64-bit integers (bools, floats and strings are refused)."""
     if seeds is None:
         return None
     if isinstance(seeds, np.ndarray):
@@ -89,6 +89,8 @@ def seed_list(name: str, seeds: Any, n: int) -> list[int] | None:
     for s in seeds:
         if not is_int(s):
             raise InputError(f"{name} must hold integers; {s!r} is a {type(s).__name__}")
+        if SEED_RANGE(s):
+            raise InputError(f"{name} holds {shown(s)}, which {SEED_RANGE(s)}")
     if len(seeds) != n:
         raise InputError(f"{name} has {len(seeds)} values for {n} prompts; give one per prompt")
     return [int(s) for s in seeds]
@@ -107,11 +109,11 @@ def checked_options(kwargs: dict[str, Any], known: Sequence[str]) -> dict[str, A
             continue
         if name in ("max_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size"):
             if not is_int(value):
-                raise ConfigError(f"{name}={value!r} must be an integer")
+                raise ConfigError(f"{name}={shown(value)} must be an integer")
             out[name] = int(value)
         elif name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
             if not is_real(value):
-                raise ConfigError(f"{name}={value!r} must be a finite number")
+                raise ConfigError(f"{name}={shown(value)} must be a finite number")
             out[name] = float(value)
         elif name == "early_stopping":
             if not (isinstance(value, (bool, np.bool_)) or value == "never"):

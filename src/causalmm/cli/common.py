@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    pass
+    from ..methods import Method
 
 console = Console(stderr=True)
 
@@ -71,7 +71,14 @@ ParamOpt = Annotated[
     list[str] | None,
     typer.Option("--param", help="A method's own parameter, NAME=VALUE (repeatable); `causalmm methods` lists them."),
 ]
-SamplesOpt = Annotated[int, typer.Option(help="Counterfactual draws per branch (K), logits averaged.")]
+VisionHeadsOpt = Annotated[str | None, typer.Option(help="Vision heads intervened, e.g. '0,3' (default: all).")]
+LanguageHeadsOpt = Annotated[str | None, typer.Option(help="LLM heads intervened, e.g. '0,3' (default: all).")]
+SamplesOpt = Annotated[int, typer.Option(help="Counterfactual draws per branch (K), logits averaged; 1..64.")]
+NoiseStepOpt = Annotated[int, typer.Option(help="VCD: diffusion noise step, 0..999.")]
+NoiseScheduleOpt = Annotated[str, typer.Option(help="VCD: linear | sigmoid (VCD's released code).")]
+RenormalizeOpt = Annotated[
+    bool, typer.Option(help="CausalMM: counterfactual maps are distributions (--no-renormalize: the original's).")
+]
 DoSampleOpt = Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy decoding.")]
 TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
 TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling mass.")]
@@ -99,23 +106,134 @@ _DECODING = (
     ("language_cf", LanguageCfOpt, "random"),
     ("vision_layers", VisionLayersOpt, None),
     ("language_layers", LanguageLayersOpt, None),
+    ("vision_heads", VisionHeadsOpt, None),
+    ("language_heads", LanguageHeadsOpt, None),
     ("gamma", GammaOpt, None),
     ("epsilon", EpsilonOpt, None),
     ("samples", SamplesOpt, 1),
     ("legacy", LegacyOpt, False),
     ("vision_style", VisionStyleOpt, "attention"),
+    ("renormalize", RenormalizeOpt, True),
+    ("noise_step", NoiseStepOpt, 500),
+    ("noise_schedule", NoiseScheduleOpt, "linear"),
     ("param", ParamOpt, None),
 )
 
+#: the config field each decoding flag sets, where the names differ
+_FIELD_OF = {"samples": "num_cf_samples"}
+#: options of the generation commands that act on sampling only, and on beam search only
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+_BEAM_ONLY = ("length_penalty", "early_stopping")
 
-def method_params(items: list[str] | None) -> dict[str, str]:
-    """``--param NAME=VALUE`` flags as a mapping (the method types and checks the values)."""
+
+def flag(field: str) -> str:
+    """The command-line flag of a config field (``num_cf_samples`` is ``--samples``), or of a generation option."""
+    name = {v: k for k, v in _FIELD_OF.items()}.get(field, field)
+    return "--" + name.replace("_", "-")
+
+
+def setting_flag(field: str, shared: bool, value: str | None = None) -> str:
+    """How a method's setting is given on the command line: ``--gamma 1.0``, ``--legacy``, ``--param lamb=0.02``
+    (``value`` as typed, or the default)."""
+    if not shared:
+        return f"--param {field}={'VALUE' if value is None else value}"
+    on = value is None or str(value).lower() in ("true", "1")
+    if field == "legacy":  # a switch without an opposite: off is its absence
+        return "--legacy" if on else "no --legacy"
+    if field == "renormalize":
+        return "--renormalize" if on else "--no-renormalize"
+    return flag(field) + ("" if value is None else f" {value}")
+
+
+def _typed(ctx: typer.Context | None, defaults: dict[str, Any], values: dict[str, Any]) -> set[str]:
+    """The parameters the user typed: from the record typer keeps of where each value came from, where the
+    command line ran the command; else (a direct call) those that differ from the command's defaults."""
+    if ctx is not None:
+        unset = ("DEFAULT", "DEFAULT_MAP")
+        return {n for n in ctx.params if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in unset}
+    return {name for name, value in values.items() if name in defaults and value != defaults[name]}
+
+
+def check_generation(options: dict[str, Any]) -> None:
+    """A generation command's options (``generate``, ``eval``) checked as :class:`~causalmm.decoding
+    .GenerationOptions` will check them, so that a value out of range fails before anything loads."""
+    if "num_beams" not in options:  # explain: its max_new_tokens and top_k are its own, checked by explain
+        return
+    from ..decoding import GenerationOptions
+
+    o = options
+    given = sampling(o["do_sample"], o["temperature"], o["top_p"], o["top_k"])
+    given |= search(o["num_beams"], o["length_penalty"], o["early_stopping"], o["no_repeat_ngram_size"])
+    if options.get("max_new_tokens") is not None:
+        given["max_new_tokens"] = options["max_new_tokens"]
+    try:
+        GenerationOptions(**given)
+    except user_errors() as err:
+        fail(str(err))
+
+
+def refuse_unapplied(values: dict[str, Any], typed: set[str], options: dict[str, Any]) -> None:
+    """Refuse, before anything loads, a flag the user typed that would not apply: a decoding flag the method
+    does not read (``--gamma`` with ``--method regular``, ``--mode`` with ``--method vcd``, ``--vision-layers``
+    in ``--mode language``), a sampling option without ``--do-sample``, a beam option without a beam search,
+    OPERA's beams given twice. ``values``: the decoding flags; ``options``: the command's own."""
+    from ..methods import METHODS
+
+    method = METHODS.get(values["method"])
+    if method is None:
+        return  # the config names the registered methods
+    settings = {_FIELD_OF.get(k, k): v for k, v in values.items()}
+    read = method.reads(settings)
+    for name in values:
+        field = _FIELD_OF.get(name, name)
+        if name in typed and field not in read and field not in ("method", "param"):
+            fail(f"{flag(field)} {method.unread_reason(field, settings, spell=_spelled(method))}")
+    if "do_sample" in options and not options["do_sample"]:
+        for name in _SAMPLING_ONLY:
+            if name in typed:
+                fail(f"{flag(name)} acts on sampling only: add --do-sample to sample, or drop {flag(name)}")
+    searching = options.get("num_beams", 1) > 1 or method.search is not None
+    if "num_beams" in options and not searching:
+        for name in _BEAM_ONLY:
+            if name in typed:
+                fail(f"{flag(name)} acts on beam search only: add --num-beams N (N > 1), or drop {flag(name)}")
+    beams = any(item.partition("=")[0].strip() == "beams" for item in values.get("param") or [])
+    if method.search == "opera" and "num_beams" in typed and beams:
+        fail("--num-beams and --param beams both set OPERA's beams: give one of them")
+
+
+def _spelled(method: Method) -> Callable[[str], str]:
+    """How ``method``'s settings are named in a command-line error: shared ones by flag, its own by ``--param``."""
+    own = {p.field for p in method.own_params()}
+    return lambda field: setting_flag(field, field not in own)
+
+
+def method_params(items: list[str] | None, method_name: str | None = None) -> dict[str, str]:
+    """``--param NAME=VALUE`` flags as a mapping (the method types and checks the values). A setting the methods
+    share is answered with its own flag (``--param gamma=2`` is ``--gamma 2``), or with why it does not apply."""
     out: dict[str, str] = {}
     for item in items or []:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             fail(f"--param {item!r}: give NAME=VALUE, e.g. --param alpha=0.2 (`causalmm methods` lists them)")
         out[name.strip()] = value.strip()
+    if not out or method_name is None:
+        return out
+    from ..config import CausalMMConfig
+    from ..methods import METHODS
+
+    method = METHODS.get(method_name)
+    for name, value in out.items():
+        if method is None or name not in CausalMMConfig.__dataclass_fields__:
+            continue
+        if name in {p.field for p in method.params}:
+            usage = setting_flag(name, True, value)
+            fix = f"leave {usage.removeprefix('no ')} out" if usage.startswith("no ") else f"give {usage}"
+            fail(
+                f"--param {name}={value}: {name} is a setting the methods share, not a parameter of "
+                f"{method.name}'s own: {fix}"
+            )
+        fail(f"--param {name}={value}: {flag(name)} {method.unread_reason(name, {}, spell=_spelled(method))}")
     return out
 
 
@@ -123,26 +241,33 @@ def decoding_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give ``command`` the decoding flags (in place of its ``config`` parameter) and call it with the
     :class:`~causalmm.config.CausalMMConfig` they describe (its ``seed`` from the command's own ``--seed``).
 
-    The flags are defined once here, so the commands cannot drift apart; a bad value is one ``error:`` line."""
+    The flags are defined once here, so the commands cannot drift apart; a bad value is one ``error:`` line, and
+    so is a flag the user typed that would not apply (:func:`refuse_unapplied`)."""
     own = list(inspect.signature(command, eval_str=True, locals={"CausalMMConfig": object}).parameters.values())
     at = [p.name for p in own].index("config")
     flags = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in _DECODING]
     keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
+    # typer hands the command line's context to a parameter of its type: it says which flags the user typed
+    context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=typer.Context)
+    defaults = {p.name: p.default for p in [*flags, *keyword]}
+
     @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> Any:
+    def wrapper(ctx: typer.Context | None = None, **kwargs: Any) -> Any:
         from ..config import CausalMMConfig
 
         values = {name: kwargs.pop(name) for name, _, _ in _DECODING}
+        refuse_unapplied(values, _typed(ctx, defaults, {**values, **kwargs}), kwargs)
+        check_generation(kwargs)
         values["num_cf_samples"] = values.pop("samples")
-        values["params"] = method_params(values.pop("param"))
+        values["params"] = method_params(values.pop("param"), values["method"])
         try:
             config = CausalMMConfig(**values, seed=kwargs.get("seed", 0))
         except user_errors() as err:
             fail(str(err))
         return command(config=config, **kwargs)
 
-    params = keyword[:at] + flags + keyword[at + 1 :]
+    params = keyword[:at] + flags + keyword[at + 1 :] + [context]
     # typer reads the signature and the type hints: both are the new parameter list, with evaluated annotations
     wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}

@@ -186,16 +186,29 @@ def explain(
 
 def methods() -> None:
     """List the decoding methods of the registry: name, what it does, the paper and code it follows, and the
-    settings it reads with their defaults and where those come from."""
+    settings it reads, each as it is given on the command line with its default, the values it takes and where
+    the default comes from."""
     from ..methods import get_method, method_names
+    from .common import setting_flag
 
     table = Table(title="decoding methods (--method)")
-    for column in ("method", "what", "follows", "settings (default: origin)"):
+    for column in ("method", "what", "follows", "settings: flag with its default, accepted values: origin"):
         table.add_column(column, overflow="fold")
     for name in method_names():
         m = get_method(name)
-        params = "\n".join(f"{p.field}={p.default!r}: {p.source}" for p in m.params)
-        table.add_row(name, m.summary, m.reference, params)
+        own = {p.field for p in m.own_params()}
+        lines = []
+        for p in m.params:
+            shared = p.field not in own
+            if isinstance(p.default, bool) and shared:  # a switch: --legacy, --renormalize / --no-renormalize
+                usage = f"{setting_flag(p.field, True, str(not p.default))} (default {'on' if p.default else 'off'})"
+            elif p.default is None:
+                usage = f"{setting_flag(p.field, shared)} (default: unset)"
+            else:
+                default = str(p.default).lower() if isinstance(p.default, bool) else str(p.default)
+                usage = setting_flag(p.field, shared, default)
+            lines.append(f"{usage}, {p.accepted()}: {p.source}")
+        table.add_row(name, m.summary, m.reference, "\n".join(lines))
     Console(width=max(Console().width, 160)).print(table)
 
 

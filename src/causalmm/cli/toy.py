@@ -112,7 +112,7 @@ def plumbing(
     base = CausalMM.from_pretrained(str(path), CausalMMConfig(method="regular"))
     rows = [("regular", CausalMMConfig(method="regular")), ("vcd", CausalMMConfig(method="vcd"))]
     rows += [
-        (f"causalmm/{m}", CausalMMConfig(mode=m, language_layers="all"))
+        (f"causalmm/{m}", CausalMMConfig(mode=m, **({} if m == "vision" else {"language_layers": "all"})))
         for m in ("vision", "language", "multimodal", "joint")
     ]
     table = Table(title=f"RANDOM WEIGHTS — tiny {family} model (plumbing demo, not a quality result)")

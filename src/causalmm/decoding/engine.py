@@ -29,7 +29,7 @@ from .needs import MethodNeeds, plain_cache, same_token_keys
 from .opera import opera_decode
 from .prefill import image_prefix, prefill_shared
 from .rows import Row, RowLayout
-from .rule import GenerationOptions, GenerationResult, TokenSelector
+from .rule import BEAM_ONLY, GenerationOptions, GenerationResult, TokenSelector
 from .sharing import select_cache_rows
 
 __all__ = ["Engine", "Switches"]
@@ -176,6 +176,33 @@ class Engine:
         self._check_heads(cfg.language_heads, ad.lm_attn[0], "language")
         return SiteRule(cfg.language_cf, frozenset(layers), cfg.language_heads, cfg.renormalize)
 
+    def check_options(self, opts: GenerationOptions) -> None:
+        """Refuse, before any work, generation options this model or method cannot take or would ignore: more beams
+        or a larger top-k than the vocabulary has tokens, a beam-search option without a beam search, OPERA's
+        beams given twice with two values."""
+        if opts.num_beams == 1 and self.method.search is None:
+            given = [name for name, unset in BEAM_ONLY.items() if getattr(opts, name) != unset]
+            if given:
+                raise ConfigError(
+                    f"{given[0]}={getattr(opts, given[0])!r} acts on beam search only, and num_beams is 1: give "
+                    f"num_beams > 1 to search, or leave {given[0]} unset"
+                )
+        vocab = self.needs.vocab
+        for name in ("num_beams", "top_k"):
+            value = getattr(opts, name)
+            if vocab is not None and value is not None and value > vocab:
+                raise ConfigError(
+                    f"{name}={value} is more than the model's vocabulary of {vocab} tokens; give {name} <= {vocab}"
+                )
+        if self.method.search == "opera" and opts.num_beams > 1:
+            beams = self.config.param("beams")
+            default = next(p.default for p in self.method.params if p.field == "beams")
+            if beams not in (default, opts.num_beams):
+                raise ConfigError(
+                    f"num_beams={opts.num_beams} and OPERA's beams={beams} disagree: give one of them (num_beams > 1 "
+                    "takes the place of beams)"
+                )
+
     @staticmethod
     def _check_heads(heads: tuple[int, ...] | None, module: torch.nn.Module, where: str) -> None:
         n = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
@@ -235,6 +262,7 @@ class Engine:
         """
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
+        self.check_options(options or GenerationOptions())  # before the processor's work too
         encs = [self.adapter.encode(img, prompt) for img, prompt in zip(images, prompts, strict=True)]
         memo: dict[int, str] = {}
         keys = [image_digest(im, memo) for im in images] if self.prefix_reuse else None
@@ -264,6 +292,7 @@ class Engine:
         inputs). Without a tokenizer (an engine built without a processor) results carry token ids and no text.
         """
         opts = options or GenerationOptions()
+        self.check_options(opts)
         cfg, ad, fw = self.config, self.adapter, self.forward
         n = len(encs)
         seeds = [cfg.seed] * n if seeds is None else [int(s) for s in seeds]

@@ -19,7 +19,19 @@ from ..methods.base import Branch, Method  # the submodule: the methods package 
 from .forward import TOKEN_KEYS, Forward, extra_inputs, window_message
 from .rows import Row, RowLayout
 
-__all__ = ["MethodNeeds", "same_token_keys", "sliding_window"]
+__all__ = ["MethodNeeds", "same_token_keys", "sliding_window", "vocab_size"]
+
+
+def vocab_size(adapter: Adapter) -> int | None:
+    """The number of tokens the LM head scores (``None`` where the model states none)."""
+    head = adapter.model.get_output_embeddings()
+    n = getattr(head, "out_features", None)  # a quantised head's weight is packed: its features are not its shape
+    if n is None and isinstance(getattr(head, "weight", None), torch.Tensor):
+        n = head.weight.shape[0]
+    if n is None:
+        config = adapter.model.config
+        n = getattr(getattr(config, "text_config", config), "vocab_size", None)
+    return int(n) if n is not None else None
 
 
 class MethodNeeds:
@@ -59,6 +71,16 @@ class MethodNeeds:
                     f"{config.method} finds the image keys by their place in the KV cache, and "
                     f"{type(adapter.model).__name__}'s cache has layers that are neither plain nor a sliding window; "
                     "use a model whose LLM attends to its whole context"
+                )
+        #: the number of tokens the model scores, which bounds the counts of tokens (OPERA's beams and candidates,
+        #: DeCo's top_k)
+        self.vocab = vocab_size(adapter)
+        for p in method.own_params():
+            value = config.param(p.field)
+            if p.vocab_bound and self.vocab is not None and value > self.vocab:
+                raise ConfigError(
+                    f"{config.method}: {p.field}={value} is more than the model's vocabulary of {self.vocab} tokens; "
+                    f"give {p.field} <= {self.vocab}"
                 )
         tied = bool(getattr(adapter.model.config, "tie_word_embeddings", False))
         self.exits = tuple(method.exit_layers(config, n, tied))

@@ -180,7 +180,9 @@ def opera_decode(engine, layout, prefill, image_cols, opts: GenerationOptions, s
                 rollback[p] = pos
                 continue
             z = torch.full((nb, vocab), _OUT, device=logits.device)
-            z.scatter_(-1, cand[idx], cand_scores[idx] - weight * penalty.to(cand_scores.device))
+            # penalty 0 is no penalty, also where a saturated over-trust is inf (0 * inf would make the scores nan)
+            cut = weight * penalty.to(cand_scores.device) if weight else 0.0
+            z.scatter_(-1, cand[idx], cand_scores[idx] - cut)
             parents_of[p] = choose(st, z, history, prompt_ids[p], stops)
             tr.snaps[k]["chosen"] = [(parents_of[p][b], st.running[b][-1]) for b in range(nb)]
 

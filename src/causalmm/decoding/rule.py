@@ -20,9 +20,33 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from ..config import ConfigError
+from ..config import ConfigError, Range, shown
 
-__all__ = ["GenerationOptions", "GenerationResult", "HistoryProcessors", "TokenSelector", "contrast", "plausible"]
+__all__ = [
+    "MAX_BEAMS", "OPTION_RANGES", "GenerationOptions", "GenerationResult", "HistoryProcessors", "TokenSelector",
+    "contrast", "plausible",
+]  # fmt: skip
+
+#: the most beams: every beam carries its prompt's factual and branch rows, each with its KV cache, through every
+#: forward; past a few dozen the search costs that many times the memory and time for no better answer
+MAX_BEAMS = 64
+
+#: the numeric generation options' ranges (the vocabulary and the LLM's positions bound some further, checked when
+#: the engine sees the model): one place for the checks and the docs (docs/methods.md)
+OPTION_RANGES: dict[str, Range] = {
+    "max_new_tokens": Range(1, 2**20, note="and, with the prompt, within the LLM's positions"),
+    "temperature": Range(0.01, 100, note="sampling only; 1 leaves the scores as they are"),
+    "top_k": Range(1, note="sampling only; at most the vocabulary size"),
+    "top_p": Range(0, 1, low_open=True, note="sampling only; 1 = off"),
+    "repetition_penalty": Range(0.01, 100, note="1 = off; a score is multiplied or divided by it"),
+    "num_beams": Range(1, MAX_BEAMS, note="1 = no beam search; at most the vocabulary size"),
+    "length_penalty": Range(-10, 10, note="beam search only; a hypothesis' score is divided by length ** this"),
+    "no_repeat_ngram_size": Range(0, note="0 = off"),
+}
+
+#: the options that act on sampling only, and on beam search only, with the value that means "not set"
+SAMPLING_ONLY = {"temperature": 1.0, "top_k": None, "top_p": None}
+BEAM_ONLY = {"length_penalty": 1.0, "early_stopping": False}
 
 
 def plausible(factual: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -107,6 +131,18 @@ class GenerationOptions:
         n = self.no_repeat_ngram_size
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError(f"no_repeat_ngram_size={n!r} must be an integer >= 0 (0: off)")
+        for name, bounds in OPTION_RANGES.items():  # the ranges: a value past them overflows, hangs or means nothing
+            value = getattr(self, name)
+            why = None if value is None else bounds(value)
+            if why:
+                raise ConfigError(f"{name}={shown(value)} {why}")
+        if not self.do_sample:  # an option of sampling's given to greedy or beam search would be silently ignored
+            given = [name for name, unset in SAMPLING_ONLY.items() if getattr(self, name) != unset]
+            if given:
+                raise ConfigError(
+                    f"{given[0]}={getattr(self, given[0])!r} acts on sampling only, and do_sample is False: pass "
+                    f"do_sample=True to sample, or leave {given[0]} unset"
+                )
 
 
 @dataclass

@@ -10,11 +10,17 @@ from . import regular, causalmm, vcd  # noqa: E402, F401, I001
 from . import icd, m3id, pai, avisc, sid  # noqa: E402, F401, I001
 from . import dola, deco  # noqa: E402, F401, I001
 from . import opera  # noqa: E402, F401, I001
-from .base import Branch, FactualEdit, Method, Param
+from .base import Branch, FactualEdit, Method, Param, Range
 from .registry import METHODS, get_method, method_names, register
 
+# an import above can register another's method first (causalmm's imports the engine, whose OPERA search imports
+# opera's): put them in the order of the imports, the order `causalmm methods` and the docs list them
+for _name in ("regular", "causalmm", "vcd", "icd", "m3id", "pai", "avisc", "sid", "dola", "deco", "opera"):
+    METHODS[_name] = METHODS.pop(_name)
+
 __all__ = [
-    "METHODS", "Branch", "FactualEdit", "Method", "Param", "branches_for", "get_method", "method_names", "register",
+    "METHODS", "Branch", "FactualEdit", "Method", "Param", "Range", "branches_for", "get_method", "method_names",
+    "register",
 ]  # fmt: skip
 
 

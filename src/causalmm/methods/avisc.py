@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..decoding.rule import contrast
-from .base import Branch, Method, Param
+from .base import Branch, Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
@@ -60,9 +60,10 @@ class AvisC(Method):
         Param("gamma", 1.0, "cd_alpha = 1 (pope_eval_batch.sh; its unused alternative list has 3)"),
         Param("epsilon", 0.1, "cd_beta = 0.1"),
         Param("layer_gamma", 0.5, "layer_gamma = 0.5: the layers holding this share of the image attention",
-              check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+              check=Range(0, 1, low_open=True)),
         Param("lamb", 1.0, "lamb = 1 (pope_eval_batch.sh): blind means above mean + lamb * std",
-              check=lambda v: None if v >= 0 else "must be >= 0"),
+              check=Range(0, 100, note="no token stands more than sqrt(n) std above the mean of n, so from about "
+                          "sqrt(image tokens) on every token is zeroed; 100 covers 10,000 image tokens")),
     )  # fmt: skip
     plausible_only = True
 

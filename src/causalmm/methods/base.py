@@ -9,16 +9,15 @@ engine only if it needs a new kind of branch input.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+from ..config import ANY_DEPTH, FIELD_RANGES, CausalMMConfig, ConfigError, Range, is_int, is_real, resolve_layers, shown
 
-__all__ = ["Branch", "FactualEdit", "Method", "Param"]
+__all__ = ["Branch", "FactualEdit", "Method", "Param", "Range"]
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,8 @@ def layer_spec_check(what: str, words: tuple[str, ...]) -> Callable[[str], str |
     def check(value: str) -> str | None:
         if value in words:
             return None
-        from ..config import resolve_layers
-
         try:
-            resolve_layers(value, 10**6, what=what)
+            resolve_layers(value, ANY_DEPTH, what=what)
         except ValueError as err:
             return f"{err}; or {' / '.join(words)}"
         return None
@@ -93,19 +90,33 @@ class Param:
     A ``field`` of :class:`~causalmm.config.CausalMMConfig` (``gamma``, ``epsilon``, ``mode``...) is shared by the
     methods; for ``gamma`` and ``epsilon`` the method's ``default`` is what ``None`` there resolves to. Any other
     name is the method's own: it lives in ``CausalMMConfig.params`` (``--param name=value``), typed like its
-    default, and ``check`` (if given) returns why a value is out of range, or ``None``.
+    default, and ``check`` (if given) returns why a value is out of range, or ``None``: a
+    :class:`~causalmm.config.Range` for a number, so that the range is shown where the parameter is listed
+    (``causalmm methods``), or any callable with ``accepts`` saying in words what it takes. ``vocab_bound``: the
+    value may not exceed the model's vocabulary (a count of tokens), checked when the engine sees the model.
     """
 
     field: str
     default: object
     source: str
     check: Callable[[Any], str | None] | None = None
+    accepts: str = ""
+    vocab_bound: bool = False
+
+    def accepted(self) -> str:
+        """What the parameter takes, in words: its range, its choices or its type."""
+        if self.field in FIELD_RANGES:
+            return FIELD_RANGES[self.field]
+        kinds = {bool: "true | false", int: "an integer", float: "a number", str: "text"}
+        if self.accepts:
+            text = self.accepts
+        else:
+            text = str(self.check) if isinstance(self.check, Range) else kinds[type(self.default)]
+        return text + (", at most the vocabulary size" if self.vocab_bound else "")
 
     def coerce(self, value: Any) -> Any:
         """``value`` as this parameter's type (an ``int`` default takes whole numbers, a ``float`` one any real
         number, a ``str`` one text), or a ``ConfigError`` naming the parameter."""
-        from ..config import ConfigError, is_int, is_real
-
         kind = type(self.default)
         if isinstance(value, str) and kind in (int, float):
             try:
@@ -123,12 +134,18 @@ class Param:
         else:
             ok = isinstance(value, kind)
         if not ok:
-            raise ConfigError(f"parameter {self.field}={value!r} must be {kind.__name__} (default {self.default!r})")
+            default = f"(default {self.default!r})"
+            raise ConfigError(f"parameter {self.field}={shown(value)} must be {kind.__name__} {default}")
         value = kind(value)
         why = self.check(value) if self.check is not None else None
         if why:
-            raise ConfigError(f"parameter {self.field}={value!r}: {why}")
+            raise ConfigError(f"parameter {self.field}={shown(value)}: {why}")
         return value
+
+
+def _shared_fields() -> frozenset[str]:
+    """The fields of :class:`~causalmm.config.CausalMMConfig`, which the methods share."""
+    return frozenset(CausalMMConfig.__dataclass_fields__)
 
 
 class Method:
@@ -191,22 +208,53 @@ class Method:
 
     def own_params(self) -> tuple[Param, ...]:
         """The parameters that are this method's own (not fields of the config)."""
-        from ..config import CausalMMConfig
-
-        shared = set(CausalMMConfig.__dataclass_fields__)
+        shared = _shared_fields()
         return tuple(p for p in self.params if p.field not in shared)
 
+    def reads(self, settings: Mapping[str, Any]) -> frozenset[str]:
+        """The shared config fields this method reads under ``settings`` (the config's field values, by name):
+        those its :attr:`params` declare. Any other is refused when set (``CausalMMConfig``), so that a run never
+        records a setting as applied that was not; a method whose fields depend on another (CausalMM's on its
+        mode) narrows this."""
+        shared = _shared_fields()
+        return frozenset(p.field for p in self.params if p.field in shared)
+
+    def unread_reason(self, name: str, settings: Mapping[str, Any], spell: Callable[[str], str] = str) -> str:
+        """Why the shared field ``name`` does not apply to this method under ``settings``, and what to do: the
+        tail of a one-line error that starts with the setting. ``spell`` names a setting as the caller's user
+        gives it (the command line's ``--gamma``, ``--param lamb=VALUE``)."""
+        from .registry import METHODS
+
+        readers = [m.name for m in METHODS.values() if name in {p.field for p in m.params}]
+        by = f" (it is read by {', '.join(readers)})" if readers else ""
+        has = ", ".join(spell(p.field) for p in self.params) or "none"
+        return f"does not apply to method {self.name!r}{by}; leave {spell(name)} unset (its settings: {has})"
+
     def check_params(self, given: Any) -> dict[str, Any]:
-        """``given`` (name -> value) checked against :meth:`own_params`, every one filled in with its default."""
-        from ..config import ConfigError
+        """``given`` (name -> value) checked against :meth:`own_params`, every one filled in with its default.
+
+        A shared field named here is answered with where it goes (``gamma=`` beside ``method=``), another
+        method's parameter with that method's name."""
+        from .registry import METHODS
 
         if not isinstance(given, dict):
             raise ConfigError(f"params={given!r} must be a mapping of parameter names to values")
         own = {p.field: p for p in self.own_params()}
+        shared = sorted(set(given) & _shared_fields())
+        if shared:
+            name = shared[0]
+            if name in {p.field for p in self.params}:
+                raise ConfigError(
+                    f"{name} is a setting the methods share, not a parameter of method {self.name!r}'s own: give it "
+                    f"beside method= (CausalMMConfig({name}=...)), not in params"
+                )
+            raise ConfigError(f"{name} (given in params) {self.unread_reason(name, {})}")
         unknown = sorted(set(given) - set(own))
         if unknown:
             has = f"its parameters: {', '.join(own)}" if own else "it has no parameters of its own"
-            raise ConfigError(f"method {self.name!r} has no parameter {', '.join(unknown)}; {has}")
+            owners = [m.name for m in METHODS.values() if unknown[0] in {p.field for p in m.own_params()}]
+            where = f" ({unknown[0]} is a parameter of {', '.join(owners)})" if owners else ""
+            raise ConfigError(f"method {self.name!r} has no parameter {', '.join(unknown)}; {has}{where}")
         return {name: p.coerce(given[name]) if name in given else p.default for name, p in own.items()}
 
     def combine(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +22,9 @@ J = Branch("J", vision=True, language=True)
 
 #: mode -> the branches beside the factual one (``docs/method.md#3-branches-and-modes``)
 MODES: dict[str, tuple[Branch, ...]] = {"vision": (V,), "language": (L,), "multimodal": (V, L), "joint": (J,)}
+#: the fields only a vision branch reads, and only a language branch
+VISION_FIELDS = frozenset({"vision_cf", "vision_layers", "vision_heads", "vision_style"})
+LANGUAGE_FIELDS = frozenset({"language_cf", "language_layers", "language_heads"})
 
 _CODE = "github.com/The-Martyr/CausalMM"
 
@@ -36,6 +40,8 @@ class CausalMM(Method):
         Param("language_cf", "random", "the paper's ablation"),
         Param("vision_layers", None, "the layer that feeds the LLM (the original edits the penultimate CLIP layer)"),
         Param("language_layers", None, "the middle third of the LLM (the paper's ablation favours middle layers)"),
+        Param("vision_heads", None, "every head (the original intervenes on whole layers)"),
+        Param("language_heads", None, "every head"),
         Param("gamma", 1.0, "the original scripts use 0.5 and 1.0"),
         Param("epsilon", 0.1, "the original scripts use 0.1 and 0.6; 0.6 often leaves one token"),
         Param("num_cf_samples", 1, "the original draws once"),
@@ -47,6 +53,26 @@ class CausalMM(Method):
 
     def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
         return MODES[config.mode]
+
+    def reads(self, settings: Mapping[str, Any]) -> frozenset[str]:
+        """Its settings, less the vision ones in ``language`` mode and the language ones in ``vision`` mode (that
+        mode has no such branch to apply them to)."""
+        fields = super().reads(settings)
+        mode = settings.get("mode")
+        if mode == "language":
+            return fields - VISION_FIELDS
+        return fields - LANGUAGE_FIELDS if mode == "vision" else fields
+
+    def unread_reason(self, name: str, settings: Mapping[str, Any], spell: Callable[[str], str] = str) -> str:
+        mode = settings.get("mode")
+        if (name in VISION_FIELDS and mode == "language") or (name in LANGUAGE_FIELDS and mode == "vision"):
+            side = "vision" if name in VISION_FIELDS else "language"
+            modes = " / ".join(m for m, bs in MODES.items() if any(getattr(b, side) for b in bs))
+            return (
+                f"does not apply in {spell('mode')} {mode}, which runs no {side} branch; choose {spell('mode')} "
+                f"{modes}, or leave {spell(name)} unset"
+            )
+        return super().unread_reason(name, settings, spell)
 
     def combine(
         self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int

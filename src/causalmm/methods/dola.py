@@ -84,7 +84,9 @@ class DoLa(Method):
         Param("epsilon", 0.1, "relative_top = 0.1 (transformers' fixed value, the paper's alpha)"),
         Param("layers", "low", "hidden_states 0, 2, ..., 14 of a 32-layer LLM (the DoLa README; transformers' "
               "dola_layers='low'; 'high' is its choice for short answers)",
-              check=layer_spec_check("DoLa candidate layer", ("low", "high"))),
+              check=layer_spec_check("DoLa candidate layer", ("low", "high")),
+              accepts="low | high | layer indices and ranges of hidden_states (0 = the embeddings), checked with the "
+              "model"),
     )  # fmt: skip
 
     def exit_layers(self, config: CausalMMConfig, n_layers: int, tied: bool) -> tuple[int, ...]:

@@ -59,7 +59,7 @@ class ICD(Method):
         Param("gamma", 1.0, "alpha = 1 (cd_alpha, the argparse default of icd_llava_pope.py)"),
         Param("epsilon", 0.1, "beta = 0.1 (cd_beta, its argparse default)"),
         Param("prefix", "4", "one of the five official instructions (the official script runs each in turn)",
-              check=_check_prefix),
+              check=_check_prefix, accepts="1-5 (an official instruction) or the instruction's text"),
     )  # fmt: skip
     plausible_only = True
 

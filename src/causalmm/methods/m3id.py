@@ -10,6 +10,14 @@ weight, the log-probabilities and ``t`` counted from 1 are sangminwoo/AvisC ``av
 ``alpha = 0.3`` gate is the paper's and mitigv's (``mitigv/algorithms/m3id.py``), which AvisC leaves out. The
 text-only prompt is the chat template with the image left out. AvisC's version updates the wrong cache for its
 text-only branch (its logits never see the answer); here the branch keeps its own cache like every branch.
+
+A stable form where the official one overflows (:func:`m3id_weight`): the weight grows as ``e^{lamb t}``, so with a
+large ``lamb`` or a long answer ``e^{-lamb t}`` underflows to 0 and the official division fails
+(``ZeroDivisionError`` from ``lamb t`` near 745), and well before that the weighted scores overflow float32 to
+``inf`` (``inf - inf`` is ``nan``, and the choice noise). Wherever the official scores are finite they are
+computed exactly as there; where they are not, the weight is lowered to the largest one that keeps the plausible
+tokens' scores below ``1e30`` (the weight's limit ranks them by ``lc - lu``, as this does), so every ``lamb`` >= 0
+and every answer length decodes.
 """
 
 from __future__ import annotations
@@ -20,15 +28,30 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..decoding.rule import plausible
-from .base import Branch, Method, Param
+from .base import Branch, Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
     from ..config import CausalMMConfig
 
-__all__ = ["M3ID", "TEXT", "m3id_scores"]
+__all__ = ["M3ID", "TEXT", "m3id_scores", "m3id_weight"]
 
 TEXT = Branch("text", prompt="text")
+
+#: the largest score the stable form lets a plausible token reach: far enough below float32's 3.4e38 that a
+#: repetition penalty (at most 100) and the sampling warpers keep it finite
+SCORE_LIMIT = 1e30
+
+
+def m3id_weight(lamb: float, t: int) -> float:
+    """``w_t = (1 - e^{-lamb t}) / e^{-lamb t}`` as the official code computes it, and ``inf`` (its limit) where
+    ``e^{-lamb t}`` underflows to 0 and that division would raise ``ZeroDivisionError``.
+
+    >>> m3id_weight(math.log(2), 1), m3id_weight(0.02, 10**6)
+    (1.0, inf)
+    """
+    keep = math.exp(-lamb * t)
+    return (1.0 - keep) / keep if keep > 0.0 else math.inf
 
 
 def m3id_scores(
@@ -44,10 +67,16 @@ def m3id_scores(
     """
     lc = torch.log_softmax(factual.float(), -1)
     lu = torch.log_softmax(text.float(), -1)
-    keep = math.exp(-lamb * t)
-    if keep == 1.0:  # no contrast (lamb = 0), so no cut: regular decoding in every mode, beam search included
+    w = m3id_weight(lamb, t)
+    if w == 0.0:  # no contrast (lamb = 0), so no cut: regular decoding in every mode, beam search included
         return lc
-    z = (lc + (1.0 - keep) / keep * (lc - lu)).masked_fill(~plausible(factual, epsilon), float("-inf"))
+    kept = plausible(factual, epsilon)
+    z = (lc + w * (lc - lu)).masked_fill(~kept, float("-inf"))
+    if not torch.isfinite(z[kept]).all():  # the official form overflows here: the stable form (module notes)
+        d = (lc - lu).masked_fill(~kept, 0.0)
+        span = float(d.abs().amax())
+        w = min(w, SCORE_LIMIT / span) if span > 0 else 0.0
+        z = (lc + w * d).masked_fill(~kept, float("-inf"))
     unsure = lc.amax(-1, keepdim=True) < math.log(alpha) if alpha < 1 else torch.ones_like(lc[..., :1], dtype=bool)
     return torch.where(unsure, z, lc)
 
@@ -60,9 +89,9 @@ class M3ID(Method):
     params = (
         Param("epsilon", 0.1, "AvisC's cd_beta = 0.1 cut (mitigv has none: epsilon=0)"),
         Param("lamb", 0.02, "lambda = 0.02, the forgetting rate (AvisC's lamda, mitigv's forgetting_rate)",
-              check=lambda v: None if v >= 0 else "must be >= 0 (0 = no contrast)"),
+              check=Range(0, note="0 = no contrast; any size decodes: the weight's stable form")),
         Param("alpha", 0.3, "the paper's confidence gate (mitigv's alpha = 0.3; AvisC has none: alpha=1)",
-              check=lambda v: None if 0 < v <= 1 else "must be in (0, 1] (1 = contrast at every step)"),
+              check=Range(0, 1, low_open=True, note="1 = contrast at every step")),
     )  # fmt: skip
 
     def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:

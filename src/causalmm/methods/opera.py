@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import Method, Param
+from ..decoding.rule import MAX_BEAMS
+from .base import Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ IMAGE_STEPS = 10
 MIN_ROLLBACK = 10
 #: how many past steps a rollback can reach (the official history buffer)
 HISTORY = 512
+#: the most candidates per beam: each beam's are fed as a block of queries at every step (5 official, 1 fast)
+MAX_CANDIDATES = 64
 
 
 def over_trust(window: torch.Tensor, scale: float) -> torch.Tensor:
@@ -106,10 +109,6 @@ def rollback_position(
     return pos
 
 
-def _positive(v) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
 @register
 class OPERA(Method):
     name = "opera"
@@ -117,11 +116,17 @@ class OPERA(Method):
     reference = "Huang et al., CVPR 2024; github.com/shikiw/OPERA, transformers-4.29.2 generation/utils.py"
     params = (
         Param("beams", 5, "--beam 5 (README, chair_eval.py); num_beams > 1 given to generate overrides it",
-              check=lambda v: None if v >= 2 else "must be >= 2 (OPERA is a beam search)"),
-        Param("scale", 50.0, "scale_factor = 50 (chair_eval.py, pope_eval.py)", check=_positive),
-        Param("threshold", 15, "threshold = 15 (the fast setting: 25)", check=lambda v: None if v >= 0 else ">= 0"),
-        Param("candidates", 5, "num_attn_candidates = 5 (the fast setting: 1)", check=_positive),
-        Param("penalty", 1.0, "penalty_weights = 1", check=lambda v: None if v >= 0 else "must be >= 0"),
+              check=Range(2, MAX_BEAMS, note=f"OPERA is a beam search, so >= 2; at most {MAX_BEAMS}, as num_beams"),
+              vocab_bound=True),
+        Param("scale", 50.0, "scale_factor = 50 (chair_eval.py, pope_eval.py)", check=Range(0, low_open=True)),
+        Param("threshold", 15, "threshold = 15 (the fast setting: 25)",
+              check=Range(0, note="above the answer's length: no rollback")),
+        Param("candidates", 5, "num_attn_candidates = 5 (the fast setting: 1)",
+              check=Range(1, MAX_CANDIDATES, note="each beam feeds its candidates as a block of queries every step"),
+              vocab_bound=True),
+        Param("penalty", 1.0, "penalty_weights = 1",
+              check=Range(0, 100, note="0 = no penalty (the rollbacks remain); the penalty of the first 10 tokens "
+                          "is the attention on the image (<= 1) times this")),
     )  # fmt: skip
     #: the engine runs this method's own search (:mod:`causalmm.decoding.opera`)
     search = "opera"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..decoding.rule import plausible
-from .base import Branch, FactualEdit, Method, Param
+from .base import Branch, FactualEdit, Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["PAI", "pai_scores"]
 
 TEXT = Branch("text", prompt="text")
+#: the strongest boost: ``x + alpha |x|`` multiplies an image key's score by up to 1 + alpha before the softmax
+ALPHA_MAX = 10.0
 
 
 def pai_scores(factual: torch.Tensor, text: torch.Tensor, *, gamma: float, epsilon: float) -> torch.Tensor:
@@ -57,9 +59,10 @@ class PAI(Method):
         Param("gamma", 1.1, "gamma = 1.1, the README's commands (the scripts' argparse default is 2; 1: no contrast)"),
         Param("epsilon", 0.1, "the fixed log(0.1) cut of CFG.py"),
         Param("alpha", 0.2, "alpha = 0.2 (the README and argparse default; 0: no edit)",
-              check=lambda v: None if v >= 0 else "must be >= 0 (0 = no edit)"),
+              check=Range(0, ALPHA_MAX, note="0 = no edit; the paper sweeps up to 1, and above 10 the boosted "
+                          "scores can overflow a float16 model's attention")),
         Param("start_layer", 2, "layers 2 to the last (start_layer 2, end_layer 32 of LLaVA-1.5's 32)",
-              check=lambda v: None if v >= 0 else "must be a layer index >= 0"),
+              check=Range(0, note="a layer index"), accepts="[0, LLM layers - 1] (checked with the model)"),
         Param("edit_prefill", False, "the official code edits decode steps only when the contrast is on"),
     )  # fmt: skip
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..decoding.rule import contrast
-from .base import Branch, Method, Param
+from .base import Branch, Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
@@ -41,9 +41,10 @@ class SID(Method):
         Param("gamma", 0.5, "alpha = 0.5, vcd_sample.py's fallback (pope_eval.py's --cd-alpha 1 is not passed on)"),
         Param("epsilon", 0.1, "cd_beta = 0.1 (the official greedy path skips the cut: epsilon=0)"),
         Param("layer", 2, "fast_v_agg_layer = 2: hidden from layer 2 on, chosen in layer 1",
-              check=lambda v: None if v >= 1 else "must be >= 1 (the keys are chosen in the layer before)"),
+              check=Range(1, note="the keys are chosen in the layer before"),
+              accepts="[1, LLM layers - 1] (checked with the model)"),
         Param("keep", 100, "fast_v_attention_rank = 100 (pope_eval.py; 50 in chair_eval.py)",
-              check=lambda v: None if v >= 0 else "must be >= 0"),
+              check=Range(0, note="as many as the image has tokens or more: every key is kept, no contrast")),
     )  # fmt: skip
     plausible_only = True
 

@@ -34,6 +34,7 @@ class VCD(Method):
         Param("epsilon", 0.1, "beta = 0.1 (its argparse default; its bash scripts use 0.2)"),
         Param("noise_step", 500, "noise step 500 of 1000 (its argparse default)"),
         Param("noise_schedule", "linear", "'sigmoid' is the schedule in vcd_add_noise.py"),
+        Param("num_cf_samples", 1, "one noised image per step, as the official code draws it; K > 1 averages K noises"),
     )
     plausible_only = True
 

@@ -294,3 +294,15 @@ def test_messages_print_brackets_as_written(model_dirs, tmp_path, causalmm_cli):
     odd = tmp_path / "[run]"
     odd.write_text("a file")
     _one_line_error(causalmm_cli("demo", "--out", odd, check=False), f"--out {odd} is a file")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--lamb", "0.5"], "--lamb is a parameter of m3id, avisc, not a flag of its own: give --param lamb=0.5"),
+        (["--candidates=7"], "--candidates is a parameter of opera, not a flag of its own: give --param candidates=7"),
+    ],
+)
+def test_a_methods_own_parameter_typed_as_a_flag_is_answered_with_param(args, needle, causalmm_cli):
+    for command in (["generate", "--image", "i.png", "--prompt", "hi"], ["eval", "pope", "--data", "d", "--out", "o"]):
+        _one_line_error(causalmm_cli(*command, "--model", "m", *args, check=False), needle)

@@ -286,6 +286,7 @@ def test_a_too_long_question_is_refused_by_id_and_line_before_anything_is_writte
         (["eval", "pope", "--model", "m", "--data", "d", "--out", "OUT", "--batch-size", "0"], "--batch-size 0"),
         (["eval", "pope", "--model", "m", "--data", "d", "--out", "OUT", "--limit", "0"], "--limit 0 is out of range"),
         (["eval", "pope", "--model", "m", "--data", "d", "--out", "OUT", "--num-processes", "4096"], "--num-processes"),
+        (["eval", "pope", "--model", "m", "--data", "d", "--out", "OUT", "--seeds", "1," + "9" * 30], "64-bit"),
     ],
 )
 def test_numeric_options_out_of_range_are_one_line(args, needle, tmp_path, causalmm_cli):

@@ -28,13 +28,14 @@ __all__ = ["app", "main", "user_os_error"]
 def _register() -> None:
     """Add every command to :data:`app`, in the order ``--help`` lists them."""
     from . import bench, single, toy
+    from .common import DecodingCommand
 
-    app.command()(single.generate)
-    app.command("eval")(bench.eval_)
+    app.command(cls=DecodingCommand)(single.generate)
+    app.command("eval", cls=DecodingCommand)(bench.eval_)
     app.command()(bench.score)
     app.command()(bench.compare)
     app.command()(single.visualize)
-    app.command()(single.explain)
+    app.command(cls=DecodingCommand)(single.explain)
     app.command()(single.methods)
     app.command("app")(single.app)
     app.command()(toy.demo)

@@ -50,14 +50,21 @@ def _bench_options(**given) -> dict:
 
 
 def _parse_seeds(seed: int, seeds: str | None) -> list[int]:
+    """The run seeds: ``--seeds`` (distinct integers) or ``--seed``, each a 64-bit signed integer."""
+    from ..config import SEED_RANGE, shown
+
     if not seeds:
-        return [seed]
-    try:
-        out = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        fail(f"--seeds {seeds!r} is not a comma-separated list of integers (e.g. 1,2,3)")
-    if not out or len(set(out)) != len(out):
-        fail(f"--seeds {seeds!r} must list distinct integers")
+        out = [seed]
+    else:
+        try:
+            out = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            fail(f"--seeds {shown(seeds)} is not a comma-separated list of integers (e.g. 1,2,3)")
+        if not out or len(set(out)) != len(out):
+            fail(f"--seeds {shown(seeds)} must list distinct integers")
+    for value in out:
+        if SEED_RANGE(value):
+            fail(f"{'--seeds' if seeds else '--seed'}: {shown(value)} {SEED_RANGE(value)}")
     return out
 
 

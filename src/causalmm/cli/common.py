@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 if TYPE_CHECKING:
     from ..methods import Method
@@ -330,3 +331,37 @@ def within(flag: str, value: int | float, low: int | float, high: int | float | 
     if value < low or (high is not None and value > high):
         span = f"at least {low}" if high is None else f"{low} to {high}"
         fail(f"{flag} {value} is out of range: give {span}{f' ({why})' if why else ''}")
+
+
+class DecodingCommand(TyperCommand):
+    """A command with the decoding flags. A method's own parameter typed as a flag (``--lamb 0.5``) is answered
+    with the option that sets it (``--param lamb=0.5``) instead of click's bare "No such option"."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        from typer._click.exceptions import NoSuchOption
+
+        typed = list(args)  # the parser consumes ``args``
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as err:
+            flag_name, _, inline = err.option_name.partition("=")
+            name = flag_name.lstrip("-").replace("-", "_")
+            owners = _methods_with_param(name)
+            if not owners:
+                raise
+            at = typed.index(err.option_name) if err.option_name in typed else -1
+            after = typed[at + 1] if 0 <= at < len(typed) - 1 else ""
+            joined = [a.partition("=")[2] for a in typed if a.startswith(f"{flag_name}=")]
+            value = inline or (joined[0] if joined else after if not after.startswith("--") else "")
+            fail(
+                f"{flag_name} is a parameter of {', '.join(owners)}, not a flag of its own: give "
+                f"--param {name}={value or 'VALUE'} (`causalmm methods` lists each method's settings)"
+            )
+            raise  # fail() exits; this keeps the type checker informed
+
+
+def _methods_with_param(name: str) -> list[str]:
+    """The methods that declare ``name`` as a parameter of their own."""
+    from ..methods import get_method, method_names
+
+    return [m for m in method_names() if name in {p.field for p in get_method(m).own_params()}]

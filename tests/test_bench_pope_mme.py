@@ -11,9 +11,9 @@ from PIL import Image
 
 from causalmm.benchmarks import BenchmarkError, get_benchmark
 from causalmm.benchmarks.base import check_images, read_json_records
-from causalmm.benchmarks.evaluate import score_predictions
 from causalmm.benchmarks.mme import parse_mme
 from causalmm.benchmarks.pope import parse_official, parse_substring, yes_no_metrics
+from causalmm.benchmarks.score import score_predictions
 
 SHARED_POPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pope"
 
@@ -291,8 +291,8 @@ def _spread_dir(tmp_path, name, columns):
 
 
 def test_mme_acc_plus_pairs_by_image_when_an_images_lines_are_not_adjacent(tmp_path):
-    from causalmm.benchmarks.evaluate import score_predictions
     from causalmm.benchmarks.runner import limit_samples
+    from causalmm.benchmarks.score import score_predictions
 
     bench = get_benchmark("mme")
     samples = bench.load(_spread_dir(tmp_path, "questions", 3), None)

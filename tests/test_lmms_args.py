@@ -229,7 +229,7 @@ def _sample_line(doc_id, qid, answer, target, question, doc=None):
 
 def test_score_pope_reads_lmms_eval_samples(tmp_path):
     from causalmm.benchmarks import BenchmarkError
-    from causalmm.benchmarks.evaluate import score_predictions
+    from causalmm.benchmarks.score import score_predictions
 
     questions = [("1", "Is there a cat in the image?", "yes"), ("2", "Is there a dog in the image?", "no")]
     samples = tmp_path / "20260101_samples_pope.jsonl"

@@ -338,7 +338,7 @@ def test_out_that_is_a_file_is_one_line_for_eval_and_compare(run_pope, pope, mod
 
 
 def test_score_out_that_is_a_file_is_refused(run_pope, pope, tmp_path):
-    from causalmm.benchmarks.evaluate import score_predictions
+    from causalmm.benchmarks.score import score_predictions
 
     run = tmp_path / "run"
     run_pope(run)

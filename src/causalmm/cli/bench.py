@@ -167,7 +167,7 @@ def score(
 ) -> None:
     """Score predictions from other code bases (POPE answers, MME Your_Results, CHAIR captions, VLind JSON)."""
     from ..benchmarks import BenchmarkError
-    from ..benchmarks.evaluate import score_predictions
+    from ..benchmarks.score import score_predictions
 
     try:
         options = _bench_options(parse=parse, annotations=annotations)

@@ -12,6 +12,11 @@ Q2 = "Describe the image in detail."
 MODES = ["vision", "language", "multimodal", "joint"]
 
 
+def all_layers(mode: str) -> dict[str, str]:
+    """Every layer intervened, for the sites ``mode`` acts on (a layer spec for a site it does not is refused)."""
+    return {k: "all" for k, on in (("vision_layers", mode != "language"), ("language_layers", mode != "vision")) if on}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_regular_greedy_equals_transformers_generate(family, loaded, model_dirs, images):
     cm = loaded(family)
@@ -30,7 +35,7 @@ def test_gamma_zero_and_epsilon_one_reproduce_regular_greedy(family, neutral, lo
     cm = loaded(family)
     regular = cm.generate(images[1], Q2, max_new_tokens=8).token_ids
     for mode in MODES:
-        cfg = CausalMMConfig(mode=mode, language_layers="all", vision_layers="all", **neutral)
+        cfg = CausalMMConfig(mode=mode, **all_layers(mode), **neutral)
         assert cm.with_config(cfg).generate(images[1], Q2, max_new_tokens=8).token_ids == regular, mode
     vcd = CausalMMConfig(method="vcd", **neutral)
     assert cm.with_config(vcd).generate(images[1], Q2, max_new_tokens=8).token_ids == regular
@@ -41,7 +46,7 @@ def test_gamma_zero_and_epsilon_one_reproduce_regular_greedy(family, neutral, lo
 def test_counterfactual_branches_differ_and_factual_is_untouched(family, mode, loaded, images):
     cm = loaded(family)
     regular = cm.generate(images[0], Q2, max_new_tokens=6, return_branch_logits=True)
-    cfg = CausalMMConfig(mode=mode, vision_layers="all", language_layers="all")
+    cfg = CausalMMConfig(mode=mode, **all_layers(mode))
     res = cm.with_config(cfg).generate(images[0], Q2, max_new_tokens=6, return_branch_logits=True)
     logs = res.branch_logits
     # the factual row is plain decoding (bit-identity within one batch is proven in test_attention.py)

@@ -162,7 +162,8 @@ def test_visualize_returns_the_png(loaded, images, tmp_path):
     ],
 )
 def test_explain_follows_the_decoding_rule(family, extra, loaded, images, tmp_path):
-    cfg = CausalMMConfig(**{"mode": "multimodal", "vision_layers": "all", "language_layers": "all", **extra})
+    layers = {} if extra.get("method") == "vcd" else {"vision_layers": "all", "language_layers": "all"}
+    cfg = CausalMMConfig(**{"mode": "multimodal", **layers, **extra})
     cm = loaded(family).with_config(cfg)
     ex = explain(cm, images[0], Q, max_new_tokens=4, top_k=3)
     logs = ex.branch_logits

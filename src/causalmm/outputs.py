@@ -65,13 +65,18 @@ def _inputs(inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> list[tupl
     return [(flag, Path(p)) for flag, p in inputs if p is not None and Path(p).exists()]
 
 
-def written_by(path: Path) -> str | None:
-    """The ``format`` stamped into a results file (``causalmm-score/1``...), ``None`` where it has none."""
+def _record(path: Path) -> dict[str, Any] | None:
+    """A results file's JSON object, ``None`` where it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    fmt = data.get("format") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def written_by(path: Path) -> str | None:
+    """The ``format`` stamped into a results file (``causalmm-score/1``...), ``None`` where it has none."""
+    fmt = (_record(path) or {}).get("format")
     return fmt if isinstance(fmt, str) else None
 
 
@@ -159,14 +164,14 @@ def check_results_folder(
     present = [name for name in writes if _exists(out / name)]
     if not present:
         return out
-    stamp = written_by(out / main) if (out / main).is_file() else None
-    if stamp is None or not stamp.startswith(fmt):
+    earlier = _record(out / main) or {}
+    stamp = earlier.get("format")
+    if not isinstance(stamp, str) or not stamp.startswith(fmt):
         raise OutputError(
             f"{flag} {out} holds {present[0]}, which {WRITERS[fmt]} did not write: a command never overwrites a "
             f"result it did not write; move it away or pick another folder for {flag}"
         )
     if same is not None:
-        earlier = json.loads((out / main).read_text(encoding="utf-8"))
         if not same(earlier):
             raise OutputError(
                 f"{flag} {out} holds the result of an earlier run on {what or 'other inputs'}; a command replaces "

@@ -341,7 +341,7 @@ def test_read_predictions_errors_and_image_list(tmp_path, coco):
 
 
 def test_score_predictions_and_native_captions(tmp_path, coco):
-    from causalmm.benchmarks.evaluate import score_predictions
+    from causalmm.benchmarks.score import score_predictions
 
     caps = tmp_path / "caps.jsonl"
     caps.write_text('{"image_id": 101, "caption": "A dog and a cat."}\n{"image_id": 103, "caption": "A sink."}\n')

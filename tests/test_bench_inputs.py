@@ -14,7 +14,7 @@ from PIL import Image
 from causalmm.benchmarks import BenchmarkError, get_benchmark
 from causalmm.benchmarks.base import UnparseableWarning
 from causalmm.benchmarks.chair import read_image_list
-from causalmm.benchmarks.evaluate import score_predictions
+from causalmm.benchmarks.score import score_predictions
 from causalmm.benchmarks.stats import bootstrap_ci
 
 POPE_ROW = {"question_id": 1, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "yes"}

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from causalmm.attention import Draws, Intervention, SiteRule, _blocks, intervene
+from causalmm.sites import Draws, Intervention, SiteRule, intervene
+from causalmm.sites.attention import _blocks
 from causalmm.tiny import FAMILIES
 
 Q = "Describe the image in detail."

@@ -9,8 +9,8 @@ import torch
 
 from causalmm import CausalMMConfig, ConfigError
 from causalmm.adapters import UnsupportedModelError
-from causalmm.attention import Intervention, Site, intervene
-from causalmm.edits import Boost, boosted_attention
+from causalmm.sites import Intervention, Site, intervene
+from causalmm.sites.edits import Boost, edited_attention
 from causalmm.methods import get_method
 from causalmm.methods.icd import PREFIXES, instruction
 from causalmm.methods.m3id import m3id_scores
@@ -90,7 +90,7 @@ def test_pai_boost_edits_the_last_querys_image_scores_before_the_softmax():
         return torch.full((query.shape[0], q, h, d), 7.0), torch.full((query.shape[0], h, q, k), 9.0)
 
     seen = []
-    out, weights = boosted_attention(module, boost, [0, 2], base, query, key, value, None, None, 0.0, {})
+    out, weights = edited_attention(module, boost, [0, 2], base, query, key, value, None, None, 0.0, {})
     assert seen == [1] and (out[1] == 7.0).all() and (weights[1] == 9.0).all()  # the other row: the base's alone
     causal = torch.ones(q, k).tril(k - q).bool()
     for r in (0, 2):
@@ -101,7 +101,7 @@ def test_pai_boost_edits_the_last_querys_image_scores_before_the_softmax():
         assert torch.allclose(out[r], (probs @ value[r]).transpose(0, 1), atol=1e-6)
         assert torch.allclose(weights[r], probs, atol=1e-6)
     # every row boosted: the base is not called
-    alone, _ = boosted_attention(module, boost, [0], base, query[:1], key[:1], value[:1], None, None, 0.0, {})
+    alone, _ = edited_attention(module, boost, [0], base, query[:1], key[:1], value[:1], None, None, 0.0, {})
     assert seen == [1] and torch.equal(alone, out[:1])
 
 
@@ -158,6 +158,9 @@ NEUTRAL = {
     "pai": {"gamma": 1.0, "params": {"alpha": 0.0}},
     "avisc": {"gamma": 0.0},
     "sid": {"gamma": 0.0},
+    "vista": {"params": {"lam": 0.0, "mix": 0.0}},
+    "vaf": {"params": {"enhance": 1.0, "suppress": 1.0}},
+    "memvr": {"params": {"ratio": 0.0}},
     "dola": {"gamma": 0.0},
     "deco": {"params": {"alpha": 0.0}},
 }
@@ -165,6 +168,9 @@ NEUTRAL = {
 TINY = {
     "pai": {"params": {"start_layer": 0}},
     "sid": {"params": {"keep": 2}},
+    "vista": {"params": {"lam": 0.5, "logits_layers": "1-2"}},
+    "vaf": {"params": {"layers": "1-2"}},
+    "memvr": {"params": {"start": 0, "end": 3, "threshold": 0.0}},
     "dola": {"params": {"layers": "0-3"}},
 }
 #: what a family lacks for a method, and the message that says so
@@ -173,6 +179,7 @@ REFUSED = {
     # the tiny Gemma 3's window (8) is shorter than any prompt; Mistral 3's (4096) is never reached, so it runs
     ("pai", "gemma3"): "sliding-window layers keep only the last 7 tokens, while this run needs",
     ("sid", "gemma3"): "sliding-window layers keep only the last 7 tokens, while this run needs",
+    ("vaf", "gemma3"): "sliding-window layers keep only the last 7 tokens, while this run needs",
 }
 CASES = [(f, m) for f in ALL_FAMILIES for m in NEUTRAL if (m, f) not in REFUSED]
 
@@ -188,7 +195,9 @@ def _exit_logits(cm, enc, index, norm):
 @pytest.mark.parametrize(("method", "family"), [(m, f) for (m, f) in REFUSED])
 def test_what_a_family_lacks_is_said(method, family, any_family, images):
     with pytest.raises((ConfigError, UnsupportedModelError), match=REFUSED[(method, family)]):
-        any_family(family).with_config(CausalMMConfig(method=method)).generate(images[0], Q, max_new_tokens=2)
+        any_family(family).with_config(CausalMMConfig(method=method, **TINY.get(method, {}))).generate(
+            images[0], Q, max_new_tokens=2
+        )
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)
@@ -208,7 +217,7 @@ def test_baselines_on_every_family(family, method, any_family, images):
                 want = rule.combine(logs["factual"][t], {BRANCH[method]: logs[BRANCH[method]][t]}, cfg, t)
             else:
                 exits = {int(k[4:]): v[t] for k, v in logs.items() if k.startswith("exit")}
-                want = rule.combine(logs["factual"][t], {}, cfg, t, exits=exits)
+                want = rule.combine(logs["factual"][t], {}, cfg, t, **({"exits": exits} if exits else {}))
             assert torch.allclose(logs["combined"][t], want, atol=1e-5), t
         assert r.token_ids == logs["combined"].argmax(-1).tolist()
     first = res[0].branch_logits
@@ -298,11 +307,11 @@ def test_pai_boost_is_the_only_edit_in_a_decode_step(loaded, images):
     cm = loaded("llava")
     enc = cm.adapter.encode(images[0], Q)
     stock = _step_logits(cm, enc)
-    with intervene(Intervention(boost=Boost(0.5, frozenset(range(cm.adapter.n_language_layers)), {}))):
+    with intervene(Intervention(scores=Boost(0.5, frozenset(range(cm.adapter.n_language_layers)), {}))):
         same = _step_logits(cm, enc)
     assert torch.equal(stock, same)
     keys = (enc["input_ids"][0] == cm.model.config.image_token_id)
-    with intervene(Intervention(boost=Boost(0.5, frozenset(range(cm.adapter.n_language_layers)), {0: keys}))):
+    with intervene(Intervention(scores=Boost(0.5, frozenset(range(cm.adapter.n_language_layers)), {0: keys}))):
         moved = _step_logits(cm, enc)
     assert (moved - stock).abs().max() > 1e-4
     assert isinstance(cm.adapter.lm_attn[0]._causalmm_site, Site)
@@ -351,7 +360,7 @@ def test_avisc_zeroes_the_tokens_below_mean_plus_lamb_std_of_the_top_layers():
 def test_avisc_branch_sees_its_image_with_the_chosen_tokens_zeroed(loaded, images):
     """The probe prefill's attention gives the zeroed set by the rule, and the branch's first logits are the model's
     on the image features with exactly those tokens zeroed."""
-    from causalmm.edits import Watch
+    from causalmm.sites.edits import Watch
 
     cm = loaded("llava")
     cfg = CausalMMConfig(method="avisc", params={"layer_gamma": 1.0, "lamb": 0.5})
@@ -373,7 +382,7 @@ def test_avisc_branch_sees_its_image_with_the_chosen_tokens_zeroed(loaded, image
 
 
 def test_sid_hides_all_image_keys_but_the_least_attended_from_its_layer_on(loaded, images):
-    from causalmm.edits import Prune, Watch
+    from causalmm.sites.edits import Prune, Watch
     from causalmm.interventions import least_attended
 
     cm = loaded("llava")

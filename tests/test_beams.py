@@ -95,6 +95,9 @@ STRONG = {
     "sid": {"gamma": 1.0, "params": {"keep": 2}},
     "dola": {"params": {"layers": "0-3"}},
     "deco": {"params": {"alpha": 3.0}},
+    "vista": {"params": {"lam": 1.0, "mix": 0.5, "logits_layers": "1-2"}},
+    "vaf": {"params": {"enhance": 3.0, "suppress": 0.2, "layers": "0-3"}},
+    "memvr": {"params": {"ratio": 0.9, "threshold": 0.0, "start": 0, "end": 3}},
 }
 
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText
 from causalmm import CausalMMConfig
 from causalmm.adapters import ADAPTERS, Adapter, UnsupportedModelError
 from causalmm.adapters.base import TOKEN_KEYS
-from causalmm.attention import Intervention, SiteRule
+from causalmm.sites import Intervention, SiteRule
 from causalmm.tiny import GENERIC_FAMILIES
 
 # PaliGemma's processor builds its (unused) labels in a way numpy 2 warns about

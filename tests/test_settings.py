@@ -152,8 +152,13 @@ VALUES = {
     ("avisc", "layer_gamma"): "0.9", ("avisc", "lamb"): "0.5", ("sid", "layer"): "1", ("sid", "keep"): "2",
     ("dola", "layers"): "0,2", ("deco", "alpha"): "1.0", ("deco", "top_k"): "5", ("deco", "top_p"): "0.5",
     ("deco", "layers"): "1-2", ("opera", "beams"): "3", ("opera", "scale"): "20.0", ("opera", "threshold"): "25",
-    ("opera", "candidates"): "2", ("opera", "penalty"): "2.0",
+    ("opera", "candidates"): "2", ("opera", "penalty"): "2.0", ("vaf", "enhance"): "1.5", ("vaf", "suppress"): "0.5",
+    ("vaf", "layers"): "0-2", ("memvr", "ratio"): "0.3", ("memvr", "threshold"): "0.5", ("memvr", "start"): "1",
+    ("memvr", "end"): "2", ("vista", "lam"): "0.2", ("vista", "mix"): "0.5", ("vista", "logits_layers"): "0-1",
 }  # fmt: skip
+#: the settings a method's defaults need on the tiny LLaVA (its official layers are LLaVA-1.5-7B's 32), given beside
+#: the one under test
+FIT = {"vaf": {"layers": "1-2"}, "memvr": {"start": "0", "end": "3"}, "vista": {"logits_layers": "1-2"}}
 LISTED = [(m, p) for m in method_names() for p in get_method(m).params]
 
 
@@ -177,12 +182,14 @@ def test_every_listed_setting_is_settable_as_the_listing_says(method, param, cli
     shared = param.field not in {p.field for p in get_method(method).own_params()}
     value = VALUES.get((method, param.field), VALUES.get(param.field))
     flags = setting_flag(param.field, shared, value).split()  # what `causalmm methods` shows for it
-    config = cli_json("--method", method, *flags)["config"]
+    fit = [f for k, v in FIT.get(method, {}).items() if k != param.field for f in ("--param", f"{k}={v}")]
+    config = cli_json("--method", method, *flags, *fit)["config"]
     if shared:
         want = CausalMMConfig(method=method, **{param.field: _typed(param.field, value)}).to_dict()[param.field]
         got = config[param.field]
     else:
-        want = CausalMMConfig(method=method, params={param.field: value}).param(param.field)
+        fitted = {k: v for k, v in FIT.get(method, {}).items() if k != param.field}
+        want = CausalMMConfig(method=method, params={param.field: value, **fitted}).param(param.field)
         got = config["params"][param.field]
     assert got == want and want != param.default
 

@@ -37,10 +37,10 @@ import torch
 
 from .adapters import get_adapter
 from .adapters.base import TOKEN_KEYS
-from .attention import BASES
 from .config import CausalMMConfig, ConfigError
 from .decoding import Engine, GenerationOptions, Switches
 from .inputs import InputError
+from .sites import BASES
 
 __all__ = ["generate", "generate_from_inputs", "split_inputs"]
 

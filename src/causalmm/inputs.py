@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import SEED_RANGE, ConfigError, is_int, is_real, shown
+from .errors import USER_ERRORS, ConfigError, InputError
+from .settings import SEED_RANGE, is_int, is_real, shown
 
 __all__ = [
     "InputError",
@@ -27,16 +28,10 @@ __all__ = [
 ]
 
 
-class InputError(ValueError):
-    """Bad user input (image, prompt, model path); the message says what and how to fix it."""
-
-
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors whose message is for the user (bad input, a bad setting, a model the engine cannot run): the CLI
     and the app show them as one line, where any other exception is a bug."""
-    from .adapters import UnsupportedModelError  # the adapters import this module
-
-    return (InputError, ConfigError, UnsupportedModelError)
+    return USER_ERRORS
 
 
 def prompt_list(prompts: Any) -> list[str]:

@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "COUNTERFACTUALS", "boost_scores", "counterfactual_attention", "diffusion_noise", "feature_gate", "least_attended",
+    "memory_read", "scale_scores", "steer", "top_entropy",
 ]  # fmt: skip
 
 #: The counterfactual attention maps ``a~``, in the order the paper lists them (decoding methods are
@@ -232,3 +233,63 @@ def least_attended(attention: torch.Tensor, image: torch.Tensor, keep: int) -> t
     order = torch.sort(attention[at].float(), stable=True).indices[:keep]
     out[at[order]] = True
     return out
+
+
+def scale_scores(scores: torch.Tensor, up: torch.Tensor, down: torch.Tensor, enhance: float, suppress: float):
+    """VAF's edit of pre-softmax attention scores: ``x * enhance`` where ``up`` marks a key (the image's),
+    ``x * suppress`` where ``down`` does (the system prompt's), ``x`` elsewhere (``up`` wins where both do). As in
+    the official code, a negative score on an enhanced key becomes more negative.
+
+    >>> scale_scores(torch.tensor([2.0, -1.0, 4.0, 1.0]), torch.tensor([True, True, False, False]),
+    ...              torch.tensor([False, False, True, False]), 1.5, 0.5)
+    tensor([ 3.0000, -1.5000,  2.0000,  1.0000])
+    """
+    factor = torch.where(up, enhance, torch.where(down, suppress, 1.0)).to(scores.dtype)
+    return scores * factor
+
+
+def top_entropy(logits: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """MemVR's uncertainty of each row of ``logits`` ``(rows, vocab)``: the entropy of the softmax of its ``k``
+    largest logits, over ``log k`` (so in ``[0, 1]``; 1 = the ``k`` candidates equally likely).
+
+    >>> top_entropy(torch.tensor([[0.0, 0.0, -50.0], [5.0, 5.0, 5.0]]), 2)
+    tensor([1., 1.])
+    """
+    k = min(k, logits.shape[-1])
+    p = torch.softmax(logits.float().topk(k, dim=-1).values, dim=-1)
+    return -(p * p.clamp_min(1e-30).log()).sum(-1) / torch.log(torch.tensor(float(k)))
+
+
+def memory_read(x: torch.Tensor, ffn: torch.Tensor, memory: torch.Tensor, ratio: float) -> torch.Tensor:
+    """MemVR's FFN output with the image memory read in: ``(1 - ratio) * ffn + ratio * s * x M^T M``, ``x`` the
+    FFN's input ``(..., hidden)``, ``M`` the memory ``(tokens, hidden)``, ``s = mean|ffn| / mean|x M^T M|`` (so the
+    read has the FFN output's scale; 0 where the read is all zeros, where the official code divides by zero).
+    Computed in float32, returned in ``ffn``'s dtype.
+
+    >>> x = torch.tensor([[1.0, 0.0]]); m = torch.tensor([[2.0, 0.0]])
+    >>> memory_read(x, torch.tensor([[0.0, 1.0]]), m, 0.5)  # x M^T M = [4, 0], s = 0.5 / 2: 0.5 [0, 1] + 0.5 [1, 0]
+    tensor([[0.5000, 0.5000]])
+    """
+    m = memory.float()
+    read = (x.float() @ m.T) @ m
+    size = read.abs().mean()
+    s = ffn.float().abs().mean() / size if size > 0 else torch.zeros((), device=read.device)
+    return ((1.0 - ratio) * ffn.float() + ratio * s * read).to(ffn.dtype)
+
+
+def steer(m: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
+    """VISTA's norm-preserving, cosine-gated steering of MLP outputs ``m`` ``(..., hidden)`` by the vector ``v``
+    ``(hidden,)`` or one per leading row (broadcast): ``normalize(normalize(m) + lam * s * normalize(v)) * |m|``
+    with ``s = 1 + max(0, cos(m, -v))`` (outputs that point away from ``v`` are pulled harder). Computed in float32,
+    returned in ``m``'s dtype; ``lam = 0`` returns ``m`` as it is.
+
+    >>> steer(torch.tensor([[3.0, 0.0]]), torch.tensor([0.0, 2.0]), 1.0)  # cos = 0: s = 1; |m| kept
+    tensor([[2.1213, 2.1213]])
+    """
+    if lam == 0:
+        return m
+    x = m.float()
+    u = torch.nn.functional.normalize(v.float(), dim=-1)
+    s = 1.0 + torch.nn.functional.cosine_similarity(x, -u.expand_as(x), dim=-1).clamp_min(0.0)[..., None]
+    out = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=-1) + lam * s * u, dim=-1)
+    return (out * x.norm(dim=-1, keepdim=True)).to(m.dtype)

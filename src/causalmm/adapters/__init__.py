@@ -6,11 +6,12 @@ from typing import Any
 
 import torch
 
+from ..errors import UnsupportedModelError
+from ..sites.find import check_base
 from .base import Adapter
 from .context import max_positions
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
-from .sites import UnsupportedModelError, check_base
 
 __all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "check_base", "get_adapter", "max_positions"]
 

@@ -28,10 +28,10 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..attention import Intervention, intervene
-from ..inputs import InputError
+from ..errors import InputError, UnsupportedModelError
+from ..sites import Intervention, intervene
+from ..sites.find import check_base, find_sites, route_attention
 from .context import ContextLimit
-from .sites import UnsupportedModelError, check_base, find_sites, route_attention
 
 __all__ = ["Adapter", "ImageBatch", "ImageFeatures"]
 
@@ -96,6 +96,8 @@ class Adapter(ContextLimit):
         self.vision_attn, self.lm_attn = sites.vision_attn, sites.lm_attn
         #: the decoder layer holding each of :attr:`lm_attn`, in the same order
         self.lm_layers = sites.lm_layers
+        #: every module the engine may act at (:class:`~causalmm.sites.find.Sites`)
+        self.sites = sites
         route_attention(model, sites, base)
 
     # -- model facts -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..inputs import InputError
+from ..errors import InputError
 
 __all__ = ["ContextLimit", "max_positions"]
 

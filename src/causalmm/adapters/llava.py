@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-from ..attention import Intervention, SiteRule
 from ..interventions import feature_gate
+from ..sites import Intervention, SiteRule
 from .base import Adapter
 
 

@@ -49,7 +49,7 @@ def is_loopback(host: str) -> bool:
 
 def attention_flag(value: str) -> str:
     """``--attention`` checked as the command line is read, so a typo fails before any model is loaded."""
-    from ..attention import BASES
+    from ..sites import BASES
 
     if value not in BASES:
         fail(f"--attention {value!r} is not valid; choose one of: {', '.join(BASES)}")

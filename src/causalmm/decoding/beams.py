@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..attention import Draws
+from ..sites import Draws
 from .cache import GrowingLayer
 from .rows import Row
 from .rule import GenerationOptions, GenerationResult, HistoryProcessors
@@ -215,9 +215,10 @@ def search_results(engine, beams: list[BeamState], opts: GenerationOptions, seed
     return results
 
 
-def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: GenerationOptions, seeds, prompt_ids):
+def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: GenerationOptions, seeds, prompt_ids,
+                states=None):  # fmt: skip
     """Beam search from a prefill (the engine's :meth:`~causalmm.decoding.Engine.generate_encoded` hands over
-    its rows, prefill, sharing plan, language draws and image columns); one result per prompt."""
+    its rows, prefill, sharing plan, language draws, image columns and per-prompt states); one result per prompt."""
     fw, cfg, method, ad = engine.forward, engine.config, engine.method, engine.adapter
     nb, rows0, n = opts.num_beams, layout.rows, len(layout.imgs)
     logits, cache, mask, positions = prefill
@@ -233,6 +234,8 @@ def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: Gen
     lower_keys = [(layout.lower_key(rows0[i]), b) for i, b in origin]
     lang_all = {i * nb + b: _clone_draws(d) for i, d in lang_draws.items() for b in range(nb)}
     image_cols = None if image_cols is None else image_cols.repeat_interleave(nb, 0)
+    # each beam of prompt p is prompt p * nb + b of the rows: it carries its prompt's state
+    states = None if states is None else {p * nb + b: s for p, s in states.items() for b in range(nb)}
     plan = fw.plan(lower_keys)
     beams = searches(engine, opts, n, nb)
     history, stops = HistoryProcessors(opts), stop_rule(engine, opts)
@@ -299,7 +302,7 @@ def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: Gen
         batch_rows = [rows[i] for i in active]
         logits = fw.step(
             {"input_ids": nxt}, mask, positions, cache, lang, plan, batch_rows,
-            edits=engine.needs.edits(cols, batch_rows, prefill=False),
+            edits=engine.needs.edits(cols, batch_rows, prefill=False, states=states),
         )  # fmt: skip
 
     return search_results(engine, beams, opts, seeds)

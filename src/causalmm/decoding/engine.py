@@ -20,8 +20,8 @@ from PIL import Image
 from .. import methods  # the module, not its names: methods import the rule from this package
 from .. import seeds as streams
 from ..adapters import Adapter
-from ..attention import SiteRule
 from ..config import CausalMMConfig, ConfigError, resolve_layers
+from ..sites import SiteRule
 from .beams import beam_decode, check_beam_options
 from .features import ImageFeatures, first_equal, image_digest, inputs_digest, zero_image_tokens
 from .forward import Forward
@@ -324,11 +324,12 @@ class Engine:
         self.prefill_stats = {"groups": 0, "prefix_tokens": 0, "shared_rows": 0}
         if self.prefix_reuse:
             shared = prefill_shared(fw, layout, row_feature, lang_draws, plan, opts.max_new_tokens)
-        image_cols = self.needs.columns(fw, layout)  # PAI, SID, OPERA: each row's image keys
+        image_cols = self.needs.columns(fw, layout)  # PAI, VAF, SID, OPERA: each row's image keys
+        states = self.needs.states(fw, layout, row_feature)  # MemVR's image memory, VISTA's vectors
         if image_cols is not None:
             self.needs.check_room(image_cols.shape[1], opts.max_new_tokens)
         if shared is None:
-            edits = self.needs.edits(image_cols, rows, prefill=True)
+            edits = self.needs.edits(image_cols, rows, prefill=True, states=states)
             prefill = fw.prefill(layout, row_feature, lang_draws, plan, opts.max_new_tokens, edits)
         else:
             prefill, self.prefill_stats = shared
@@ -337,7 +338,7 @@ class Engine:
         if self.method.search == "opera":
             return opera_decode(self, layout, prefill, image_cols, opts, seeds, prompt_ids)
         if opts.num_beams > 1:
-            return beam_decode(self, layout, prefill, plan, lang_draws, image_cols, opts, seeds, prompt_ids)
+            return beam_decode(self, layout, prefill, plan, lang_draws, image_cols, opts, seeds, prompt_ids, states)
         logits, cache, mask, positions = prefill
         select = TokenSelector(opts)
         sample_gens = [streams.generator("cpu", s, streams.SAMPLING) for s in seeds]
@@ -407,9 +408,10 @@ class Engine:
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             lang = {j: lang_draws[i] for j, i in enumerate(active) if i in lang_draws}
             cols = None if image_cols is None else image_cols[active]
+            edits = self.needs.edits(cols, [rows[i] for i in active], prefill=False, states=states)
             logits = fw.step(
                 {"input_ids": nxt}, mask, positions, cache, lang, plan, [rows[i] for i in active],
-                full_head=return_branch_logits, edits=self.needs.edits(cols, [rows[i] for i in active], prefill=False),
+                full_head=return_branch_logits, edits=edits,
             )  # fmt: skip
         results = []
         for p in range(n):

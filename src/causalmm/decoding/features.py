@@ -12,9 +12,9 @@ from PIL import Image
 
 from .. import seeds as streams
 from ..adapters import Adapter
-from ..attention import Intervention, SiteRule
 from ..config import CausalMMConfig
 from ..interventions import diffusion_noise
+from ..sites import Intervention, SiteRule
 
 __all__ = ["ImageFeatures", "first_equal", "image_digest", "inputs_digest", "zero_image_tokens"]
 

@@ -14,8 +14,8 @@ import transformers
 from transformers import DynamicCache
 
 from ..adapters import Adapter, UnsupportedModelError
-from ..attention import Draws, Intervention, SiteRule, intervene
 from ..config import ConfigError
+from ..sites import Draws, Intervention, SiteRule, intervene
 from .cache import growing_cache
 from .head import dense_logits, head_on_rows, plausible_logits
 from .rows import Row, RowLayout
@@ -123,8 +123,9 @@ class Forward:
         edits: dict[str, Any] | None = None,
     ) -> Any:
         """One forward with the language intervention on ``language_rows`` (batch indices) and the baselines'
-        ``edits`` (``boost``, ``prune``, ``watch``: :mod:`causalmm.edits`); with a ``plan``, the layers below
-        :attr:`share_low` run on ``plan.keep`` only (their cache holds those rows)."""
+        ``edits`` (``scores``, ``prune``, ``watch``, ``mlp``, ``layers``: fields of
+        :class:`~causalmm.sites.Intervention`); with a ``plan``, the layers below :attr:`share_low` run on
+        ``plan.keep`` only (their cache holds those rows)."""
         if self.window is not None:
             need = cache.get_seq_length() + inputs["input_ids"].shape[1]
             if need > self.window - 1:  # OPERA's rollbacks re-encode answer tokens: checked here, as it happens

@@ -1,11 +1,13 @@
 """What a decoding method asks of the engine beyond its branches' image features, resolved against one model:
-the prompts its branches read (ICD's instruction, M3ID's and PAI's text-only prompt), PAI's boost of the factual
-rows' attention, SID's pruning of its branch's image keys, AvisC's blind tokens (read in a probe prefill), and the
-early-exit layers of DoLa and DeCo. Each is checked when the engine is built, so a setting the model cannot take
-fails before any generation.
+the prompts its branches read (ICD's instruction, M3ID's and PAI's text-only prompt), the edits of the factual
+rows' own forward (PAI's boost and VAF's scaling of their attention, MemVR's image-memory read), SID's pruning of
+its branch's image keys, AvisC's blind tokens (read in a probe prefill), and the early-exit layers of DoLa and
+DeCo. Each is checked when the engine is built, so a setting the model cannot take fails before any generation.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from PIL import Image
@@ -14,8 +16,17 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..adapters import Adapter
 from ..config import CausalMMConfig, ConfigError
-from ..edits import Boost, Prune, Watch
-from ..methods.base import Branch, Method  # the submodule: the methods package imports the rule from decoding
+from ..methods.base import (  # the submodule: the methods package imports the rule from decoding
+    Branch,
+    FactualEdit,
+    ImageMemory,
+    Method,
+    ScoreScale,
+    Steering,
+)
+from ..settings import resolve_layers
+from ..sites.edits import Boost, Prune, Scale, Watch
+from ..sites.mlp import LastStates, MemoryRead, Steer
 from .forward import TOKEN_KEYS, Forward, extra_inputs, window_message
 from .rows import Row, RowLayout
 
@@ -38,7 +49,8 @@ class MethodNeeds:
     """The needs of ``method`` under ``config`` on ``adapter``'s model, checked.
 
     Attributes:
-        edit / edit_layers: PAI's factual edit and the LLM layers it acts in (``None`` / empty: none).
+        edit / edit_layers: the factual rows' edit (PAI's boost, VAF's scaling, MemVR's memory read) and the LLM
+            layers it acts in (``None`` / empty: none).
         prune: SID's ``(layer that chooses, image keys kept)`` (``None``: no pruned branch).
         exits: the early-exit layers (``hidden_states`` indices) whose logits the rule reads.
     """
@@ -48,13 +60,31 @@ class MethodNeeds:
         n = adapter.n_language_layers
         self.edit = method.factual_edit(config)
         self.edit_layers = frozenset()
-        if self.edit is not None:
+        if isinstance(self.edit, FactualEdit):
             if not 0 <= self.edit.start_layer < n:
                 raise ConfigError(
                     f"{config.method}: start_layer={self.edit.start_layer} is out of range: the LLM has {n} layers "
                     f"(0..{n - 1})"
                 )
             self.edit_layers = frozenset(range(self.edit.start_layer, n))
+        elif isinstance(self.edit, ScoreScale):
+            try:
+                self.edit_layers = frozenset(resolve_layers(self.edit.layers, n, what=f"{config.method} layers"))
+            except ConfigError as err:
+                raise ConfigError(f"{err}; give --param layers=... within the LLM's {n} layers") from None
+        elif isinstance(self.edit, ImageMemory):
+            start, end = self.edit.start, self.edit.end
+            if not 0 <= start < end <= n - 1:
+                raise ConfigError(
+                    f"{config.method}: the window start={start}, end={end} does not fit the LLM's {n} layers: the "
+                    f"layers strictly between them trigger a read in the next layer, so give 0 <= start < end <= "
+                    f"{n - 1}"
+                )
+            if not isinstance(getattr(adapter.lm, "norm", None), torch.nn.Module):
+                raise ConfigError(
+                    f"{config.method}: {type(adapter.model).__name__}'s LLM has no final norm (`norm`) for the "
+                    "early-exit entropy"
+                )
         self.prune = method.prune_at(config) if any(b.prune for b in branches) else None
         if self.prune is not None and not 0 <= self.prune[0] < n - 1:
             raise ConfigError(
@@ -93,14 +123,22 @@ class MethodNeeds:
 
     @property
     def image_columns(self) -> bool:
-        """Whether forwards need each row's image keys in the cache's layout (PAI, SID)."""
-        return self.edit is not None or self.prune is not None or self.method.search == "opera"
+        """Whether forwards need each row's image keys in the cache's layout (PAI, VAF, SID, OPERA)."""
+        scores = isinstance(self.edit, (FactualEdit, ScoreScale))
+        return scores or self.prune is not None or self.method.search == "opera"
+
+    @property
+    def prompt_state(self) -> bool:
+        """Whether forwards need a state per prompt, computed before its prefill (MemVR's image memory, VISTA's
+        steering vectors)."""
+        return isinstance(self.edit, (ImageMemory, Steering))
 
     @property
     def allow_prefix_reuse(self) -> bool:
         """Whether the shared-prefix prefill may run: the image columns and the early exits are read in the
-        reference prefill's layout."""
-        return not self.image_columns and not self.exits
+        reference prefill's layout, MemVR's trigger in the forward's newest position, and VISTA steers the whole
+        prefill."""
+        return not self.image_columns and not self.exits and not self.prompt_state
 
     def check_room(self, length: int, new_tokens: int) -> None:
         """Refuse, before any forward, a run that would outgrow the sliding window: ``length`` prompt columns (the
@@ -114,17 +152,18 @@ class MethodNeeds:
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def prompt_kinds(self) -> tuple[str, ...]:
-        """The prompt variants the branches read besides the sample's own (``text``: no image)."""
-        return tuple(sorted({b.prompt for b in self.branches} - {"factual"}))
+        """The prompt variants the branches (and VISTA's probe) read besides the sample's own (``text``: no image)."""
+        kinds = {b.prompt for b in self.branches} | ({"text"} if isinstance(self.edit, Steering) else set())
+        return tuple(sorted(kinds - {"factual"}))
 
     def encode_variants(self, images: list[Image.Image], prompts: list[str]) -> dict[str, list[dict]]:
         """Each prompt as the rows of each variant kind read it (:attr:`~causalmm.methods.Branch.prompt`)."""
         out: dict[str, list[dict]] = {}
         for kind in self.prompt_kinds():
-            branch = next(b for b in self.branches if b.prompt == kind)
             if kind == "text":
                 out[kind] = [self.adapter.encode_text(p, im) for im, p in zip(images, prompts, strict=True)]
             else:
+                branch = next(b for b in self.branches if b.prompt == kind)
                 texts = [self.method.branch_prompt(branch, p, self.config) for p in prompts]
                 out[kind] = [self.adapter.encode(im, t, system=s) for im, (t, s) in zip(images, texts, strict=True)]
         return out
@@ -137,15 +176,68 @@ class MethodNeeds:
         ids = fw.collate_tokens([layout.enc(r) for r in layout.rows])["input_ids"]
         return torch.isin(ids, self.adapter.image_token_ids.to(ids.device))
 
-    def edits(self, image_cols: torch.Tensor | None, rows: list[Row], prefill: bool) -> dict | None:
-        """The edits of one forward over ``rows`` (the batch, in order; ``image_cols`` their image keys): PAI's boost
-        on the factual rows, SID's pruning on its branch's rows; ``None`` where there are none."""
-        if image_cols is None:
+    def states(self, fw: Forward, layout: RowLayout, row_feature) -> dict[int, Any] | None:
+        """Each prompt's state, before its prefill: MemVR's image memory ``(tokens, hidden)`` (the factual image
+        features as the LLM receives them, every image of the prompt; the official code keeps the last image of its
+        batch of one) with the prompt's token count (its real positions in the left-padded prefill); VISTA's
+        steering vectors ``(layers, hidden)``. ``None`` for the other methods."""
+        if isinstance(self.edit, Steering):
+            return self.steering_vectors(fw, layout, row_feature)
+        if not isinstance(self.edit, ImageMemory):
             return None
+        out = {}
+        for row in layout.rows:
+            if row.branch is None and row.prompt not in out:
+                feature = row_feature(row)
+                if feature is None:
+                    continue
+                t = getattr(feature, "pooled", feature)
+                out[row.prompt] = (t.reshape(-1, t.shape[-1]), layout.enc(row)["input_ids"].shape[-1])
+        return out
+
+    def steering_vectors(self, fw: Forward, layout: RowLayout, row_feature) -> dict[int, torch.Tensor]:
+        """VISTA: one probe prefill, unsteered, of each prompt with its image and without it (the template's text
+        alone, as ``model_loader.py``'s ``prepare_null_prompt``); each prompt's vectors are the last token's output of
+        every LLM layer with the image minus without (``steering_vector.py``; the rank-1 PCA there, fitted on one
+        sample, is this difference plus an arbitrary unit vector, which is left out)."""
+        n = len(layout.imgs)
+        rows = layout.rows[:n]  # the factual rows come first
+        encs = [layout.enc(r) for r in rows] + [layout.encs["text"][p] for p in range(n)]
+        batch = fw.collate_tokens(encs)
+        positions = self.adapter.prefill_positions(batch, fw.image_meta(layout, list(range(n))))
+        record = LastStates()
+        inputs = {"input_ids": batch["input_ids"], **extra_inputs(batch), **fw.features(rows, row_feature)}
+        fw(inputs, batch["attention_mask"], positions, fw.new_cache(), {}, None, {"layers": record})
+        h = torch.stack([record.seen[i] for i in range(self.adapter.n_language_layers)], dim=1)  # (2n, L, D)
+        return {p: h[p] - h[n + p] for p in range(n)}
+
+    def edits(
+        self, image_cols: torch.Tensor | None, rows: list[Row], prefill: bool, states: dict | None = None
+    ) -> dict | None:
+        """The edits of one forward over ``rows`` (the batch, in order; ``image_cols`` their image keys, ``states``
+        each prompt's :meth:`states`): PAI's boost or VAF's scaling on the factual rows, MemVR's memory read or
+        VISTA's steering on them, SID's pruning on its branch's rows; ``None`` where there are none."""
         out: dict = {}
-        if self.edit is not None and (self.edit.prefill or not prefill):
+        if states is not None and isinstance(self.edit, Steering):
+            vectors = {j: states[r.prompt] for j, r in enumerate(rows) if r.branch is None}
+            out["mlp"] = Steer(self.edit.lam, vectors)
+        if states is not None and isinstance(self.edit, ImageMemory):
+            e = self.edit
+            mine = [(j, states[r.prompt]) for j, r in enumerate(rows) if r.branch is None and r.prompt in states]
+            read = {j: m for j, (m, _) in mine}
+            real = {j: n for j, (_, n) in mine} if prefill else None  # decode: the one position is real
+            cap = getattr(self.adapter.model.config.get_text_config(), "final_logit_softcapping", None)
+            head = self.adapter.model.get_output_embeddings()
+            mem = MemoryRead(e.ratio, e.threshold, e.start, e.end, read, self.adapter.lm.norm, head, cap, real)
+            out.update(mlp=mem, layers=mem.layers)
+        if image_cols is None:
+            return out or None
+        if isinstance(self.edit, FactualEdit) and (self.edit.prefill or not prefill):
             keys = {j: image_cols[j] for j, r in enumerate(rows) if r.branch is None}
-            out["boost"] = Boost(self.edit.alpha, self.edit_layers, keys)
+            out["scores"] = Boost(self.edit.alpha, self.edit_layers, keys)
+        elif isinstance(self.edit, ScoreScale):
+            keys = {j: image_cols[j] for j, r in enumerate(rows) if r.branch is None}
+            out["scores"] = Scale(self.edit.enhance, self.edit.suppress, self.edit_layers, keys)
         if self.prune is not None:
             keys = {j: image_cols[j] for j, r in enumerate(rows) if r.branch is not None and r.branch.prune}
             out["prune"] = Prune(self.prune[0], self.prune[1], keys)

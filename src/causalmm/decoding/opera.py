@@ -9,7 +9,7 @@ Per step, two forwards over every beam of every prompt, whatever the number of c
    each beam's answer history.
 
 The attention is computed only where the rule reads it: the last layer, the newest queries of these two forwards
-(:class:`~causalmm.edits.Watch`). A prompt that rolls back re-encodes its kept answer tokens in an extra forward,
+(:class:`~causalmm.sites.edits.Watch`). A prompt that rolls back re-encodes its kept answer tokens in an extra forward,
 on its cached prompt: its abandoned answer columns are masked out and the new ones appended, while the other rows
 get masked padding there, so every prompt keeps its own position in the batch.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..edits import Watch, image_columns
 from ..methods.opera import opera_penalty, rollback_position
+from ..sites.edits import Watch, image_columns
 from .beams import BeamState, choose, reorder_cache_rows, search_results, searches, stop_rule
 from .head import head_on_rows
 from .rows import Row

@@ -52,7 +52,7 @@ def _common_prefix(encs: list[dict[str, torch.Tensor]], lengths: list[int]) -> i
     prompts must have the same image prefix, and at least one token of each must follow it.
 
     The prefix ends at the last image token, not at the longest common prefix: that is where a language row's
-    draws switch from its image's stream to its sample's (:class:`~causalmm.attention.Draws`), so every row of a
+    draws switch from its image's stream to its sample's (:class:`~causalmm.sites.Draws`), so every row of a
     group, language rows included, forks at the same point (a few common text tokens are left to the suffixes).
     """
     n = lengths[0]

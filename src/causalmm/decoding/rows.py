@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import seeds as streams
-from ..attention import Draws
 from ..methods.base import Branch  # the submodule: the methods package imports the rule from decoding
+from ..sites import Draws
 
 __all__ = ["Row", "RowLayout"]
 

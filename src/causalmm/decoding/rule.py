@@ -20,7 +20,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from ..config import ConfigError, Range, shown
+from ..settings import ConfigError, Range, shown
 
 __all__ = [
     "MAX_BEAMS", "OPTION_RANGES", "GenerationOptions", "GenerationResult", "HistoryProcessors", "TokenSelector",

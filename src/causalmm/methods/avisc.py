@@ -24,7 +24,7 @@ from .base import Branch, Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["AvisC", "BLIND", "zeroed_tokens"]
 
@@ -67,13 +67,13 @@ class AvisC(Method):
     )  # fmt: skip
     plausible_only = True
 
-    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+    def branches(self, config: Settings) -> tuple[Branch, ...]:
         return (BLIND,)
 
-    def blind_tokens(self, attention: dict[int, torch.Tensor], config: CausalMMConfig) -> torch.Tensor:
+    def blind_tokens(self, attention: dict[int, torch.Tensor], config: Settings) -> torch.Tensor:
         return zeroed_tokens(attention, layer_gamma=config.param("layer_gamma"), lamb=config.param("lamb"))
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         return contrast(factual, [counterfactuals["blind"]], gamma=config.gamma, epsilon=config.epsilon)

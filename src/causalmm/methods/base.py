@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import ANY_DEPTH, FIELD_RANGES, CausalMMConfig, ConfigError, Range, is_int, is_real, resolve_layers, shown
+from ..settings import ANY_DEPTH, FIELD_RANGES, ConfigError, Range, Settings, is_int, is_real, resolve_layers, shown
 
-__all__ = ["Branch", "FactualEdit", "Method", "Param", "Range"]
+__all__ = ["Branch", "FactualEdit", "ImageMemory", "Method", "Param", "Range", "ScoreScale", "Steering"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,39 @@ class FactualEdit:
     alpha: float
     start_layer: int
     prefill: bool
+
+
+@dataclass(frozen=True)
+class ScoreScale:
+    """An edit of the factual rows' own LLM attention (VAF): in the LLM layers ``layers`` names (a layer spec), the
+    pre-softmax scores of every query after the image are multiplied by ``enhance`` on the image keys and by
+    ``suppress`` on the keys before the image (the system prompt), prefill and decode."""
+
+    enhance: float
+    suppress: float
+    layers: str
+
+
+@dataclass(frozen=True)
+class ImageMemory:
+    """A read of each factual row's image memory inside its LLM (MemVR): after each layer ``l`` with
+    ``start < l < end``, the early-exit entropy of the row's newest position; the first above ``threshold`` makes
+    the FFN of layer ``l + 1`` mix in the memory read with weight ``ratio`` (:class:`causalmm.sites.mlp.MemoryRead`).
+    """
+
+    ratio: float
+    threshold: float
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A steering of each factual row's LLM (VISTA): every layer's MLP output, at every position, prefill and decode,
+    steered with strength ``lam`` by the row's vector for the layer: the last prompt token's layer output with the
+    image minus that without it (two probe prefills, unsteered; :class:`causalmm.sites.mlp.Steer`)."""
+
+    lam: float
 
 
 def layer_spec_check(what: str, words: tuple[str, ...]) -> Callable[[str], str | None]:
@@ -145,7 +178,7 @@ class Param:
 
 def _shared_fields() -> frozenset[str]:
     """The fields of :class:`~causalmm.config.CausalMMConfig`, which the methods share."""
-    return frozenset(CausalMMConfig.__dataclass_fields__)
+    return frozenset(Settings.__dataclass_fields__)
 
 
 class Method:
@@ -172,32 +205,33 @@ class Method:
     exit_norm: ClassVar[bool] = False
     search: ClassVar[str | None] = None
 
-    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+    def branches(self, config: Settings) -> tuple[Branch, ...]:
         """The counterfactual branches run beside the factual one (none: plain decoding)."""
         return ()
 
-    def exit_layers(self, config: CausalMMConfig, n_layers: int, tied: bool) -> tuple[int, ...]:
+    def exit_layers(self, config: Settings, n_layers: int, tied: bool) -> tuple[int, ...]:
         """The early layers whose next-token logits the rule reads (layer-contrast methods), as indices of
         ``transformers``' ``hidden_states``: 0 the embeddings, ``i`` the output of decoder layer ``i - 1``, for an
         LLM of ``n_layers`` layers (``tied``: its input and output embeddings are tied). The engine hands their
         logits to :meth:`combine` as ``exits={index: logits}``. None by default."""
         return ()
 
-    def prune_at(self, config: CausalMMConfig) -> tuple[int, int]:
+    def prune_at(self, config: Settings) -> tuple[int, int]:
         """For a ``prune`` branch: the LLM layer whose attention chooses the image keys kept (they are hidden from
         the next layer on) and how many are kept."""
         raise NotImplementedError(f"{self.name}: a prune branch needs prune_at")
 
-    def blind_tokens(self, attention: dict[int, torch.Tensor], config: CausalMMConfig) -> torch.Tensor:
+    def blind_tokens(self, attention: dict[int, torch.Tensor], config: Settings) -> torch.Tensor:
         """For a ``blind`` branch: the image tokens whose features it zeroes, a boolean mask ``(image tokens,)``,
         from the factual prefill's last-query attention on the image tokens, ``{layer: (image tokens,)}``."""
         raise NotImplementedError(f"{self.name}: a blind branch needs blind_tokens")
 
-    def factual_edit(self, config: CausalMMConfig) -> FactualEdit | None:
-        """An edit of the factual rows' attention (none: the factual rows are the model's own run)."""
+    def factual_edit(self, config: Settings) -> FactualEdit | ScoreScale | ImageMemory | Steering | None:
+        """An edit of the factual rows' own forward: their attention scores (PAI's boost, VAF's scaling) or their
+        MLPs (MemVR's memory read, VISTA's steering); none: the factual rows are the model's own run."""
         return None
 
-    def branch_prompt(self, branch: Branch, prompt: str, config: CausalMMConfig) -> tuple[str, str | None]:
+    def branch_prompt(self, branch: Branch, prompt: str, config: Settings) -> tuple[str, str | None]:
         """The prompt and system message (``None``: the template's own) of ``branch``'s rows for the sample prompt
         ``prompt``, for a branch whose ``prompt`` names a variant (not ``factual`` or ``text``)."""
         raise NotImplementedError(f"{self.name}: branch {branch.name!r} names prompt variant {branch.prompt!r}")
@@ -223,8 +257,6 @@ class Method:
         """Why the shared field ``name`` does not apply to this method under ``settings``, and what to do: the
         tail of a one-line error that starts with the setting. ``spell`` names a setting as the caller's user
         gives it (the command line's ``--gamma``, ``--param lamb=VALUE``)."""
-        from .registry import METHODS
-
         readers = [m.name for m in METHODS.values() if name in {p.field for p in m.params}]
         by = f" (it is read by {', '.join(readers)})" if readers else ""
         has = ", ".join(spell(p.field) for p in self.params) or "none"
@@ -235,8 +267,6 @@ class Method:
 
         A shared field named here is answered with where it goes (``gamma=`` beside ``method=``), another
         method's parameter with that method's name."""
-        from .registry import METHODS
-
         if not isinstance(given, dict):
             raise ConfigError(f"params={given!r} must be a mapping of parameter names to values")
         own = {p.field: p for p in self.own_params()}
@@ -258,8 +288,13 @@ class Method:
         return {name: p.coerce(given[name]) if name in given else p.default for name, p in own.items()}
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         """Next-token scores ``(vocab,)`` from the factual logits and each branch's (mean over its draws);
         ``step`` counts generated tokens from 0."""
         return factual
+
+
+#: method name -> the registered method (filled by :func:`causalmm.methods.registry.register`); declared here, beside
+#: the class it holds, so that a method's messages can name the others that read a setting
+METHODS: dict[str, Method] = {}

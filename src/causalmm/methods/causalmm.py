@@ -12,7 +12,7 @@ from .base import Branch, Method, Param
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["MODES", "CausalMM"]
 
@@ -51,7 +51,7 @@ class CausalMM(Method):
     )
     plausible_only = True
 
-    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+    def branches(self, config: Settings) -> tuple[Branch, ...]:
         return MODES[config.mode]
 
     def reads(self, settings: Mapping[str, Any]) -> frozenset[str]:
@@ -75,6 +75,6 @@ class CausalMM(Method):
         return super().unread_reason(name, settings, spell)
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         return contrast(factual, list(counterfactuals.values()), gamma=config.gamma, epsilon=config.epsilon)

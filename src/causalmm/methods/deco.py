@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import resolve_layers
+from ..settings import resolve_layers
 from .base import Method, Param, Range, layer_spec_check
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["DeCo", "deco_scores", "deco_layers"]
 
@@ -82,14 +82,14 @@ class DeCo(Method):
     )  # fmt: skip
     exit_norm = True
 
-    def exit_layers(self, config: CausalMMConfig, n_layers: int, tied: bool) -> tuple[int, ...]:
+    def exit_layers(self, config: Settings, n_layers: int, tied: bool) -> tuple[int, ...]:
         return deco_layers(config.param("layers"), n_layers)
 
     def combine(
         self,
         factual: torch.Tensor,
         counterfactuals: dict[str, torch.Tensor],
-        config: CausalMMConfig,
+        config: Settings,
         step: int,
         exits: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:

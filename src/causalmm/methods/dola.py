@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..config import resolve_layers
+from ..settings import resolve_layers
 from .base import Method, Param, layer_spec_check
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["DoLa", "candidate_layers", "dola_scores", "jensen_shannon"]
 
@@ -89,14 +89,14 @@ class DoLa(Method):
               "model"),
     )  # fmt: skip
 
-    def exit_layers(self, config: CausalMMConfig, n_layers: int, tied: bool) -> tuple[int, ...]:
+    def exit_layers(self, config: Settings, n_layers: int, tied: bool) -> tuple[int, ...]:
         return candidate_layers(config.param("layers"), n_layers, tied)
 
     def combine(
         self,
         factual: torch.Tensor,
         counterfactuals: dict[str, torch.Tensor],
-        config: CausalMMConfig,
+        config: Settings,
         step: int,
         exits: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:

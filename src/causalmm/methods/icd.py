@@ -21,7 +21,7 @@ from .base import Branch, Method, Param
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["ICD", "INSTRUCTION", "PREFIXES"]
 
@@ -63,14 +63,14 @@ class ICD(Method):
     )  # fmt: skip
     plausible_only = True
 
-    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+    def branches(self, config: Settings) -> tuple[Branch, ...]:
         return (INSTRUCTION,)
 
-    def branch_prompt(self, branch: Branch, prompt: str, config: CausalMMConfig) -> tuple[str, str]:
+    def branch_prompt(self, branch: Branch, prompt: str, config: Settings) -> tuple[str, str]:
         """The question unchanged, the instruction as the system message."""
         return prompt, instruction(config.param("prefix"))
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         return contrast(factual, [counterfactuals["instruction"]], gamma=config.gamma, epsilon=config.epsilon)

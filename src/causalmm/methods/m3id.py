@@ -32,7 +32,7 @@ from .base import Branch, Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["M3ID", "TEXT", "m3id_scores", "m3id_weight"]
 
@@ -94,11 +94,11 @@ class M3ID(Method):
               check=Range(0, 1, low_open=True, note="1 = contrast at every step")),
     )  # fmt: skip
 
-    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+    def branches(self, config: Settings) -> tuple[Branch, ...]:
         return (TEXT,)
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         return m3id_scores(
             factual, counterfactuals["text"], t=step + 1, lamb=config.param("lamb"), alpha=config.param("alpha"),

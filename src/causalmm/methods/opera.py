@@ -36,7 +36,7 @@ from .base import Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["OPERA", "opera_penalty", "over_trust", "rollback_position"]
 
@@ -132,6 +132,6 @@ class OPERA(Method):
     search = "opera"
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         return factual

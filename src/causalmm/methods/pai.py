@@ -26,7 +26,7 @@ from .base import Branch, FactualEdit, Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["PAI", "pai_scores"]
 
@@ -66,15 +66,15 @@ class PAI(Method):
         Param("edit_prefill", False, "the official code edits decode steps only when the contrast is on"),
     )  # fmt: skip
 
-    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+    def branches(self, config: Settings) -> tuple[Branch, ...]:
         return (TEXT,)
 
-    def factual_edit(self, config: CausalMMConfig) -> FactualEdit | None:
+    def factual_edit(self, config: Settings) -> FactualEdit | None:
         if config.param("alpha") == 0:
             return None
         return FactualEdit(config.param("alpha"), config.param("start_layer"), config.param("edit_prefill"))
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         return pai_scores(factual, counterfactuals["text"], gamma=config.gamma, epsilon=config.epsilon)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Method
+from .base import METHODS, Method
 
 __all__ = ["METHODS", "get_method", "method_names", "register"]
-
-#: method name -> the registered method
-METHODS: dict[str, Method] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:

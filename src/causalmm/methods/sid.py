@@ -25,7 +25,7 @@ from .base import Branch, Method, Param, Range
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["SID", "SID_BRANCH"]
 
@@ -48,13 +48,13 @@ class SID(Method):
     )  # fmt: skip
     plausible_only = True
 
-    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+    def branches(self, config: Settings) -> tuple[Branch, ...]:
         return (SID_BRANCH,)
 
-    def prune_at(self, config: CausalMMConfig) -> tuple[int, int]:
+    def prune_at(self, config: Settings) -> tuple[int, int]:
         return config.param("layer") - 1, config.param("keep")
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         return contrast(factual, [counterfactuals["sid"]], gamma=config.gamma, epsilon=config.epsilon)

@@ -17,7 +17,7 @@ from .base import Branch, Method, Param
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import CausalMMConfig
+    from ..settings import Settings
 
 __all__ = ["NOISE", "VCD"]
 
@@ -38,10 +38,10 @@ class VCD(Method):
     )
     plausible_only = True
 
-    def branches(self, config: CausalMMConfig) -> tuple[Branch, ...]:
+    def branches(self, config: Settings) -> tuple[Branch, ...]:
         return (NOISE,)
 
     def combine(
-        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: CausalMMConfig, step: int
+        self, factual: torch.Tensor, counterfactuals: dict[str, torch.Tensor], config: Settings, step: int
     ) -> torch.Tensor:
         return contrast(factual, list(counterfactuals.values()), gamma=config.gamma, epsilon=config.epsilon)

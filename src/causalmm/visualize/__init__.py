@@ -1,6 +1,6 @@
 """Seeing the causality: factual and counterfactual attention maps of one (image, prompt), as one figure.
 
-Every map comes from the real attention hook (:mod:`causalmm.attention`), read during the real forward
+Every map comes from the real attention hook (:mod:`causalmm.sites.attention`), read during the real forward
 (:mod:`.capture`); no model code is forked. :func:`attention_maps` gives the numbers (:mod:`.maps`),
 :func:`render` draws them (:mod:`.figure`), :func:`visualize` does both.
 

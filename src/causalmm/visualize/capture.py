@@ -1,6 +1,6 @@
 """Attention-map capture: the factual and counterfactual maps of one layer, read from the real forward.
 
-A forward pass runs with an :class:`~causalmm.attention.Intervention` that edits one layer, and its ``on_probs``
+A forward pass runs with an :class:`~causalmm.sites.Intervention` that edits one layer, and its ``on_probs``
 callback receives that layer's factual post-softmax map and the counterfactual map the hook computed from it
 (same key mask, same heads, same seeded generator as the engine's first draw). One pass per (method, layer)
 keeps every captured factual map genuinely factual: nothing upstream of it is edited. The maps come back
@@ -19,8 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from .. import seeds as streams
-from ..attention import Intervention, SiteRule, intervene
 from ..decoding import cache_kwargs
+from ..sites import Intervention, SiteRule, intervene
 from .views import merge_size
 
 __all__ = ["language_maps", "vision_maps"]

@@ -1,5 +1,8 @@
 """Where a model is intervened on: its vision tower and its LLM, their attention modules (tagged as intervention
-sites, in execution order) and the routing of those modules through the hook of :mod:`causalmm.attention`.
+sites, in execution order) and the routing of those modules through the hook of :mod:`causalmm.sites.attention`;
+their MLPs and the LLM's decoder layers, tagged too and hooked once (:mod:`causalmm.sites.mlp`). This is the one
+place that says which modules are hooked: every hook leaves its module's numbers as they are unless the active
+intervention asks for an edit there.
 
 What a model must have for the engine (image features it can take back precomputed, a tower and an LLM, attention
 modules that route through ``AttentionInterface``) is checked here; :class:`UnsupportedModelError` names what is
@@ -14,17 +17,17 @@ from typing import Any
 
 import torch
 
-from ..attention import BASES, SITE_ATTR, Site, active, attention_name
-from ..config import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
+from .mlp import layer_hook, mlp_hook
+from .state import active
+from .tags import BASES, SITE_ATTR, Site, attention_name
 
 __all__ = ["Sites", "UnsupportedModelError", "check_base", "find_sites", "route_attention"]
 
 _TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 _LM_NAMES = ("language_model", "text_model", "llm")
-
-
-class UnsupportedModelError(ValueError):
-    """The model lacks something the engine needs; the message names it."""
+#: what a transformer layer calls its MLP (Pixtral's tower: ``feed_forward``)
+_MLP_NAMES = ("mlp", "feed_forward")
 
 
 def check_base(base: Any) -> str:
@@ -49,6 +52,10 @@ class Sites:
     lm_layers: list[torch.nn.Module]
     #: whether the tower takes all images as one packed sequence (Qwen2-VL's ``grid_thw``)
     packed: bool
+    #: the MLP of each of :attr:`lm_layers` (``None`` where a layer has none by a known name)
+    lm_mlps: list[torch.nn.Module | None]
+    #: the MLP of the tower layer holding each of :attr:`vision_attn` (``None`` where none is found)
+    vision_mlps: list[torch.nn.Module | None]
 
 
 def find_sites(model: torch.nn.Module) -> Sites:
@@ -85,10 +92,25 @@ def find_sites(model: torch.nn.Module) -> Sites:
         setattr(m, SITE_ATTR, Site("vision", i, packed=packed))
     for m in lm_attn:
         setattr(m, SITE_ATTR, Site("language", int(m.layer_idx)))
+    lm_layers = [parent[id(m)] for m in lm_attn]
+    lm_mlps = [_mlp(layer) for layer in lm_layers]
+    tower_parent = {id(c): m for m in tower.modules() for c in m.children()}
+    vision_mlps = [_mlp(tower_parent.get(id(m))) for m in vision_attn]
     if not getattr(tower, "_causalmm_hooked", False):
         tower.register_forward_pre_hook(_reset_offsets)
         tower._causalmm_hooked = True
-    return Sites(tower, lm, vision_attn, lm_attn, [parent[id(m)] for m in lm_attn], packed)
+        for i, mlp in enumerate(vision_mlps):
+            if mlp is not None:
+                setattr(mlp, SITE_ATTR, Site("vision", i, packed=packed))
+                mlp.register_forward_hook(mlp_hook)
+        for m, layer, mlp in zip(lm_attn, lm_layers, lm_mlps, strict=True):
+            site = Site("language", int(m.layer_idx))
+            setattr(layer, SITE_ATTR, site)
+            layer.register_forward_hook(layer_hook)
+            if mlp is not None:
+                setattr(mlp, SITE_ATTR, site)
+                mlp.register_forward_hook(mlp_hook)
+    return Sites(tower, lm, vision_attn, lm_attn, lm_layers, packed, lm_mlps, vision_mlps)
 
 
 def route_attention(model: torch.nn.Module, sites: Sites, base: str) -> None:
@@ -106,6 +128,15 @@ def route_attention(model: torch.nn.Module, sites: Sites, base: str) -> None:
                 f"{name}: the {kind} attention does not route through transformers' "
                 f"AttentionInterface (its implementation is {impl!r}), so it cannot be intervened on"
             )
+
+
+def _mlp(layer: torch.nn.Module | None) -> torch.nn.Module | None:
+    """A transformer layer's MLP, by the names the families use."""
+    for name in _MLP_NAMES:
+        mod = getattr(layer, name, None) if layer is not None else None
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    return None
 
 
 def _find(model: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module | None:

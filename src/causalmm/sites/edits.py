@@ -1,18 +1,20 @@
-"""The baselines' edits of the LLM's own attention, applied by the registered hook (:mod:`causalmm.attention`) to
-the batch rows an :class:`~causalmm.attention.Intervention` names, after the stock computation of the call:
+"""The baselines' edits of the LLM's own attention, applied by the registered hook (:mod:`causalmm.sites.attention`) to
+the batch rows an :class:`~causalmm.sites.state.Intervention` names, after the stock computation of the call:
 
 - :class:`Boost` (PAI): the newest query's pre-softmax scores on the image keys scaled up;
+- :class:`Scale` (VAF): the pre-softmax scores of the queries after the image multiplied, up on the image keys and
+  down on the keys before the image, in the middle layers;
 - :class:`Prune` (SID): from one layer on, the image keys other than the least-attended few are hidden, chosen
   per forward from the layer before;
 - :class:`Watch` (AvisC, OPERA): the newest queries' attention, averaged or maximised over heads, recorded in the
   layers it names (no edit).
 
-Each edited row is computed once. PAI's boosted rows are computed here, as eager attention in float32, and the
-base implementation computes only the other rows (:func:`boosted_attention`); SID's hidden keys are masked in the
-call's own attention mask from its layer on (:func:`prune_mask`), so the base computes those rows itself. A row no
-edit names keeps exactly what the base computes for it. The watch reads the attention after the call and changes
-nothing. Image keys are given per row as a boolean mask over the cache's first columns (the prompt's layout); a
-column beyond it (a generated token) is not an image key.
+Each edited row is computed once. The rows whose scores PAI or VAF edit are computed here, as eager attention in
+float32, and the base implementation computes only the other rows (:func:`edited_attention`); SID's hidden keys
+are masked in the call's own attention mask from its layer on (:func:`prune_mask`), so the base computes those rows
+itself. A row no edit names keeps exactly what the base computes for it. The watch reads the attention after the
+call and changes nothing. Image keys are given per row as a boolean mask over the cache's first columns (the
+prompt's layout); a column beyond it (a generated token) is not an image key.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import Site, _allowed, _repeat
-from .interventions import boost_scores, least_attended
+from ..interventions import boost_scores, least_attended, scale_scores
+from .scores import allowed_keys, masked_softmax, put_rows, repeat_kv, row_scores, take_rows
+from .tags import Site
 
-__all__ = ["Boost", "Prune", "Watch", "apply_edits", "boosted_attention", "image_columns", "prune_mask"]
+__all__ = ["Boost", "Prune", "Scale", "Watch", "apply_edits", "edited_attention", "image_columns", "prune_mask"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Boost:
     alpha: float
     layers: frozenset[int]
     keys: dict[int, torch.Tensor]
+    name: str = "PAI's edit"
     #: the stacked image-key masks of one forward, by (rows, key count, device): every layer of a forward asks for
     #: the same, so they are built once
     _columns: dict = field(default_factory=dict, compare=False, repr=False)
@@ -50,6 +54,43 @@ class Boost:
             masks = [image_columns(self.keys[r].to(device), n) for r in rows]
             self._columns[key] = torch.stack(masks)[:, None, None, :]
         return self._columns[key]
+
+    def apply(self, scores: torch.Tensor, rows: list[int]) -> None:
+        """Edit ``rows``' float32 scores ``(rows, heads, queries, keys)`` in place: the last query's only."""
+        last = scores[:, :, -1:, :]  # a view: the edit writes into ``scores``
+        last.copy_(boost_scores(last, self.columns(rows, scores.shape[-1], scores.device), self.alpha))
+
+
+@dataclass(frozen=True)
+class Scale:
+    """VAF (ClearSight): in ``layers``, each row in ``keys`` has the pre-softmax scores of its queries after its image
+    multiplied by ``enhance`` on its image keys and by ``suppress`` on the keys before its image (the system
+    prompt; github.com/ustc-hyin/ClearSight, ``visaug/inference/AttnAdapter.py``). At a decode step the one query
+    is after the image; at the prefill, the prompt's text after it. The official code takes LLaVA-1.5's fixed
+    spans (35 system tokens, 576 image tokens); here each row's spans come from its own tokens."""
+
+    enhance: float
+    suppress: float
+    layers: frozenset[int]
+    keys: dict[int, torch.Tensor]
+    name: str = "VAF's edit"
+
+    def rows(self, layer: int, batch: int) -> list[int]:
+        """The rows of a ``batch``-row call in ``layer`` that the scaling edits (sorted; empty: none)."""
+        return [r for r in sorted(self.keys) if r < batch] if layer in self.layers else []
+
+    def apply(self, scores: torch.Tensor, rows: list[int]) -> None:
+        """Edit ``rows``' float32 scores ``(rows, heads, queries, keys)`` in place."""
+        nq, nk = scores.shape[-2:]
+        image = torch.stack([image_columns(self.keys[r].to(scores.device), nk) for r in rows])  # (rows, keys)
+        col = torch.arange(nk, device=scores.device)
+        has = image.any(-1)
+        first = torch.where(has, image.float().argmax(-1), nk)  # a row without image keys: nothing scaled
+        last = torch.where(has, nk - 1 - image.flip(-1).float().argmax(-1), nk)
+        before = col[None, :] < first[:, None]
+        after = (col[nk - nq :][None, :] > last[:, None])[:, None, :, None]  # (rows, 1, queries, 1)
+        scaled = scale_scores(scores, image[:, None, None, :], before[:, None, None, :], self.enhance, self.suppress)
+        scores.copy_(torch.where(after, scaled, scores))
 
 
 @dataclass
@@ -89,36 +130,6 @@ def image_columns(mask: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def _take(x: torch.Tensor | None, rows: list[int], batch: int) -> torch.Tensor | None:
-    """``x``'s batch rows ``rows`` (a view where they are consecutive); a tensor broadcast over the batch (first
-    dimension 1) or ``None`` as it is."""
-    if x is None or x.shape[0] != batch:
-        return x
-    if rows == list(range(rows[0], rows[0] + len(rows))):
-        return x[rows[0] : rows[0] + len(rows)]
-    return x[torch.tensor(rows, device=x.device)]
-
-
-def _scores(module, query, key, attention_mask, scaling, kwargs, rows: list[int], last: bool = False):
-    """Pre-softmax float32 scores ``(n, heads, q, k)`` of ``rows`` (``last``: of the last query only) and their
-    key mask."""
-    batch = query.shape[0]
-    allowed = _take(_allowed(module, attention_mask, query, key, kwargs.get("is_causal")), rows, batch)
-    query = _take(query, rows, batch)
-    if last:
-        query, allowed = query[:, :, -1:], allowed[..., -1:, :]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query.float(), _repeat(_take(key, rows, batch), query.shape[1]).float().transpose(-1, -2))
-    scores = scores * scale
-    if kwargs.get("softcap") is not None:
-        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-    return scores, allowed.expand_as(scores)
-
-
-def _softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-
-
 def prune_mask(module, prune: Prune, site: Site, query, key, attention_mask, kwargs):
     """The call's attention mask with SID's hidden image keys masked for its rows, in the layers after the one
     that chose them (else the mask as given): the base attention then computes those rows itself. The mask keeps
@@ -129,7 +140,7 @@ def prune_mask(module, prune: Prune, site: Site, query, key, attention_mask, kwa
     rows = [r for r in sorted(prune.hidden) if r < batch]
     if not rows:
         return attention_mask
-    allowed = _allowed(module, attention_mask, query, key, kwargs.get("is_causal"))
+    allowed = allowed_keys(module, attention_mask, query, key, kwargs.get("is_causal"))
     allowed = allowed.expand(batch, 1, query.shape[2], nk).clone()
     idx = torch.tensor(rows, device=allowed.device)
     hide = torch.stack([prune.hidden[r][:nk].to(allowed.device) for r in rows])[:, None, None, :]
@@ -144,15 +155,16 @@ def prune_mask(module, prune: Prune, site: Site, query, key, attention_mask, kwa
 
 def apply_edits(module, site: Site, state, query, key, attention_mask, scaling, kwargs, out, weights):
     """``(out, weights)`` of one LLM attention call after the base computed it: the watch records, SID's layer
-    chooses its hidden keys (see the module docstring; the boost is :func:`boosted_attention`, in place of the base)."""
+    chooses its hidden keys (see the module docstring; the score edits are :func:`edited_attention`, in place of
+    the base)."""
     batch, nk = query.shape[0], key.shape[2]
     watch, prune = state.watch, state.prune
     if watch is not None and (watch.layers is None or site.layer in watch.layers):
         rows = [r for r in watch.rows if r < batch]
         if rows:
             one = watch.queries == 1
-            scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows, last=one)
-            probs = _softmax(scores[:, :, -watch.queries :], allowed[:, :, -watch.queries :])
+            scores, allowed = row_scores(module, query, key, attention_mask, scaling, kwargs, rows, last=one)
+            probs = masked_softmax(scores[:, :, -watch.queries :], allowed[:, :, -watch.queries :])
             probs = probs.mean(1) if watch.heads == "mean" else probs.amax(1)  # (rows, queries, keys)
             probs = probs[:, 0] if watch.queries == 1 else probs
             watch.seen.setdefault(site.layer, {}).update({r: probs[i] for i, r in enumerate(rows)})
@@ -161,8 +173,8 @@ def apply_edits(module, site: Site, state, query, key, attention_mask, scaling, 
         at = {r: r if prune.source is None else prune.source[r] for r in sorted(prune.keys)}
         sources = sorted({a for a in at.values() if a < batch})
         if sources:
-            scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, sources, last=True)
-            attn = _softmax(scores, allowed).mean(1)[:, 0]
+            scores, allowed = row_scores(module, query, key, attention_mask, scaling, kwargs, sources, last=True)
+            attn = masked_softmax(scores, allowed).mean(1)[:, 0]
             of = {a: i for i, a in enumerate(sources)}  # each source row's place in `attn`
             for r, a in at.items():
                 if a in of:
@@ -172,42 +184,29 @@ def apply_edits(module, site: Site, state, query, key, attention_mask, scaling, 
     return out, weights
 
 
-def _put(parts: list[tuple[list[int], torch.Tensor | None]], batch: int) -> torch.Tensor | None:
-    """One tensor of ``batch`` rows from ``(rows, values)`` parts that cover the batch between them."""
-    if any(v is None for _, v in parts):
-        return None
-    (first, a), (second, b) = parts
-    if first == list(range(len(first))):  # the edited rows lead the batch: the usual layout
-        return torch.cat([a, b.to(a.dtype)])
-    out = a.new_empty((batch, *a.shape[1:]))
-    out[torch.tensor(first, device=a.device)] = a
-    out[torch.tensor(second, device=a.device)] = b.to(a.dtype)
-    return out
-
-
-def boosted_attention(module, boost: Boost, rows: list[int], base, query, key, value, attention_mask, scaling,
-                      dropout, kwargs):  # fmt: skip
-    """``(out, weights)`` of one LLM attention call in which ``rows`` carry PAI's boost: those rows computed here
-    (eager, float32, the last query's image scores raised before the softmax), the other rows by ``base`` alone,
-    so no row is computed twice and the others get exactly what ``base`` gives them."""
+def edited_attention(module, edit, rows: list[int], base, query, key, value, attention_mask, scaling, dropout,
+                     kwargs):  # fmt: skip
+    """``(out, weights)`` of one LLM attention call in which ``rows`` carry an edit of their pre-softmax scores
+    (:class:`Boost`, :class:`Scale`): those rows computed here (eager, float32, ``edit.apply`` on their scores before
+    the softmax), the other rows by ``base`` alone, so no row is computed twice and the others get exactly what
+    ``base`` gives them."""
     if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{type(module).__name__} uses attention sinks, which PAI's edit does not support")
-    batch, nk = query.shape[0], key.shape[2]
-    scores, allowed = _scores(module, query, key, attention_mask, scaling, kwargs, rows)
-    last = scores[:, :, -1:, :]  # a view: the edit writes into ``scores``
-    last.copy_(boost_scores(last, boost.columns(rows, nk, scores.device), boost.alpha))
-    probs = _softmax(scores, allowed)
-    v = _repeat(_take(value, rows, batch), query.shape[1])
+        raise NotImplementedError(f"{type(module).__name__} uses attention sinks, which {edit.name} does not support")
+    batch = query.shape[0]
+    scores, allowed = row_scores(module, query, key, attention_mask, scaling, kwargs, rows)
+    edit.apply(scores, rows)
+    probs = masked_softmax(scores, allowed)
+    v = repeat_kv(take_rows(value, rows, batch), query.shape[1])
     mine = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).to(query.dtype)
-    boosted = set(rows)
-    others = [r for r in range(batch) if r not in boosted]
+    edited = set(rows)
+    others = [r for r in range(batch) if r not in edited]
     if not others:
         return mine.contiguous(), probs.to(query.dtype)
     theirs, weights = base(
-        module, _take(query, others, batch), _take(key, others, batch), _take(value, others, batch),
-        _take(attention_mask, others, batch), scaling=scaling, dropout=dropout, **kwargs,
+        module, take_rows(query, others, batch), take_rows(key, others, batch), take_rows(value, others, batch),
+        take_rows(attention_mask, others, batch), scaling=scaling, dropout=dropout, **kwargs,
     )  # fmt: skip
-    out = _put([(rows, mine), (others, theirs)], batch)
+    out = put_rows([(rows, mine), (others, theirs)], batch)
     if weights is not None:
-        weights = _put([(rows, probs.to(weights.dtype)), (others, weights)], batch)
+        weights = put_rows([(rows, probs.to(weights.dtype)), (others, weights)], batch)
     return out, weights

@@ -26,7 +26,7 @@ METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/langu
 #: the full leaderboard (``causalmm demo --all``): the headline methods, the original release's feature gate and
 #: every baseline of the registry
 LEADERBOARD: tuple[str, ...] = (
-    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "dola", "deco",
+    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "vista", "vaf", "memvr", "dola", "deco",
     "regular/beams", "causalmm/language/beams", "opera",
 )  # fmt: skip
 
@@ -40,6 +40,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "causalmm/gate": {"method": "causalmm", "mode": "vision", "vision_style": "gate", "gamma": 1.0, "epsilon": 0.1},
     **{name: {"method": name} for name in ("icd", "m3id", "pai", "avisc")},
     "sid": {"method": "sid", "params": {"keep": 4}},  # 100 of 576 image tokens in LLaVA-1.5; 16 here
+    # the single-pass edits' official layers are LLaVA-1.5's 32, scaled to the shipped models' 4: VISTA's late
+    # layers below the last (25-30 of 32), VAF's middle (9-14 of 32), MemVR's window (5 < l < 16 of 32)
+    "vista": {"method": "vista", "params": {"logits_layers": "1-2"}},
+    "vaf": {"method": "vaf", "params": {"layers": "1"}},
+    "memvr": {"method": "memvr", "params": {"start": 0, "end": 3}},
     **{name: {"method": name} for name in ("dola", "deco")},
     "regular/beams": {"method": "regular", "num_beams": BEAMS},
     "causalmm/language/beams": {"method": "causalmm", "mode": "language", "gamma": 1.0, "epsilon": 0.1,
@@ -73,8 +78,9 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
 
     CausalMM and VCD sweep the layers intervened, gamma and epsilon, as the paper's ablations do; each baseline
     sweeps the knobs its paper reports (ICD/AvisC/SID alpha, M3ID's forgetting rate and gate, PAI's alpha,
-    gamma and whether the prefill is edited, SID's kept tokens, DoLa's candidate layers, DeCo's alpha and layers)
-    around its official default, which every grid contains.
+    gamma and whether the prefill is edited, SID's kept tokens, VISTA's strength and mix, VAF's factors and
+    layers, MemVR's ratio and threshold, DoLa's candidate layers, DeCo's alpha and layers) around its official
+    default, which every grid contains.
     """
     last_text = n_text_layers - 1
     half = n_text_layers // 2
@@ -99,6 +105,21 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
     )
     out["avisc"] = _product({"method": "avisc"}, gamma=GAMMAS, params_lamb=(0.5, 1.0))
     out["sid"] = _product({"method": "sid"}, gamma=(0.5, 1.0, 2.0), params_keep=(2, 4, 8))
+    # the single-pass edits, their official layers scaled to the model's depth (see DEFAULTS) and their strengths
+    # around the official values: VISTA's lam (POPE 0.01, MMHal 0.1, CHAIR 0.17) and mix, VAF's factors, MemVR's
+    # ratio (MME 0.12, CHAIR 0.31) and threshold
+    late, middle = f"{max(0, last_text - 2)}-{max(0, last_text - 1)}", str(max(0, half - 1))
+    out["vista"] = _product(
+        {"method": "vista"}, params_lam=(0.01, 0.1, 0.17), params_mix=(0.1, 0.3, 0.5), params_logits_layers=(late,)
+    )
+    out["vaf"] = _product(
+        {"method": "vaf"}, params_enhance=(1.15, 1.5, 2.0), params_suppress=(0.95, 0.5),
+        params_layers=(middle, f"{middle}-{max(0, last_text - 1)}"),
+    )  # fmt: skip
+    out["memvr"] = _product(
+        {"method": "memvr"}, params_ratio=(0.12, 0.31, 0.6), params_threshold=(0.75, 0.5), params_start=(0,),
+        params_end=(last_text,),
+    )  # fmt: skip
     out["dola"] = _product({"method": "dola"}, params_layers=("low", "high", f"0-{half}"), epsilon=EPSILONS)
     out["deco"] = _product({"method": "deco"}, params_alpha=(0.2, 0.6, 1.0), params_layers=("auto", f"1-{last_text}"))
     # beam search: the beams' regular decoding, CausalMM's language branch with beams (its greedy grid), and OPERA

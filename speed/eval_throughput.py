@@ -7,7 +7,7 @@
 
 It writes random textured images and a POPE question file (``--questions`` consecutive questions per image,
 as in the official files) to a temporary folder and runs them through the real ``causalmm eval`` path,
-:func:`causalmm.benchmarks.evaluate.evaluate`, with a preloaded model (the presets of ``decode_speed.py``,
+:func:`causalmm.benchmarks.evaluate.evaluate`, with a preloaded model (the presets of ``speed_models.py``,
 random weights, so answers run to ``--max-new-tokens`` unless the model happens to emit eos). The ``toyworld``
 preset is the trained embedded model on its own POPE questions (test-split scenes), so answers end at eos after
 a word, as a real model's POPE answers do. For regular
@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import PRESETS, build, resolve_device  # noqa: E402
+from speed_models import PRESETS, build, resolve_device  # noqa: E402
 
 from causalmm import CausalMM, CausalMMConfig  # noqa: E402
 from causalmm.benchmarks.evaluate import RunSpec, evaluate  # noqa: E402

@@ -9,12 +9,12 @@ import torch
 
 from causalmm import CausalMMConfig, ConfigError
 from causalmm.adapters import UnsupportedModelError
-from causalmm.sites import Intervention, Site, intervene
-from causalmm.sites.edits import Boost, edited_attention
 from causalmm.methods import get_method
 from causalmm.methods.icd import PREFIXES, instruction
 from causalmm.methods.m3id import m3id_scores
 from causalmm.methods.pai import pai_scores
+from causalmm.sites import Intervention, Site, intervene
+from causalmm.sites.edits import Boost, edited_attention
 from causalmm.tiny import ALL_FAMILIES
 
 # PaliGemma's processor builds its (unused) labels in a way numpy 2 warns about
@@ -150,7 +150,9 @@ def test_branch_methods_need_the_prompt_text(loaded, images):
 
 
 # -- every family -------------------------------------------------------------------------------------------------
-BRANCH = {"icd": "instruction", "m3id": "text", "pai": "text", "avisc": "blind", "sid": "sid"}
+BRANCH = {
+    "icd": "instruction", "m3id": "text", "pai": "text", "avisc": "blind", "sid": "sid", "ritual": "transformed",
+}  # fmt: skip
 #: each baseline's neutral setting, which must give regular decoding token for token
 NEUTRAL = {
     "icd": {"gamma": 0.0},
@@ -158,6 +160,7 @@ NEUTRAL = {
     "pai": {"gamma": 1.0, "params": {"alpha": 0.0}},
     "avisc": {"gamma": 0.0},
     "sid": {"gamma": 0.0},
+    "ritual": {"params": {"alpha": 0.0}},
     "vista": {"params": {"lam": 0.0, "mix": 0.0}},
     "vaf": {"params": {"enhance": 1.0, "suppress": 1.0}},
     "memvr": {"params": {"ratio": 0.0}},
@@ -382,8 +385,8 @@ def test_avisc_branch_sees_its_image_with_the_chosen_tokens_zeroed(loaded, image
 
 
 def test_sid_hides_all_image_keys_but_the_least_attended_from_its_layer_on(loaded, images):
-    from causalmm.sites.edits import Prune, Watch
     from causalmm.interventions import least_attended
+    from causalmm.sites.edits import Prune, Watch
 
     cm = loaded("llava")
     enc = cm.adapter.encode(images[0], Q)

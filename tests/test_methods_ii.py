@@ -286,3 +286,106 @@ def test_vista_steers_and_mixes_and_keeps_answers_independent_of_the_batch(loade
         cm.with_config(CausalMMConfig(method="vista", params={"logits_layers": "2-3"}))
     with pytest.raises(ConfigError, match="out of range.*give --param logits_layers="):
         cm.with_config(CausalMMConfig(method="vista"))  # the official 25-30 needs 31 layers
+
+
+# -- RITUAL -------------------------------------------------------------------------------------------------------
+def _picture(h: int = 40, w: int = 48, seed: int = 5):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def test_ritual_draws_each_transform_uniformly_and_reproducibly():
+    from causalmm import seeds as streams
+    from causalmm.transforms import TRANSFORMS, random_transform
+
+    img = _picture()
+    names = [random_transform(img, streams.generator("cpu", s, streams.TRANSFORM))[0] for s in range(600)]
+    counts = {n: names.count(n) for n in TRANSFORMS}
+    assert all(60 <= c <= 140 for c in counts.values()), counts  # about 100 each
+    one = random_transform(img, streams.generator("cpu", 7, streams.TRANSFORM))
+    two = random_transform(img, streams.generator("cpu", 7, streams.TRANSFORM))
+    assert one[0] == two[0] and one[1].tobytes() == two[1].tobytes()
+
+
+def test_ritual_transforms_do_what_torchvision_does_to_a_pil_image():
+    import numpy as np
+
+    from causalmm.transforms import TRANSFORMS, _crop_box, gaussian_blur
+
+    img, g = _picture(), torch.Generator().manual_seed(0)
+    arr = np.asarray(img)
+    assert np.array_equal(np.asarray(TRANSFORMS["horizontal flip"](img, g, 336)), arr[:, ::-1])
+    assert np.array_equal(np.asarray(TRANSFORMS["vertical flip"](img, g, 336)), arr[::-1])
+    # rotation: the angle is drawn uniformly in [-180, 180] (torch's uniform_ on the generator), nearest, same size
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    angle = float(torch.empty(1).uniform_(-180.0, 180.0, generator=g2))
+    from PIL import Image
+
+    want = img.rotate(angle, resample=Image.Resampling.NEAREST, expand=False, fillcolor=0)
+    assert TRANSFORMS["rotation"](img, g1, 336).tobytes() == want.tobytes()
+    # blur: a 13-tap normalised Gaussian, reflected borders; an impulse spreads as the kernel's outer product
+    impulse = np.zeros((31, 31, 3), np.uint8)
+    impulse[15, 15] = 255
+    out = np.asarray(gaussian_blur(Image.fromarray(impulse), 13, 1.5)).astype(float)
+    x = np.arange(-6, 7)
+    k = np.exp(-0.5 * (x / 1.5) ** 2)
+    k /= k.sum()
+    assert np.abs(out[9:22, 9:22, 0] - np.round(255 * np.outer(k, k))).max() <= 1
+    flat = Image.new("RGB", (20, 20), (90, 30, 200))
+    assert gaussian_blur(flat, 13, 2.0).tobytes() == flat.tobytes()  # a constant image stays as it is
+    # crop: 8% to 100% of the area, aspect 3/4 to 4/3, inside the image; output size x size
+    for s in range(200):
+        top, left, h, w = _crop_box(48, 40, torch.Generator().manual_seed(s))
+        assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 48
+        assert 0.08 * 48 * 40 * 0.8 <= h * w <= 48 * 40 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+    assert TRANSFORMS["crop"](img, g, 336).size == (336, 336)
+    assert _crop_box(1000, 10, torch.Generator().manual_seed(0)) == (0, 493, 10, 13)  # no try fits: the centre
+    jittered = TRANSFORMS["color jitter"](img, torch.Generator().manual_seed(1), 336)
+    assert jittered.size == img.size and jittered.tobytes() != img.tobytes()
+
+
+def test_ritual_rule_is_the_official_one():
+    from causalmm.methods.ritual import ritual_scores
+
+    g = torch.Generator().manual_seed(6)
+    for _ in range(5):
+        lg, lp = torch.randn(30, generator=g) * 3, torch.randn(30, generator=g) * 3
+        cutoff = math.log(0.1) + lg.max()
+        want = (lg + 3 * lp).masked_fill(lg < cutoff, -math.inf)  # ritual_sample.py
+        assert torch.equal(ritual_scores(lg, lp, alpha=3.0, epsilon=0.1), want)
+    assert torch.equal(ritual_scores(lg, lp, alpha=0.0, epsilon=0.1), lg)  # neutral: the factual logits whole
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_ritual_branch_sees_the_transformed_image_and_answers_do_not_depend_on_the_batch(family, loaded, images):
+    """The branch's first logits are the stock model's on the prompt with the image transformed by the sample's
+    seed (a crop changes Qwen2-VL's image-token count: the branch has its own encoding), and a prompt's answer is
+    the same alone or in a batch."""
+    from causalmm import seeds as streams
+    from causalmm.transforms import random_transform
+
+    cm = loaded(family).with_config(CausalMMConfig(method="ritual"))
+    res = cm.generate([images[1], images[0]], ["Describe the image.", Q], seeds=[11, 12], max_new_tokens=3,
+                      return_branch_logits=True)  # fmt: skip
+    for seed in (12, 11, 2, 3):  # whichever transform these seeds draw, the branch sees it
+        img = images[0]
+        made = random_transform(img, streams.generator("cpu", seed, streams.TRANSFORM))[1]
+        enc = cm.adapter.encode(made, Q)
+        with torch.no_grad():
+            want = cm.model(**{k: v for k, v in enc.items() if k != "labels"}).logits[0, -1].float()
+        got = cm.generate(img, Q, seeds=[seed], max_new_tokens=1, return_branch_logits=True)
+        assert torch.allclose(got.branch_logits["transformed"][0], want, atol=1e-4), seed
+    alone = cm.generate(images[0], Q, seeds=[12], max_new_tokens=3, return_branch_logits=True)
+    assert res[1].token_ids == alone.token_ids
+    assert torch.allclose(res[1].branch_logits["combined"], alone.branch_logits["combined"], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [({"alpha": -1.0}, r"alpha=-1.0: must be in \[0, 100\]"), ({"size": 0}, r"size=0: must be in \[1, 4096\]")],
+)
+def test_ritual_bad_settings_are_refused(params, match):
+    with pytest.raises(ConfigError, match=match):
+        CausalMMConfig(method="ritual", params=params)

@@ -31,6 +31,7 @@ __all__ = [
     "LANGUAGE_PREFIX",
     "NOISE",
     "SAMPLING",
+    "TRANSFORM",
     "VISION",
     "derive_seed",
     "file_digest",
@@ -51,6 +52,8 @@ LANGUAGE = "language"
 LANGUAGE_PREFIX = "language prefix"
 #: token sampling: ``(sample seed, SAMPLING)``
 SAMPLING = "sample"
+#: RITUAL's random image transform and its parameters: ``(sample seed, TRANSFORM)``
+TRANSFORM = "transform"
 #: a run's image seed: ``(run seed, IMAGE, file digest)``
 IMAGE = "image"
 

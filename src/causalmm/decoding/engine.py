@@ -216,16 +216,20 @@ class Engine:
         equal for equal images (their features are computed once)."""
         n, draws = len(imgs), self.config.num_cf_samples
         # the first prompt with the same image (factual) / the same image and image seed (vision, noise draws)
-        same = {kind: list(range(n)) for kind in ("factual", "vision", "noise", "blind")}
+        same = {kind: list(range(n)) for kind in ("factual", "vision", "noise", "blind", "transform")}
         if self.prefix_reuse:
             digests = list(image_keys)
             same["factual"] = first_equal(digests)
             same["vision"] = same["noise"] = first_equal(list(zip(digests, image_seeds, strict=True)))
         prefixes = {kind: [image_prefix(e, self.image_tokens) for e in es] for kind, es in encs.items()}
-        layout = RowLayout(n, self.branches, draws, seeds, image_seeds, same, prefixes, encs, imgs)
-        kinds = ({"factual"} | {b.image for b in self.branches}) - {"none", "blind"}
+        # a transform branch's rows read their variant's own image (RITUAL): its inputs came with that encoding
+        made = {b.prompt: [self.adapter.image_inputs(e) for e in encs[b.prompt]] for b in self.branches if b.transform}
+        layout = RowLayout(n, self.branches, draws, seeds, image_seeds, same, prefixes, encs, imgs, made)
+        kinds = ({"factual"} | {b.image for b in self.branches}) - {"none", "blind", "transform"}
         features = ImageFeatures(self.adapter, self.config, self.vision_rule)
         feats = {kind: features(imgs, kind, image_seeds, draws, same[kind]) for kind in sorted(kinds)}
+        for variant in made.values():  # (one transform branch per method: its features are the "transform" kind)
+            feats["transform"] = features(variant, "factual", image_seeds, draws, same["transform"])
 
         def row_feature(r: Row):
             kind, prompt, draw = layout.feature_key(r)
@@ -268,7 +272,8 @@ class Engine:
         keys = [image_digest(im, memo) for im in images] if self.prefix_reuse else None
         return self.generate_encoded(
             encs, options, image_keys=keys, seeds=seeds, image_seeds=image_seeds,
-            return_branch_logits=return_branch_logits, variants=self.needs.encode_variants(images, prompts),
+            return_branch_logits=return_branch_logits,
+            variants=self.needs.encode_variants(images, prompts, seeds),
         )  # fmt: skip
 
     @torch.no_grad()

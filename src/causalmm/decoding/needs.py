@@ -156,14 +156,24 @@ class MethodNeeds:
         kinds = {b.prompt for b in self.branches} | ({"text"} if isinstance(self.edit, Steering) else set())
         return tuple(sorted(kinds - {"factual"}))
 
-    def encode_variants(self, images: list[Image.Image], prompts: list[str]) -> dict[str, list[dict]]:
-        """Each prompt as the rows of each variant kind read it (:attr:`~causalmm.methods.Branch.prompt`)."""
+    def encode_variants(
+        self, images: list[Image.Image], prompts: list[str], seeds: list[int] | None = None
+    ) -> dict[str, list[dict]]:
+        """Each prompt as the rows of each variant kind read it (:attr:`~causalmm.methods.Branch.prompt`); a
+        ``transform`` branch's variant is the prompt with the image the method makes from the sample's (with the
+        sample's seed: ``seeds``, default the config's), and keeps that image's inputs."""
+        seeds = [self.config.seed] * len(prompts) if seeds is None else seeds
         out: dict[str, list[dict]] = {}
         for kind in self.prompt_kinds():
             if kind == "text":
                 out[kind] = [self.adapter.encode_text(p, im) for im, p in zip(images, prompts, strict=True)]
+                continue
+            branch = next(b for b in self.branches if b.prompt == kind)
+            if branch.transform:
+                made = [self.method.branch_image(branch, im, s, self.config)
+                        for im, s in zip(images, seeds, strict=True)]
+                out[kind] = [self.adapter.encode(im, p) for im, p in zip(made, prompts, strict=True)]
             else:
-                branch = next(b for b in self.branches if b.prompt == kind)
                 texts = [self.method.branch_prompt(branch, p, self.config) for p in prompts]
                 out[kind] = [self.adapter.encode(im, t, system=s) for im, (t, s) in zip(images, texts, strict=True)]
         return out

@@ -46,15 +46,16 @@ class Row:
 
     @property
     def feature_draw(self) -> int:
-        """The draw of this row's image features (factual features have one)."""
-        return 0 if self.image == "factual" else self.draw
+        """The draw of this row's image features (factual and transformed features have one)."""
+        return 0 if self.image in ("factual", "transform") else self.draw
 
 
 class RowLayout:
     """The rows of ``n`` prompts under ``branches`` with ``draws`` draws each, and what they need.
 
     ``encs[kind][p]``: prompt ``p``'s processor outputs as rows of prompt kind ``kind`` read it (``factual``, and
-    each variant the branches read); ``imgs[p]``: its image inputs.
+    each variant the branches read); ``imgs[p]``: its image inputs; ``variant_imgs[kind][p]``: those of the image a
+    ``transform`` branch's variant ``kind`` reads instead.
     ``same_image[kind][p]``: the first prompt whose ``kind`` features equal prompt ``p``'s (itself where no
     reuse is wanted): factual features follow the image, vision and noise features the image and its seed.
     ``image_prefix[kind][p]``: the length of that prompt's image prefix (up to its last image token; 0: none).
@@ -71,19 +72,23 @@ class RowLayout:
         image_prefix: dict[str, list[int]],
         encs: dict[str, list[dict[str, torch.Tensor]]],
         imgs: list[dict[str, torch.Tensor]],
+        variant_imgs: dict[str, list[dict[str, torch.Tensor]]] | None = None,
     ) -> None:
         self.rows = [Row(p) for p in range(n)]
         self.rows += [Row(p, b, k) for p in range(n) for b in branches for k in range(draws)]
         self.seeds, self.image_seeds = list(seeds), list(image_seeds)
         self.same_image, self.image_prefix = {**same_image, "none": list(range(n))}, image_prefix
-        self.encs, self.imgs = encs, imgs
+        self.encs, self.imgs, self.variant_imgs = encs, imgs, variant_imgs or {}
 
     def enc(self, r: Row) -> dict[str, torch.Tensor]:
         """The processor outputs (token keys) row ``r`` reads."""
         return self.encs[r.kind][r.prompt]
 
     def image_inputs(self, r: Row) -> dict[str, torch.Tensor] | None:
-        """The image inputs of row ``r``'s prompt, ``None`` for a text-only row."""
+        """The image inputs of row ``r``'s prompt (the transformed image's for a ``transform`` row), ``None`` for a
+        text-only row."""
+        if r.image == "transform":
+            return self.variant_imgs[r.kind][r.prompt]
         return None if r.image == "none" else self.imgs[r.prompt]
 
     def prefix_len(self, r: Row) -> int:

@@ -30,7 +30,9 @@ class Branch:
     the method writes with :meth:`Method.branch_prompt` (ICD's disturbance instruction), about the same image.
     ``blind``: the image features of the tokens the factual prefill attends to least zeroed, the method choosing
     them (:meth:`Method.blind_tokens`, AvisC). ``prune``: from an early LLM layer on, the image keys hidden but the
-    least-attended few (:meth:`Method.prune_at`, SID).
+    least-attended few (:meth:`Method.prune_at`, SID). ``transform``: another image the method makes from the
+    sample's (:meth:`Method.branch_image`, RITUAL's random transform); the branch's rows read the prompt encoded
+    with it (its ``prompt`` names that variant), since its image-token count may differ.
     """
 
     name: str
@@ -40,19 +42,24 @@ class Branch:
     prompt: str = "factual"
     blind: bool = False
     prune: bool = False
+    transform: bool = False
 
     def __post_init__(self) -> None:
-        if self.prompt == "text" and (self.vision or self.noise or self.blind or self.prune):
+        if self.prompt == "text" and (self.vision or self.noise or self.blind or self.prune or self.transform):
             raise ValueError(f"branch {self.name!r}: a text-only branch has no image to intervene on")
-        if sum((self.vision, self.noise, self.blind)) > 1:
-            raise ValueError(f"branch {self.name!r}: one image per branch (vision, noise or blind)")
+        if sum((self.vision, self.noise, self.blind, self.transform)) > 1:
+            raise ValueError(f"branch {self.name!r}: one image per branch (vision, noise, blind or transform)")
+        if self.transform and self.prompt in ("factual", "text"):
+            raise ValueError(f"branch {self.name!r}: a transformed image needs its own prompt variant")
 
     @property
     def image(self) -> str:
-        """The image features the branch's rows need: ``vision`` (intervened tower), ``noise``, ``factual``, or
-        ``none`` (a text-only branch)."""
+        """The image features the branch's rows need: ``vision`` (intervened tower), ``noise``, ``blind``,
+        ``transform`` (the method's own image), ``factual``, or ``none`` (a text-only branch)."""
         if self.prompt == "text":
             return "none"
+        if self.transform:
+            return "transform"
         return "vision" if self.vision else "noise" if self.noise else "blind" if self.blind else "factual"
 
 
@@ -230,6 +237,11 @@ class Method:
         """An edit of the factual rows' own forward: their attention scores (PAI's boost, VAF's scaling) or their
         MLPs (MemVR's memory read, VISTA's steering); none: the factual rows are the model's own run."""
         return None
+
+    def branch_image(self, branch: Branch, image: Any, seed: int, config: Settings) -> Any:
+        """For a ``transform`` branch: the PIL image its rows see, made from the sample's ``image`` with the sample's
+        ``seed``."""
+        raise NotImplementedError(f"{self.name}: a transform branch needs branch_image")
 
     def branch_prompt(self, branch: Branch, prompt: str, config: Settings) -> tuple[str, str | None]:
         """The prompt and system message (``None``: the template's own) of ``branch``'s rows for the sample prompt

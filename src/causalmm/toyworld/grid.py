@@ -26,7 +26,8 @@ METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/langu
 #: the full leaderboard (``causalmm demo --all``): the headline methods, the original release's feature gate and
 #: every baseline of the registry
 LEADERBOARD: tuple[str, ...] = (
-    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "vista", "vaf", "memvr", "dola", "deco",
+    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vaf", "memvr", "dola",
+    "deco",
     "regular/beams", "causalmm/language/beams", "opera",
 )  # fmt: skip
 
@@ -40,6 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "causalmm/gate": {"method": "causalmm", "mode": "vision", "vision_style": "gate", "gamma": 1.0, "epsilon": 0.1},
     **{name: {"method": name} for name in ("icd", "m3id", "pai", "avisc")},
     "sid": {"method": "sid", "params": {"keep": 4}},  # 100 of 576 image tokens in LLaVA-1.5; 16 here
+    "ritual": {"method": "ritual", "params": {"size": 48}},  # the crop to the model's input side (LLaVA-1.5: 336)
     # the single-pass edits' official layers are LLaVA-1.5's 32, scaled to the shipped models' 4: VISTA's late
     # layers below the last (25-30 of 32), VAF's middle (9-14 of 32), MemVR's window (5 < l < 16 of 32)
     "vista": {"method": "vista", "params": {"logits_layers": "1-2"}},
@@ -78,7 +80,7 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
 
     CausalMM and VCD sweep the layers intervened, gamma and epsilon, as the paper's ablations do; each baseline
     sweeps the knobs its paper reports (ICD/AvisC/SID alpha, M3ID's forgetting rate and gate, PAI's alpha,
-    gamma and whether the prefill is edited, SID's kept tokens, VISTA's strength and mix, VAF's factors and
+    gamma and whether the prefill is edited, SID's kept tokens, RITUAL's alpha, VISTA's strength and mix, VAF's factors and
     layers, MemVR's ratio and threshold, DoLa's candidate layers, DeCo's alpha and layers) around its official
     default, which every grid contains.
     """
@@ -105,6 +107,7 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
     )
     out["avisc"] = _product({"method": "avisc"}, gamma=GAMMAS, params_lamb=(0.5, 1.0))
     out["sid"] = _product({"method": "sid"}, gamma=(0.5, 1.0, 2.0), params_keep=(2, 4, 8))
+    out["ritual"] = _product({"method": "ritual"}, params_alpha=(1.0, 3.0, 5.0), params_size=(48,), epsilon=EPSILONS)
     # the single-pass edits, their official layers scaled to the model's depth (see DEFAULTS) and their strengths
     # around the official values: VISTA's lam (POPE 0.01, MMHal 0.1, CHAIR 0.17) and mix, VAF's factors, MemVR's
     # ratio (MME 0.12, CHAIR 0.31) and threshold

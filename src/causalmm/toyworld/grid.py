@@ -80,9 +80,9 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
 
     CausalMM and VCD sweep the layers intervened, gamma and epsilon, as the paper's ablations do; each baseline
     sweeps the knobs its paper reports (ICD/AvisC/SID alpha, M3ID's forgetting rate and gate, PAI's alpha,
-    gamma and whether the prefill is edited, SID's kept tokens, RITUAL's alpha, VISTA's strength and mix, VAF's factors and
-    layers, MemVR's ratio and threshold, DoLa's candidate layers, DeCo's alpha and layers) around its official
-    default, which every grid contains.
+    gamma and whether the prefill is edited, SID's kept tokens, RITUAL's alpha, VISTA's strength and mix, VAF's
+    factors and layers, MemVR's ratio and threshold, DoLa's candidate layers, DeCo's alpha and layers) around its
+    official default, which every grid contains.
     """
     last_text = n_text_layers - 1
     half = n_text_layers // 2

@@ -58,6 +58,7 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     ("vista", "engine", CausalMMConfig(method="vista")),
     ("vaf", "engine", CausalMMConfig(method="vaf")),
     ("memvr", "engine", CausalMMConfig(method="memvr", params={"threshold": 0.75})),
+    ("only", "engine", CausalMMConfig(method="only")),
     ("sequential ref. vision", "sequential", CausalMMConfig(mode="vision")),
     ("sequential ref. multimodal", "sequential", CausalMMConfig(mode="multimodal")),
 ]
@@ -73,7 +74,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "regular greedy", "regular beams 5", "causalmm language K=1 beams 5", "causalmm multimodal K=1 beams 5",
         "vcd beams 5", "opera", "opera fast",
     ),
-    "methods2": ("regular greedy", "ritual", "vista", "vaf", "memvr"),
+    "methods2": ("regular greedy", "ritual", "vista", "vaf", "memvr", "only"),
 }  # fmt: skip
 
 #: generation options of the rows that decode by beam search (OPERA takes its own 5)

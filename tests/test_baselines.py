@@ -164,6 +164,7 @@ NEUTRAL = {
     "vista": {"params": {"lam": 0.0, "mix": 0.0}},
     "vaf": {"params": {"enhance": 1.0, "suppress": 1.0}},
     "memvr": {"params": {"ratio": 0.0}},
+    "only": {"params": {"alpha_pos": 0.0, "alpha_neg": 0.0}},
     "dola": {"gamma": 0.0},
     "deco": {"params": {"alpha": 0.0}},
 }
@@ -183,6 +184,7 @@ REFUSED = {
     ("pai", "gemma3"): "sliding-window layers keep only the last 7 tokens, while this run needs",
     ("sid", "gemma3"): "sliding-window layers keep only the last 7 tokens, while this run needs",
     ("vaf", "gemma3"): "sliding-window layers keep only the last 7 tokens, while this run needs",
+    ("only", "gemma3"): "ONLY's last-layer step needs a LLaMA-style decoder layer",
 }
 CASES = [(f, m) for f in ALL_FAMILIES for m in NEUTRAL if (m, f) not in REFUSED]
 
@@ -220,6 +222,7 @@ def test_baselines_on_every_family(family, method, any_family, images):
                 want = rule.combine(logs["factual"][t], {BRANCH[method]: logs[BRANCH[method]][t]}, cfg, t)
             else:
                 exits = {int(k[4:]): v[t] for k, v in logs.items() if k.startswith("exit")}
+                exits.update({k: v[t] for k, v in logs.items() if k == "side"})  # ONLY's side logits
                 want = rule.combine(logs["factual"][t], {}, cfg, t, **({"exits": exits} if exits else {}))
             assert torch.allclose(logs["combined"][t], want, atol=1e-5), t
         assert r.token_ids == logs["combined"].argmax(-1).tolist()

@@ -389,3 +389,114 @@ def test_ritual_branch_sees_the_transformed_image_and_answers_do_not_depend_on_t
 def test_ritual_bad_settings_are_refused(params, match):
     with pytest.raises(ConfigError, match=match):
         CausalMMConfig(method="ritual", params=params)
+
+
+# -- ONLY ---------------------------------------------------------------------------------------------------------
+def _official_only_map(p: torch.Tensor, sys_len: int, img_len: int) -> torch.Tensor:
+    """modeling_llama.py's side map for one unpadded row: ``p`` ``(1, heads, q, k)`` float32, its fixed spans (text
+    ``[1:sys]`` and ``[sys+img:]``, image ``[sys:sys+img]``), outliers zeroed on every query, heads chosen on the
+    last one."""
+    w = p.clone()
+    end = sys_len + img_len
+    text = torch.cat([w[:, :, :, 1:sys_len], w[:, :, :, end:]], dim=-1)
+    text = torch.where(text > text.mean(-1, keepdim=True) + text.std(-1, keepdim=True), 0, text)
+    w[:, :, :, 1:sys_len], w[:, :, :, end:] = text[..., : sys_len - 1], text[..., sys_len - 1 :]
+    text = text / text.sum(-1, keepdim=True)
+    text = text[:, :, -1, :].unsqueeze(-2)
+    img = w[:, :, :, sys_len:end]
+    img = torch.where(img > img.mean(-1, keepdim=True) + img.std(-1, keepdim=True), 0, img)
+    w[:, :, :, sys_len:end] = img
+    img = img / img.sum(-1, keepdim=True)
+    img = img[:, :, -1, :].unsqueeze(-2)
+    entropy_text = torch.nan_to_num(-torch.sum(text * torch.log(text + 1e-6), dim=-1), nan=0.0)
+    entropy_img = torch.nan_to_num(-torch.sum(img * torch.log(img + 1e-6), dim=-1), nan=float("inf"))
+    ratio = (entropy_text.sum(-1) / entropy_img.sum(-1)).squeeze()
+    removed = torch.where(ratio < ratio.mean())
+    w[:, removed[0], :, :] = 0
+    return w
+
+
+def test_only_side_map_is_the_official_one_on_each_rows_own_spans():
+    from causalmm.interventions import only_heads
+
+    g = torch.Generator().manual_seed(8)
+    heads, k = 6, 14
+    for pad, sys_len, img_len in ((0, 3, 6), (2, 2, 5)):
+        real = k - pad
+        p = torch.softmax(torch.randn(1, heads, real, real, generator=g) * 2, -1)
+        want = _official_only_map(p, sys_len, img_len)[0, :, -1]  # the last query's row
+        last = torch.zeros(1, heads, k)
+        last[0, :, pad:] = p[0, :, -1]
+        image = torch.zeros(1, k, dtype=torch.bool)
+        image[0, pad + sys_len : pad + sys_len + img_len] = True
+        text = torch.zeros(1, k, dtype=torch.bool)
+        text[0, pad + 1 :] = True  # the real keys but the first
+        text &= ~image
+        got = only_heads(last, text, image)[0]
+        assert torch.allclose(got[:, pad:], want, atol=1e-6) and (got[:, :pad] == 0).all()
+
+
+def test_only_fusion_is_the_official_one():
+    from causalmm.methods.only import only_scores
+
+    g = torch.Generator().manual_seed(9)
+    for gamma in (0.05, 0.2, 1.9):
+        lg, lc = torch.randn(40, generator=g) * 2, torch.randn(40, generator=g) * 2
+        tvd = torch.sum(torch.abs(torch.softmax(lg, -1) - torch.softmax(lc, -1)))  # only_sample.py
+        diffs = lg + 3.0 * lc if tvd < gamma else 2.0 * lg - 1.0 * lc
+        want = diffs.masked_fill(lg < math.log(0.1) + lg.max(), -math.inf)
+        assert torch.equal(only_scores(lg, lc, gamma=gamma, alpha_pos=3.0, alpha_neg=1.0, epsilon=0.1), want)
+
+
+def test_only_side_logits_follow_the_official_path_on_a_model(loaded, images):
+    """The side logits of the first step equal the official computation on the stock model: layer 0's own
+    query, keys and values (captured from its attention call), the official fixed spans of this unpadded prompt,
+    ``o_proj``, then the last layer's norms and MLP with its input and the final normed state."""
+    from transformers import AttentionInterface
+
+    from causalmm.sites.attention import causalmm_attention
+
+    cm = loaded("llava")
+    enc = cm.adapter.encode(images[0], Q)
+    ids = enc["input_ids"][0]
+    image = (ids == cm.model.config.image_token_id).nonzero().squeeze(-1)
+    sys_len, img_len = int(image[0]), len(image)
+    seen = {}
+
+    def capture(module, query, key, value, attention_mask, **kw):
+        if getattr(module, "layer_idx", None) == 0 and "q" not in seen:
+            seen.update(q=query, k=key, v=value, module=module, scaling=kw.get("scaling"))
+        return causalmm_attention(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("causalmm_eager", capture)
+    try:
+        with torch.no_grad():
+            hs = cm.model(**{k: v for k, v in enc.items() if k != "labels"}, output_hidden_states=True).hidden_states
+    finally:
+        AttentionInterface.register("causalmm_eager", causalmm_attention)
+    q, k, v, module = seen["q"].float(), seen["k"].float(), seen["v"].float(), seen["module"]
+    scale = seen["scaling"] if seen["scaling"] is not None else q.shape[-1] ** -0.5
+    n, groups = q.shape[2], q.shape[1] // k.shape[1]  # grouped-query heads: repeat_kv, as the official code
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale + torch.full((n, n), -math.inf).triu(1)
+    w = _official_only_map(torch.softmax(scores, -1), sys_len, img_len)
+    a = module.o_proj((w @ v)[0, :, -1].reshape(-1))
+    last, norm, head = cm.adapter.lm_layers[-1], cm.adapter.lm.norm, cm.model.get_output_embeddings()
+    with torch.no_grad():
+        x = last.input_layernorm(a) + 0.2 * hs[-2][0, -1]
+        x = x + last.mlp(last.post_attention_layernorm(x))
+        want = head(norm(x) + 0.5 * hs[-1][0, -1]).float()  # hidden_states[-1] is after the final norm
+    got = cm.with_config(CausalMMConfig(method="only")).generate(images[0], Q, max_new_tokens=1,
+                                                                  return_branch_logits=True)  # fmt: skip
+    assert torch.allclose(got.branch_logits["side"][0], want, atol=1e-4)
+
+
+def test_only_answers_do_not_depend_on_the_batch(loaded, images):
+    cm = loaded("qwen2_vl").with_config(CausalMMConfig(method="only", gamma=0.5))
+    alone = cm.generate(images[0], Q, max_new_tokens=3, return_branch_logits=True)
+    batch = cm.generate([images[1], images[0]], ["Describe the image.", Q], max_new_tokens=3,
+                        return_branch_logits=True)  # fmt: skip
+    assert batch[1].token_ids == alone.token_ids
+    assert torch.allclose(batch[1].branch_logits["side"], alone.branch_logits["side"], atol=1e-4)
+    with pytest.raises(ConfigError, match="layer=4 is out of range"):
+        cm.with_config(CausalMMConfig(method="only", params={"layer": 4}))

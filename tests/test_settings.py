@@ -155,7 +155,8 @@ VALUES = {
     ("opera", "candidates"): "2", ("opera", "penalty"): "2.0", ("vaf", "enhance"): "1.5", ("vaf", "suppress"): "0.5",
     ("vaf", "layers"): "0-2", ("memvr", "ratio"): "0.3", ("memvr", "threshold"): "0.5", ("memvr", "start"): "1",
     ("memvr", "end"): "2", ("vista", "lam"): "0.2", ("vista", "mix"): "0.5", ("vista", "logits_layers"): "0-1",
-    ("ritual", "alpha"): "2.0", ("ritual", "size"): "224",
+    ("ritual", "alpha"): "2.0", ("ritual", "size"): "224", ("only", "alpha_pos"): "2.0", ("only", "alpha_neg"): "0.5",
+    ("only", "layer"): "1",
 }  # fmt: skip
 #: the settings a method's defaults need on the tiny LLaVA (its official layers are LLaVA-1.5-7B's 32), given beside
 #: the one under test

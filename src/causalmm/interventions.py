@@ -26,7 +26,7 @@ import torch
 
 __all__ = [
     "COUNTERFACTUALS", "boost_scores", "counterfactual_attention", "diffusion_noise", "feature_gate", "least_attended",
-    "memory_read", "scale_scores", "steer", "top_entropy",
+    "memory_read", "only_heads", "scale_scores", "steer", "top_entropy",
 ]  # fmt: skip
 
 #: The counterfactual attention maps ``a~``, in the order the paper lists them (decoding methods are
@@ -293,3 +293,41 @@ def steer(m: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
     s = 1.0 + torch.nn.functional.cosine_similarity(x, -u.expand_as(x), dim=-1).clamp_min(0.0)[..., None]
     out = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=-1) + lam * s * u, dim=-1)
     return (out * x.norm(dim=-1, keepdim=True)).to(m.dtype)
+
+
+def _zero_outliers(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """``x`` with the entries of ``group`` above the group's mean plus its (unbiased) standard deviation set to 0;
+    the statistics are over the group's columns, per leading index."""
+    g = group.to(x.dtype)
+    n = g.sum(-1, keepdim=True)
+    mean = (x * g).sum(-1, keepdim=True) / n
+    std = (((x - mean) ** 2 * g).sum(-1, keepdim=True) / (n - 1)).sqrt()
+    return x.masked_fill(group & (x > mean + std), 0.0)
+
+
+def _group_entropy(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """The entropy (natural log, ``+1e-6`` inside it) of ``x`` renormalised over ``group``'s columns; NaN where the
+    group holds no mass."""
+    q = x * group.to(x.dtype)
+    q = q / q.sum(-1, keepdim=True)
+    return -(q * torch.log(q + 1e-6)).sum(-1)
+
+
+def only_heads(probs: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """ONLY's side attention map of the last query: ``probs`` ``(rows, heads, keys)``, ``text`` and ``image``
+    ``(rows, keys)`` its column groups. In each group the entries above its mean plus one standard deviation
+    become 0 (no renormalisation); each head's text-to-visual entropy ratio (each group renormalised; a text group
+    without mass counts 0, an image group without mass infinity) is compared with its row's mean over heads, and
+    the heads below it are zeroed. In float32.
+
+    >>> p = torch.tensor([[[0.1, 0.1, 0.4, 0.4], [0.05, 0.45, 0.3, 0.2]]])  # 2 heads; text 0-1, image 2-3
+    >>> only_heads(p, torch.tensor([[True, True, False, False]]), torch.tensor([[False, False, True, True]]))
+    tensor([[[0.1000, 0.1000, 0.4000, 0.4000],
+             [0.0000, 0.0000, 0.0000, 0.0000]]])
+    """
+    p = probs.float()
+    text, image = text[:, None, :], image[:, None, :]
+    p = _zero_outliers(_zero_outliers(p, text), image)
+    ratio = _group_entropy(p, text).nan_to_num(nan=0.0) / _group_entropy(p, image).nan_to_num(nan=float("inf"))
+    removed = ratio < ratio.mean(-1, keepdim=True)
+    return p.masked_fill(removed[..., None], 0.0)

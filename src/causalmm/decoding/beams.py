@@ -266,7 +266,7 @@ def beam_decode(engine, layout, prefill, plan, lang_draws, image_cols, opts: Gen
                 for br in engine.branches:
                     idx = [where[j] for j in cf_of[(p, b, br.name)]]
                     cf[br.name] = logits[idx].mean(0)
-                if fw.exits:
+                if fw.exit_logits:
                     exits = {k: t[where[fact_of[(p, b)]]] for k, t in fw.exit_logits.items()}
                     zs.append(method.combine(fl, cf, cfg, step, exits=exits))
                 else:

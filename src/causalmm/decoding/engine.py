@@ -371,7 +371,7 @@ class Engine:
                     idx = [where[i] for i in rows_of.get((p, b.name), ()) if i in where]
                     # Legacy: the counterfactual rows shared the factual cache after the first token.
                     cf_logits[b.name] = logits[idx].mean(0) if idx else fl
-                if fw.exits:
+                if fw.exit_logits:
                     exits = {i: t[where[p]] for i, t in fw.exit_logits.items()}
                     z = self.method.combine(fl, cf_logits, cfg, step, exits=exits)
                 else:
@@ -379,7 +379,8 @@ class Engine:
                 tok = select(z, out_ids[p], sample_gens[p], prompt_ids[p])
                 out_ids[p].append(tok)
                 if return_branch_logits:
-                    early = [(f"exit{i}", t) for i, t in exits.items()] if fw.exits else []
+                    kept = exits if fw.exit_logits else {}
+                    early = [(f"exit{i}" if isinstance(i, int) else i, t) for i, t in kept.items()]
                     for name, t in (("factual", fl), *cf_logits.items(), *early, ("combined", z)):
                         record[p].setdefault(name, []).append(t.cpu())
                 if tok in self.eos:

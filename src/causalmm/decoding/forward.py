@@ -155,6 +155,8 @@ class Forward:
             self.exit_logits = self._exit_heads(states, kept.get("hidden"))
             if merge:
                 out.logits = self.exit_logits.pop("final")[:, None]
+        if state.side is not None:  # ONLY: its second logits, read by the rule as an exit named "side"
+            self.exit_logits = {"side": state.side.logits(inputs["input_ids"].shape[0])}
         return out
 
     @contextlib.contextmanager

@@ -16,16 +16,18 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..adapters import Adapter
 from ..config import CausalMMConfig, ConfigError
+from ..errors import UnsupportedModelError
 from ..methods.base import (  # the submodule: the methods package imports the rule from decoding
     Branch,
     FactualEdit,
     ImageMemory,
     Method,
     ScoreScale,
+    SideLogits,
     Steering,
 )
 from ..settings import resolve_layers
-from ..sites.edits import Boost, Prune, Scale, Watch
+from ..sites.edits import Boost, Prune, Scale, SideOutput, Watch
 from ..sites.mlp import LastStates, MemoryRead, Steer
 from .forward import TOKEN_KEYS, Forward, extra_inputs, window_message
 from .rows import Row, RowLayout
@@ -72,6 +74,24 @@ class MethodNeeds:
                 self.edit_layers = frozenset(resolve_layers(self.edit.layers, n, what=f"{config.method} layers"))
             except ConfigError as err:
                 raise ConfigError(f"{err}; give --param layers=... within the LLM's {n} layers") from None
+        elif isinstance(self.edit, SideLogits):
+            if not 0 <= self.edit.layer < n:
+                raise ConfigError(
+                    f"{config.method}: layer={self.edit.layer} is out of range: the LLM has {n} layers (0..{n - 1})"
+                )
+            last, name = adapter.lm_layers[-1], type(adapter.model).__name__
+            parts = ("input_layernorm", "post_attention_layernorm", "mlp")
+            if not all(isinstance(getattr(last, p, None), torch.nn.Module) for p in parts) or hasattr(
+                last, "pre_feedforward_layernorm"
+            ):
+                raise UnsupportedModelError(
+                    f"{name}: ONLY's last-layer step needs a LLaMA-style decoder layer (input_layernorm, then "
+                    "post_attention_layernorm before the MLP); its last layer is laid out otherwise"
+                )
+            if not isinstance(getattr(adapter.lm_attn[self.edit.layer], "o_proj", None), torch.nn.Module):
+                raise UnsupportedModelError(f"{name}: its LLM attention has no o_proj for ONLY's side output")
+            if not isinstance(getattr(adapter.lm, "norm", None), torch.nn.Module):
+                raise UnsupportedModelError(f"{name}: its LLM has no final norm (`norm`) for ONLY's side logits")
         elif isinstance(self.edit, ImageMemory):
             start, end = self.edit.start, self.edit.end
             if not 0 <= start < end <= n - 1:
@@ -124,7 +144,7 @@ class MethodNeeds:
     @property
     def image_columns(self) -> bool:
         """Whether forwards need each row's image keys in the cache's layout (PAI, VAF, SID, OPERA)."""
-        scores = isinstance(self.edit, (FactualEdit, ScoreScale))
+        scores = isinstance(self.edit, (FactualEdit, ScoreScale, SideLogits))
         return scores or self.prune is not None or self.method.search == "opera"
 
     @property
@@ -242,6 +262,15 @@ class MethodNeeds:
             out.update(mlp=mem, layers=mem.layers)
         if image_cols is None:
             return out or None
+        if isinstance(self.edit, SideLogits):
+            ad = self.adapter
+            keys = {j: image_cols[j] for j, r in enumerate(rows) if r.branch is None}
+            cap = getattr(ad.model.config.get_text_config(), "final_logit_softcapping", None)
+            side = SideOutput(
+                self.edit.layer, keys, ad.lm_layers[-1], ad.lm.norm, ad.model.get_output_embeddings(), cap,
+                ad.n_language_layers,
+            )  # fmt: skip
+            out.update(side=side, layers=side)
         if isinstance(self.edit, FactualEdit) and (self.edit.prefill or not prefill):
             keys = {j: image_cols[j] for j, r in enumerate(rows) if r.branch is None}
             out["scores"] = Boost(self.edit.alpha, self.edit_layers, keys)

@@ -17,7 +17,9 @@ import torch
 
 from ..settings import ANY_DEPTH, FIELD_RANGES, ConfigError, Range, Settings, is_int, is_real, resolve_layers, shown
 
-__all__ = ["Branch", "FactualEdit", "ImageMemory", "Method", "Param", "Range", "ScoreScale", "Steering"]
+__all__ = [
+    "Branch", "FactualEdit", "ImageMemory", "Method", "Param", "Range", "ScoreScale", "SideLogits", "Steering",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,16 @@ class ImageMemory:
     threshold: float
     start: int
     end: int
+
+
+@dataclass(frozen=True)
+class SideLogits:
+    """A second set of logits from each factual row's own forward (ONLY): LLM layer ``layer``'s attention for the
+    newest query, recomputed on the side with its outliers and low text-to-visual entropy-ratio heads zeroed, taken
+    through the last layer's MLP (:class:`causalmm.sites.edits.SideOutput`); the rule reads them as the exit
+    ``"side"``."""
+
+    layer: int
 
 
 @dataclass(frozen=True)
@@ -233,9 +245,12 @@ class Method:
         from the factual prefill's last-query attention on the image tokens, ``{layer: (image tokens,)}``."""
         raise NotImplementedError(f"{self.name}: a blind branch needs blind_tokens")
 
-    def factual_edit(self, config: Settings) -> FactualEdit | ScoreScale | ImageMemory | Steering | None:
-        """An edit of the factual rows' own forward: their attention scores (PAI's boost, VAF's scaling) or their
-        MLPs (MemVR's memory read, VISTA's steering); none: the factual rows are the model's own run."""
+    def factual_edit(
+        self, config: Settings
+    ) -> FactualEdit | ScoreScale | ImageMemory | Steering | SideLogits | None:
+        """An edit of the factual rows' own forward: their attention scores (PAI's boost, VAF's scaling), their MLPs
+        (MemVR's memory read, VISTA's steering), or a side computation (ONLY's second logits); none: the factual rows
+        are the model's own run."""
         return None
 
     def branch_image(self, branch: Branch, image: Any, seed: int, config: Settings) -> Any:

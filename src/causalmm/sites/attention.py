@@ -123,8 +123,8 @@ def causalmm_attention(module, query, key, value, attention_mask, scaling=None, 
         )
     else:
         out = _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    if language and (state.prune or state.watch):
-        return apply_edits(module, site, state, query, key, attention_mask, scaling, kwargs, *out)
+    if language and (state.prune or state.watch or state.side):
+        return apply_edits(module, site, state, query, key, value, attention_mask, scaling, kwargs, *out)
     return out
 
 

@@ -7,7 +7,10 @@ the batch rows an :class:`~causalmm.sites.state.Intervention` names, after the s
 - :class:`Prune` (SID): from one layer on, the image keys other than the least-attended few are hidden, chosen
   per forward from the layer before;
 - :class:`Watch` (AvisC, OPERA): the newest queries' attention, averaged or maximised over heads, recorded in the
-  layers it names (no edit).
+  layers it names (no edit);
+- :class:`SideOutput` (ONLY): one layer's attention recomputed on the side for the newest query, with outliers
+  and low text-to-visual entropy-ratio heads zeroed, carried to the last layer's MLP for a second set of logits
+  (no edit of the forward itself).
 
 Each edited row is computed once. The rows whose scores PAI or VAF edit are computed here, as eager attention in
 float32, and the base implementation computes only the other rows (:func:`edited_attention`); SID's hidden keys
@@ -23,11 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..interventions import boost_scores, least_attended, scale_scores
+from ..interventions import boost_scores, least_attended, only_heads, scale_scores
 from .scores import allowed_keys, masked_softmax, put_rows, repeat_kv, row_scores, take_rows
 from .tags import Site
 
-__all__ = ["Boost", "Prune", "Scale", "Watch", "apply_edits", "edited_attention", "image_columns", "prune_mask"]
+__all__ = [
+    "Boost", "Prune", "Scale", "SideOutput", "Watch", "apply_edits", "edited_attention", "image_columns", "prune_mask",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,79 @@ class Watch:
     queries: int = 1
 
 
+@dataclass
+class SideOutput:
+    """ONLY (github.com/zifuwan/ONLY, its ``transformers/.../modeling_llama.py``), one forward's state.
+
+    In LLM layer ``layer``, for each row in ``keys`` (its image-key mask), the newest query's attention map is
+    recomputed from the layer's own scores, its text and image columns' outliers and its low text-to-visual
+    entropy-ratio heads zeroed (:func:`~causalmm.interventions.only_heads`; the text columns are the row's real
+    non-image keys but its first, as the official ``[1:35]`` leaves BOS out), and ``o_proj`` of that map times the
+    values is kept (:attr:`carried`, no residual). After the forward, :meth:`logits` takes it through the last
+    layer's MLP: ``x = input_norm(A) + 0.2 h_in``, ``x + mlp(post_attention_norm(x))``, then
+    ``head(norm(.) + 0.5 norm(h_out))``, with ``h_in``/``h_out`` the last layer's input and output at the newest
+    position (read by :meth:`__call__` as the forward's layer reader). With ``layer`` the last one, the official code
+    skips the MLP step: ``head(norm(A) + 0.5 norm(h_out))``.
+    """
+
+    layer: int
+    keys: dict[int, torch.Tensor]
+    #: the LLM's last decoder layer, final norm and head, and the model's final-logit soft cap
+    last: torch.nn.Module
+    norm: torch.nn.Module
+    head: torch.nn.Module
+    cap: float | None = None
+    n_layers: int = 0
+    name: str = "ONLY's side output"
+    carried: dict[int, torch.Tensor] = field(default_factory=dict)
+    states: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def read(self, module, query, key, value, attention_mask, scaling, kwargs) -> None:
+        """In :attr:`layer`: the rows' side output at the newest query."""
+        batch, nk = query.shape[0], key.shape[2]
+        rows = [r for r in sorted(self.keys) if r < batch]
+        if not rows:
+            return
+        scores, allowed = row_scores(module, query, key, attention_mask, scaling, kwargs, rows, last=True)
+        probs = masked_softmax(scores, allowed)[:, :, 0]  # (rows, heads, keys)
+        real = allowed[:, 0, 0]  # (rows, keys): the keys the newest query may see
+        image = torch.stack([image_columns(self.keys[r].to(real.device), nk) for r in rows]) & real
+        first = real.float().argmax(-1)  # each row's first real key (BOS in LLaVA's prompt)
+        text = real & ~image
+        text[torch.arange(len(rows), device=text.device), first] = False
+        kept = only_heads(probs, text, image)
+        v = repeat_kv(take_rows(value, rows, batch), query.shape[1]).float()  # (rows, heads, keys, dim)
+        out = torch.einsum("rhk,rhkd->rhd", kept, v).reshape(len(rows), -1)
+        proj = module.o_proj
+        side = proj(out.to(proj.weight.dtype))
+        self.carried.update({r: side[i] for i, r in enumerate(rows)})
+
+    def __call__(self, site: Site, hidden: torch.Tensor) -> None:
+        """The layer reader: the last layer's input (the output of the one before) and output, newest position."""
+        if site.kind == "language" and site.layer >= self.n_layers - 2:
+            self.states[site.layer] = hidden[:, -1]
+
+    def logits(self, batch: int) -> torch.Tensor:
+        """The side logits ``(batch, vocab)`` in float32 (rows without a side output: NaN)."""
+        rows = sorted(r for r in self.carried if r < batch)
+        idx = torch.tensor(rows, device=self.states[self.n_layers - 1].device)
+        a = torch.stack([self.carried[r] for r in rows])
+        final = self.norm(self.states[self.n_layers - 1][idx])
+        if self.layer == self.n_layers - 1:
+            x = self.norm(a)
+        else:
+            resid = self.states[self.n_layers - 2][idx] if self.n_layers > 1 else a
+            x = self.last.input_layernorm(a) + 0.2 * resid
+            x = x + self.last.mlp(self.last.post_attention_layernorm(x))
+            x = self.norm(x)
+        z = self.head((x + 0.5 * final).to(final.dtype)).float()
+        if self.cap:
+            z = torch.tanh(z / self.cap) * self.cap
+        out = torch.full((batch, z.shape[-1]), float("nan"), device=z.device)
+        out[idx] = z
+        return out
+
+
 def image_columns(mask: torch.Tensor, n: int) -> torch.Tensor:
     """A row's image-key mask over ``n`` key columns (columns past the mask are not image keys)."""
     out = torch.zeros(n, dtype=torch.bool, device=mask.device)
@@ -153,12 +231,15 @@ def prune_mask(module, prune: Prune, site: Site, query, key, attention_mask, kwa
     return allowed
 
 
-def apply_edits(module, site: Site, state, query, key, attention_mask, scaling, kwargs, out, weights):
-    """``(out, weights)`` of one LLM attention call after the base computed it: the watch records, SID's layer
+def apply_edits(module, site: Site, state, query, key, value, attention_mask, scaling, kwargs, out, weights):
+    """``(out, weights)`` of one LLM attention call after the base computed it: the watch records, ONLY's layer
+    reads its side output, SID's layer
     chooses its hidden keys (see the module docstring; the score edits are :func:`edited_attention`, in place of
     the base)."""
     batch, nk = query.shape[0], key.shape[2]
     watch, prune = state.watch, state.prune
+    if state.side is not None and site.layer == state.side.layer:
+        state.side.read(module, query, key, value, attention_mask, scaling, kwargs)
     if watch is not None and (watch.layers is None or site.layer in watch.layers):
         rows = [r for r in watch.rows if r < batch]
         if rows:

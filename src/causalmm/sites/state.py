@@ -71,6 +71,9 @@ class Intervention:
     scores: Any = None
     prune: Any = None
     watch: Any = None
+    #: a side computation at one LLM layer's attention carried past the forward (ONLY's
+    #: :class:`~causalmm.sites.edits.SideOutput`)
+    side: Any = None
     #: an edit of MLP outputs (:mod:`causalmm.sites.mlp`), called at every tagged MLP as ``mlp(site, x, out)`` with
     #: the MLP's input and output, returning the output to use
     mlp: Any = None

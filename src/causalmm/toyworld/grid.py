@@ -26,8 +26,8 @@ METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/langu
 #: the full leaderboard (``causalmm demo --all``): the headline methods, the original release's feature gate and
 #: every baseline of the registry
 LEADERBOARD: tuple[str, ...] = (
-    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vaf", "memvr", "dola",
-    "deco",
+    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vaf", "memvr", "only",
+    "dola", "deco",
     "regular/beams", "causalmm/language/beams", "opera",
 )  # fmt: skip
 
@@ -47,6 +47,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "vista": {"method": "vista", "params": {"logits_layers": "1-2"}},
     "vaf": {"method": "vaf", "params": {"layers": "1"}},
     "memvr": {"method": "memvr", "params": {"start": 0, "end": 3}},
+    "only": {"method": "only"},  # its layer 0 and the last layer fit any depth
     **{name: {"method": name} for name in ("dola", "deco")},
     "regular/beams": {"method": "regular", "num_beams": BEAMS},
     "causalmm/language/beams": {"method": "causalmm", "mode": "language", "gamma": 1.0, "epsilon": 0.1,
@@ -81,8 +82,8 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
     CausalMM and VCD sweep the layers intervened, gamma and epsilon, as the paper's ablations do; each baseline
     sweeps the knobs its paper reports (ICD/AvisC/SID alpha, M3ID's forgetting rate and gate, PAI's alpha,
     gamma and whether the prefill is edited, SID's kept tokens, RITUAL's alpha, VISTA's strength and mix, VAF's
-    factors and layers, MemVR's ratio and threshold, DoLa's candidate layers, DeCo's alpha and layers) around its
-    official default, which every grid contains.
+    factors and layers, MemVR's ratio and threshold, ONLY's gamma and beta, DoLa's candidate layers, DeCo's alpha
+    and layers) around its official default, which every grid contains.
     """
     last_text = n_text_layers - 1
     half = n_text_layers // 2
@@ -123,6 +124,7 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
         {"method": "memvr"}, params_ratio=(0.12, 0.31, 0.6), params_threshold=(0.75, 0.5), params_start=(0,),
         params_end=(last_text,),
     )  # fmt: skip
+    out["only"] = _product({"method": "only"}, gamma=(0.2, 0.25, 0.6), epsilon=(0.1, 0.4))
     out["dola"] = _product({"method": "dola"}, params_layers=("low", "high", f"0-{half}"), epsilon=EPSILONS)
     out["deco"] = _product({"method": "deco"}, params_alpha=(0.2, 0.6, 1.0), params_layers=("auto", f"1-{last_text}"))
     # beam search: the beams' regular decoding, CausalMM's language branch with beams (its greedy grid), and OPERA

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .interventions import COUNTERFACTUALS
 
 __all__ = [
-    "ALWAYS_READ", "ANY_DEPTH", "FIELD_RANGES", "GAMMA_MAX", "LAYER_WORDS", "MAX_CF_SAMPLES", "SEED_RANGE",
+    "ALWAYS_READ", "ANY_DEPTH", "FIELD_RANGES", "GAMMA_MAX", "LAYER_WORDS", "MAX_BEAMS", "MAX_CF_SAMPLES", "SEED_RANGE",
     "VISION_STYLES", "ConfigError", "LayerSpec", "Range", "Settings", "is_int", "is_real", "resolve_layers", "shown",
 ]  # fmt: skip
 
@@ -93,6 +93,9 @@ FALLBACK = {"gamma": 1.0, "epsilon": 0.1}
 #: the largest contrast strength: at 100 the factual term weighs 1% of the score, so the rule ranks by the
 #: contrast alone; far above it the float32 scores overflow (``inf - inf``) and the choice is noise
 GAMMA_MAX = 100.0
+#: the most beams: every beam carries its prompt's factual and branch rows, each with its KV cache, through every
+#: forward; past a few dozen the search costs that many times the memory and time for no better answer
+MAX_BEAMS = 64
 #: the most counterfactual draws per branch: each is a row of its own in every forward, with its own KV cache
 MAX_CF_SAMPLES = 64
 #: seeds are 64-bit signed integers, what torch generators, numpy and JSON readers all carry

@@ -1,6 +1,6 @@
 """The decoding engine, one idea per file:
 
-- ``rule.py``      the contrast, the plausibility cut, next-token selection (transformers' processors)
+- ``rule.py``      next-token selection (transformers' processors) and the generation options
 - ``rows.py``      which rows a prompt gets, their image features, draws and sharing keys
 - ``features.py``  image features per row kind (factual, vision-intervened, noised), once per image
 - ``forward.py``   one batched forward over every row, and the reference prefill

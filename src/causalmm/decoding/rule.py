@@ -1,5 +1,6 @@
-"""The decoding rule: the contrast of the factual and counterfactual logits under the plausibility cut, and the
-choice of the next token (``docs/method.md#4-the-decoding-rule``).
+"""The choice of the next token after the decoding rule (``docs/method.md#4-the-decoding-rule``), and the
+generation options; the rule's tensor functions (the contrast, the plausibility cut) are in
+:mod:`causalmm.contrast`, below the methods that use them.
 
 Token selection composes ``transformers``' own logits processors (repetition penalty, temperature, top-k,
 top-p), in the order ``model.generate`` applies them.
@@ -20,16 +21,13 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from ..settings import ConfigError, Range, shown
+from ..contrast import contrast, plausible
+from ..settings import MAX_BEAMS, ConfigError, Range, shown
 
 __all__ = [
     "MAX_BEAMS", "OPTION_RANGES", "GenerationOptions", "GenerationResult", "HistoryProcessors", "TokenSelector",
     "contrast", "plausible",
 ]  # fmt: skip
-
-#: the most beams: every beam carries its prompt's factual and branch rows, each with its KV cache, through every
-#: forward; past a few dozen the search costs that many times the memory and time for no better answer
-MAX_BEAMS = 64
 
 #: the numeric generation options' ranges (the vocabulary and the LLM's positions bound some further, checked when
 #: the engine sees the model): one place for the checks and the docs (docs/methods.md)
@@ -47,40 +45,6 @@ OPTION_RANGES: dict[str, Range] = {
 #: the options that act on sampling only, and on beam search only, with the value that means "not set"
 SAMPLING_ONLY = {"temperature": 1.0, "top_k": None, "top_p": None}
 BEAM_ONLY = {"length_penalty": 1.0, "early_stopping": False}
-
-
-def plausible(factual: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Bool mask ``(..., vocab)`` of the tokens whose factual probability is at least ``epsilon`` times the
-    maximum (all tokens for ``epsilon = 0``). In logits: ``l_i >= max_j l_j + log(epsilon)``, since the softmax
-    shares one normaliser.
-
-    >>> plausible(torch.tensor([2.0, 1.0, -3.0]), 0.1)
-    tensor([ True,  True, False])
-    """
-    fl = factual.float()
-    return fl >= fl.amax(-1, keepdim=True) + (math.log(epsilon) if epsilon > 0 else -math.inf)
-
-
-def contrast(
-    factual: torch.Tensor, counterfactuals: list[torch.Tensor], *, gamma: float, epsilon: float
-) -> torch.Tensor:
-    """The CausalMM rule for next-token logits ``(..., vocab)``, in float32.
-
-    ``z = l + gamma * sum_b (l - l_b)``, then ``z = -inf`` wherever the factual probability is below
-    ``epsilon`` times the factual maximum. Taken on raw logits: on log-probabilities it would differ by one
-    constant per row only (``docs/method.md#why-the-contrast-is-taken-on-raw-logits-only``). ``gamma = 0`` is no
-    contrast, so no cut either: the factual logits as they are, so that sampling and beam search (which read the
-    whole distribution, not only its top) reproduce regular decoding too.
-
-    >>> l = torch.tensor([2.0, 1.0, -3.0]); lb = torch.tensor([1.0, 1.5, -3.0])
-    >>> contrast(l, [lb], gamma=1.0, epsilon=0.1)
-    tensor([3.0000, 0.5000,   -inf])
-    """
-    fl = factual.float()
-    if gamma == 0:
-        return fl
-    z = fl + gamma * sum((fl - c.float() for c in counterfactuals), torch.zeros_like(fl))
-    return z.masked_fill(~plausible(factual, epsilon), float("-inf"))
 
 
 @dataclass

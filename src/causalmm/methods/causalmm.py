@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..decoding.rule import contrast
+from ..contrast import contrast
 from .base import Branch, Method, Param
 from .registry import register
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..decoding.rule import MAX_BEAMS
+from ..settings import MAX_BEAMS
 from .base import Method, Param, Range
 from .registry import register
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..decoding.rule import plausible
+from ..contrast import plausible
 from .base import Branch, FactualEdit, Method, Param, Range
 from .registry import register
 

@@ -108,7 +108,7 @@ def test_num_cf_samples_averages_k_draws(loaded, images):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_combined_logits_follow_the_rule(family, loaded, images):
-    from causalmm import contrast
+    from causalmm.contrast import contrast
 
     cm = loaded(family)
     cfg = CausalMMConfig(mode="multimodal", vision_layers="all", language_layers="all", gamma=0.7, epsilon=0.05)

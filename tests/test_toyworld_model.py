@@ -138,10 +138,14 @@ def test_bad_training_settings_are_refused():
 
 # -- the study and the demo ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smoke_model(tmp_path_factory):
-    """A toy-world model after a few training steps: the demo's plumbing, not its numbers."""
+def smoke_model(tmp_path_factory, causalmm_cli):
+    """A toy-world model after a few training steps, with VTI's directions fitted beside it as a user fits them:
+    the demo's plumbing, not its numbers."""
     cfg = TrainConfig(steps=2, batch_size=4, warmup=1, log_every=1, threads=1, vision_steps=2, vision_batch_size=4)
-    return train(tmp_path_factory.mktemp("toy") / "model", cfg=cfg)
+    path = train(tmp_path_factory.mktemp("toy") / "model", cfg=cfg)
+    proc = causalmm_cli("toyworld", "fit-vti", "--model", path)
+    assert f"wrote {path / 'vti.safetensors'}" in proc.stdout
+    return path
 
 
 def test_study_groups_are_a_partition_of_absent_questions():
@@ -211,7 +215,9 @@ def test_demo_cli_all_runs_the_leaderboard(tmp_path, causalmm_cli, smoke_model):
         assert name in proc.stdout
     # deterministic methods (no noise, no random attention) run once; VCD and the random-attention gate twice
     once = {m for m, seeds in metrics["seeds_run"].items() if seeds == [0]}
-    assert once == {"regular", "icd", "m3id", "pai", "avisc", "sid", "dola", "deco", "regular/beams", "opera"}
+    assert once == {"regular", "icd", "m3id", "pai", "avisc", "sid", "vista", "vti", "vaf", "memvr", "only", "dola", "deco",
+                    "regular/beams", "opera"}  # fmt: skip
+    assert metrics["seeds_run"]["ritual"] == [0, 1]  # a random transform per seed
     assert metrics["seeds_run"]["causalmm/language/beams"] == [0, 1]  # random attention, with beams
     assert metrics["seeds_run"]["causalmm/gate"] == [0, 1]
 
@@ -252,6 +258,7 @@ def test_leaderboard_grid_holds_every_default_and_only_valid_settings():
         if method not in ("causalmm/language", "causalmm/multimodal", "causalmm/language/beams"):
             assert default in configs, method
     assert seeded({"method": "vcd"}) and seeded({"method": "causalmm", "mode": "language"})
+    assert seeded({"method": "ritual"})  # its random transform is drawn from the counterfactual seed
     assert not seeded({"method": "causalmm", "mode": "language", "language_cf": "uniform"})
     assert not seeded({"method": "icd"}) and not seeded({"method": "regular"})
 
@@ -273,7 +280,7 @@ def test_tune_keeps_earlier_choices_and_refuses_unknown_methods(smoke_model, tmp
     third = tune(model, n_images=2, methods=("deco",), log=lambda _: None)
     assert list(third["chosen"]) == ["regular", "deco"]
     with pytest.raises(ConfigError, match="unknown toy-world method"):
-        tune(model, n_images=1, methods=("vista",), log=lambda _: None)
+        tune(model, n_images=1, methods=("causalmm/nope",), log=lambda _: None)
     proc = causalmm_cli("toyworld", "tune", "--model", str(model), "--methods", "nope", check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
 

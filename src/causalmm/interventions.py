@@ -26,7 +26,7 @@ import torch
 
 __all__ = [
     "COUNTERFACTUALS", "boost_scores", "counterfactual_attention", "diffusion_noise", "feature_gate", "least_attended",
-    "memory_read", "only_heads", "scale_scores", "steer", "top_entropy",
+    "memory_read", "only_heads", "scale_scores", "shift", "steer", "top_entropy",
 ]  # fmt: skip
 
 #: The counterfactual attention maps ``a~``, in the order the paper lists them (decoding methods are
@@ -292,6 +292,22 @@ def steer(m: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
     u = torch.nn.functional.normalize(v.float(), dim=-1)
     s = 1.0 + torch.nn.functional.cosine_similarity(x, -u.expand_as(x), dim=-1).clamp_min(0.0)[..., None]
     out = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=-1) + lam * s * u, dim=-1)
+    return (out * x.norm(dim=-1, keepdim=True)).to(m.dtype)
+
+
+def shift(m: torch.Tensor, d: torch.Tensor, strength: float) -> torch.Tensor:
+    """VTI's norm-preserving shift of MLP outputs ``m`` ``(..., hidden)`` along ``d`` (broadcast against ``m``: one
+    vector per layer for the LLM, one per token for the tower): ``normalize(normalize(m) + strength * normalize(d))
+    * |m|``, no gate. Computed in float32, returned in ``m``'s dtype; ``strength = 0`` returns ``m`` as it is.
+
+    >>> shift(torch.tensor([[3.0, 0.0]]), torch.tensor([0.0, 5.0]), 1.0)  # halfway between the two; |m| kept
+    tensor([[2.1213, 2.1213]])
+    """
+    if strength == 0:
+        return m
+    x = m.float()
+    u = torch.nn.functional.normalize(d.float(), dim=-1)
+    out = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=-1) + strength * u, dim=-1)
     return (out * x.norm(dim=-1, keepdim=True)).to(m.dtype)
 
 

@@ -148,9 +148,12 @@ class Adapter(ContextLimit):
             "set processor.chat_template"
         )
 
-    def encode(self, image: Image.Image, prompt: str, *, system: str | None = None) -> dict[str, torch.Tensor]:
+    def encode(
+        self, image: Image.Image, prompt: str, *, system: str | None = None, answer: str = ""
+    ) -> dict[str, torch.Tensor]:
         """Processor outputs for one (image, prompt) pair, batch dimension 1 on token keys; ``system``: a system
-        instruction (ICD's disturbance instruction), in the template's place for one.
+        instruction (ICD's disturbance instruction), in the template's place for one; ``answer``: text after the
+        template's generation prompt, as the assistant's answer so far (VTI's fit reads captions so).
 
         A template that writes the bos token itself (Gemma, Mistral) must not get a second one from the
         tokenizer: as in ``processor.apply_chat_template(tokenize=True)``, special tokens are then not added.
@@ -159,7 +162,7 @@ class Adapter(ContextLimit):
             InputError: the processor refuses the image (Qwen2-VL: an aspect ratio over 200), or the prompt with
                 the positions :meth:`reserving` keeps for the answer exceeds the LLM's (:func:`max_positions`).
         """
-        text = self.format_prompt(prompt, system=system)
+        text = self.format_prompt(prompt, system=system) + answer
         try:
             out = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", **self._special(text))
         except ValueError as err:  # the processor's own limits on images (size, aspect ratio)

@@ -2,8 +2,8 @@
 
 User errors (bad flags, missing image, unknown model) print one line ``error: ...`` and exit with code 2;
 nothing below the API is shown to the user as a traceback. One module per group of commands: :mod:`.single`
-(generate, visualize, explain, methods), :mod:`.bench` (eval, score, compare), :mod:`.toy` (demo, plumbing, toyworld);
-:mod:`.common` holds what they share.
+(generate, visualize, explain, methods), :mod:`.bench` (eval, score, compare), :mod:`.fit` (fit), :mod:`.toy`
+(demo, plumbing, toyworld); :mod:`.common` holds what they share.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["app", "main", "user_os_error"]
 
 def _register() -> None:
     """Add every command to :data:`app`, in the order ``--help`` lists them."""
-    from . import bench, single, toy
+    from . import bench, fit, single, toy
     from .common import DecodingCommand
 
     app.command(cls=DecodingCommand)(single.generate)
@@ -40,6 +40,7 @@ def _register() -> None:
     app.command("app")(single.app)
     app.command()(toy.demo)
     app.command()(toy.plumbing)
+    app.add_typer(fit.fit_app, name="fit")
     app.add_typer(toy.toyworld_app, name="toyworld")
 
 

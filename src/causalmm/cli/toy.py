@@ -229,6 +229,27 @@ def toyworld_tune(
               f"consistent {r['prior_consistent']:.3f}")
 
 
+@toyworld_app.command("fit-vti")
+def toyworld_fit_vti(
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: the --world model shipped).")] = None,
+    world: Annotated[str, typer.Option(help=WORLD_HELP)] = "default",
+) -> None:
+    """Fit VTI's directions on demos drawn from the world (the official recipe); writes vti.safetensors beside the
+    model, where the toy world's VTI settings read it."""
+    import tempfile
+
+    from ..toyworld.demo import load_model, trained_world
+    from ..toyworld.fit import fit_toy_vti
+
+    try:
+        cm, path = load_model(model, world)
+        with tempfile.TemporaryDirectory() as work:
+            out = fit_toy_vti(cm, path, trained_world(path), Path(work), log=lambda _: None)
+    except (FileNotFoundError, *user_errors()) as err:
+        fail(str(err))
+    print(f"wrote {out}")
+
+
 @toyworld_app.command("splits")
 def toyworld_splits(
     out: Annotated[Path, typer.Option(help="Output directory.")],

@@ -226,7 +226,7 @@ class Engine:
         made = {b.prompt: [self.adapter.image_inputs(e) for e in encs[b.prompt]] for b in self.branches if b.transform}
         layout = RowLayout(n, self.branches, draws, seeds, image_seeds, same, prefixes, encs, imgs, made)
         kinds = ({"factual"} | {b.image for b in self.branches}) - {"none", "blind", "transform"}
-        features = ImageFeatures(self.adapter, self.config, self.vision_rule)
+        features = ImageFeatures(self.adapter, self.config, self.vision_rule, self.needs.tower_state())
         feats = {kind: features(imgs, kind, image_seeds, draws, same[kind]) for kind in sorted(kinds)}
         for variant in made.values():  # (one transform branch per method: its features are the "transform" kind)
             feats["transform"] = features(variant, "factual", image_seeds, draws, same["transform"])

@@ -74,10 +74,19 @@ def zero_image_tokens(feature: Any, zero: torch.Tensor, model: str) -> Any:
 
 
 class ImageFeatures:
-    """Image features of one model under one config: ``features(imgs, kind, image_seeds, draws, same)``."""
+    """Image features of one model under one config: ``features(imgs, kind, image_seeds, draws, same)``.
+    ``factual_state``: the state the factual features are computed under (VTI's shift of the tower; ``None``: the
+    tower's own run)."""
 
-    def __init__(self, adapter: Adapter, config: CausalMMConfig, vision_rule: SiteRule | None) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        config: CausalMMConfig,
+        vision_rule: SiteRule | None,
+        factual_state: Intervention | None = None,
+    ) -> None:
         self.adapter, self.config, self.vision_rule = adapter, config, vision_rule
+        self.factual_state = factual_state
 
     def __call__(
         self, imgs: list[dict[str, torch.Tensor]], kind: str, image_seeds: list[int], draws: int, same: list[int]
@@ -95,7 +104,7 @@ class ImageFeatures:
         """Features ``{(prompt, draw): features}`` of ``kind`` for every prompt of ``imgs``."""
         ad, config = self.adapter, self.config
         if kind == "factual":
-            return {(p, 0): f for p, f in enumerate(ad.image_features(ad.collate_images(imgs)))}
+            return {(p, 0): f for p, f in enumerate(ad.image_features(ad.collate_images(imgs), self.factual_state))}
         keys = [(p, k) for p in range(len(imgs)) for k in range(draws)]
         if kind == "noise":
             noised = []

@@ -17,8 +17,10 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from ..adapters import Adapter
 from ..config import CausalMMConfig, ConfigError
 from ..errors import UnsupportedModelError
+from ..fit.store import load_fitted
 from ..methods.base import (  # the submodule: the methods package imports the rule from decoding
     Branch,
+    Directions,
     FactualEdit,
     ImageMemory,
     Method,
@@ -27,8 +29,9 @@ from ..methods.base import (  # the submodule: the methods package imports the r
     Steering,
 )
 from ..settings import resolve_layers
+from ..sites import Intervention
 from ..sites.edits import Boost, Prune, Scale, SideOutput, Watch
-from ..sites.mlp import LastStates, MemoryRead, Steer
+from ..sites.mlp import LastStates, MemoryRead, Shift, Steer
 from .forward import TOKEN_KEYS, Forward, extra_inputs, window_message
 from .rows import Row, RowLayout
 
@@ -105,6 +108,8 @@ class MethodNeeds:
                     f"{config.method}: {type(adapter.model).__name__}'s LLM has no final norm (`norm`) for the "
                     "early-exit entropy"
                 )
+        elif isinstance(self.edit, Directions):
+            self.shift = self._directions(self.edit)
         self.prune = method.prune_at(config) if any(b.prune for b in branches) else None
         if self.prune is not None and not 0 <= self.prune[0] < n - 1:
             raise ConfigError(
@@ -141,6 +146,44 @@ class MethodNeeds:
                 f"0 (the embeddings) .. {n - 1} (the output of layer {n - 2})"
             )
 
+    def _directions(self, edit: Directions) -> Shift:
+        """VTI's fitted directions, checked against this model: fitted on it, one per LLM layer of its width, and
+        (where ``alpha_image`` shifts the tower) one per tower layer and token."""
+        ad, name = self.adapter, self.config.method
+        fit = load_fitted(edit.path)
+        fit.check_model(ad.model, edit.path, name)
+        text, vision = fit.tensors.get("text"), fit.tensors.get("vision")
+        width = ad.model.config.get_text_config().hidden_size
+        if text is None or tuple(text.shape) != (ad.n_language_layers, width):
+            shape = None if text is None else tuple(text.shape)
+            raise ConfigError(
+                f"{name}: {edit.path} holds text directions of shape {shape}, and the LLM has {ad.n_language_layers} "
+                f"layers of width {width}; refit with `causalmm fit {name}` on this model"
+            )
+        if edit.alpha_image > 0:
+            if vision is None:
+                raise ConfigError(
+                    f"{name}: {edit.path} holds no vision directions (fitted with --no-vision): give "
+                    "--param alpha_image=0, or refit with vision"
+                )
+            hooked = sum(m is not None for m in ad.sites.vision_mlps)
+            if vision.dim() != 3 or vision.shape[0] > hooked:
+                raise ConfigError(
+                    f"{name}: {edit.path} holds vision directions of shape {tuple(vision.shape)}, and the tower has "
+                    f"{hooked} layers with an MLP; refit with `causalmm fit {name}` on this model"
+                )
+        return Shift(
+            text if edit.alpha_text > 0 else None, vision if edit.alpha_image > 0 else None,
+            0.1 * edit.alpha_text, 0.1 * edit.alpha_image,
+        )  # fmt: skip
+
+    def tower_state(self) -> Intervention | None:
+        """The state the factual image features are computed under: VTI's shift of the tower's MLPs (``None``: the
+        tower's own run)."""
+        if isinstance(self.edit, Directions) and self.shift.vision is not None:
+            return Intervention(mlp=Shift(None, self.shift.vision, 0.0, self.shift.vision_strength))
+        return None
+
     @property
     def image_columns(self) -> bool:
         """Whether forwards need each row's image keys in the cache's layout (PAI, VAF, SID, OPERA)."""
@@ -156,9 +199,14 @@ class MethodNeeds:
     @property
     def allow_prefix_reuse(self) -> bool:
         """Whether the shared-prefix prefill may run: the image columns and the early exits are read in the
-        reference prefill's layout, MemVR's trigger in the forward's newest position, and VISTA steers the whole
-        prefill."""
-        return not self.image_columns and not self.exits and not self.prompt_state
+        reference prefill's layout, MemVR's trigger in the forward's newest position, and VISTA and VTI shift the
+        whole prefill."""
+        return not self.image_columns and not self.exits and not self.prompt_state and not self.shifted
+
+    @property
+    def shifted(self) -> bool:
+        """Whether every forward's MLP outputs are shifted (VTI)."""
+        return isinstance(self.edit, Directions)
 
     def check_room(self, length: int, new_tokens: int) -> None:
         """Refuse, before any forward, a run that would outgrow the sliding window: ``length`` prompt columns (the
@@ -248,6 +296,9 @@ class MethodNeeds:
         each prompt's :meth:`states`): PAI's boost or VAF's scaling on the factual rows, MemVR's memory read or
         VISTA's steering on them, SID's pruning on its branch's rows; ``None`` where there are none."""
         out: dict = {}
+        if isinstance(self.edit, Directions):
+            factual = frozenset(j for j, r in enumerate(rows) if r.branch is None)
+            out["mlp"] = Shift(self.shift.text, None, self.shift.text_strength, 0.0, rows=factual)
         if states is not None and isinstance(self.edit, Steering):
             vectors = {j: states[r.prompt] for j, r in enumerate(rows) if r.branch is None}
             out["mlp"] = Steer(self.edit.lam, vectors)

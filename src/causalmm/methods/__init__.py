@@ -8,21 +8,21 @@ Adding a branch-style method is one new file here (a :class:`Method` subclass de
 # then the baselines (branch methods, then single-pass edits, then layer-contrast methods, then searches)
 from . import regular, causalmm, vcd  # noqa: E402, F401, I001
 from . import icd, m3id, pai, avisc, sid, ritual  # noqa: E402, F401, I001
-from . import vista, vaf, memvr, only  # noqa: E402, F401, I001
+from . import vista, vti, vaf, memvr, only  # noqa: E402, F401, I001
 from . import dola, deco  # noqa: E402, F401, I001
 from . import opera  # noqa: E402, F401, I001
-from .base import Branch, FactualEdit, ImageMemory, Method, Param, Range, ScoreScale, SideLogits, Steering
+from .base import Branch, Directions, FactualEdit, ImageMemory, Method, Param, Range, ScoreScale, SideLogits, Steering
 from .registry import METHODS, get_method, method_names, register
 
 # an import above can register another's method first (causalmm's imports the engine, whose OPERA search imports
 # opera's): put them in the order of the imports, the order `causalmm methods` and the docs list them
-for _name in ("regular", "causalmm", "vcd", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vaf", "memvr",
-              "only", "dola", "deco", "opera"):  # fmt: skip
+for _name in ("regular", "causalmm", "vcd", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vti", "vaf",
+              "memvr", "only", "dola", "deco", "opera"):  # fmt: skip
     METHODS[_name] = METHODS.pop(_name)
 
 __all__ = [
-    "METHODS", "Branch", "FactualEdit", "ImageMemory", "Method", "Param", "Range", "ScoreScale", "SideLogits",
-    "Steering", "branches_for", "get_method", "method_names", "register",
+    "METHODS", "Branch", "Directions", "FactualEdit", "ImageMemory", "Method", "Param", "Range", "ScoreScale",
+    "SideLogits", "Steering", "branches_for", "get_method", "method_names", "register",
 ]  # fmt: skip
 
 

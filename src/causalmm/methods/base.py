@@ -18,7 +18,8 @@ import torch
 from ..settings import ANY_DEPTH, FIELD_RANGES, ConfigError, Range, Settings, is_int, is_real, resolve_layers, shown
 
 __all__ = [
-    "Branch", "FactualEdit", "ImageMemory", "Method", "Param", "Range", "ScoreScale", "SideLogits", "Steering",
+    "Branch", "Directions", "FactualEdit", "ImageMemory", "Method", "Param", "Range", "ScoreScale", "SideLogits",
+    "Steering",
 ]  # fmt: skip
 
 
@@ -117,6 +118,17 @@ class Steering:
     image minus that without it (two probe prefills, unsteered; :class:`causalmm.sites.mlp.Steer`)."""
 
     lam: float
+
+
+@dataclass(frozen=True)
+class Directions:
+    """A shift of the factual rows' LLM and of the tower (VTI): every MLP output moved along directions fitted
+    offline (``causalmm fit vti``) and read from ``path``, with strength ``alpha_text`` in the LLM and
+    ``alpha_image`` in the tower (0: that part left as it is; :class:`causalmm.sites.mlp.Shift`)."""
+
+    path: str
+    alpha_text: float
+    alpha_image: float
 
 
 def layer_spec_check(what: str, words: tuple[str, ...]) -> Callable[[str], str | None]:
@@ -247,10 +259,10 @@ class Method:
 
     def factual_edit(
         self, config: Settings
-    ) -> FactualEdit | ScoreScale | ImageMemory | Steering | SideLogits | None:
+    ) -> FactualEdit | ScoreScale | ImageMemory | Steering | Directions | SideLogits | None:
         """An edit of the factual rows' own forward: their attention scores (PAI's boost, VAF's scaling), their MLPs
-        (MemVR's memory read, VISTA's steering), or a side computation (ONLY's second logits); none: the factual rows
-        are the model's own run."""
+        (MemVR's memory read, VISTA's steering, VTI's shift, which moves the tower's too), or a side computation
+        (ONLY's second logits); none: the factual rows are the model's own run."""
         return None
 
     def branch_image(self, branch: Branch, image: Any, seed: int, config: Settings) -> Any:

@@ -1,8 +1,8 @@
 """Where a model is intervened on: its vision tower and its LLM, their attention modules (tagged as intervention
 sites, in execution order) and the routing of those modules through the hook of :mod:`causalmm.sites.attention`;
-their MLPs and the LLM's decoder layers, tagged too and hooked once (:mod:`causalmm.sites.mlp`). This is the one
-place that says which modules are hooked: every hook leaves its module's numbers as they are unless the active
-intervention asks for an edit there.
+their MLPs and their layers (the LLM's decoder layers, the tower's), tagged too and hooked once
+(:mod:`causalmm.sites.mlp`). This is the one place that says which modules are hooked: every hook leaves its
+module's numbers as they are unless the active intervention asks for an edit there.
 
 What a model must have for the engine (image features it can take back precomputed, a tower and an LLM, attention
 modules that route through ``AttentionInterface``) is checked here; :class:`UnsupportedModelError` names what is
@@ -56,6 +56,8 @@ class Sites:
     lm_mlps: list[torch.nn.Module | None]
     #: the MLP of the tower layer holding each of :attr:`vision_attn` (``None`` where none is found)
     vision_mlps: list[torch.nn.Module | None]
+    #: the tower layer holding each of :attr:`vision_attn` (``None`` where its parent holds no MLP: no layer)
+    vision_layers: list[torch.nn.Module | None]
 
 
 def find_sites(model: torch.nn.Module) -> Sites:
@@ -96,13 +98,18 @@ def find_sites(model: torch.nn.Module) -> Sites:
     lm_mlps = [_mlp(layer) for layer in lm_layers]
     tower_parent = {id(c): m for m in tower.modules() for c in m.children()}
     vision_mlps = [_mlp(tower_parent.get(id(m))) for m in vision_attn]
+    vision_layers = [
+        tower_parent.get(id(m)) if mlp is not None else None for m, mlp in zip(vision_attn, vision_mlps, strict=True)
+    ]
     if not getattr(tower, "_causalmm_hooked", False):
         tower.register_forward_pre_hook(_reset_offsets)
         tower._causalmm_hooked = True
-        for i, mlp in enumerate(vision_mlps):
+        for i, (mlp, layer) in enumerate(zip(vision_mlps, vision_layers, strict=True)):
             if mlp is not None:
                 setattr(mlp, SITE_ATTR, Site("vision", i, packed=packed))
                 mlp.register_forward_hook(mlp_hook)
+                setattr(layer, SITE_ATTR, Site("vision", i, packed=packed))
+                layer.register_forward_hook(layer_hook)
         for m, layer, mlp in zip(lm_attn, lm_layers, lm_mlps, strict=True):
             site = Site("language", int(m.layer_idx))
             setattr(layer, SITE_ATTR, site)
@@ -110,7 +117,7 @@ def find_sites(model: torch.nn.Module) -> Sites:
             if mlp is not None:
                 setattr(mlp, SITE_ATTR, site)
                 mlp.register_forward_hook(mlp_hook)
-    return Sites(tower, lm, vision_attn, lm_attn, lm_layers, packed, lm_mlps, vision_mlps)
+    return Sites(tower, lm, vision_attn, lm_attn, lm_layers, packed, lm_mlps, vision_mlps, vision_layers)
 
 
 def route_attention(model: torch.nn.Module, sites: Sites, base: str) -> None:

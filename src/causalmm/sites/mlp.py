@@ -9,7 +9,10 @@ its own numbers. The edits here act per batch row, each row with its own state:
   the first layer above the threshold makes the next layer's FFN read the row's image memory, that row only, in the
   same forward;
 - :class:`Steer` (VISTA): every LLM layer's MLP output of a row steered by that row's vector for the layer;
-- :class:`LastStates` (a reader): each layer's output at each row's newest position, for a method's probe.
+- :class:`Shift` (VTI): every MLP output of the LLM's rows and of the tower's shifted along fixed directions fitted
+  offline (one per LLM layer, one per tower layer and token);
+- :class:`LastStates` (a reader): each layer's output at each row's newest position, for a method's probe;
+- :class:`TowerStates` (a reader): each tower layer's output, every token, summed over rows (VTI's fit).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..interventions import memory_read, steer, top_entropy
+from ..errors import ConfigError
+from ..interventions import memory_read, shift, steer, top_entropy
 from .state import active
 from .tags import SITE_ATTR, Site
 
-__all__ = ["LastStates", "MemoryRead", "Steer", "layer_hook", "mlp_hook"]
+__all__ = ["LastStates", "MemoryRead", "Shift", "Steer", "TowerStates", "layer_hook", "mlp_hook"]
 
 
 def mlp_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -34,7 +38,8 @@ def mlp_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torc
 
 
 def layer_hook(module: torch.nn.Module, args: tuple, output) -> None:
-    """Forward hook of a tagged LLM decoder layer: hands its output hidden states to the active ``layers`` reader."""
+    """Forward hook of a tagged layer (an LLM decoder layer, or a tower layer): hands its output hidden states to the
+    active ``layers`` reader, which reads the site's ``kind``."""
     state = active()
     if state is None or state.layers is None:
         return
@@ -87,7 +92,7 @@ class MemoryRead:
 
     def layers(self, site: Site, hidden: torch.Tensor) -> None:
         """The layer reader: the rows whose early-exit entropy after this layer triggers a read in the next."""
-        if not self.start < site.layer < self.end:
+        if site.kind != "language" or not self.start < site.layer < self.end:
             return
         rows = [r for r in self.memory if r not in self.read_at and r < hidden.shape[0]]
         if not rows:
@@ -127,6 +132,74 @@ class Steer:
             idx = torch.tensor(rows, device=out.device)
             out[idx] = steer(out[idx], v[:, None, :], self.lam)
         return out
+
+
+@dataclass
+class Shift:
+    """VTI (github.com/shengliu66/VTI, ``vti_utils/llm_layers.py``, ``VTILayer``): the MLP output of every LLM layer
+    ``l``, at every position of the rows ``rows`` (``None``: every row), shifted along ``text[l]``, and the MLP output
+    of every tower layer ``l`` along ``vision[l]``, token by token (:func:`~causalmm.interventions.shift`). The
+    official wrapper hard-codes the factor 0.1: the strengths here are ``0.1 * alpha``."""
+
+    #: ``(LLM layers, hidden)`` (``None``: the LLM is left as it is)
+    text: torch.Tensor | None
+    #: ``(tower layers, tokens, hidden)`` (``None``: the tower is left as it is)
+    vision: torch.Tensor | None
+    text_strength: float
+    vision_strength: float
+    rows: frozenset[int] | None = None
+
+    def __call__(self, site: Site, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        if site.kind == "vision":
+            if self.vision is None or self.vision_strength == 0 or site.layer >= self.vision.shape[0]:
+                return None
+            d = self.vision[site.layer]
+            if out.dim() != 3 or out.shape[1] != d.shape[0] or out.shape[2] != d.shape[1]:
+                raise ConfigError(
+                    f"vti: the tower's layer {site.layer} gives {tuple(out.shape)} outputs, and the vision directions "
+                    f"were fitted for {d.shape[0]} tokens of {d.shape[1]} features: the image is encoded to another "
+                    "number of tokens than the fit's images (fit the directions on images of this size), or give "
+                    "--param alpha_image=0"
+                )
+            return shift(out, d.to(out.device), self.vision_strength)
+        if self.text is None or self.text_strength == 0:
+            return None
+        d = self.text[site.layer].to(out.device)
+        if self.rows is None:
+            return shift(out, d, self.text_strength)
+        rows = [r for r in sorted(self.rows) if r < out.shape[0]]
+        if not rows:
+            return None
+        out = out.clone()
+        idx = torch.tensor(rows, device=out.device)
+        out[idx] = shift(out[idx], d, self.text_strength)
+        return out
+
+
+@dataclass
+class TowerStates:
+    """A reader of every tower layer's output: ``total[layer]`` sums it over the rows of every forward seen
+    ``(tokens, hidden)``, in float32, and ``rows[layer]`` counts them, so that a mean over many images needs no more
+    memory than one. A packed tower (Qwen2-VL: every image's tokens in one sequence) has no rows to sum."""
+
+    total: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)
+
+    def __call__(self, site: Site, hidden: torch.Tensor) -> None:
+        if site.kind != "vision":
+            return
+        if site.packed or hidden.dim() != 3:
+            raise ConfigError(
+                "the tower packs every image's tokens into one sequence, so it has no per-token states to average "
+                "over images"
+            )
+        s = hidden.float().sum(0)
+        self.total[site.layer] = self.total[site.layer] + s if site.layer in self.total else s
+        self.rows[site.layer] = self.rows.get(site.layer, 0) + hidden.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """The mean output of every tower layer seen, ``(layers, tokens, hidden)``."""
+        return torch.stack([self.total[i] / self.rows[i] for i in sorted(self.total)])
 
 
 @dataclass

@@ -41,7 +41,7 @@ def _with_regular(methods: Sequence[str]) -> list[str]:
     return ["regular", *(m for m in methods if m != "regular")]
 
 
-def _load(model: str | Path | None, world: str = "default") -> tuple[Any, Path]:
+def load_model(model: str | Path | None, world: str = "default") -> tuple[Any, Path]:
     from ..api import CausalMM
     from .worlds import shipped_model_path
 
@@ -94,7 +94,7 @@ def tune(
     earlier tuning.json made with the same images and seed, so one method can be re-tuned without the rest.
     """
     methods = _with_regular(methods)
-    cm, path = _load(model, world)
+    cm, path = load_model(model, world)
     images, qs = questions(trained_world(path), "val", n_images)
     n_vision = cm.adapter.model.config.vision_config.num_hidden_layers
     n_text = cm.adapter.model.config.text_config.num_hidden_layers
@@ -104,7 +104,7 @@ def tune(
     for method in methods:
         results[method] = []
         for settings in settings_grid[method]:
-            kwargs, generation = split(settings)
+            kwargs, generation = split(settings, path)
             cfg = CausalMMConfig(seed=seed, **kwargs)
             words = answer(cm, cfg, images, qs, [seed], batch_size=batch_size, generation=generation).words
             rates = group_rates(words, qs, n_boot=0)
@@ -214,7 +214,7 @@ def demo(
         writes=("metrics.json", "leaderboard.md", "demo.png"), inputs=[("--model", where)],
         same=lambda earlier: earlier.get("model") == where, what="another model",
     )  # fmt: skip
-    cm, path = _load(model, world)
+    cm, path = load_model(model, world)
     settings, source = load_settings(path, methods)
     images, qs = questions(trained_world(path), "test", n_images)
     runs = {m: list(seeds) if seeded(settings[m]) else list(seeds)[:1] for m in methods}
@@ -229,7 +229,7 @@ def demo(
         task = bar.add_task("demo", total=total)
         for method in methods:
             bar.update(task, description=method)
-            kwargs, generation = split(settings[method])
+            kwargs, generation = split(settings[method], path)
             cfg = CausalMMConfig(**kwargs)
             # warm-up: one full batch
             answer(cm, cfg, images, qs[:batch_size], [0], batch_size=batch_size, generation=generation)

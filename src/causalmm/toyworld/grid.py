@@ -10,6 +10,7 @@ and SID's kept-token counts below are the official settings scaled to it, not th
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 from ..config import CausalMMConfig
@@ -26,8 +27,8 @@ METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/langu
 #: the full leaderboard (``causalmm demo --all``): the headline methods, the original release's feature gate and
 #: every baseline of the registry
 LEADERBOARD: tuple[str, ...] = (
-    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vaf", "memvr", "only",
-    "dola", "deco",
+    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vti", "vaf", "memvr",
+    "only", "dola", "deco",
     "regular/beams", "causalmm/language/beams", "opera",
 )  # fmt: skip
 
@@ -45,6 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # the single-pass edits' official layers are LLaVA-1.5's 32, scaled to the shipped models' 4: VISTA's late
     # layers below the last (25-30 of 32), VAF's middle (9-14 of 32), MemVR's window (5 < l < 16 of 32)
     "vista": {"method": "vista", "params": {"logits_layers": "1-2"}},
+    "vti": {"method": "vti", "params": {"vectors": "vti.safetensors"}},  # `causalmm toyworld fit-vti` writes it
     "vaf": {"method": "vaf", "params": {"layers": "1"}},
     "memvr": {"method": "memvr", "params": {"start": 0, "end": 3}},
     "only": {"method": "only"},  # its layer 0 and the last layer fit any depth
@@ -81,7 +83,8 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
 
     CausalMM and VCD sweep the layers intervened, gamma and epsilon, as the paper's ablations do; each baseline
     sweeps the knobs its paper reports (ICD/AvisC/SID alpha, M3ID's forgetting rate and gate, PAI's alpha,
-    gamma and whether the prefill is edited, SID's kept tokens, RITUAL's alpha, VISTA's strength and mix, VAF's
+    gamma and whether the prefill is edited, SID's kept tokens, RITUAL's alpha, VISTA's strength and mix, VTI's
+    strengths (its directions fitted beside the model: ``causalmm toyworld fit-vti``), VAF's
     factors and layers, MemVR's ratio and threshold, ONLY's gamma and beta, DoLa's candidate layers, DeCo's alpha
     and layers) around its official default, which every grid contains.
     """
@@ -116,6 +119,11 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
     out["vista"] = _product(
         {"method": "vista"}, params_lam=(0.01, 0.1, 0.17), params_mix=(0.1, 0.3, 0.5), params_logits_layers=(late,)
     )
+    # VTI: its strengths around the official 0.9 (MMHal), the tower's 0 too (the text direction alone)
+    out["vti"] = _product(
+        {"method": "vti"}, params_vectors=("vti.safetensors",), params_alpha_text=(0.3, 0.9, 2.0),
+        params_alpha_image=(0.0, 0.9, 2.0),
+    )  # fmt: skip
     out["vaf"] = _product(
         {"method": "vaf"}, params_enhance=(1.15, 1.5, 2.0), params_suppress=(0.95, 0.5),
         params_layers=(middle, f"{middle}-{max(0, last_text - 1)}"),
@@ -135,9 +143,13 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
     return out
 
 
-def split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A setting's :class:`CausalMMConfig` keywords and its generation options (``num_beams``)."""
+def split(settings: dict[str, Any], model_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A setting's :class:`CausalMMConfig` keywords and its generation options (``num_beams``); a file a method
+    reads (VTI's ``vectors``) named relative to the model is resolved against ``model_dir``."""
     config = {k: v for k, v in settings.items() if k != "num_beams"}
+    vectors = config.get("params", {}).get("vectors")
+    if model_dir is not None and vectors and not Path(vectors).is_absolute():
+        config["params"] = {**config["params"], "vectors": str(model_dir / vectors)}
     return config, ({"num_beams": settings["num_beams"]} if "num_beams" in settings else {})
 
 
@@ -146,11 +158,12 @@ _RANDOM_MAPS = ("random", "shuffle")
 
 
 def seeded(settings: dict[str, Any]) -> bool:
-    """Whether a setting's answers depend on the counterfactual seed (VCD's noise, random or shuffled attention):
+    """Whether a setting's answers depend on the counterfactual seed (VCD's noise, RITUAL's transform, random or
+    shuffled attention):
     the demo runs those over every seed and the others once, since more seeds would repeat the same answers."""
     config = CausalMMConfig(**split(settings)[0])
     for branch in get_method(config.method).branches(config):
-        if branch.noise:
+        if branch.noise or branch.transform:
             return True
         if branch.vision and config.vision_cf in _RANDOM_MAPS:
             return True

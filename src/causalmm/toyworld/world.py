@@ -105,7 +105,9 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 
 #: stream name -> the integer that seeds it (train text and images, training statistics, eval splits)
-STREAMS: dict[str, int] = {"train": 1, "stats": 2, "val": 3, "test": 4, "val_vlind": 5, "test_vlind": 6}
+STREAMS: dict[str, int] = {
+    "train": 1, "stats": 2, "val": 3, "test": 4, "val_vlind": 5, "test_vlind": 6, "vti_demos": 7,
+}  # fmt: skip
 
 _CONTENTS, _LAYOUT, _NOISE, _TEXT, _CUE = 0, 1, 2, 3, 4
 

@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 import torch
-from speed_configs import BEAM_ROWS, CONFIGS, GROUPS, SWITCHES_OFF, at_depth, depth_params
+from speed_configs import BEAM_ROWS, CONFIGS, GROUPS, SWITCHES_OFF, at_depth, depth_params, with_fits
 from speed_measure import (
     Sample,
     attention_base,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--only {args.only!r} matches no configuration; the names are: {names}", file=sys.stderr)
         return 2
     # VISTA's, VAF's and MemVR's official layer settings are for a 32-layer LLM: scaled to this preset's depth
-    configs = [(name, kind, at_depth(cfg, n_layers)) for name, kind, cfg in configs]
+    configs = [(name, kind, with_fits(at_depth(cfg, n_layers), cm, image, prompt)) for name, kind, cfg in configs]
     # mitigv beside each of our rows it has a method for (kept out of --only runs that select neither)
     peers = {}
     for name, _, cfg in list(configs):

@@ -9,6 +9,8 @@ the script where mitigv is installed).
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from causalmm import CausalMMConfig
@@ -56,6 +58,7 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     # The script prints in how many forwards it did (none where the LLM has 2 layers: see depth_params).
     ("ritual", "engine", CausalMMConfig(method="ritual")),
     ("vista", "engine", CausalMMConfig(method="vista")),
+    ("vti", "engine", CausalMMConfig(method="vti")),  # its directions fitted on the preset's model: with_fits
     ("vaf", "engine", CausalMMConfig(method="vaf")),
     ("memvr", "engine", CausalMMConfig(method="memvr", params={"threshold": 0.75})),
     ("only", "engine", CausalMMConfig(method="only")),
@@ -74,7 +77,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "regular greedy", "regular beams 5", "causalmm language K=1 beams 5", "causalmm multimodal K=1 beams 5",
         "vcd beams 5", "opera", "opera fast",
     ),
-    "methods2": ("regular greedy", "ritual", "vista", "vaf", "memvr", "only"),
+    "methods2": ("regular greedy", "ritual", "vista", "vti", "vaf", "memvr", "only"),
 }  # fmt: skip
 
 #: generation options of the rows that decode by beam search (OPERA takes its own 5)
@@ -130,3 +133,20 @@ def at_depth(config: CausalMMConfig, n_layers: int) -> CausalMMConfig:
     """``config`` with its method's layer settings scaled to an LLM of ``n_layers`` layers (:func:`depth_params`)."""
     scaled = depth_params(config.method, n_layers)
     return config.replace(params={**config.params, **scaled}) if scaled else config
+
+
+def with_fits(config: CausalMMConfig, cm: Any, image: Any, prompt: str) -> CausalMMConfig:
+    """``config`` with the file its method reads fitted on the preset's model: VTI's directions, from one demo (the
+    timed image, 2 masked trials). The shift costs the same whatever the directions hold; the file is the model's
+    own, as VTI requires."""
+    if config.method != "vti" or config.param("vectors"):
+        return config
+    from causalmm.fit.store import save_fitted
+    from causalmm.fit.vti import Demo, fit_vti
+
+    root = Path(tempfile.mkdtemp(prefix="causalmm-speed-vti-"))
+    image.save(root / "demo.png")
+    demo = Demo(root / "demo.png", prompt, "A picture.", "A picture of a dog.")
+    fit = fit_vti(cm.adapter, [demo], n_demos=1, trials=2, vision=not cm.adapter.packed)
+    vectors = save_fitted(fit, root / "vti.safetensors")
+    return config.replace(params={**config.params, "vectors": str(vectors)})

@@ -134,3 +134,39 @@ def browser(tmp_path_factory):
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def vti_demos(tmp_path_factory):
+    """Three VTI demos in the official format, on textured images of the size of ``images[0]`` (48 x 40)."""
+    import json
+
+    root = tmp_path_factory.mktemp("vti_demos")
+    g = torch.Generator().manual_seed(5)
+    lines = []
+    for i in range(3):
+        arr = (torch.rand(48, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"d{i}.png")
+        lines.append({"image": f"d{i}.png", "question": "Describe this image in detail.",
+                      "value": "A cat sits on a mat.", "h_value": "A cat and a dog sit on a mat."})  # fmt: skip
+    (root / "demos.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root / "demos.jsonl"
+
+
+@pytest.fixture(scope="session")
+def vti_vectors(loaded, vti_demos, tmp_path_factory):
+    """family -> the path of VTI's directions fitted on its tiny model (2 demos, 2 trials; the tower's where it is
+    no packed sequence), fitted once per session."""
+    from causalmm.fit.store import save_fitted
+    from causalmm.fit.vti import fit_vti, read_demos
+
+    root, cache = tmp_path_factory.mktemp("vti_vectors"), {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cm = loaded(family)
+            fit = fit_vti(cm.adapter, read_demos(vti_demos), n_demos=2, trials=2, vision=not cm.adapter.packed)
+            cache[family] = str(save_fitted(fit, root / f"{family}.safetensors"))
+        return cache[family]
+
+    return get

@@ -156,7 +156,7 @@ VALUES = {
     ("vaf", "layers"): "0-2", ("memvr", "ratio"): "0.3", ("memvr", "threshold"): "0.5", ("memvr", "start"): "1",
     ("memvr", "end"): "2", ("vista", "lam"): "0.2", ("vista", "mix"): "0.5", ("vista", "logits_layers"): "0-1",
     ("ritual", "alpha"): "2.0", ("ritual", "size"): "224", ("only", "alpha_pos"): "2.0", ("only", "alpha_neg"): "0.5",
-    ("only", "layer"): "1",
+    ("only", "layer"): "1", ("vti", "alpha_text"): "0.5", ("vti", "alpha_image"): "2.0",
 }  # fmt: skip
 #: the settings a method's defaults need on the tiny LLaVA (its official layers are LLaVA-1.5-7B's 32), given beside
 #: the one under test
@@ -179,18 +179,21 @@ def cli_json(model_dirs, image_file):
 
 
 @pytest.mark.parametrize(("method", "param"), LISTED, ids=[f"{m}-{p.field}" for m, p in LISTED])
-def test_every_listed_setting_is_settable_as_the_listing_says(method, param, cli_json):
+def test_every_listed_setting_is_settable_as_the_listing_says(method, param, cli_json, vti_vectors):
     # before: --noise-step, --noise-schedule and --no-renormalize did not exist, though listed
     shared = param.field not in {p.field for p in get_method(method).own_params()}
-    value = VALUES.get((method, param.field), VALUES.get(param.field))
+    fits = {**FIT, "vti": {"vectors": vti_vectors("llava")}}  # VTI reads directions fitted on the model
+    value = fits["vti"]["vectors"] if (method, param.field) == ("vti", "vectors") else VALUES.get(
+        (method, param.field), VALUES.get(param.field)
+    )
     flags = setting_flag(param.field, shared, value).split()  # what `causalmm methods` shows for it
-    fit = [f for k, v in FIT.get(method, {}).items() if k != param.field for f in ("--param", f"{k}={v}")]
+    fit = [f for k, v in fits.get(method, {}).items() if k != param.field for f in ("--param", f"{k}={v}")]
     config = cli_json("--method", method, *flags, *fit)["config"]
     if shared:
         want = CausalMMConfig(method=method, **{param.field: _typed(param.field, value)}).to_dict()[param.field]
         got = config[param.field]
     else:
-        fitted = {k: v for k, v in FIT.get(method, {}).items() if k != param.field}
+        fitted = {k: v for k, v in fits.get(method, {}).items() if k != param.field}
         want = CausalMMConfig(method=method, params={param.field: value, **fitted}).param(param.field)
         got = config["params"][param.field]
     assert got == want and want != param.default

@@ -4,7 +4,6 @@ setting is regular decoding token for token, greedy and beams; answers do not de
 names its model, and ``causalmm fit vti`` as a user runs it."""
 
 import doctest
-import json
 import random
 
 import pytest
@@ -24,18 +23,9 @@ Q = "Is there a cat in the image? Answer yes or no."
 
 
 @pytest.fixture(scope="module")
-def demo_file(tmp_path_factory):
+def demo_file(vti_demos):
     """Three demos on textured images of the size of the test image (48 x 40), in the official format."""
-    root = tmp_path_factory.mktemp("vti_demos")
-    g = torch.Generator().manual_seed(5)
-    lines = []
-    for i in range(3):
-        arr = (torch.rand(48, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(root / f"d{i}.png")
-        lines.append({"image": f"d{i}.png", "question": "Describe this image in detail.",
-                      "value": "A cat sits on a mat.", "h_value": "A cat and a dog sit on a mat."})  # fmt: skip
-    (root / "demos.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return root / "demos.jsonl"
+    return vti_demos
 
 
 def _official_layer(x: torch.Tensor, d: torch.Tensor, lam: float) -> torch.Tensor:

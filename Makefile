@@ -43,7 +43,7 @@ browser:
 	  echo "Chromium could not be installed (apt-get failed): the browser tests will skip"; fi
 
 test: install lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The same tests on the oldest transformers pyproject.toml allows, in a venv of its own (about 2 minutes to build).
 $(OLDEST_VENV)/.installed: pyproject.toml

@@ -28,6 +28,9 @@ MITIGV_PEERS: dict[str, dict[str, float]] = {
     # keeps the norm-preserving gated form on the MLP outputs and mixes the late layers' logits in (mix 0.3), so
     # ours does more work per token than the peer
     "vista": {"steer_strength": 0.01},
+    # mitigv's ONLY (algorithms/only.py) runs a second full forward per step with the chosen heads zeroed; ours
+    # recomputes layer 0's attention for the newest query on the side and takes it through the last layer's MLP
+    "only": {"alpha1": 3.0, "alpha2": 1.0, "gamma": 0.2},
 }
 
 #: forward calls a mitigv call makes before it generates, whatever its length: VISTA's two probe prefills (the

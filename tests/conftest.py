@@ -170,3 +170,11 @@ def vti_vectors(loaded, vti_demos, tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_matcher(tmp_path_factory):
+    """The folder of a tiny random-weight BLIP image-text matching model and its processor (AGLA's matcher)."""
+    from causalmm.tiny.blip import build_tiny_matcher
+
+    return str(build_tiny_matcher(tmp_path_factory.mktemp("tiny_matcher")))

@@ -106,15 +106,16 @@ def _methods():
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_every_method_beams_with_its_branches(family, loaded, images, vti_vectors):
+def test_every_method_beams_with_its_branches(family, loaded, images, vti_vectors, tiny_matcher):
     """Each method decodes with beams; its answers differ from regular beams somewhere (the rule acts), and a
     prompt's answer does not depend on the others in its batch."""
     cm = loaded(family)
     opts = {"max_new_tokens": 6, "num_beams": 3}
     regular = [r.token_ids for r in cm.generate(images[:2], Q, **opts)]
     vti = {"vectors": vti_vectors(family), "alpha_text": 5.0, "alpha_image": 0.0 if cm.adapter.packed else 5.0}
+    files = {"vti": {"params": vti}, "agla": {"params": {"matcher": tiny_matcher, "alpha": 3.0}}}
     for name in _methods():
-        cfg = CausalMMConfig(method=name, **(STRONG.get(name, {}) if name != "vti" else {"params": vti}))
+        cfg = CausalMMConfig(method=name, **files.get(name, STRONG.get(name, {})))
         m = cm.with_config(cfg)
         both = m.generate(images[:2], Q, seeds=[1, 2], **opts)
         alone = m.generate([images[1]], [Q[1]], seeds=[2], **opts)

@@ -156,7 +156,8 @@ VALUES = {
     ("vaf", "layers"): "0-2", ("memvr", "ratio"): "0.3", ("memvr", "threshold"): "0.5", ("memvr", "start"): "1",
     ("memvr", "end"): "2", ("vista", "lam"): "0.2", ("vista", "mix"): "0.5", ("vista", "logits_layers"): "0-1",
     ("ritual", "alpha"): "2.0", ("ritual", "size"): "224", ("only", "alpha_pos"): "2.0", ("only", "alpha_neg"): "0.5",
-    ("only", "layer"): "1", ("vti", "alpha_text"): "0.5", ("vti", "alpha_image"): "2.0",
+    ("only", "layer"): "1", ("vti", "alpha_text"): "0.5", ("vti", "alpha_image"): "2.0", ("agla", "alpha"): "1.0",
+    ("agla", "gradcam_layer"): "5",
 }  # fmt: skip
 #: the settings a method's defaults need on the tiny LLaVA (its official layers are LLaVA-1.5-7B's 32), given beside
 #: the one under test
@@ -179,13 +180,13 @@ def cli_json(model_dirs, image_file):
 
 
 @pytest.mark.parametrize(("method", "param"), LISTED, ids=[f"{m}-{p.field}" for m, p in LISTED])
-def test_every_listed_setting_is_settable_as_the_listing_says(method, param, cli_json, vti_vectors):
+def test_every_listed_setting_is_settable_as_the_listing_says(method, param, cli_json, vti_vectors, tiny_matcher):
     # before: --noise-step, --noise-schedule and --no-renormalize did not exist, though listed
     shared = param.field not in {p.field for p in get_method(method).own_params()}
-    fits = {**FIT, "vti": {"vectors": vti_vectors("llava")}}  # VTI reads directions fitted on the model
-    value = fits["vti"]["vectors"] if (method, param.field) == ("vti", "vectors") else VALUES.get(
-        (method, param.field), VALUES.get(param.field)
-    )
+    # VTI reads directions fitted on the model, AGLA a matcher model: the tiny ones stand in
+    fits = {**FIT, "vti": {"vectors": vti_vectors("llava")}, "agla": {"matcher": tiny_matcher}}
+    files = {("vti", "vectors"): fits["vti"]["vectors"], ("agla", "matcher"): tiny_matcher}
+    value = files.get((method, param.field), VALUES.get((method, param.field), VALUES.get(param.field)))
     flags = setting_flag(param.field, shared, value).split()  # what `causalmm methods` shows for it
     fit = [f for k, v in fits.get(method, {}).items() if k != param.field for f in ("--param", f"{k}={v}")]
     config = cli_json("--method", method, *flags, *fit)["config"]

@@ -110,6 +110,7 @@ class MethodNeeds:
                 )
         elif isinstance(self.edit, Directions):
             self.shift = self._directions(self.edit)
+        method.prepare(config, adapter.device)
         self.prune = method.prune_at(config) if any(b.prune for b in branches) else None
         if self.prune is not None and not 0 <= self.prune[0] < n - 1:
             raise ConfigError(
@@ -238,8 +239,8 @@ class MethodNeeds:
                 continue
             branch = next(b for b in self.branches if b.prompt == kind)
             if branch.transform:
-                made = [self.method.branch_image(branch, im, s, self.config)
-                        for im, s in zip(images, seeds, strict=True)]
+                made = [self.method.branch_image(branch, im, s, self.config, p, self.adapter.device)
+                        for im, s, p in zip(images, seeds, prompts, strict=True)]
                 out[kind] = [self.adapter.encode(im, p) for im, p in zip(made, prompts, strict=True)]
             else:
                 texts = [self.method.branch_prompt(branch, p, self.config) for p in prompts]

@@ -7,7 +7,7 @@ Adding a branch-style method is one new file here (a :class:`Method` subclass de
 # each import registers its method, in the order `causalmm methods` lists them: the headline methods first,
 # then the baselines (branch methods, then single-pass edits, then layer-contrast methods, then searches)
 from . import regular, causalmm, vcd  # noqa: E402, F401, I001
-from . import icd, m3id, pai, avisc, sid, ritual  # noqa: E402, F401, I001
+from . import icd, m3id, pai, avisc, sid, ritual, agla  # noqa: E402, F401, I001
 from . import vista, vti, vaf, memvr, only  # noqa: E402, F401, I001
 from . import dola, deco  # noqa: E402, F401, I001
 from . import opera  # noqa: E402, F401, I001
@@ -16,8 +16,8 @@ from .registry import METHODS, get_method, method_names, register
 
 # an import above can register another's method first (causalmm's imports the engine, whose OPERA search imports
 # opera's): put them in the order of the imports, the order `causalmm methods` and the docs list them
-for _name in ("regular", "causalmm", "vcd", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vti", "vaf",
-              "memvr", "only", "dola", "deco", "opera"):  # fmt: skip
+for _name in ("regular", "causalmm", "vcd", "icd", "m3id", "pai", "avisc", "sid", "ritual", "agla", "vista", "vti",
+              "vaf", "memvr", "only", "dola", "deco", "opera"):  # fmt: skip
     METHODS[_name] = METHODS.pop(_name)
 
 __all__ = [

@@ -226,6 +226,8 @@ class Method:
             (DeCo) or not (DoLa).
         search: the engine runs this method's own search instead of choosing a token per step by the rule
             (``"opera"``: :mod:`causalmm.decoding.opera`); ``None`` for a rule.
+        random_transform: a ``transform`` branch's image depends on the sample's seed (RITUAL's random transform;
+            AGLA's local image does not).
     """
 
     name: ClassVar[str]
@@ -235,6 +237,7 @@ class Method:
     plausible_only: ClassVar[bool] = False
     exit_norm: ClassVar[bool] = False
     search: ClassVar[str | None] = None
+    random_transform: ClassVar[bool] = True
 
     def branches(self, config: Settings) -> tuple[Branch, ...]:
         """The counterfactual branches run beside the factual one (none: plain decoding)."""
@@ -265,10 +268,17 @@ class Method:
         (ONLY's second logits); none: the factual rows are the model's own run."""
         return None
 
-    def branch_image(self, branch: Branch, image: Any, seed: int, config: Settings) -> Any:
-        """For a ``transform`` branch: the PIL image its rows see, made from the sample's ``image`` with the sample's
-        ``seed``."""
+    def branch_image(
+        self, branch: Branch, image: Any, seed: int, config: Settings, prompt: str, device: Any = "cpu"
+    ) -> Any:
+        """For a ``transform`` branch: the PIL image its rows see, made from the sample's ``image`` (and its
+        ``prompt``: AGLA's local image keeps what the prompt is about) with the sample's ``seed``; ``device``: the
+        model's, where a helper model runs (AGLA's matcher)."""
         raise NotImplementedError(f"{self.name}: a transform branch needs branch_image")
+
+    def prepare(self, config: Settings, device: Any) -> None:
+        """Load what the method needs beside the model (AGLA's matcher) before any work, so that a missing part is
+        refused when the engine is built; nothing by default."""
 
     def branch_prompt(self, branch: Branch, prompt: str, config: Settings) -> tuple[str, str | None]:
         """The prompt and system message (``None``: the template's own) of ``branch``'s rows for the sample prompt

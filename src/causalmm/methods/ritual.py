@@ -14,7 +14,7 @@ there. ``alpha`` 0 returns the factual logits whole (no cut), so that it is regu
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -65,7 +65,9 @@ class RITUAL(Method):
     def branches(self, config: Settings) -> tuple[Branch, ...]:
         return (TRANSFORMED,)
 
-    def branch_image(self, branch: Branch, image: Image.Image, seed: int, config: Settings) -> Image.Image:
+    def branch_image(
+        self, branch: Branch, image: Image.Image, seed: int, config: Settings, prompt: str, device: Any = "cpu"
+    ) -> Image.Image:
         g = streams.generator("cpu", seed, streams.TRANSFORM)
         return random_transform(image, g, size=config.param("size"))[1]
 

@@ -162,8 +162,9 @@ def seeded(settings: dict[str, Any]) -> bool:
     shuffled attention):
     the demo runs those over every seed and the others once, since more seeds would repeat the same answers."""
     config = CausalMMConfig(**split(settings)[0])
-    for branch in get_method(config.method).branches(config):
-        if branch.noise or branch.transform:
+    method = get_method(config.method)
+    for branch in method.branches(config):
+        if branch.noise or (branch.transform and method.random_transform):
             return True
         if branch.vision and config.vision_cf in _RANDOM_MAPS:
             return True

@@ -57,6 +57,7 @@ CONFIGS: list[tuple[str, str, CausalMMConfig]] = [
     # head), so the read triggers: in every forward of 8-layer tiny-shaped models, in one of four of a 4-layer one.
     # The script prints in how many forwards it did (none where the LLM has 2 layers: see depth_params).
     ("ritual", "engine", CausalMMConfig(method="ritual")),
+    ("agla", "engine", CausalMMConfig(method="agla")),  # a tiny random BLIP matcher: with_fits
     ("vista", "engine", CausalMMConfig(method="vista")),
     ("vti", "engine", CausalMMConfig(method="vti")),  # its directions fitted on the preset's model: with_fits
     ("vaf", "engine", CausalMMConfig(method="vaf")),
@@ -77,7 +78,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "regular greedy", "regular beams 5", "causalmm language K=1 beams 5", "causalmm multimodal K=1 beams 5",
         "vcd beams 5", "opera", "opera fast",
     ),
-    "methods2": ("regular greedy", "ritual", "vista", "vti", "vaf", "memvr", "only"),
+    "methods2": ("regular greedy", "ritual", "agla", "vista", "vti", "vaf", "memvr", "only"),
 }  # fmt: skip
 
 #: generation options of the rows that decode by beam search (OPERA takes its own 5)
@@ -136,9 +137,18 @@ def at_depth(config: CausalMMConfig, n_layers: int) -> CausalMMConfig:
 
 
 def with_fits(config: CausalMMConfig, cm: Any, image: Any, prompt: str) -> CausalMMConfig:
-    """``config`` with the file its method reads fitted on the preset's model: VTI's directions, from one demo (the
-    timed image, 2 masked trials). The shift costs the same whatever the directions hold; the file is the model's
-    own, as VTI requires."""
+    """``config`` with what its method reads beside the model: VTI's directions fitted on the preset's model, from
+    one demo (the timed image, 2 masked trials; the shift costs the same whatever they hold, and the file is the
+    model's own, as VTI requires); AGLA's matcher, a tiny random BLIP ITM model with the official 384-pixel input
+    (no hub here: BLIP-large's own cost would add to the prefill, not to the per-token figure)."""
+    if config.method == "agla":
+        from causalmm.matcher import DEFAULT_MATCHER
+        from causalmm.tiny.blip import build_tiny_matcher
+
+        if config.param("matcher") != DEFAULT_MATCHER:
+            return config
+        matcher = build_tiny_matcher(tempfile.mkdtemp(prefix="causalmm-speed-agla-"), image_size=384)
+        return config.replace(params={**config.params, "matcher": str(matcher)})
     if config.method != "vti" or config.param("vectors"):
         return config
     from causalmm.fit.store import save_fitted

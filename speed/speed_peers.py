@@ -31,11 +31,15 @@ MITIGV_PEERS: dict[str, dict[str, float]] = {
     # mitigv's ONLY (algorithms/only.py) runs a second full forward per step with the chosen heads zeroed; ours
     # recomputes layer 0's attention for the newest query on the side and takes it through the last layer's MLP
     "only": {"alpha1": 3.0, "alpha2": 1.0, "gamma": 0.2},
+    # mitigv's AGLA (algorithms/agla.py) has no matcher model: one eager probe forward gives the last prompt token's
+    # attention on the image, and a square around its centroid is cropped; ours runs BLIP ITM's GradCAM (here the
+    # tiny random matcher the speed script builds: its cost is in the prefill, not in the per-token figure)
+    "agla": {"alpha": 2.0, "crop_ratio": 0.5},
 }
 
 #: forward calls a mitigv call makes before it generates, whatever its length: VISTA's two probe prefills (the
-#: prompt with its image and without) that give its steering vectors
-MITIGV_PROBES: dict[str, int] = {"vista": 2}
+#: prompt with its image and without) that give its steering vectors, AGLA's eager probe for its saliency
+MITIGV_PROBES: dict[str, int] = {"vista": 2, "agla": 1}
 
 
 def mitigv_peer(cm: CausalMM, method: str) -> Any | None:

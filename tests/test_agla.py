@@ -159,3 +159,44 @@ def test_refusals_and_the_command_line(loaded, tiny_matcher, tmp_path, model_dir
     proc = causalmm_cli("generate", "--model", model_dirs["llava"], "--image", image_file, "--prompt", Q,
                         "--method", "agla", check=False)  # fmt: skip
     assert proc.returncode == 2 and "cannot load the matcher" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_matcher_self_reads_the_models_own_attention(loaded, images, any_family):
+    """``matcher=self``: the map is the last prompt token's attention on the image tokens (mean over heads and
+    layers, the model's own recorded attentions) on their square grid; a family whose image tokens form no square
+    grid is refused; a setting of the other matcher is refused."""
+    from causalmm.errors import UnsupportedModelError
+    from causalmm.matcher import SIDE, self_saliency
+
+    cm = loaded("llava")  # eager underneath: the model records its attentions
+    enc = cm.adapter.encode(images[0], Q)
+    with torch.no_grad():
+        att = cm.model(**enc, output_attentions=True).attentions
+    cols = torch.isin(enc["input_ids"][0], cm.adapter.image_token_ids)
+    want = torch.stack([a[0, :, -1][:, cols].float().mean(0) for a in att]).mean(0)
+    got = self_saliency(cm.adapter, images[0], Q)
+    n = int(cols.sum())
+    assert got.shape == (math.isqrt(n), math.isqrt(n)) and torch.allclose(got.flatten(), want, atol=1e-6)
+    cfg = CausalMMConfig(method="agla", params={"matcher": "self", "keep": 0.5})
+    res = cm.with_config(cfg).generate(images[0], Q, max_new_tokens=2, return_branch_logits=True)
+    local = local_image(images[0], keep_mask(att_map(got, SIDE), 0.5))
+    assert (np.asarray(local).sum(-1) > 0).mean() == pytest.approx(0.5, abs=0.01)
+    enc_local = cm.adapter.encode(local, Q)
+    with torch.no_grad():
+        stock = cm.model(**enc_local).logits[0, -1].float()
+    assert torch.allclose(res.branch_logits["local"][0], stock, atol=1e-4)
+    with pytest.raises(ConfigError, match="keep is matcher=self's setting and does not apply"):
+        cm.with_config(CausalMMConfig(method="agla", params={"matcher": "some/blip-folder", "keep": 0.5}))
+    with pytest.raises(ConfigError, match="gradcam_layer is the BLIP matcher's setting"):
+        cm.with_config(CausalMMConfig(method="agla", params={"matcher": "self", "gradcam_layer": 3}))
+    for family in ALL_FAMILIES:  # the first family whose image tokens are no square grid is refused
+        other = any_family(family)
+        count = int(torch.isin(other.adapter.encode(images[1], Q)["input_ids"][0], other.adapter.image_token_ids).sum())
+        if math.isqrt(count) ** 2 != count:
+            with pytest.raises(UnsupportedModelError, match="as one square grid"):
+                other.with_config(CausalMMConfig(method="agla", params={"matcher": "self"})).generate(
+                    images[1], Q, max_new_tokens=1
+                )
+            break
+    else:
+        pytest.fail("every tiny family gives a square number of image tokens")

@@ -17,6 +17,11 @@ for COCO retrieval, here through ``transformers``' ``BlipForImageTextRetrieval``
    projected features: the better the prompt matches the whole image, the less of it is kept.
 4. **The local image**: the image resized to 384 x 384, every pixel whose map value is below the
    ``int(384 * 384 * ratio)``-th largest set to black.
+
+``matcher=self`` (:func:`self_saliency`) reads the map from the vision-language model itself, where no BLIP matcher
+fits the images (the toy worlds): one probe prefill of the prompt, the last prompt token's attention on each image
+token averaged over heads and layers (as mitigv's AGLA reads it), on the image tokens' square grid (LLaVA's); steps
+2 and 4 as above, and a fixed keep ratio in place of step 3 (there is no ITC score).
 """
 
 from __future__ import annotations
@@ -31,10 +36,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
+from .sites import Intervention, intervene
+from .sites.edits import Watch
 
-__all__ = ["ITMMatcher", "att_map", "gaussian_blur", "keep_mask", "load_matcher", "local_image", "pre_caption"]
+__all__ = [
+    "ITMMatcher", "att_map", "gaussian_blur", "keep_mask", "load_matcher", "local_image", "pre_caption",
+    "self_saliency",
+]  # fmt: skip
 
+#: the input side of the official matcher, where the local image is made
+SIDE = 384
 #: the official matcher: LAVIS ``blip_image_text_matching`` "large" (COCO retrieval), as transformers ships it
 DEFAULT_MATCHER = "Salesforce/blip-itm-large-coco"
 
@@ -53,39 +65,33 @@ def pre_caption(text: str, max_words: int = 50) -> str:
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """``x`` ``(height, width)`` filtered by a Gaussian of ``sigma`` pixels, as ``scipy.ndimage.gaussian_filter``
-    does it (separable, the kernel cut at 4 sigma, the border mirrored with the edge pixel repeated: ``reflect``)."""
+    does it (separable, the kernel cut at 4 sigma, the border mirrored with the edge pixel repeated: ``reflect``),
+    as two matrix products with the filter's matrix along each side."""
+    rows = _blur_matrix(x.shape[0], sigma).to(x.dtype)
+    cols = _blur_matrix(x.shape[1], sigma).to(x.dtype)
+    return rows @ x @ cols.T
+
+
+@functools.lru_cache(maxsize=8)
+def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """The ``(n, n)`` matrix of the 1-D filter: row ``i`` holds the kernel's weights at the positions it reads,
+    mirrored at the borders (``d c b a | a b c d``) however far the kernel reaches."""
     radius = int(4.0 * sigma + 0.5)
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    out = x[None, None]
-    for dim in (3, 2):  # width, then height
-        pad = [radius, radius, 0, 0] if dim == 3 else [0, 0, radius, radius]
-        out = _reflect_pad(out, pad)
-        weight = k.view(1, 1, 1, -1) if dim == 3 else k.view(1, 1, -1, 1)
-        out = torch.nn.functional.conv2d(out, weight)
-    return out[0, 0]
-
-
-def _reflect_pad(x: torch.Tensor, pad: list[int]) -> torch.Tensor:
-    """``x`` padded by mirroring with the edge repeated (``d c b a | a b c d``), however wide the pad."""
-    left, right, top, bottom = pad
-    for dim, before, after in ((3, left, right), (2, top, bottom)):
-        if not before and not after:
-            continue
-        n = x.shape[dim]
-        idx = torch.arange(-before, n + after)
-        period = 2 * n
-        idx = torch.remainder(idx, period)
-        idx = torch.where(idx >= n, period - 1 - idx, idx)
-        x = x.index_select(dim, idx)
-    return x
+    k = k / k.sum()
+    pos = torch.arange(n)[:, None] + torch.arange(-radius, radius + 1)[None, :]  # (n, taps)
+    pos = torch.remainder(pos, 2 * n)
+    pos = torch.where(pos >= n, 2 * n - 1 - pos, pos)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    out.scatter_add_(1, pos, k.expand(n, -1).contiguous())
+    return out
 
 
 def att_map(cam: torch.Tensor, size: int) -> torch.Tensor:
     """LAVIS's ``getAttMap`` with ``blur=True``: ``cam`` (a patch grid) normalised to [0, 1], resized to ``size`` x
-    ``size``, blurred with sigma ``0.02 * size``, normalised again."""
-    m = cam.double()
+    ``size``, blurred with sigma ``0.02 * size``, normalised again (float32)."""
+    m = cam.float()
     m = m - m.min()
     if m.max() > 0:
         m = m / m.max()
@@ -163,7 +169,7 @@ class ITMMatcher:
     def local(self, image: Image.Image, text: str) -> Image.Image:
         """AGLA's local image of ``image`` for ``text`` (the module's steps 1-4)."""
         cam, itc = self.saliency(image, text)
-        ratio = min(1.0 - itc / 2.0, 1.0 - 1e-5)
+        ratio = min(1.0 - itc / 2.0, 1.0 - 1e-5)  # the official keep ratio
         if not math.isfinite(ratio):
             raise ConfigError("agla: the matcher's ITC score is not finite; check the matcher's weights")
         return local_image(image, keep_mask(att_map(cam, self.size), ratio))
@@ -188,3 +194,33 @@ def load_matcher(path: str, layer: int, device: str) -> ITMMatcher:
             f"a BlipForImageTextRetrieval folder ({DEFAULT_MATCHER}, downloaded where the hub cannot be reached)"
         ) from None
     return ITMMatcher(model.to(device), processor, layer)
+
+
+@torch.no_grad()
+def self_saliency(adapter: Any, image: Image.Image, prompt: str) -> torch.Tensor:
+    """The vision-language model's own map of where ``prompt`` looks in ``image``: one probe prefill, the last
+    prompt token's attention on each image token (mean over heads, then over layers), on the image tokens' square
+    grid ``(grid, grid)``.
+
+    Raises:
+        UnsupportedModelError: the image tokens do not form one square grid (LLaVA's do; tiled, cropped or
+            dynamic-resolution families' do not): use a BLIP matcher there.
+    """
+    enc = adapter.encode(image, prompt)
+    ids = enc["input_ids"][0]
+    image_cols = torch.isin(ids, adapter.image_token_ids.to(ids.device))
+    n = int(image_cols.sum())
+    grid = math.isqrt(n)
+    if n == 0 or grid * grid != n:
+        raise UnsupportedModelError(
+            f"agla: matcher=self maps the image tokens back onto the image as one square grid, and "
+            f"{type(adapter.model).__name__} gives {n} image tokens; use a BLIP matcher (--param matcher=DIR)"
+        )
+    watch = Watch([0])
+    inputs = {k: v.to(adapter.device) for k, v in enc.items() if k != "labels"}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(adapter.dtype)
+    with intervene(Intervention(watch=watch)):
+        adapter.model(**inputs)
+    maps = torch.stack([seen[0].float().cpu()[image_cols.cpu()] for seen in watch.seen.values()])
+    return maps.mean(0).reshape(grid, grid)

@@ -239,7 +239,7 @@ class MethodNeeds:
                 continue
             branch = next(b for b in self.branches if b.prompt == kind)
             if branch.transform:
-                made = [self.method.branch_image(branch, im, s, self.config, p, self.adapter.device)
+                made = [self.method.branch_image(branch, im, s, self.config, p, self.adapter)
                         for im, s, p in zip(images, seeds, prompts, strict=True)]
                 out[kind] = [self.adapter.encode(im, p) for im, p in zip(made, prompts, strict=True)]
             else:

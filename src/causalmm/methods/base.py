@@ -269,11 +269,11 @@ class Method:
         return None
 
     def branch_image(
-        self, branch: Branch, image: Any, seed: int, config: Settings, prompt: str, device: Any = "cpu"
+        self, branch: Branch, image: Any, seed: int, config: Settings, prompt: str, adapter: Any = None
     ) -> Any:
         """For a ``transform`` branch: the PIL image its rows see, made from the sample's ``image`` (and its
-        ``prompt``: AGLA's local image keeps what the prompt is about) with the sample's ``seed``; ``device``: the
-        model's, where a helper model runs (AGLA's matcher)."""
+        ``prompt``: AGLA's local image keeps what the prompt is about) with the sample's ``seed``; ``adapter``: the
+        model's, for a method that reads the model or runs a helper on its device (AGLA's matcher)."""
         raise NotImplementedError(f"{self.name}: a transform branch needs branch_image")
 
     def prepare(self, config: Settings, device: Any) -> None:

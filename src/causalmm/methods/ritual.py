@@ -66,7 +66,7 @@ class RITUAL(Method):
         return (TRANSFORMED,)
 
     def branch_image(
-        self, branch: Branch, image: Image.Image, seed: int, config: Settings, prompt: str, device: Any = "cpu"
+        self, branch: Branch, image: Image.Image, seed: int, config: Settings, prompt: str, adapter: Any = None
     ) -> Image.Image:
         g = streams.generator("cpu", seed, streams.TRANSFORM)
         return random_transform(image, g, size=config.param("size"))[1]

@@ -25,10 +25,10 @@ BEAMS = 5
 METHODS: tuple[str, ...] = ("regular", "vcd", "causalmm/vision", "causalmm/language", "causalmm/multimodal")
 
 #: the full leaderboard (``causalmm demo --all``): the headline methods, the original release's feature gate and
-#: every baseline of the registry but AGLA (its matcher, BLIP ITM, has no weights for these images)
+#: every baseline of the registry (AGLA with the model's own attention as its matcher: no BLIP weights fit these images)
 LEADERBOARD: tuple[str, ...] = (
-    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "ritual", "vista", "vti", "vaf", "memvr",
-    "only", "dola", "deco",
+    *METHODS, "causalmm/gate", "icd", "m3id", "pai", "avisc", "sid", "ritual", "agla", "vista", "vti", "vaf",
+    "memvr", "only", "dola", "deco",
     "regular/beams", "causalmm/language/beams", "opera",
 )  # fmt: skip
 
@@ -43,6 +43,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     **{name: {"method": name} for name in ("icd", "m3id", "pai", "avisc")},
     "sid": {"method": "sid", "params": {"keep": 4}},  # 100 of 576 image tokens in LLaVA-1.5; 16 here
     "ritual": {"method": "ritual", "params": {"size": 48}},  # the crop to the model's input side (LLaVA-1.5: 336)
+    "agla": {"method": "agla", "params": {"matcher": "self"}},  # no BLIP matcher knows these images
     # the single-pass edits' official layers are LLaVA-1.5's 32, scaled to the shipped models' 4: VISTA's late
     # layers below the last (25-30 of 32), VAF's middle (9-14 of 32), MemVR's window (5 < l < 16 of 32)
     "vista": {"method": "vista", "params": {"logits_layers": "1-2"}},
@@ -83,7 +84,8 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
 
     CausalMM and VCD sweep the layers intervened, gamma and epsilon, as the paper's ablations do; each baseline
     sweeps the knobs its paper reports (ICD/AvisC/SID alpha, M3ID's forgetting rate and gate, PAI's alpha,
-    gamma and whether the prefill is edited, SID's kept tokens, RITUAL's alpha, VISTA's strength and mix, VTI's
+    gamma and whether the prefill is edited, SID's kept tokens, RITUAL's alpha, AGLA's alpha, cut and share kept
+    (with the model's own attention as its matcher), VISTA's strength and mix, VTI's
     strengths (its directions fitted beside the model: ``causalmm toyworld fit-vti``), VAF's
     factors and layers, MemVR's ratio and threshold, ONLY's gamma and beta, DoLa's candidate layers, DeCo's alpha
     and layers) around its official default, which every grid contains.
@@ -112,6 +114,12 @@ def grid(n_vision_layers: int, n_text_layers: int) -> dict[str, list[dict[str, A
     out["avisc"] = _product({"method": "avisc"}, gamma=GAMMAS, params_lamb=(0.5, 1.0))
     out["sid"] = _product({"method": "sid"}, gamma=(0.5, 1.0, 2.0), params_keep=(2, 4, 8))
     out["ritual"] = _product({"method": "ritual"}, params_alpha=(1.0, 3.0, 5.0), params_size=(48,), epsilon=EPSILONS)
+    # AGLA with the model's own attention as its matcher: alpha around the official 2, the cut's official 0.5 and
+    # 0.1, the share kept around what the ITC rule keeps
+    out["agla"] = _product(
+        {"method": "agla"}, params_matcher=("self",), params_alpha=(1.0, 2.0, 3.0), params_keep=(0.5, 0.75),
+        epsilon=(0.1, 0.5),
+    )  # fmt: skip
     # the single-pass edits, their official layers scaled to the model's depth (see DEFAULTS) and their strengths
     # around the official values: VISTA's lam (POPE 0.01, MMHal 0.1, CHAIR 0.17) and mix, VAF's factors, MemVR's
     # ratio (MME 0.12, CHAIR 0.31) and threshold

@@ -380,3 +380,17 @@ def test_readme_figure_example_on_the_shipped_model(tmp_path, causalmm_cli):
                         "--language-layers", "all", "--gamma", "4", "--epsilon", "0.01", "--json")  # fmt: skip
     step = json.loads(proc.stdout)["steps"][0]
     assert step["top"]["factual"][0]["text"] == "yes" and step["token"] == "no" and step["flipped"]
+
+
+def test_demo_cli_runs_chosen_rows_and_refuses_bad_choices(tmp_path, causalmm_cli, smoke_model):
+    out = tmp_path / "rows"
+    causalmm_cli("demo", "--model", smoke_model, "--images", "1", "--seeds", "0", "--methods", "agla,vti", "--out", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["rates"]) == ["regular", "agla", "vti"]  # regular first: the reference of every row
+    for args, message in (
+        (["--methods", "agla", "--all"], "--methods and --all both choose the rows"),
+        (["--methods", ","], "--methods is empty"),
+        (["--methods", "nope"], "unknown toy-world method(s) nope"),
+    ):
+        proc = causalmm_cli("demo", "--model", smoke_model, "--out", tmp_path / "x", *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

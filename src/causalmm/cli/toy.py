@@ -27,6 +27,9 @@ def demo(
     all_methods: Annotated[
         bool, typer.Option("--all", help="The full leaderboard: every baseline and the original feature gate too.")
     ] = False,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated leaderboard rows (regular is always run); not with --all.")
+    ] = None,
 ) -> None:
     """Show what CausalMM does on the embedded toy-world model: prior-induced hallucination, before and after.
 
@@ -45,11 +48,16 @@ def demo(
         fail(f"--seeds {seeds!r} repeats a seed: give distinct seeds (a repeat would count its answers twice)")
     within("--images", images, 1, MAX_IMAGES)
     within("--batch-size", batch_size, 1, MAX_BATCH)
+    if methods is not None and all_methods:
+        fail("--methods and --all both choose the rows: give one of them")
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
+    if names is not None and not names:
+        fail("--methods is empty: give leaderboard rows, e.g. --methods vcd,agla")
     command = shlex.join(["causalmm", *sys.argv[1:]])
     try:
         result = run_demo(
             model, out=out, n_images=images, seeds=seed_list, batch_size=batch_size,
-            methods=LEADERBOARD if all_methods else METHODS, command=command, world=world,
+            methods=names or (LEADERBOARD if all_methods else METHODS), command=command, world=world,
         )  # fmt: skip
     except (FileNotFoundError, *user_errors()) as err:
         fail(str(err))

@@ -215,8 +215,8 @@ def test_demo_cli_all_runs_the_leaderboard(tmp_path, causalmm_cli, smoke_model):
         assert name in proc.stdout
     # deterministic methods (no noise, no random attention) run once; VCD and the random-attention gate twice
     once = {m for m, seeds in metrics["seeds_run"].items() if seeds == [0]}
-    assert once == {"regular", "icd", "m3id", "pai", "avisc", "sid", "vista", "vti", "vaf", "memvr", "only", "dola",
-                    "deco", "regular/beams", "opera"}  # fmt: skip
+    assert once == {"regular", "icd", "m3id", "pai", "avisc", "sid", "agla", "vista", "vti", "vaf", "memvr", "only",
+                    "dola", "deco", "regular/beams", "opera"}  # fmt: skip
     assert metrics["seeds_run"]["ritual"] == [0, 1]  # a random transform per seed
     assert metrics["seeds_run"]["causalmm/language/beams"] == [0, 1]  # random attention, with beams
     assert metrics["seeds_run"]["causalmm/gate"] == [0, 1]
@@ -259,6 +259,7 @@ def test_leaderboard_grid_holds_every_default_and_only_valid_settings():
             assert default in configs, method
     assert seeded({"method": "vcd"}) and seeded({"method": "causalmm", "mode": "language"})
     assert seeded({"method": "ritual"})  # its random transform is drawn from the counterfactual seed
+    assert not seeded({"method": "agla", "params": {"matcher": "self"}})  # its local image is the sample's alone
     assert not seeded({"method": "causalmm", "mode": "language", "language_cf": "uniform"})
     assert not seeded({"method": "icd"}) and not seeded({"method": "regular"})
 

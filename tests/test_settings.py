@@ -157,7 +157,7 @@ VALUES = {
     ("memvr", "end"): "2", ("vista", "lam"): "0.2", ("vista", "mix"): "0.5", ("vista", "logits_layers"): "0-1",
     ("ritual", "alpha"): "2.0", ("ritual", "size"): "224", ("only", "alpha_pos"): "2.0", ("only", "alpha_neg"): "0.5",
     ("only", "layer"): "1", ("vti", "alpha_text"): "0.5", ("vti", "alpha_image"): "2.0", ("agla", "alpha"): "1.0",
-    ("agla", "gradcam_layer"): "5",
+    ("agla", "gradcam_layer"): "5", ("agla", "keep"): "0.5",
 }  # fmt: skip
 #: the settings a method's defaults need on the tiny LLaVA (its official layers are LLaVA-1.5-7B's 32), given beside
 #: the one under test
@@ -184,7 +184,8 @@ def test_every_listed_setting_is_settable_as_the_listing_says(method, param, cli
     # before: --noise-step, --noise-schedule and --no-renormalize did not exist, though listed
     shared = param.field not in {p.field for p in get_method(method).own_params()}
     # VTI reads directions fitted on the model, AGLA a matcher model: the tiny ones stand in
-    fits = {**FIT, "vti": {"vectors": vti_vectors("llava")}, "agla": {"matcher": tiny_matcher}}
+    agla = {"matcher": "self"} if param.field == "keep" else {"matcher": tiny_matcher}  # keep: matcher=self's
+    fits = {**FIT, "vti": {"vectors": vti_vectors("llava")}, "agla": agla}
     files = {("vti", "vectors"): fits["vti"]["vectors"], ("agla", "matcher"): tiny_matcher}
     value = files.get((method, param.field), VALUES.get((method, param.field), VALUES.get(param.field)))
     flags = setting_flag(param.field, shared, value).split()  # what `causalmm methods` shows for it

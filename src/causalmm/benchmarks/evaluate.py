@@ -21,15 +21,35 @@ from .runner import IMAGE_SEEDS, finalize, limit_samples, run_samples
 __all__ = [
     "RunPlan",
     "RunSpec",
+    "Subset",
     "check_folder",
     "check_prompts",
     "evaluate",
+    "load_model",
     "load_run_samples",
     "plan_run",
     "preflight",
+    "processes",
     "sample_image",
     "verify_images",
 ]
+
+
+@dataclass(frozen=True)
+class Subset:
+    """The part of a benchmark's data a run answers: the samples about these images (content digests), such as
+    the dev or the test split of a tune (:mod:`causalmm.tuning`). ``name`` says which part, in ``run.json``."""
+
+    name: str
+    images: frozenset[str]
+
+    def describe(self) -> dict[str, Any]:
+        """What ``run.json`` records: the part's name, its size and a digest of its images."""
+        return {
+            "name": self.name,
+            "n_images": len(self.images),
+            "images_digest": file_digest("\n".join(sorted(self.images)).encode()),
+        }
 
 
 @dataclass
@@ -46,6 +66,7 @@ class RunSpec:
         seeds: run seeds; each sample's seeds derive from them (:mod:`causalmm.seeds`).
         limit: only the first ``limit`` samples (whole MME image pairs).
         options: the benchmark's own options (``parse``, ``suffix``, ``annotations``, ...).
+        subset: only the samples about these images (a tune's dev or test split); ``None``: all.
     """
 
     benchmark: str
@@ -57,6 +78,7 @@ class RunSpec:
     seeds: Sequence[int] = (0,)
     limit: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    subset: Subset | None = None
 
 
 @dataclass
@@ -175,6 +197,14 @@ def plan_run(spec: RunSpec) -> RunPlan:
     data, images = spec.data, spec.images
     samples = load_run_samples(bench, data, images, spec.limit)
     digests = verify_images(samples)
+    if spec.subset is not None:
+        samples = [s for s in samples if digests[s.id] in spec.subset.images]
+        if not samples:
+            raise BenchmarkError(
+                f"{data}: no sample is about an image of the {spec.subset.name} split; pass the data file the split "
+                "was drawn from"
+            )
+        digests = {s.id: digests[s.id] for s in samples}
     info = {
         "benchmark": bench.name,
         "options": bench.describe(),
@@ -190,6 +220,8 @@ def plan_run(spec: RunSpec) -> RunPlan:
         "image_seeds": IMAGE_SEEDS,
         "causalmm_version": __version__,
     }
+    if spec.subset is not None:  # absent otherwise, so the run folders of whole benchmarks read as before
+        info["subset"] = spec.subset.describe()
     inputs = [data, images, options.get("annotations")]
     return RunPlan(bench, samples, info, digests, inputs)
 
@@ -236,7 +268,7 @@ def evaluate(
     bench, samples, info = run.bench, run.samples, run.info
     generation, seeds, out = info["generation"], info["seeds"], Path(out)
     check_out_folder(out, run.inputs, run.image_files())
-    rank, world, barrier = _processes()
+    rank, world, barrier = processes()
     created = not out.exists()
     try:
         with lock_run_folder(out) if rank == 0 else nullcontext():
@@ -324,7 +356,7 @@ def _remove_if_unused(out: Path) -> None:
         out.rmdir()
 
 
-def _processes() -> tuple[int, int, Any]:
+def processes() -> tuple[int, int, Any]:
     """(rank, world size, barrier) under ``accelerate launch`` / ``torchrun``; (0, 1, no-op) otherwise."""
     import os
 
@@ -367,3 +399,8 @@ def _model(causalmm: Any, model: str, config: CausalMMConfig, base: str, hf_kwar
 
     return CausalMM.from_pretrained(model, config, base=base, **(hf_kwargs or {}))
 
+
+def load_model(model: str, config: CausalMMConfig, base: str = "sdpa", hf_kwargs: Any = None) -> Any:
+    """This process's :class:`causalmm.CausalMM` for ``model``, placed as :func:`evaluate` places it (one replica
+    per process under ``accelerate launch``): loaded once by a caller that runs many runs (``causalmm tune``)."""
+    return _model(None, str(model), config, base, _process_hf_kwargs(dict(hf_kwargs or {}), processes()[1]))

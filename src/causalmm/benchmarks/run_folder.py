@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: run.json fields that must agree between a run and its resumption
-IDENTITY = ("benchmark", "options", "model", "config", "generation", "image_seeds")
+IDENTITY = ("benchmark", "options", "model", "config", "generation", "image_seeds", "subset")
 
 
 #: the writer's lock file inside a run folder (holds "pid host" of the holder)

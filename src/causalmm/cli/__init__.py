@@ -2,8 +2,8 @@
 
 User errors (bad flags, missing image, unknown model) print one line ``error: ...`` and exit with code 2;
 nothing below the API is shown to the user as a traceback. One module per group of commands: :mod:`.single`
-(generate, visualize, explain, methods), :mod:`.bench` (eval, score, compare), :mod:`.fit` (fit), :mod:`.toy`
-(demo, plumbing, toyworld); :mod:`.common` holds what they share.
+(generate, visualize, explain, methods), :mod:`.bench` (eval, score, compare), :mod:`.tune` (tune), :mod:`.fit`
+(fit), :mod:`.toy` (demo, plumbing, toyworld); :mod:`.common` holds what they share.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ __all__ = ["app", "main", "user_os_error"]
 def _register() -> None:
     """Add every command to :data:`app`, in the order ``--help`` lists them."""
     from . import bench, fit, single, toy
+    from . import tune as tuning
     from .common import DecodingCommand
 
     app.command(cls=DecodingCommand)(single.generate)
     app.command("eval", cls=DecodingCommand)(bench.eval_)
     app.command()(bench.score)
     app.command()(bench.compare)
+    app.command()(tuning.tune)
     app.command()(single.visualize)
     app.command(cls=DecodingCommand)(single.explain)
     app.command()(single.methods)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ..config import CausalMMConfig
 
 
-BENCH_HELP = "pope | mme | chair | vlind"
+BENCH_HELP = "pope | mme | chair | vlind | amber"
 #: the most samples per batched generate call: each adds its rows (times the method's branches) to every forward
 MAX_BATCH = 1024
 
@@ -101,8 +101,16 @@ def eval_(
     num_processes: Annotated[
         int, typer.Option(help="Split the run over N processes with `accelerate launch`: 1 to the GPUs (one each).")
     ] = 1,
+    dimension: Annotated[str | None, typer.Option(help="AMBER: the dimension (default: discriminative).")] = None,
+    tuned: Annotated[
+        Path | None,
+        typer.Option(help="A tuning.json of `causalmm tune`: run --method NAME's choice on the test images only."),
+    ] = None,
 ) -> None:
     """Run a benchmark into a run folder (resumable), score it, write metrics.json and report.md.
+
+    With --tuned tuning.json --method NAME, the settings the tune chose for NAME run on the images it kept for
+    test (the data it split), or on another file that shares no image with its dev split.
 
     Under `accelerate launch -m causalmm eval ...` (or with --num-processes N) the samples are dealt across
     the processes, each appending to its own shard; the main process merges them into the same files a
@@ -128,8 +136,16 @@ def eval_(
         generation.update(search(num_beams, length_penalty, early_stopping, no_repeat_ngram_size))
         if max_new_tokens is not None:
             generation["max_new_tokens"] = max_new_tokens
-        options = _bench_options(suffix=suffix, prompt=prompt, parse=parse, category=category, annotations=annotations)
+        options = _bench_options(
+            suffix=suffix, prompt=prompt, parse=parse, category=category, annotations=annotations, dimension=dimension
+        )
         spec = RunSpec(benchmark, model, data, images, config, generation, run_seeds, limit, options)
+        if tuned is not None:  # config is the tune's choice (causalmm.tuning.tune.Tuned)
+            from ..tuning.tune import test_subset
+
+            choice, extra = config.config(seed=run_seeds[0])
+            spec = RunSpec(benchmark, model, data, images, choice, {**generation, **extra}, run_seeds, limit, options)
+            spec.subset = test_subset(spec, config)
     except (*user_errors(), BenchmarkError) as err:
         fail(str(err))
     if relaunch:  # the launcher holds the folder's lock for its workers and checks everything first, so bad

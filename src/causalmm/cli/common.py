@@ -258,7 +258,10 @@ def decoding_options(command: Callable[..., Any]) -> Callable[..., Any]:
         from ..config import CausalMMConfig
 
         values = {name: kwargs.pop(name) for name, _, _ in _DECODING}
-        refuse_unapplied(values, _typed(ctx, defaults, {**values, **kwargs}), kwargs)
+        typed = _typed(ctx, defaults, {**values, **kwargs})
+        if kwargs.get("tuned") is not None:  # the choice of a tune: --method names its row, nothing else is given
+            return command(config=_tuned_choice(kwargs["tuned"], values["method"], typed), **kwargs)
+        refuse_unapplied(values, typed, kwargs)
         check_generation(kwargs)
         values["num_cf_samples"] = values.pop("samples")
         values["params"] = method_params(values.pop("param"), values["method"])
@@ -274,6 +277,23 @@ def decoding_options(command: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
     del wrapper.__wrapped__
     return wrapper
+
+
+def _tuned_choice(path: Any, row: str, typed: set[str]) -> Any:
+    """``--tuned FILE --method ROW``: the tune's choice for ``ROW`` (:class:`causalmm.tuning.tune.Tuned`); a decoding
+    flag beside it is refused, since the tune chose those settings."""
+    from ..benchmarks import BenchmarkError
+    from ..tuning.tune import load_tuned
+
+    given = sorted(n for n, _, _ in _DECODING if n in typed and n != "method")
+    if given:
+        fail(f"--tuned fixes the decoding settings; drop {flag(_FIELD_OF.get(given[0], given[0]))}")
+    if "method" not in typed:
+        fail("--tuned needs --method NAME: the method whose tuned settings to run (e.g. causalmm/language)")
+    try:
+        return load_tuned(path, row)
+    except BenchmarkError as err:
+        fail(str(err))
 
 
 def sampling(do_sample: bool, temperature: float, top_p: float | None, top_k: int | None) -> dict:

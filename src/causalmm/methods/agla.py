@@ -31,6 +31,8 @@ from .registry import register
 from .ritual import ritual_scores
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ..settings import Settings
 
 __all__ = ["AGLA"]
@@ -50,20 +52,25 @@ class AGLA(Method):
     reference = "An et al., 2024; github.com/Lackel/AGLA, eval/augmentation.py, eval/sample.py"
     random_transform = False
     params = (
-        Param("epsilon", 0.5, "--beta 0.5 (llava1.5_pope.bash, instructblip_pope.bash)"),
+        Param("epsilon", 0.5, "--beta 0.5 (llava1.5_pope.bash, instructblip_pope.bash)", grid=(0.1, 0.5)),
         Param("alpha", 2.0, "--alpha 2 (llava1.5_pope.bash, instructblip_pope.bash; 0: no branch term)",
-              check=Range(0, 100, note="0 = the factual logits alone")),
+              check=Range(0, 100, note="0 = the factual logits alone"), grid=(1.0, 2.0, 3.0)),
         Param("matcher", DEFAULT_MATCHER, "LAVIS blip_image_text_matching large (COCO retrieval), in transformers",
               accepts="a hub id or a local BlipForImageTextRetrieval folder, or self (the model's own attention)"),
         Param("keep", 0.75, "none: the official ITC rule keeps 1 - ITC/2; with matcher=self, which has no ITC, this "
               "share (0.75: the rule at a cosine of 0.5)",
-              check=Range(0.01, 1, note="the share of pixels kept, matcher=self only")),
+              check=Range(0.01, 1, note="the share of pixels kept, matcher=self only"), grid=(0.5, 0.75)),
         Param("gradcam_layer", 6, "compute_gradcam(block_num=6)",
               check=Range(0, 64, note="the matcher's text-encoder block whose cross-attention gives the map")),
     )  # fmt: skip
 
     def branches(self, config: Settings) -> tuple[Branch, ...]:
         return (LOCAL,)
+
+    def tunable(self, settings: Mapping[str, Any]) -> tuple[Param, ...]:
+        """``keep`` only with ``matcher=self``: the BLIP matcher's own ITC rule sets the share kept."""
+        own = settings.get("params", {}).get("matcher", self.default("matcher", None)) == "self"
+        return tuple(p for p in super().tunable(settings) if own or p.field != "keep")
 
     def prepare(self, config: Settings, device: Any) -> None:
         own = "self" if config.param("matcher") == "self" else "BLIP"

@@ -57,13 +57,15 @@ class AvisC(Method):
     summary = "contrast with a branch that keeps only the image tokens attended far above the rest"
     reference = "Woo et al., 2024 (arXiv 2405.17820); github.com/sangminwoo/AvisC, avisc_utils/avisc_sample.py"
     params = (
-        Param("gamma", 1.0, "cd_alpha = 1 (pope_eval_batch.sh; its unused alternative list has 3)"),
+        Param("gamma", 1.0, "cd_alpha = 1 (pope_eval_batch.sh; its unused alternative list has 3)",
+              grid=(1.0, 2.0, 4.0)),
         Param("epsilon", 0.1, "cd_beta = 0.1"),
         Param("layer_gamma", 0.5, "layer_gamma = 0.5: the layers holding this share of the image attention",
               check=Range(0, 1, low_open=True)),
         Param("lamb", 1.0, "lamb = 1 (pope_eval_batch.sh): blind means above mean + lamb * std",
               check=Range(0, 100, note="no token stands more than sqrt(n) std above the mean of n, so from about "
-                          "sqrt(image tokens) on every token is zeroed; 100 covers 10,000 image tokens")),
+                          "sqrt(image tokens) on every token is zeroed; 100 covers 10,000 image tokens"),
+              grid=(0.5, 1.0)),
     )  # fmt: skip
     plausible_only = True
 

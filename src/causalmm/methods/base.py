@@ -158,6 +158,9 @@ class Param:
     :class:`~causalmm.config.Range` for a number, so that the range is shown where the parameter is listed
     (``causalmm methods``), or any callable with ``accepts`` saying in words what it takes. ``vocab_bound``: the
     value may not exceed the model's vocabulary (a count of tokens), checked when the engine sees the model.
+    ``grid``: the values worth trying when the method is tuned (``causalmm tune``; the knobs its paper sweeps,
+    around the official value); the tuner always adds ``default``, so every grid holds the official setting.
+    Empty: the parameter is not tuned.
     """
 
     field: str
@@ -166,6 +169,7 @@ class Param:
     check: Callable[[Any], str | None] | None = None
     accepts: str = ""
     vocab_bound: bool = False
+    grid: tuple[Any, ...] = ()
 
     def accepted(self) -> str:
         """What the parameter takes, in words: its range, its choices or its type."""
@@ -228,6 +232,8 @@ class Method:
             (``"opera"``: :mod:`causalmm.decoding.opera`); ``None`` for a rule.
         random_transform: a ``transform`` branch's image depends on the sample's seed (RITUAL's random transform;
             AGLA's local image does not).
+        variants: settings of this method that tables compare as rows of their own, by name (CausalMM's branches:
+            the row ``causalmm/language`` fixes ``mode="language"``); none: the method is one row.
     """
 
     name: ClassVar[str]
@@ -238,6 +244,7 @@ class Method:
     exit_norm: ClassVar[bool] = False
     search: ClassVar[str | None] = None
     random_transform: ClassVar[bool] = True
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def branches(self, config: Settings) -> tuple[Branch, ...]:
         """The counterfactual branches run beside the factual one (none: plain decoding)."""
@@ -301,6 +308,13 @@ class Method:
         mode) narrows this."""
         shared = _shared_fields()
         return frozenset(p.field for p in self.params if p.field in shared)
+
+    def tunable(self, settings: Mapping[str, Any]) -> tuple[Param, ...]:
+        """The parameters ``causalmm tune`` sweeps under ``settings`` (the config's values by name, the method's own
+        under ``params``): those that declare a grid and that the method reads there (CausalMM's vision fields
+        not in ``mode="language"``)."""
+        shared, read = _shared_fields(), self.reads(settings)
+        return tuple(p for p in self.params if p.grid and (p.field in read or p.field not in shared))
 
     def unread_reason(self, name: str, settings: Mapping[str, Any], spell: Callable[[str], str] = str) -> str:
         """Why the shared field ``name`` does not apply to this method under ``settings``, and what to do: the

@@ -34,16 +34,33 @@ class CausalMM(Method):
     name = "causalmm"
     summary = "contrast with counterfactual attention (random, uniform, reversed, shuffled) in the tower and/or LLM"
     reference = f"Zhou et al., ICLR 2025 (arXiv 2410.04780); {_CODE}"
+    #: the paper's three branches as rows of their own, and the original release's feature gate
+    variants = {
+        "vision": {"mode": "vision"},
+        "language": {"mode": "language"},
+        "multimodal": {"mode": "multimodal"},
+        "gate": {"mode": "vision", "vision_style": "gate"},
+    }
     params = (
         Param("mode", "multimodal", "the original code's 'mm' rule: both branches"),
         Param("vision_cf", "random", "the paper's ablation: random attention works best"),
         Param("language_cf", "random", "the paper's ablation"),
-        Param("vision_layers", None, "the layer that feeds the LLM (the original edits the penultimate CLIP layer)"),
-        Param("language_layers", None, "the middle third of the LLM (the paper's ablation favours middle layers)"),
+        Param(
+            "vision_layers",
+            None,
+            "the layer that feeds the LLM (the original edits the penultimate CLIP layer)",
+            grid=(None, "all"),
+        ),
+        Param(
+            "language_layers",
+            None,
+            "the middle third of the LLM (the paper's ablation favours middle layers)",
+            grid=(None, "all", "shallow", "deep"),
+        ),
         Param("vision_heads", None, "every head (the original intervenes on whole layers)"),
         Param("language_heads", None, "every head"),
-        Param("gamma", 1.0, "the original scripts use 0.5 and 1.0"),
-        Param("epsilon", 0.1, "the original scripts use 0.1 and 0.6; 0.6 often leaves one token"),
+        Param("gamma", 1.0, "the original scripts use 0.5 and 1.0", grid=(1.0, 2.0, 4.0)),
+        Param("epsilon", 0.1, "the original scripts use 0.1 and 0.6; 0.6 often leaves one token", grid=(0.01, 0.1)),
         Param("num_cf_samples", 1, "the original draws once"),
         Param("legacy", False, "True: the original's shared cache (contrast on the first token only)"),
         Param("vision_style", "attention", "'gate': the original's feature gate"),

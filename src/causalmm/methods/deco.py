@@ -73,12 +73,13 @@ class DeCo(Method):
     reference = "Wang et al., ICLR 2025; github.com/zjunlp/Deco, transformers/generation/utils.py deco_greedy_search"
     params = (
         Param("alpha", 0.6, "alpha = 0.6 (every script's --alpha; 0: regular decoding)",
-              check=Range(0, 100, note="0 = regular decoding; the scripts use 0.1 to 1")),
+              check=Range(0, 100, note="0 = regular decoding; the scripts use 0.1 to 1"), grid=(0.2, 0.6, 1.0)),
         Param("top_k", 20, "threshold_top_k = 20", check=Range(1), vocab_bound=True),
         Param("top_p", 0.9, "threshold_top_p = 0.9", check=Range(0, 1, low_open=True)),
         Param("layers", "auto", "start_layer 20, end_layer 29 (exclusive) of LLaVA-1.5's 32",
               check=layer_spec_check("DeCo early layer", ("auto",)),
-              accepts="auto | layer indices and ranges of hidden_states, checked with the model"),
+              accepts="auto | layer indices and ranges of hidden_states, checked with the model",
+              grid=("auto", "deep")),
     )  # fmt: skip
     exit_norm = True
 

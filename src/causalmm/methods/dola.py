@@ -81,12 +81,12 @@ class DoLa(Method):
     reference = "Chuang et al., ICLR 2024; github.com/voidism/DoLa, transformers<=4.52 _dola_decoding"
     params = (
         Param("gamma", 1.0, "the official rule subtracts the premature log-probabilities once (0: regular)"),
-        Param("epsilon", 0.1, "relative_top = 0.1 (transformers' fixed value, the paper's alpha)"),
+        Param("epsilon", 0.1, "relative_top = 0.1 (transformers' fixed value, the paper's alpha)", grid=(0.01, 0.1)),
         Param("layers", "low", "hidden_states 0, 2, ..., 14 of a 32-layer LLM (the DoLa README; transformers' "
               "dola_layers='low'; 'high' is its choice for short answers)",
               check=layer_spec_check("DoLa candidate layer", ("low", "high")),
               accepts="low | high | layer indices and ranges of hidden_states (0 = the embeddings), checked with the "
-              "model"),
+              "model", grid=("low", "high")),
     )  # fmt: skip
 
     def exit_layers(self, config: Settings, n_layers: int, tied: bool) -> tuple[int, ...]:

@@ -56,8 +56,8 @@ class ICD(Method):
     summary = "contrast with a branch whose system prompt is a disturbance instruction"
     reference = "Wang et al., ACL Findings 2024; github.com/p1k0pan/ICD, icd_utils/icd_sample_llava.py"
     params = (
-        Param("gamma", 1.0, "alpha = 1 (cd_alpha, the argparse default of icd_llava_pope.py)"),
-        Param("epsilon", 0.1, "beta = 0.1 (cd_beta, its argparse default)"),
+        Param("gamma", 1.0, "alpha = 1 (cd_alpha, the argparse default of icd_llava_pope.py)", grid=(1.0, 2.0, 4.0)),
+        Param("epsilon", 0.1, "beta = 0.1 (cd_beta, its argparse default)", grid=(0.01, 0.1)),
         Param("prefix", "4", "one of the five official instructions (the official script runs each in turn)",
               check=_check_prefix, accepts="1-5 (an official instruction) or the instruction's text"),
     )  # fmt: skip

@@ -87,11 +87,12 @@ class M3ID(Method):
     summary = "contrast with the text-only prompt, weighted up as the answer grows, where the model is unsure"
     reference = "Favero et al., CVPR 2024 (no official code); sangminwoo/AvisC avisc_utils/avisc_sample.py"
     params = (
-        Param("epsilon", 0.1, "AvisC's cd_beta = 0.1 cut (mitigv has none: epsilon=0)"),
+        Param("epsilon", 0.1, "AvisC's cd_beta = 0.1 cut (mitigv has none: epsilon=0)", grid=(0.01, 0.1)),
         Param("lamb", 0.02, "lambda = 0.02, the forgetting rate (AvisC's lamda, mitigv's forgetting_rate)",
-              check=Range(0, note="0 = no contrast; any size decodes: the weight's stable form")),
+              check=Range(0, note="0 = no contrast; any size decodes: the weight's stable form"),
+              grid=(0.02, 0.2, 1.0)),
         Param("alpha", 0.3, "the paper's confidence gate (mitigv's alpha = 0.3; AvisC has none: alpha=1)",
-              check=Range(0, 1, low_open=True, note="1 = contrast at every step")),
+              check=Range(0, 1, low_open=True, note="1 = contrast at every step"), grid=(0.3, 1.0)),
     )  # fmt: skip
 
     def branches(self, config: Settings) -> tuple[Branch, ...]:

@@ -36,9 +36,9 @@ class MemVR(Method):
     reference = "Zou et al., ICML 2025; github.com/1zhou-Wang/MemVR, memvr.py"
     params = (
         Param("ratio", 0.12, "retracing_ratio 0.12 (eval_scripts/llava/mme.sh; CHAIR 0.31, VizWiz 0.28; 0: none)",
-              check=Range(0, 1, note="0 = no read; the FFN's weight is 1 - ratio")),
+              check=Range(0, 1, note="0 = no read; the FFN's weight is 1 - ratio"), grid=(0.12, 0.31, 0.6)),
         Param("threshold", 0.75, "entropy_threshold 0.75 (every eval script)",
-              check=Range(0, 1, note="normalised top-10 entropy; 1 = never triggers")),
+              check=Range(0, 1, note="normalised top-10 entropy; 1 = never triggers"), grid=(0.75, 0.5)),
         Param("start", 5, "starting_layer 5 (LLaVA-1.5; Qwen-VL 9)",
               check=Range(0, note="layers after it may trigger"), accepts="[0, end) (checked with the model)"),
         Param("end", 16, "ending_layer 16 (LLaVA-1.5 and Qwen-VL)",

@@ -72,8 +72,9 @@ class ONLY(Method):
     summary = "one layer's attention without its text-dominated heads, through the last MLP, fused adaptively"
     reference = "Wan et al., ICCV 2025; github.com/zifuwan/ONLY, vendored modeling_llama.py, only_utils/only_sample.py"
     params = (
-        Param("gamma", 0.2, "js_gamma 0.2 (pope_eval.sh; CHAIR, MME 0.25): below it the fusion adds the side logits"),
-        Param("epsilon", 0.1, "ritual_beta 0.1 (pope_eval.sh, chair_eval.sh; MME 0.4)"),
+        Param("gamma", 0.2, "js_gamma 0.2 (pope_eval.sh; CHAIR, MME 0.25): below it the fusion adds the side logits",
+              grid=(0.2, 0.25, 0.6)),
+        Param("epsilon", 0.1, "ritual_beta 0.1 (pope_eval.sh, chair_eval.sh; MME 0.4)", grid=(0.1, 0.4)),
         Param("alpha_pos", 3.0, "ritual_alpha_pos 3 (every script)", check=Range(0, 100, note="0 = none")),
         Param("alpha_neg", 1.0, "ritual_alpha_neg 1 (every script)", check=Range(0, 100, note="0 = none")),
         Param("layer", 0, "enhance_layer_index 0 (every script)",

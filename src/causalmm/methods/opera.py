@@ -123,10 +123,10 @@ class OPERA(Method):
               check=Range(0, note="above the answer's length: no rollback")),
         Param("candidates", 5, "num_attn_candidates = 5 (the fast setting: 1)",
               check=Range(1, MAX_CANDIDATES, note="each beam feeds its candidates as a block of queries every step"),
-              vocab_bound=True),
+              vocab_bound=True, grid=(5, 1)),
         Param("penalty", 1.0, "penalty_weights = 1",
               check=Range(0, 100, note="0 = no penalty (the rollbacks remain); the penalty of the first 10 tokens "
-                          "is the attention on the image (<= 1) times this")),
+                          "is the attention on the image (<= 1) times this"), grid=(1.0, 4.0)),
     )  # fmt: skip
     #: the engine runs this method's own search (:mod:`causalmm.decoding.opera`)
     search = "opera"

@@ -56,14 +56,16 @@ class PAI(Method):
     summary = "amplify the factual run's attention on the image, and contrast with the text-only prompt"
     reference = "Liu et al., ECCV 2024; github.com/LALBJ/PAI, attention.py and CFG.py"
     params = (
-        Param("gamma", 1.1, "gamma = 1.1, the README's commands (the scripts' argparse default is 2; 1: no contrast)"),
+        Param("gamma", 1.1, "gamma = 1.1, the README's commands (the scripts' argparse default is 2; 1: no contrast)",
+              grid=(1.1, 2.0)),
         Param("epsilon", 0.1, "the fixed log(0.1) cut of CFG.py"),
         Param("alpha", 0.2, "alpha = 0.2 (the README and argparse default; 0: no edit)",
               check=Range(0, ALPHA_MAX, note="0 = no edit; the paper sweeps up to 1, and above 10 the boosted "
-                          "scores can overflow a float16 model's attention")),
+                          "scores can overflow a float16 model's attention"), grid=(0.2, 0.5, 1.0)),
         Param("start_layer", 2, "layers 2 to the last (start_layer 2, end_layer 32 of LLaVA-1.5's 32)",
               check=Range(0, note="a layer index"), accepts="[0, LLM layers - 1] (checked with the model)"),
-        Param("edit_prefill", False, "the official code edits decode steps only when the contrast is on"),
+        Param("edit_prefill", False, "the official code edits decode steps only when the contrast is on",
+              grid=(False, True)),
     )  # fmt: skip
 
     def branches(self, config: Settings) -> tuple[Branch, ...]:

@@ -55,9 +55,9 @@ class RITUAL(Method):
         "Woo et al., 2024; github.com/sangminwoo/RITUAL, eval_bench/pope_eval_llava.py, ritual_utils/ritual_sample.py"
     )
     params = (
-        Param("epsilon", 0.1, "ritual_beta 0.1 (pope_eval_llava.py)"),
+        Param("epsilon", 0.1, "ritual_beta 0.1 (pope_eval_llava.py)", grid=(0.01, 0.1)),
         Param("alpha", 3.0, "ritual_alpha_pos 3 (pope_eval_llava.py; 0: no branch term)",
-              check=Range(0, 100, note="0 = the factual logits alone")),
+              check=Range(0, 100, note="0 = the factual logits alone"), grid=(1.0, 3.0, 5.0)),
         Param("size", 336, "RandomResizedCrop(size=336): LLaVA-1.5's input side",
               check=Range(1, 4096, note="the crop's output side, in pixels")),
     )  # fmt: skip

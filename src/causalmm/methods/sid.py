@@ -38,13 +38,15 @@ class SID(Method):
     summary = "contrast with a branch that sees only the least-attended image tokens after an early layer"
     reference = "Huo et al., ICLR 2025; github.com/huofushuo/SID, modeling_llama.py (fast_v) and vcd_sample.py"
     params = (
-        Param("gamma", 0.5, "alpha = 0.5, vcd_sample.py's fallback (pope_eval.py's --cd-alpha 1 is not passed on)"),
+        Param("gamma", 0.5, "alpha = 0.5, vcd_sample.py's fallback (pope_eval.py's --cd-alpha 1 is not passed on)",
+              grid=(0.5, 1.0, 2.0)),
         Param("epsilon", 0.1, "cd_beta = 0.1 (the official greedy path skips the cut: epsilon=0)"),
         Param("layer", 2, "fast_v_agg_layer = 2: hidden from layer 2 on, chosen in layer 1",
               check=Range(1, note="the keys are chosen in the layer before"),
               accepts="[1, LLM layers - 1] (checked with the model)"),
         Param("keep", 100, "fast_v_attention_rank = 100 (pope_eval.py; 50 in chair_eval.py)",
-              check=Range(0, note="as many as the image has tokens or more: every key is kept, no contrast")),
+              check=Range(0, note="as many as the image has tokens or more: every key is kept, no contrast"),
+              grid=(50, 100, 200)),
     )  # fmt: skip
     plausible_only = True
 

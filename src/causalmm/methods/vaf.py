@@ -34,12 +34,13 @@ class VAF(Method):
     reference = "Yin et al., CVPR 2025 (ClearSight); github.com/ustc-hyin/ClearSight, visaug/inference/AttnAdapter.py"
     params = (
         Param("enhance", 1.15, "--enh-para 1.15 (infer_pope.sh; 1: no change)",
-              check=Range(0, FACTOR_MAX, low_open=True, note="1 = no change")),
+              check=Range(0, FACTOR_MAX, low_open=True, note="1 = no change"), grid=(1.15, 1.5, 2.0)),
         Param("suppress", 0.95, "--sup-para 0.95 (infer_pope.sh; 1: no change)",
-              check=Range(0, FACTOR_MAX, note="1 = no change")),
+              check=Range(0, FACTOR_MAX, note="1 = no change"), grid=(0.95, 0.5)),
         Param("layers", "9-14", "layers 9-14 of LLaVA-1.5's 32 (infer_pope.py: i > 8 and i < 15)",
               check=layer_spec_check("layers", ()),
-              accepts="LLM layer indices or ranges (2,5-7; 4:8) or all/shallow/middle/deep (checked with the model)"),
+              accepts="LLM layer indices or ranges (2,5-7; 4:8) or all/shallow/middle/deep (checked with the model)",
+              grid=("9-14", "middle")),
     )  # fmt: skip
 
     def factual_edit(self, config: Settings) -> ScoreScale | None:

@@ -30,9 +30,9 @@ class VCD(Method):
     summary = "contrast with a branch that sees the image under diffusion noise"
     reference = "Leng et al., CVPR 2024; github.com/DAMO-NLP-SG/VCD, vcd_utils/vcd_sample.py"
     params = (
-        Param("gamma", 1.0, "alpha = 1 (object_hallucination_vqa_llava.py's argparse default)"),
-        Param("epsilon", 0.1, "beta = 0.1 (its argparse default; its bash scripts use 0.2)"),
-        Param("noise_step", 500, "noise step 500 of 1000 (its argparse default)"),
+        Param("gamma", 1.0, "alpha = 1 (object_hallucination_vqa_llava.py's argparse default)", grid=(1.0, 2.0, 4.0)),
+        Param("epsilon", 0.1, "beta = 0.1 (its argparse default; its bash scripts use 0.2)", grid=(0.01, 0.1)),
+        Param("noise_step", 500, "noise step 500 of 1000 (its argparse default)", grid=(500, 999)),
         Param("noise_schedule", "linear", "'sigmoid' is the schedule in vcd_add_noise.py"),
         Param("num_cf_samples", 1, "one noised image per step, as the official code draws it; K > 1 averages K noises"),
     )

@@ -50,9 +50,10 @@ class VISTA(Method):
     reference = "Li et al., ICML 2025; github.com/LzVv123456/VISTA, llm_layers.py, steering_vector.py, llava_llama.py"
     params = (
         Param("lam", 0.01, "--vsv-lambda 0.01 (run_pope.sh; CHAIR 0.17, MMHal 0.1; 0: no steering)",
-              check=Range(0, 10, note="0 = no steering; the steered direction outweighs the output's own from 1")),
+              check=Range(0, 10, note="0 = no steering; the steered direction outweighs the output's own from 1"),
+              grid=(0.01, 0.1, 0.17)),
         Param("mix", 0.3, "--logits-alpha 0.3 (every script; 0: no augmentation)",
-              check=Range(0, 1, note="0 = the final logits alone")),
+              check=Range(0, 1, note="0 = the final logits alone"), grid=(0.1, 0.3, 0.5)),
         Param("logits_layers", "25-30", "--logits-layers 25,30: the outputs of layers 25 to 30 of LLaVA-1.5's 32",
               check=layer_spec_check("logits layers", ()),
               accepts="LLM layer indices or ranges, below the last layer (checked with the model)"),

@@ -35,9 +35,9 @@ class VTI(Method):
     reference = "Liu et al., ICLR 2025; github.com/shengliu66/VTI, vti_utils/llm_layers.py, vti_utils/utils.py"
     params = (
         Param("alpha_text", 0.9, "--alpha_text 0.9 (README, MMHal; argparse default 0.8; 0: the LLM as it is)",
-              check=Range(0, 10, note="0 = no shift; the shift is 0.1 * alpha of a unit vector")),
+              check=Range(0, 10, note="0 = no shift; the shift is 0.1 * alpha of a unit vector"), grid=(0.3, 0.9, 2.0)),
         Param("alpha_image", 0.9, "--alpha_image 0.9 (README, MMHal; argparse default 0; 0: the tower as it is)",
-              check=Range(0, 10, note="0 = no shift; the shift is 0.1 * alpha of a unit vector")),
+              check=Range(0, 10, note="0 = no shift; the shift is 0.1 * alpha of a unit vector"), grid=(0.0, 0.9, 2.0)),
         Param("vectors", "", "none: the directions `causalmm fit vti` writes for the model (a .safetensors file)",
               accepts="the path of a file `causalmm fit vti` wrote for this model"),
     )  # fmt: skip

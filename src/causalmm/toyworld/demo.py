@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CausalMMConfig, ConfigError
+from ..tuning.select import Rule, select
 from .grid import DEFAULTS, LEADERBOARD, METHODS, grid, seeded, split
 from .study import GROUPS, Answers, answer, cost_ratio, group_rates, objective, questions, summarise
 from .world import WorldConfig
@@ -115,15 +116,14 @@ def tune(
                 f"{method:20s} {json.dumps(settings):110s} hallucination {r['prior_conflict']:.3f}{vision} "
                 f"consistent {r['prior_consistent']:.3f} acc {r['accuracy']:.3f}"
             )
-    floor = results["regular"][0]["rates"]["prior_consistent"] - max_drop
+    # the benchmarks' selection code (causalmm.tuning.select), with the world's rule: the objective, under a
+    # floor on prior-consistent accuracy; nothing above the floor gives the least damaging setting, flagged
+    rule = Rule(objective, lower_is_better=True, floor_metric="prior_consistent", floor=max_drop, name="objective")
+    reference = results["regular"][0]["rates"]
     chosen = {}
     for method, rows in results.items():
-        ok = [r for r in rows if r["rates"]["prior_consistent"] >= floor - 1e-12]
-        if ok:
-            best = min(ok, key=lambda r: (objective(r["rates"]), -r["rates"]["prior_consistent"]))
-        else:  # nothing keeps accuracy: the least damaging setting, flagged, never the most aggressive one
-            best = max(rows, key=lambda r: (r["rates"]["prior_consistent"], -objective(r["rates"])))
-        chosen[method] = {**best, "admissible": bool(ok)}
+        best = select([{"settings": r["settings"], "metrics": r["rates"]} for r in rows], rule, reference)
+        chosen[method] = {"settings": best["settings"], "rates": best["metrics"], "admissible": best["admissible"]}
     walls = _walls(results, round(time.perf_counter() - start, 1))
     previous = _previous_tuning(path, n_images, seed, max_drop, results["regular"][0]) if write else None
     if previous is not None:  # keep the earlier choices of the methods not re-run, in leaderboard order

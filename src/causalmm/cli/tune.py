@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -118,8 +119,8 @@ def tune(
         return
     for name, choice in result["chosen"].items():
         flag = "" if choice["admissible"] else "  (below the floor: the least damaging setting)"
-        console.print(f"{name:24s} {rule.label} {choice['score']:.2f}  {choice['settings']}{flag}", markup=False)
-    console.print(f"wrote {out / 'tuning.json'}", highlight=False, markup=False)
+        typer.echo(f"{name:24s} {rule.label} {choice['score']:.2f}  {json.dumps(choice['settings'])}{flag}")
+    typer.echo(f"wrote {out / 'tuning.json'}")
 
 
 def _most_processes() -> int:
@@ -129,5 +130,6 @@ def _most_processes() -> int:
 
 
 def _log(line: str) -> None:
+    """Each dev run's score as it finishes (on stderr, beside the progress bars; the choices go to stdout)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)

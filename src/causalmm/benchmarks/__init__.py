@@ -1,4 +1,5 @@
-"""Benchmarks: POPE, MME, CHAIR and VLind-Bench — loaders, parsers, metrics, and the resumable runner.
+"""Benchmarks: POPE, MME, CHAIR, VLind-Bench and AMBER (discriminative) — loaders, parsers, metrics, and the
+resumable runner.
 
 ``get_benchmark(name, **options)`` gives a configured :class:`Benchmark`; :func:`evaluate` runs one on a
 model into a run folder; :mod:`.stats` and :mod:`.compare` say whether differences between runs are real.
@@ -21,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "mme": "mme:Mme",
     "chair": "chair:Chair",
     "vlind": "vlind:VLind",
+    "amber": "amber:Amber",
 }
 
 

@@ -87,11 +87,24 @@ class Mme(Benchmark):
     paired_test = "mcnemar"
     headline = ("perception", "cognition", "total", "hallucination")
 
-    def __init__(self, *, suffix: str = "") -> None:
-        super().__init__(suffix=suffix)
+    def __init__(self, *, suffix: str = "", subtasks: str = "") -> None:
+        chosen = [t.strip() for t in subtasks.split(",") if t.strip()]
+        unknown = [t for t in chosen if t not in SUBTASKS]
+        if unknown:
+            raise BenchmarkError(f"MME has no subtask {unknown[0]!r}; choose among {', '.join(SUBTASKS)}")
+        # recorded only when set, so the run folders of whole-MME runs describe themselves as before
+        super().__init__(suffix=suffix, **({"subtasks": ",".join(chosen)} if chosen else {}))
 
     # -- data ---------------------------------------------------------------------------------------
     def load(self, data: Path, images: Path | None) -> list[Sample]:
+        """The samples (of the chosen ``subtasks`` only, when some are named: a paper's table of four)."""
+        samples = self._load(data, images)
+        if self.options.get("subtasks"):
+            keep = set(self.options["subtasks"].split(","))
+            samples = [s for s in samples if s.meta["subtask"] in keep]
+        return samples
+
+    def _load(self, data: Path, images: Path | None) -> list[Sample]:
         data_s = str(data)
         if Path(data).is_file() and Path(data).suffix not in (".parquet", ".arrow"):
             raise BenchmarkError(

@@ -2,7 +2,7 @@
 
 User errors (bad flags, missing image, unknown model) print one line ``error: ...`` and exit with code 2;
 nothing below the API is shown to the user as a traceback. One module per group of commands: :mod:`.single`
-(generate, visualize, explain, methods), :mod:`.bench` (eval, score, compare), :mod:`.tune` (tune), :mod:`.fit`
+(generate, visualize, explain, methods), :mod:`.bench` (eval, score, compare), :mod:`.tune` (tune, suite), :mod:`.fit`
 (fit), :mod:`.toy` (demo, plumbing, toyworld); :mod:`.common` holds what they share.
 """
 
@@ -36,6 +36,7 @@ def _register() -> None:
     app.command()(bench.score)
     app.command()(bench.compare)
     app.command()(tuning.tune)
+    app.command()(tuning.suite)
     app.command()(single.visualize)
     app.command(cls=DecodingCommand)(single.explain)
     app.command()(single.methods)

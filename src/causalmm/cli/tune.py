@@ -133,3 +133,71 @@ def _log(line: str) -> None:
     """Each dev run's score as it finishes (on stderr, beside the progress bars; the choices go to stdout)."""
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def suite(
+    name: Annotated[
+        str | None, typer.Argument(help="A shipped suite (causalmm-paper), or none with --suite-file.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="A hub id or local model directory.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Suite folder: one run folder per run, tables.md; resumes.")] = None,
+    suite_file: Annotated[Path | None, typer.Option(help="A suite TOML file of your own.")] = None,
+    root: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=DIR: where the suite's data or images are (repeatable), e.g. coco=DIR"),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="List every run it would make, and stop.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples of each benchmark.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per batched generate call; 1..1024.")] = 1,
+    attention: AttentionOpt = "sdpa",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar per run.")] = False,
+    num_processes: Annotated[
+        int, typer.Option(help="Spread each run's samples over N processes with `accelerate launch`.")
+    ] = 1,
+) -> None:
+    """Run a paper's evaluation protocol (benchmarks, methods, settings, seeds) and write its tables.
+
+    One run folder per (benchmark, method, seed) under --out/runs, each resumable as `causalmm eval`'s; the
+    tables go to --out/tables.md and tables.json. `causalmm suite causalmm-paper --dry-run` lists the runs.
+    """
+    from ..benchmarks import BenchmarkError
+    from ..suites import load_suite, plan, run_suite
+
+    if (name is None) == (suite_file is None):
+        fail("give a suite name (e.g. causalmm-paper) or --suite-file FILE, not both")
+    roots = {}
+    for item in root or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            fail(f"--root {item!r}: write NAME=DIR, e.g. coco=/data/coco/val2014")
+        roots[key.strip()] = value.strip()
+    try:
+        chosen = load_suite(name, suite_file)
+        unknown = sorted(set(roots) - set(chosen.roots))
+        if unknown:
+            fail(f"--root {unknown[0]}: suite {chosen.name} has no such root; it takes {', '.join(chosen.roots)}")
+        if dry_run:
+            for r in plan(chosen, roots, dry_run=True):
+                typer.echo(f"{r.folder}  {r.benchmark['benchmark']} {r.data}  {json.dumps(dict(r.method['config']))}")
+            return
+        if model is None or out is None:
+            fail("give --model and --out (or --dry-run to list the runs)")
+        within("--batch-size", batch_size, 1, MAX_BATCH)
+        if limit is not None:
+            within("--limit", limit, 1)
+        if num_processes != 1:
+            within("--num-processes", num_processes, 1, max(1, _most_processes()))
+            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+                raise typer.Exit(code=_relaunch_with_accelerate(num_processes))
+        result = run_suite(
+            chosen, model, out, roots, limit=limit, batch_size=batch_size, base=attention,
+            hf_kwargs=hf_kwargs(device, dtype), progress=progress, command=shlex.join(["causalmm", *sys.argv[1:]]),
+            log=_log,
+        )  # fmt: skip
+    except (*user_errors(), BenchmarkError) as err:
+        fail(str(err))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(result["markdown"])
+        typer.echo(f"wrote {out / 'tables.md'}")

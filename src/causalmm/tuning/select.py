@@ -76,7 +76,7 @@ RULES: dict[str, tuple[tuple[str, ...], bool, str | None, float]] = {
     "chair": (("CHAIR_i", "CHAIR_s"), True, "recall", 2.0),
     "mme": (("total", "perception", "hallucination"), False, None, 0.0),
     "vlind": (("S_LP", "LP"), False, None, 0.0),
-    "amber": (("accuracy", "f1"), False, None, 0.0),
+    "amber": (("f1", "accuracy"), False, None, 0.0),
 }
 
 

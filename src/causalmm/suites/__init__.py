@@ -205,10 +205,8 @@ def tables(suite: Suite, out: Path, runs: Sequence[Run], *, model: str, command:
         for key in t["benchmarks"]:
             for m in suite.methods:
                 found = metrics_of[(key, m["key"])]
-                missing = [n for n in names if n not in found[0]]
-                if missing:
-                    raise BenchmarkError(f"table {t['key']}: benchmark {key} has no metric {missing[0]!r}")
-                cells = [_cell([f[n] for f in found]) for n in names]
+                # a metric the run lacks (an MME subtask cut by --limit, a mistyped name) shows as "—"
+                cells = [_cell([f[n] for f in found]) if n in found[0] else "—" for n in names]
                 tags = [str(benches[key].get("labels", {}).get(label, "")) for label in labels]
                 rows.append([*tags, m.get("label", m["key"]), *cells])
         out_tables.append({"key": t["key"], "title": t.get("title", t["key"]), "header": header, "rows": rows})

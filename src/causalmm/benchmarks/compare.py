@@ -1,19 +1,34 @@
-"""Compare finished runs of one benchmark: a table with 95% intervals and paired tests, and a bar chart.
+"""Compare finished runs of one benchmark: a table with 95% intervals, paired tests against the baselines that
+make a gain meaningful, Holm's correction over the many methods tested, and, for CHAIR, the recall–CHAIR_i
+frontier against regular decoding at several caption lengths.
 
-The first run is the reference. Each other run is tested against it: McNemar's exact test on per-question
-right/wrong for yes/no benchmarks (single-seed runs), otherwise a paired bootstrap of the benchmark's primary
-metric (CHAIR, VLind-Bench, multi-seed runs).
+**Baselines** (:func:`find_baselines`) are read from each run's ``run.json``: *regular greedy* decoding
+(``config.method == "regular"``, no sampling, no beams) and *regular sampled* decoding (``do_sample``). Where
+several regular runs of a kind are given, the one with the ``max_new_tokens`` most methods use wins, then the
+one whose other generation options match theirs, then the first given. Every other run is tested against each
+baseline found: McNemar's exact test on per-question right/wrong for yes/no benchmarks (single-seed runs),
+otherwise a paired bootstrap of the benchmark's primary metric (CHAIR, VLind-Bench, multi-seed runs). Without
+a regular run the first run is the reference, as before.
+
+**Holm**: the p-values of all runs tested against one baseline are one family, adjusted with Holm–Bonferroni
+(:func:`.stats.holm`): ten methods tested at 0.05 each would otherwise find a "gain" by chance.
+
+**The CHAIR frontier**: shorter captions name fewer objects, so they hallucinate fewer (CHAIR_i falls) and
+recall fewer (recall falls). Regular decoding at several ``max_new_tokens`` traces that trivial trade-off; a
+method is worth its cost only if its (CHAIR_i, recall) point lies above that curve.
 
 Only like is compared with like: every run must hold the same samples (the same ids), each asked with the
 same prompt about the same image and scored against the same labels, as the records' ``prompt``,
 ``image_digest`` and ``sample_digest`` say. Otherwise a paired test pairs unrelated questions that share an id,
 and a difference between a 10- and a 30-sample run is no difference at all; such runs are refused, naming
-the runs and how their data differ.
+the runs and how their data differ. Runs of other generation options (CHAIR at other lengths) hold the same
+samples and are compared.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +38,21 @@ from . import get_benchmark
 from .base import Benchmark, BenchmarkError
 from .records import load_records
 from .run_folder import read_run_info
-from .stats import bootstrap_ci, mcnemar, paired_bootstrap, seed_metrics
+from .stats import bootstrap_ci, holm, mcnemar, paired_bootstrap, seed_metrics
 
-__all__ = ["Run", "check_same_samples", "compare_runs", "load_run"]
+__all__ = [
+    "ALPHA",
+    "Run",
+    "check_same_samples",
+    "compare_runs",
+    "curve_verdict",
+    "find_baselines",
+    "format_p",
+    "frontier_table",
+    "load_run",
+    "runs_table",
+    "tests_table",
+]
 
 
 @dataclass
@@ -132,11 +159,222 @@ def _paired(ref: Run, run: Run, n_boot: int) -> dict[str, Any]:
             "run_only": res["b_only"],
         }
     res = paired_bootstrap(bench, ref.records, run.records, bench.primary, n_boot=n_boot)
-    return {"test": f"paired bootstrap ({bench.primary})", **res}
+    n = len({r["id"] for r in ref.records} & {r["id"] for r in run.records})
+    return {"test": f"paired bootstrap ({bench.primary})", "n": n, **res}
 
 
 #: stamped into compare.json, so a rerun into the same --out can tell its own result from others'
-COMPARE_FORMAT = "causalmm-compare/1"
+COMPARE_FORMAT = "causalmm-compare/2"
+
+#: the level of the "significant after Holm" mark: an adjusted p at most this is significant
+ALPHA = 0.05
+
+#: generation options that only choose how a token is drawn; a sampled baseline differs from a greedy one here
+SAMPLING_KEYS = frozenset({"do_sample", "temperature", "top_p", "top_k"})
+
+#: what each baseline is, in words (tables, headings)
+BASELINE_TITLES = {
+    "greedy": "regular greedy decoding",
+    "sampled": "regular sampled decoding",
+    "first": "the first run",
+}
+
+
+def _generation(info: dict[str, Any]) -> dict[str, Any]:
+    """``run.json``'s generation options with unset (``None``) values dropped and ``do_sample`` spelt out:
+    absent, it is transformers' default, greedy, so a run made through the API and one made by the CLI (which
+    writes ``do_sample: false``) read the same."""
+    gen = {k: v for k, v in (info.get("generation") or {}).items() if v is not None}
+    gen["do_sample"] = bool(gen.get("do_sample", False))
+    return gen
+
+
+def _search(info: dict[str, Any]) -> dict[str, Any]:
+    """The generation options other than sampling: what a baseline must share with a method (its length)."""
+    return {k: v for k, v in _generation(info).items() if k not in SAMPLING_KEYS}
+
+
+def _kind(info: dict[str, Any]) -> str | None:
+    """``greedy`` or ``sampled`` for a regular run drawing one token at a time; ``None`` otherwise (another
+    method, or beam search, which is neither baseline)."""
+    if (info.get("config") or {}).get("method") != "regular":
+        return None
+    gen = _generation(info)
+    if gen.get("num_beams", 1) not in (1, None):
+        return None
+    return "sampled" if gen["do_sample"] else "greedy"
+
+
+def find_baselines(infos: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The regular greedy and regular sampled runs among ``infos`` (``run.json`` contents, in the order given):
+    ``{"greedy": {"index": i, "why": ...}, "sampled": {...}}``, a kind absent where no run is of it.
+
+    A baseline must differ from the methods only in the method (and, for the sampled one, in sampling), or a
+    difference in length passes for a difference in method: among several regular runs of a kind, the one
+    with the ``max_new_tokens`` that most non-regular runs use wins, then the one whose other generation
+    options (beams, penalties) match the most common among them, then the first given. Without non-regular
+    runs, the first run's options are the target.
+    """
+    if not infos:
+        return {}
+    others = [info for info in infos if (info.get("config") or {}).get("method") != "regular"]
+    methods = others or list(infos[:1])
+    lengths = Counter(_search(info).get("max_new_tokens") for info in methods)
+    searches = Counter(json.dumps(_search(info), sort_keys=True) for info in methods)
+    # Counter.most_common keeps first-seen order among ties: the first given wins a tie
+    target_len, n_len = lengths.most_common(1)[0]
+    target_search = searches.most_common(1)[0][0]
+    out: dict[str, dict[str, Any]] = {}
+    for kind in ("greedy", "sampled"):
+        found = [i for i, info in enumerate(infos) if _kind(info) == kind]
+        if not found:
+            continue
+
+        def rank(i: int) -> tuple[bool, bool, int]:
+            search = _search(infos[i])
+            return (search.get("max_new_tokens") != target_len, json.dumps(search, sort_keys=True) != target_search, i)
+
+        best = min(found, key=rank)
+        length = _search(infos[best]).get("max_new_tokens")
+        why = f"regular decoding, {kind}, max_new_tokens {length}"
+        if len(found) > 1:
+            if length != target_len:
+                why += f": the first of {len(found)} {kind} runs, none at max_new_tokens {target_len}"
+            elif others:
+                why += f", as {n_len} of the {len(others)} other methods' runs use; {len(found)} {kind} runs given"
+            else:
+                why += f", as the first run; {len(found)} {kind} runs given"
+        out[kind] = {"index": best, "why": why}
+    return out
+
+
+def curve_verdict(curve: Sequence[tuple[float, float]], chair_i: float, recall: float) -> dict[str, Any]:
+    """Where the point (``chair_i``, ``recall``) lies against the trivial curve ``curve`` ((CHAIR_i, recall)
+    of regular decoding at several lengths).
+
+    The curve's recall at ``chair_i`` is the linear interpolation between the two curve points nearest in
+    CHAIR_i on either side (the best recall where several points share a CHAIR_i: a trivial baseline reaches
+    it). Returns ``recall_at`` (that recall), ``margin`` (``recall - recall_at``), ``between`` (indices of the
+    one or two curve points used) and ``verdict``: ``above``, ``below``, ``on`` (within 1e-9), or ``outside``
+    where ``chair_i`` is beyond the curve's CHAIR_i range, where no reading would be honest: extrapolating a
+    curve of lengths says nothing about captions no length gives.
+    """
+    inside = [x for x, _ in curve]
+    if not curve or not min(inside) <= chair_i <= max(inside):
+        return {"recall_at": None, "margin": None, "between": [], "verdict": "outside"}
+    lo = max(x for x in inside if x <= chair_i)
+    hi = min(x for x in inside if x >= chair_i)
+
+    def best(x: float) -> int:
+        return max((i for i, (cx, _) in enumerate(curve) if cx == x), key=lambda i: curve[i][1])
+
+    a, b = best(lo), best(hi)
+    ya, yb = curve[a][1], curve[b][1]
+    at = ya if a == b else ya + (yb - ya) * (chair_i - lo) / (hi - lo)
+    margin = recall - at
+    verdict = "on" if abs(margin) <= 1e-9 else "above" if margin > 0 else "below"
+    return {"recall_at": at, "margin": margin, "between": sorted({a, b}), "verdict": verdict}
+
+
+def _method_text(row: dict[str, Any]) -> str:
+    return f"{row['method']}" + (f"/{row['mode']}" if row["method"] == "causalmm" else "")
+
+
+def _frontier(rows: list[dict[str, Any]], infos: list[dict[str, Any]], curve_of: int | None) -> dict[str, Any]:
+    """CHAIR's recall against CHAIR_i: every run's point (its metrics, as the table shows them), the curve of
+    regular runs decoding as the run ``curve_of`` does at every length given, and each other run's verdict."""
+    points = []
+    for row, info in zip(rows, infos, strict=True):
+        gen = _generation(info)
+        points.append(
+            {
+                "label": row["run"],
+                "method": _method_text(row),
+                "max_new_tokens": gen.get("max_new_tokens"),
+                "do_sample": gen["do_sample"],
+                "chair_i": row["metrics"]["CHAIR_i"],
+                "recall": row["metrics"]["recall"],
+            }
+        )
+    notes: list[str] = []
+    on_curve: list[int] = []
+    if curve_of is None:
+        notes.append("no regular greedy or sampled run: no trivial curve to judge the methods against")
+    else:
+        decoding = {k: v for k, v in _generation(infos[curve_of]).items() if k != "max_new_tokens"}
+        lengths: dict[Any, int] = {}
+        for i, info in enumerate(infos):
+            same = {k: v for k, v in _generation(info).items() if k != "max_new_tokens"} == decoding
+            if _kind(info) is not None and same:
+                length = points[i]["max_new_tokens"]
+                if length in lengths:
+                    notes.append(
+                        f"{points[i]['label']} repeats max_new_tokens {length} of {points[lengths[length]]['label']}"
+                        " on the regular curve: only the first is on it"
+                    )
+                    continue
+                lengths[length] = i
+        on_curve = [lengths[k] for k in sorted(lengths, key=lambda v: (v is None, v or 0))]
+    curve = [{k: points[i][k] for k in ("label", "max_new_tokens", "chair_i", "recall")} for i in on_curve]
+    xs = [c["chair_i"] for c in curve]
+    monotone = all(a <= b for a, b in zip(xs, xs[1:], strict=False))
+    if not monotone:
+        notes.append(
+            "CHAIR_i of the regular curve does not rise with max_new_tokens: the verdicts interpolate between "
+            "the regular points nearest in CHAIR_i, which the drawn line (in max_new_tokens order) may not join"
+        )
+    if len(curve) == 1:
+        notes.append("one regular length only: the curve is a point; give regular runs at other --max-new-tokens")
+    pairs = [(c["chair_i"], c["recall"]) for c in curve]
+    verdicts = []
+    for i, point in enumerate(points):
+        if i in on_curve:
+            continue
+        v = curve_verdict(pairs, point["chair_i"], point["recall"])
+        dominated = [
+            c["label"]
+            for c in curve
+            if c["chair_i"] <= point["chair_i"]
+            and c["recall"] >= point["recall"]
+            and (c["chair_i"], c["recall"]) != (point["chair_i"], point["recall"])
+        ]
+        verdicts.append(
+            {
+                "label": point["label"],
+                "chair_i": point["chair_i"],
+                "recall": point["recall"],
+                "recall_at": v["recall_at"],
+                "margin": v["margin"],
+                "between": [curve[k]["label"] for k in v["between"]],
+                "verdict": v["verdict"],
+                "dominated_by": dominated,
+            }
+        )
+    return {
+        "x": "CHAIR_i",
+        "y": "recall",
+        "points": points,
+        "curve": curve,
+        "curve_decoding": None if curve_of is None else _decoding_text(_generation(infos[curve_of]), length=False),
+        "monotone": monotone,
+        "verdicts": verdicts,
+        "notes": notes,
+    }
+
+
+def _decoding_text(gen: dict[str, Any], *, length: bool = True) -> str:
+    """Generation options in words: ``greedy, 64 tokens``, ``sampled (temperature 1.0), 64 tokens``."""
+    beams = gen.get("num_beams", 1)
+    if gen.get("do_sample"):
+        opts = [f"{k} {gen[k]}" for k in ("temperature", "top_p", "top_k") if k in gen]
+        words = "sampled" + (f" ({', '.join(opts)})" if opts else "")
+    else:
+        words = "greedy" if beams in (1, None) else f"beam search ({beams})"
+    if beams not in (1, None) and gen.get("do_sample"):
+        words += f", {beams} beams"
+    if length:
+        words += f", {gen.get('max_new_tokens', '?')} tokens"
+    return words
 
 
 def _image_inputs(paths: Sequence[str | Path]) -> list[tuple[str, str | None]]:
@@ -161,9 +399,16 @@ def compare_runs(
     html: str | Path | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Compare run folders; writes ``compare.md``, ``compare.json`` (and ``compare.png``) into ``out``, and,
-    given ``html``, one self-contained page with the table, the chart and the samples where the runs disagree
-    (:mod:`.html_report`; ``command`` is the command line it names as its origin)."""
+    """Compare run folders; writes ``compare.md``, ``compare.json`` (and ``compare.png``, and for CHAIR
+    ``frontier.png``) into ``out``, and, given ``html``, one self-contained page with the tables, the charts and
+    the samples where the runs disagree (:mod:`.html_report`; ``command`` is the command line it names as its
+    origin).
+
+    ``compare.json``: ``references`` (the baselines, each with its Holm family), ``runs`` (each with its
+    metrics, intervals and ``tests``: one paired test per baseline it is tested against, raw ``p``, ``p_holm``
+    and ``significant``; ``vs_first`` too where the first run is a baseline, as earlier versions wrote it),
+    and for CHAIR ``frontier``.
+    """
     if len(paths) < 1:
         raise BenchmarkError("give at least one run folder")
     from ..inputs import InputError, check_output_file
@@ -176,7 +421,7 @@ def compare_runs(
         if out is not None:
             check_results_folder(
                 out, "--out", main="compare.json", fmt="causalmm-compare/",
-                writes=("compare.md", "compare.json", "compare.png"), inputs=inputs,
+                writes=("compare.md", "compare.json", "compare.png", "frontier.png"), inputs=inputs,
                 same=lambda earlier: earlier.get("sources") == sources, what="other runs",
             )  # fmt: skip
         if html is not None:
@@ -191,33 +436,68 @@ def compare_runs(
     notes = check_same_samples(runs)
     labels = _unique_labels(runs)
     ref = runs[0]
+    primary = ref.bench.primary
+    infos = [r.info for r in runs]
+    found = find_baselines(infos)
+    references = [
+        {"name": kind, "run": labels[b["index"]], "index": b["index"], "title": BASELINE_TITLES[kind], "why": b["why"]}
+        for kind, b in found.items()
+    ] or [{"name": "first", "run": labels[0], "index": 0, "title": BASELINE_TITLES["first"], "why": "no regular run"}]
+    baseline_at = {r["index"] for r in references}
     rows = []
-    for run, label in zip(runs, labels, strict=True):
-        metrics = seed_metrics(run.bench, run.records)
-        row = {
-            "run": label,
-            "path": str(run.path),
-            "method": (run.info.get("config") or {}).get("method"),
-            "mode": (run.info.get("config") or {}).get("mode"),
-            "seeds": sorted({r["seed"] for r in run.records}),
-            "n": len({r["id"] for r in run.records}),
-            "metrics": metrics,
-            "ci95": {k: list(v) for k, v in bootstrap_ci(run.bench, run.records, n_boot=n_boot).items()},
-        }
-        if run is not ref:
-            row["vs_first"] = _paired(ref, run, n_boot)
-            row["vs_first"]["diff"] = metrics[ref.bench.primary] - rows[0]["metrics"][ref.bench.primary]
-        rows.append(row)
-    shown = ref.bench.headline_metrics(rows[0]["metrics"])
-    result = {
+    for i, (run, label, info) in enumerate(zip(runs, labels, infos, strict=True)):
+        rows.append(
+            {
+                "run": label,
+                "path": str(run.path),
+                "method": (info.get("config") or {}).get("method"),
+                "mode": (info.get("config") or {}).get("mode"),
+                "decoding": _decoding_text(_generation(info)),
+                "max_new_tokens": _generation(info).get("max_new_tokens"),
+                "seeds": sorted({r["seed"] for r in run.records}),
+                "n": len({r["id"] for r in run.records}),
+                "metrics": seed_metrics(run.bench, run.records),
+                "ci95": {k: list(v) for k, v in bootstrap_ci(run.bench, run.records, n_boot=n_boot).items()},
+                "baseline_of": [r["name"] for r in references if r["index"] == i],
+                "tests": {},
+            }
+        )
+    for reference in references:
+        base = runs[reference["index"]]
+        tested = [i for i in range(len(runs)) if i not in baseline_at]
+        for i in tested:
+            test = _paired(base, runs[i], n_boot)
+            test["diff"] = rows[i]["metrics"][primary] - rows[reference["index"]]["metrics"][primary]
+            rows[i]["tests"][reference["name"]] = test
+            if reference["name"] != "first" and _search(infos[i]) != _search(infos[reference["index"]]):
+                if (infos[i].get("config") or {}).get("method") != "regular":
+                    notes.append(
+                        f"{labels[i]} ({rows[i]['decoding']}) and the {reference['name']} baseline "
+                        f"{reference['run']} ({rows[reference['index']]['decoding']}) differ in more than the "
+                        "method: their difference is not the method's alone"
+                    )
+        family = [rows[i]["tests"][reference["name"]] for i in tested]
+        for test, adjusted in zip(family, holm([t["p"] for t in family]), strict=True):
+            test["p_holm"] = adjusted
+            test["significant"] = adjusted <= ALPHA
+        reference["family"] = len(family)
+    if references[0]["index"] == 0:
+        for row in rows[1:]:  # what earlier versions wrote: the test against the first run
+            row["vs_first"] = row["tests"][references[0]["name"]]
+    result: dict[str, Any] = {
         "format": COMPARE_FORMAT,
         "benchmark": ref.bench.name,
-        "primary": ref.bench.primary,
-        "metrics": shown,
+        "primary": primary,
+        "metrics": ref.bench.headline_metrics(rows[0]["metrics"]),
+        "alpha": ALPHA,
+        "references": references,
         "runs": rows,
         "sources": sources,
     }
-    result["notes"] = notes
+    if all({"CHAIR_i", "recall"} <= row["metrics"].keys() for row in rows):
+        curve_of = found.get("greedy", found.get("sampled", {})).get("index")
+        result["frontier"] = _frontier(rows, infos, curve_of)
+    result["notes"] = list(dict.fromkeys(notes))
     table = render_table(result)
     if out is not None:
         out = Path(out)
@@ -227,6 +507,8 @@ def compare_runs(
             (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
             if plot:
                 result["plot"] = str(plot_runs(result, out / "compare.png"))
+                if "frontier" in result:
+                    result["frontier_plot"] = str(plot_frontier(result, out / "frontier.png"))
         except OSError as err:
             raise BenchmarkError(f"cannot write to --out {out} ({err.strerror or err}); pick another folder") from None
     if html is not None:
@@ -240,14 +522,15 @@ def _write_html(result: dict[str, Any], runs: list[Run], path: Path, plot: bool,
 
     from .html_report import render_html
 
-    png = None
+    png = frontier_png = None
     if plot:
-        if result.get("plot"):
-            png = Path(result["plot"]).read_bytes()
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                png = plot_runs(result, Path(tmp) / "compare.png").read_bytes()
-    page = render_html(result, runs, plot_png=png, command=command)
+        with tempfile.TemporaryDirectory() as tmp:
+            # the files just written into --out, else drawn afresh: the page shows the same pictures
+            png = Path(result.get("plot") or plot_runs(result, Path(tmp) / "compare.png")).read_bytes()
+            if "frontier" in result:
+                drawn = result.get("frontier_plot") or plot_frontier(result, Path(tmp) / "frontier.png")
+                frontier_png = Path(drawn).read_bytes()
+    page = render_html(result, runs, plot_png=png, frontier_png=frontier_png, command=command)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")
@@ -265,28 +548,146 @@ def _unique_labels(runs: list[Run]) -> list[str]:
     return labels
 
 
-def render_table(result: dict[str, Any]) -> str:
-    """Markdown: one row per run, ``value [lo, hi]`` per metric, then the paired test against the first."""
-    shown, primary = result["metrics"], result["primary"]
-    head = ["run", "method", "n", *shown, f"Δ {primary} vs first", "p (test)"]
-    lines = [
-        f"# {result['benchmark'].upper()}: comparison (95% bootstrap CIs; paired test vs the first run)",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
+# -- tables: one set of cells, which the markdown and the HTML page both print, so they show the same numbers --
+def format_p(p: float) -> str:
+    """A p-value as the tables print it (three significant digits)."""
+    return f"{p:.3g}"
+
+
+def runs_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the main table: one row per run, ``value [lo, hi]`` per metric, its role."""
+    shown = result["metrics"]
+    head = ["run", "method", "n", "decoding", *shown, "baseline"]
+    rows = []
     for row in result["runs"]:
-        method = f"{row['method']}" + (f"/{row['mode']}" if row["method"] == "causalmm" else "")
-        cells = [row["run"], method, str(row["n"])]
+        cells = [row["run"], _method_text(row), str(row["n"]), row["decoding"]]
         for m in shown:
             lo, hi = row["ci95"].get(m, (float("nan"), float("nan")))
             cells.append(f"{row['metrics'][m]:.2f} [{lo:.2f}, {hi:.2f}]")
-        vs = row.get("vs_first")
-        if vs:
-            cells += [f"{vs['diff']:+.2f}", f"{vs['p']:.3g} ({vs['test']})"]
+        roles = [("reference" if name == "first" else f"{name} baseline") for name in row["baseline_of"]]
+        cells.append(", ".join(roles) or "—")
+        rows.append(cells)
+    return head, rows
+
+
+def tests_table(result: dict[str, Any], reference: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the paired tests of every run against ``reference`` (one of
+    ``result["references"]``): the difference, the test, its evidence, raw and Holm-adjusted p."""
+    head = [
+        "run",
+        f"Δ {result['primary']} (run − baseline)",
+        "test",
+        "n",
+        "evidence",
+        "p",
+        "p (Holm)",
+        f"significant at {result['alpha']} (Holm)",
+    ]
+    rows = []
+    for row in result["runs"]:
+        test = row["tests"].get(reference["name"])
+        if test is None:
+            continue
+        if "ref_only" in test:
+            evidence = f"only baseline right: {int(test['ref_only'])}, only run right: {int(test['run_only'])}"
         else:
-            cells += ["—", "reference"]
-        lines.append("| " + " | ".join(cells) + " |")
+            evidence = f"Δ 95% CI [{test['lo']:+.2f}, {test['hi']:+.2f}]"
+        rows.append(
+            [
+                row["run"],
+                f"{test['diff']:+.2f}",
+                test["test"],
+                str(test["n"]),
+                evidence,
+                format_p(test["p"]),
+                format_p(test["p_holm"]),
+                "yes" if test["significant"] else "no",
+            ]
+        )
+    return head, rows
+
+
+def frontier_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the CHAIR frontier: the regular curve's points, then every other run with the
+    curve's recall at its CHAIR_i and its verdict."""
+    fr = result["frontier"]
+    head = ["run", "method", "max_new_tokens", "CHAIR_i", "recall", "curve's recall at its CHAIR_i", "margin",
+            "verdict", "dominated by"]  # fmt: skip
+    method = {p["label"]: p["method"] for p in fr["points"]}
+    rows = [
+        [
+            c["label"],
+            method[c["label"]],
+            str(c["max_new_tokens"]),
+            f"{c['chair_i']:.2f}",
+            f"{c['recall']:.2f}",
+            "—",
+            "—",
+            "regular curve",
+            "—",
+        ]  # fmt: skip
+        for c in fr["curve"]
+    ]
+    length = {p["label"]: p["max_new_tokens"] for p in fr["points"]}
+    for v in fr["verdicts"]:
+        at = "—" if v["recall_at"] is None else f"{v['recall_at']:.2f}"
+        margin = "—" if v["margin"] is None else f"{v['margin']:+.2f}"
+        rows.append(
+            [
+                v["label"],
+                method[v["label"]],
+                str(length[v["label"]]),
+                f"{v['chair_i']:.2f}",
+                f"{v['recall']:.2f}",
+                at,
+                margin,
+                v["verdict"],
+                ", ".join(v["dominated_by"]) or "—",
+            ]  # fmt: skip
+        )
+    return head, rows
+
+
+def reference_text(reference: dict[str, Any]) -> str:
+    """One line on a baseline: which run, why it, and its Holm family."""
+    return (
+        f"Baseline {reference['run']} ({reference['why']}); {reference['family']} run(s) tested against it form "
+        "one family, Holm–Bonferroni adjusted."
+    )
+
+
+#: what the frontier section says above its table
+FRONTIER_TEXT = (
+    "Regular decoding at several max_new_tokens is the trivial curve: shorter captions name fewer objects, so "
+    "they hallucinate fewer (lower CHAIR_i) and recall fewer. A run above the curve recalls more objects than "
+    "regular decoding at the same CHAIR_i (interpolated between the nearest regular points); one on or below it "
+    "does no better than shortening captions. Outside: beyond the curve's CHAIR_i range, not judged."
+)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """Markdown: the runs with their intervals, one section of paired tests per baseline, the CHAIR frontier."""
+    refs = " and ".join(f"{r['title']} ({r['run']})" for r in result["references"])
+    lines = [
+        f"# {result['benchmark'].upper()}: comparison (95% bootstrap CIs; paired tests against {refs}, Holm-adjusted)",
+        "",
+        *_md_table(*runs_table(result)),
+    ]
+    for reference in result["references"]:
+        lines += ["", f"## Paired tests against {reference['title']} ({reference['run']})", ""]
+        lines.append(reference_text(reference))
+        head, rows = tests_table(result, reference)
+        lines += ["", *_md_table(head, rows)] if rows else ["", "No other run to test."]
+    if "frontier" in result:
+        fr = result["frontier"]
+        lines += ["", "## CHAIR: recall against CHAIR_i (the frontier)", "", FRONTIER_TEXT, ""]
+        lines += _md_table(*frontier_table(result))
+        if fr["notes"]:
+            lines += ["", *(f"Note: {note}" for note in fr["notes"])]
     if result.get("notes"):
         lines += ["", *(f"Note: {note}" for note in result["notes"])]
     return "\n".join(lines) + "\n"
@@ -312,6 +713,50 @@ def plot_runs(result: dict[str, Any], path: Path) -> Path:
         ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=row["run"])
     ax.set_xticks(x, shown)
     ax.set_title(f"{result['benchmark'].upper()} (bars: 95% bootstrap CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _legend(verdict: dict[str, Any]) -> str:
+    dominated = verdict["dominated_by"]
+    return f"{verdict['label']}: {verdict['verdict']}" + (
+        f" (dominated by {', '.join(dominated)})" if dominated else ""
+    )
+
+
+def plot_frontier(result: dict[str, Any], path: Path) -> Path:
+    """CHAIR's recall against CHAIR_i, saved as PNG: the regular curve (its points labelled by max_new_tokens)
+    and every other run with its 95% intervals on both axes, its verdict in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fr = result["frontier"]
+    ci = {row["run"]: row["ci95"] for row in result["runs"]}
+    fig, ax = plt.subplots(figsize=(7.0, 5.0), dpi=100)
+    if fr["curve"]:
+        xs, ys = [c["chair_i"] for c in fr["curve"]], [c["recall"] for c in fr["curve"]]
+        ax.plot(xs, ys, "-o", color="0.45", label=f"regular ({fr['curve_decoding']}), by max_new_tokens", zorder=2)
+        for k, c in enumerate(fr["curve"]):  # alternate sides: neighbouring lengths often nearly coincide
+            ax.annotate(str(c["max_new_tokens"]), (c["chair_i"], c["recall"]), textcoords="offset points",
+                        xytext=(6, -12 if k % 2 else 5), fontsize=8, color="0.3")  # fmt: skip
+    markers = "sD^vP*Xhp<>"
+    for k, v in enumerate(fr["verdicts"]):
+        x, y, bounds = v["chair_i"], v["recall"], ci.get(v["label"], {})
+        xlo, xhi = bounds.get("CHAIR_i", (x, x))
+        ylo, yhi = bounds.get("recall", (y, y))
+        xerr = [[max(0.0, x - xlo)], [max(0.0, xhi - x)]]
+        yerr = [[max(0.0, y - ylo)], [max(0.0, yhi - y)]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[k % len(markers)], capsize=3,
+                    label=_legend(v), zorder=3)  # fmt: skip
+    ax.set_xlabel("CHAIR_i (%), lower is better")
+    ax.set_ylabel("object recall (%), higher is better")
+    ax.set_title("CHAIR: recall against CHAIR_i (up and left is better; bars: 95% bootstrap CI)", fontsize=10)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import BenchmarkError
+from .compare import FRONTIER_TEXT, frontier_table, reference_text, runs_table, tests_table
 
 __all__ = ["KINDS", "disagreements", "render_html", "sample_images"]
 
@@ -171,10 +172,12 @@ def render_html(
     runs: Sequence[Any],
     *,
     plot_png: bytes | None = None,
+    frontier_png: bytes | None = None,
     command: str | None = None,
 ) -> str:
     """The page of a comparison (``result`` as :func:`~causalmm.benchmarks.compare.compare_runs` builds it,
-    ``runs`` its loaded runs, in order)."""
+    ``runs`` its loaded runs, in order; ``plot_png`` and ``frontier_png`` the charts written beside it). Its
+    tables print the cells :mod:`.compare` builds for ``compare.md``, so the page and the file agree."""
     labels = [row["run"] for row in result["runs"]]
     flips = disagreements(runs, labels)
     wanted = {f["id"]: f["image_digest"] for f in flips if f["image_digest"]}
@@ -200,14 +203,29 @@ def render_html(
         f'<p class="meta">Made {esc(when)} by causalmm compare'
         + (f" — <code>{esc(command)}</code>" if command else "")
         + "</p>",
-        "<h2>Metrics (95% bootstrap intervals; paired test against the first run)</h2>",
-        _metrics_table(result),
+        "<h2>Metrics (95% bootstrap intervals)</h2>",
+        _table("metrics", *runs_table(result)),
     ]
+    if plot_png:
+        parts.append(_img(plot_png, "metrics with intervals"))
+    for reference in result["references"]:
+        parts += [
+            f"<h2>Paired tests against {esc(reference['title'])} ({esc(reference['run'])})</h2>",
+            f"<p>{esc(reference_text(reference))}</p>",
+        ]
+        head, rows = tests_table(result, reference)
+        parts.append(_table(f"tests-{reference['name']}", head, rows) if rows else "<p>No other run to test.</p>")
+    if "frontier" in result:
+        parts += [
+            "<h2>CHAIR: recall against CHAIR_i (the frontier)</h2>",
+            f"<p>{esc(FRONTIER_TEXT)}</p>",
+            _table("frontier", *frontier_table(result)),
+            *(f'<p class="meta">Note: {esc(n)}</p>' for n in result["frontier"]["notes"]),
+        ]
+        if frontier_png:
+            parts.append(_img(frontier_png, "recall against CHAIR_i, with the regular curve"))
     if result.get("notes"):
         parts += [f'<p class="meta">Note: {esc(n)}</p>' for n in result["notes"]]
-    if plot_png:
-        src = "data:image/png;base64," + base64.b64encode(plot_png).decode("ascii")
-        parts.append(f'<p><img alt="metrics with intervals" src="{src}" style="max-width:100%"></p>')
     parts += [
         "<h2>Where the runs disagree</h2>",
         "<p>A sample is listed when a run's parsed answer differs from the first run's; "
@@ -240,29 +258,24 @@ def render_html(
     return "\n".join(parts) + "\n"
 
 
-def _metrics_table(result: dict[str, Any]) -> str:
+def _img(png: bytes, alt: str) -> str:
+    src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return f'<p><img alt="{html.escape(alt)}" src="{src}" style="max-width:100%"></p>'
+
+
+def _table(table_id: str, head: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of the cells :mod:`.compare` builds; cells that read as numbers are right-aligned."""
     esc = html.escape
-    shown, primary = result["metrics"], result["primary"]
-    head = ["run", "method", "n", *shown, f"Δ {primary} vs first", "p (test)", "first only / run only"]
-    rows = ['<table id="metrics"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
-    for row in result["runs"]:
-        method = f"{row['method']}" + (f"/{row['mode']}" if row["method"] == "causalmm" else "")
-        cells = [f"<td>{esc(row['run'])}</td>", f"<td>{esc(method)}</td>", f'<td class="num">{row["n"]}</td>']
-        for m in shown:
-            lo, hi = row["ci95"].get(m, (float("nan"), float("nan")))
-            cells.append(f'<td class="num">{row["metrics"][m]:.2f} [{lo:.2f}, {hi:.2f}]</td>')
-        vs = row.get("vs_first")
-        if vs:
-            flips = f"{int(vs['ref_only'])} / {int(vs['run_only'])}" if "ref_only" in vs else "—"
-            cells += [
-                f'<td class="num">{vs["diff"]:+.2f}</td>',
-                f"<td>{vs['p']:.3g} ({esc(vs['test'])})</td>",
-                f'<td class="num">{flips}</td>',
-            ]
-        else:
-            cells += ["<td>—</td>", "<td>reference</td>", "<td>—</td>"]
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return "\n".join(rows) + "</table>"
+    out = [f'<table id="{esc(table_id)}"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
+    for cells in rows:
+        tds = "".join(f'<td class="num">{esc(c)}</td>' if _numeric(c) else f"<td>{esc(c)}</td>" for c in cells)
+        out.append(f"<tr>{tds}</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _numeric(cell: str) -> bool:
+    head = cell.split(" ", 1)[0].lstrip("+-−")
+    return head.replace(".", "", 1).replace("e-", "", 1).isdigit()
 
 
 def _counts_table(counts: dict[str, dict[str, int]]) -> str:
@@ -287,8 +300,10 @@ def _sample_html(f: dict[str, Any], digest_class: dict[str, str]) -> str:
     )
     rows = []
     for i, a in enumerate(f["answers"]):
-        badge = '<span class="kind ref">first</span>' if i == 0 else (
-            f'<span class="kind {a["kind"]}">{a["kind"]}</span>' if a["kind"] else "agrees"
+        badge = (
+            '<span class="kind ref">first</span>'
+            if i == 0
+            else (f'<span class="kind {a["kind"]}">{a["kind"]}</span>' if a["kind"] else "agrees")
         )
         text = "(no record for this seed)" if a["text"] is None else a["text"]
         rows.append(

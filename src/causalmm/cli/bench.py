@@ -211,9 +211,12 @@ def compare(
     html: Annotated[
         Path | None, typer.Option(help="Also write one self-contained page: table, chart, disagreeing samples.")
     ] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals and paired bootstraps.")] = 1000,
 ) -> None:
-    """Table of metrics with 95% bootstrap CIs and paired tests against the first run, plus a bar chart; with
-    --html, a page listing the samples where the runs disagree (fixed or broken by each run), with images."""
+    """Table of metrics with 95% bootstrap CIs and paired tests against regular greedy and regular sampled
+    decoding where runs of them are given (else against the first run), Holm-adjusted across the methods, plus a
+    bar chart; for CHAIR, each run's recall against CHAIR_i beside regular decoding at other lengths
+    (frontier.png). With --html, a page listing the samples where the runs disagree, with images."""
     import shlex
 
     from ..benchmarks import BenchmarkError
@@ -221,7 +224,8 @@ def compare(
 
     command = shlex.join(["causalmm", *sys.argv[1:]])
     try:
-        result = compare_runs(runs, out or Path("compare"), plot=plot, html=html, command=command)
+        within("--n-boot", n_boot, 100, 100_000)
+        result = compare_runs(runs, out or Path("compare"), plot=plot, html=html, command=command, n_boot=n_boot)
     except BenchmarkError as err:
         fail(str(err))
     sys.stdout.write(result["table"])

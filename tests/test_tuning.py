@@ -201,10 +201,11 @@ def test_tune_and_eval_tuned_from_the_command_line(model_dirs, pope_root, tmp_pa
     assert [e["settings"]["language_layers"] for e in tuning["grid"]["causalmm/language"]] == ["all", "all"]
     test = {d for d, _ in tuning["split"]["test"]}
 
-    def ev(out, data, *extra, tokens="2", check=True):
+    def ev(out, data, *extra, tokens="2", check=True, tuned=True):
         return causalmm_cli(
-            "eval", "pope", "--out", out, "--tuned", tmp_path / "t" / "tuning.json", "--data", data, "--model", model,
-            "--images", root / "images", "--max-new-tokens", tokens, "--no-progress", *extra, check=check,
+            "eval", "pope", "--out", out, "--tuned" if tuned else "--test-split", tmp_path / "t" / "tuning.json",
+            "--data", data, "--model", model, "--images", root / "images", "--max-new-tokens", tokens, "--no-progress",
+            *extra, check=check,
         )  # fmt: skip
 
     ev(tmp_path / "e", root / "q.json", "--method", "causalmm/language")
@@ -218,15 +219,20 @@ def test_tune_and_eval_tuned_from_the_command_line(model_dirs, pope_root, tmp_pa
     mixed = [r for r in rows if r["image"] in dev_names][:1] + [r for r in rows if r["image"] not in dev_names][:2]
     (tmp_path / "mixed.json").write_text("".join(json.dumps(r) + "\n" for r in mixed))
     bad = ev(tmp_path / "m", tmp_path / "mixed.json", "--method", "causalmm/language", check=False)
-    assert bad.returncode == 2 and "of the tune's dev split" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "image(s) of the dev split of --tuned" in bad.stderr, bad.stderr
     clean = [r for r in rows if r["image"] not in dev_names][:2]
     (tmp_path / "clean.json").write_text("".join(json.dumps(r) + "\n" for r in clean))
     ev(tmp_path / "c", tmp_path / "clean.json", "--method", "causalmm/language")
     assert "subset" not in json.loads((tmp_path / "c" / "run.json").read_text())
+    # a baseline the tune did not run (regular sampled) on the same test images
+    ev(tmp_path / "s", root / "q.json", "--method", "regular", "--do-sample", tuned=False)
+    sampled = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert sampled["subset"] == info["subset"] and sampled["generation"]["do_sample"] is True
     for extra, tokens, message in [
         (["--method", "causalmm/language", "--gamma", "2"], "2", "--tuned fixes the decoding settings; drop --gamma"),
         (["--method", "vcd"], "2", "no choice for --method 'vcd'"),
         (["--method", "causalmm/language"], "3", "max_new_tokens 2 there, 3 here"),
+        (["--method", "causalmm/language", "--test-split", tmp_path / "t"], "2", "drop --test-split"),
     ]:
         proc = ev(tmp_path / "x", root / "q.json", *extra, tokens=tokens, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

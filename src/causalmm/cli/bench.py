@@ -106,11 +106,16 @@ def eval_(
         Path | None,
         typer.Option(help="A tuning.json of `causalmm tune`: run --method NAME's choice on the test images only."),
     ] = None,
+    test_split: Annotated[
+        Path | None,
+        typer.Option(help="A tuning.json of `causalmm tune`: run these decoding flags on its test images only."),
+    ] = None,
 ) -> None:
     """Run a benchmark into a run folder (resumable), score it, write metrics.json and report.md.
 
     With --tuned tuning.json --method NAME, the settings the tune chose for NAME run on the images it kept for
-    test (the data it split), or on another file that shares no image with its dev split.
+    test (the data it split), or on another file that shares no image with its dev split; --test-split
+    tuning.json runs the decoding flags given (a baseline such as regular sampled decoding) on those images.
 
     Under `accelerate launch -m causalmm eval ...` (or with --num-processes N) the samples are dealt across
     the processes, each appending to its own shard; the main process merges them into the same files a
@@ -131,6 +136,8 @@ def eval_(
     relaunch = num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
 
     run_seeds = _parse_seeds(seed, seeds)
+    if tuned is not None and test_split is not None:
+        fail("--tuned already runs on the tune's test images; drop --test-split")
     try:
         generation = sampling(do_sample, temperature, top_p, top_k)
         generation.update(search(num_beams, length_penalty, early_stopping, no_repeat_ngram_size))
@@ -146,6 +153,10 @@ def eval_(
             choice, extra = config.config(seed=run_seeds[0])
             spec = RunSpec(benchmark, model, data, images, choice, {**generation, **extra}, run_seeds, limit, options)
             spec.subset = test_subset(spec, config)
+        elif test_split is not None:  # a baseline (regular sampled) or any setting on a tune's test images
+            from ..tuning.tune import load_split, test_split_subset
+
+            spec.subset = test_split_subset(spec, load_split(test_split))
     except (*user_errors(), BenchmarkError) as err:
         fail(str(err))
     if relaunch:  # the launcher holds the folder's lock for its workers and checks everything first, so bad

@@ -25,7 +25,7 @@ from .grid import Row, grid, setting_config
 from .select import Rule, select
 from .split import Split, split_by_image
 
-__all__ = ["FORMAT", "Tuned", "load_tuned", "setting_folder", "test_subset", "tune"]
+__all__ = ["FORMAT", "Tuned", "load_split", "load_tuned", "setting_folder", "test_split_subset", "test_subset", "tune"]
 
 #: stamped into tuning.json (the toy world's own tuning files say ``causalmm-toyworld-tuning``)
 FORMAT = "causalmm-tuning/1"
@@ -215,14 +215,40 @@ def test_subset(spec: RunSpec, tuned: Tuned) -> Subset | None:
             f"--tuned {tuned.path} chose its settings under other generation options ({detail}); give the tune's "
             "options (a setting chosen for 16 greedy tokens says little about 64 sampled ones)"
         )
-    overlap = set(whole.digests.values()) & set(tuned.split.dev)
+    return _test_part(whole, tuned.split, "--tuned")
+
+
+def load_split(path: str | Path) -> Split:
+    """The dev/test split of the ``tuning.json`` at ``path`` (or in the tune folder ``path``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tuning.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BenchmarkError(f"--test-split {path}: no such file; pass the tuning.json `causalmm tune` wrote") from None
+    except (OSError, ValueError) as err:
+        raise BenchmarkError(f"--test-split {path}: cannot be read as JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BenchmarkError(f"--test-split {path} is not a tuning.json of `causalmm tune` (format {FORMAT})")
+    return Split.from_dict(data["split"])
+
+
+def test_split_subset(spec: RunSpec, split: Split) -> Subset | None:
+    """``eval --test-split``: any decoding (a baseline: regular sampled, a setting of one's own) on the test images
+    of a tune's split, refused on another file that holds dev images, as ``--tuned`` is."""
+    return _test_part(plan_run(spec), split, "--test-split")
+
+
+def _test_part(whole: Any, split: Split, flag: str) -> Subset | None:
+    overlap = set(whole.digests.values()) & set(split.dev)
     if not overlap:
         return None
-    if whole.info["data_digest"] == tuned.split.data_digest:
-        return Subset("test", frozenset(tuned.split.test))
-    example = tuned.split.names.get(sorted(overlap)[0], sorted(overlap)[0])
+    if whole.info["data_digest"] == split.data_digest:
+        return Subset("test", frozenset(split.test))
+    example = split.names.get(sorted(overlap)[0], sorted(overlap)[0])
     raise BenchmarkError(
-        f"--data holds {len(overlap)} image(s) of the tune's dev split (e.g. {example}): testing on images the "
+        f"--data holds {len(overlap)} image(s) of the dev split of {flag} (e.g. {example}): testing on images the "
         "settings were chosen on inflates the result; pass the data file the tune split (its test images are "
         "run), or one without the dev images"
     )

@@ -142,7 +142,8 @@ def tune(
             f"per method, the lowest {_objective_words(results['regular'][0]['rates'])} among settings whose "
             f"prior_consistent accuracy "
             f"is at least regular's minus {max_drop} (val split, one counterfactual seed); where no setting "
-            f"qualifies, the one with the highest prior_consistent accuracy, marked admissible=false"
+            f"qualifies, the one with the highest prior_consistent accuracy, marked admissible=false; ties go to the "
+            f"higher prior_consistent accuracy, then to the earlier setting of the grid (the official one first)"
         ),
         "chosen": chosen,
         "grid": results,

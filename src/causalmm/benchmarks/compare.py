@@ -482,8 +482,10 @@ def compare_runs(
             test["significant"] = adjusted <= ALPHA
         reference["family"] = len(family)
     if references[0]["index"] == 0:
-        for row in rows[1:]:  # what earlier versions wrote: the test against the first run
-            row["vs_first"] = row["tests"][references[0]["name"]]
+        for row in rows[1:]:  # what earlier versions wrote: the test against the first run (none for the other
+            # baseline: the two baselines are not tested against each other)
+            if references[0]["name"] in row["tests"]:
+                row["vs_first"] = row["tests"][references[0]["name"]]
     result: dict[str, Any] = {
         "format": COMPARE_FORMAT,
         "benchmark": ref.bench.name,

@@ -248,6 +248,12 @@ def test_two_runs_keep_the_test_against_the_first(pope_runs, tmp_path):
     assert result["runs"][1]["vs_first"]["test"] == "McNemar"
     assert any("differ in more than the method" in note for note in result["notes"])
     assert "Note: vcd (greedy, 4 tokens) and the greedy baseline long (greedy, 8 tokens)" in result["table"]
+    # greedy first and sampled second, as a paper's table lists them: the two baselines are not tested against
+    # each other, so the sampled run has no vs_first, and the method has both tests
+    result = compare_runs([pope_runs[k] for k in ("regular", "sampled", "vcd")], None, n_boot=N_BOOT, plot=False)
+    sampled, vcd = result["runs"][1], result["runs"][2]
+    assert "vs_first" not in sampled and not sampled["tests"]
+    assert vcd["vs_first"] is vcd["tests"]["greedy"] and set(vcd["tests"]) == {"greedy", "sampled"}
 
 
 def _interp_by_hand(curve: list[tuple[float, float]], x: float) -> float | None:

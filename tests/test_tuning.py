@@ -198,6 +198,15 @@ def test_tune_and_eval_tuned_from_the_command_line(model_dirs, pope_root, tmp_pa
     )  # fmt: skip
     assert "wrote" in proc.stdout
     tuning = json.loads((tmp_path / "t" / "tuning.json").read_text())
+    # the same tune over two processes (each dev run's samples dealt between them) chooses from the same numbers
+    causalmm_cli(
+        "tune", "pope", "--data", root / "q.json", "--out", tmp_path / "t2", "--methods", "causalmm/language",
+        "--budget", "2", "--dev-images", "2", "--grid", "causalmm/language.language_layers=all", *common,
+        "--num-processes", "2",
+    )  # fmt: skip
+    two = json.loads((tmp_path / "t2" / "tuning.json").read_text())
+    assert {k: v for k, v in two.items() if k != "command"} == {k: v for k, v in tuning.items() if k != "command"}
+    assert "--num-processes" not in two["command"]
     assert [e["settings"]["language_layers"] for e in tuning["grid"]["causalmm/language"]] == ["all", "all"]
     test = {d for d, _ in tuning["split"]["test"]}
 

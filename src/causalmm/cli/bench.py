@@ -91,9 +91,9 @@ def eval_(
     no_repeat_ngram_size: NoRepeatOpt = 0,
     suffix: Annotated[str | None, typer.Option(help="POPE/MME: text appended to each question.")] = None,
     prompt: Annotated[str | None, typer.Option(help="CHAIR: the captioning prompt.")] = None,
-    parse: Annotated[str | None, typer.Option(help="POPE answer parsing: official | substring.")] = None,
+    parse: Annotated[str | None, typer.Option(help="POPE/AMBER answer parsing: official | substring.")] = None,
     category: Annotated[str | None, typer.Option(help="POPE (HF layout): keep one category.")] = None,
-    annotations: Annotated[Path | None, typer.Option(help="CHAIR: folder of the COCO annotation files.")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="CHAIR: COCO annotations; AMBER: its file.")] = None,
     attention: AttentionOpt = "sdpa",
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
@@ -188,8 +188,8 @@ def score(
     data: Annotated[
         str | None, typer.Option(help="POPE: the question file (optional for lmms-eval samples); VLind: data.json.")
     ] = None,
-    annotations: Annotated[Path | None, typer.Option(help="CHAIR: folder of the COCO annotation files.")] = None,
-    parse: Annotated[str | None, typer.Option(help="POPE answer parsing: official | substring.")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="CHAIR: COCO annotations; AMBER: its file.")] = None,
+    parse: Annotated[str | None, typer.Option(help="POPE/AMBER answer parsing: official | substring.")] = None,
     out: Annotated[Path | None, typer.Option(help="Where metrics.json goes (default: beside the predictions).")] = None,
 ) -> None:
     """Score predictions from other code bases (POPE answers, MME Your_Results, CHAIR captions, VLind JSON)."""

@@ -62,7 +62,7 @@ def tune(
     top_k: TopKOpt = None,
     suffix: Annotated[str | None, typer.Option(help="POPE/MME/AMBER: text appended to each question.")] = None,
     prompt: Annotated[str | None, typer.Option(help="CHAIR: the captioning prompt.")] = None,
-    parse: Annotated[str | None, typer.Option(help="POPE answer parsing: official | substring.")] = None,
+    parse: Annotated[str | None, typer.Option(help="POPE/AMBER answer parsing: official | substring.")] = None,
     category: Annotated[str | None, typer.Option(help="POPE (HF layout): keep one category.")] = None,
     annotations: Annotated[
         Path | None, typer.Option(help="CHAIR: the COCO annotation folder; AMBER: its file.")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import BenchmarkError
-from .compare import FRONTIER_TEXT, frontier_table, reference_text, runs_table, tests_table
+from .compare_render import FRONTIER_TEXT, frontier_table, reference_text, runs_table, tests_table
 
 __all__ = ["KINDS", "disagreements", "render_html", "sample_images"]
 

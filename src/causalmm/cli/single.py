@@ -187,7 +187,7 @@ def explain(
 def methods() -> None:
     """List the decoding methods of the registry: name, what it does, the paper and code it follows, and the
     settings it reads, each as it is given on the command line with its default, the values it takes and where
-    the default comes from."""
+    the default comes from, and the values `causalmm tune` tries (the default always among them)."""
     from ..methods import get_method, method_names
     from .common import setting_flag
 
@@ -207,7 +207,9 @@ def methods() -> None:
             else:
                 default = str(p.default).lower() if isinstance(p.default, bool) else str(p.default)
                 usage = setting_flag(p.field, shared, default)
-            lines.append(f"{usage}, {p.accepted()}: {p.source}")
+            tries = p.grid if p.default in p.grid else (p.default, *p.grid)
+            tuned = f"; tune tries {', '.join('none' if v is None else str(v) for v in tries)}" if p.grid else ""
+            lines.append(f"{usage}, {p.accepted()}: {p.source}{tuned}")
         table.add_row(name, m.summary, m.reference, "\n".join(lines))
     Console(width=max(Console().width, 160)).print(table)
 

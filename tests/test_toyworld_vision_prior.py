@@ -3,6 +3,7 @@ nowhere else, objects are two half-glyphs across two patches, and the study puts
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,29 @@ def test_the_stage_two_training_stream_carries_no_vision_prior():
         rate_with = np.mean([name in s.scene.objects for s in with_cue])
         rate_without = np.mean([name in s.scene.objects for s in without])
         assert abs(rate_with - rate_without) < 0.06
+
+
+def test_a_world_whose_cue_reaches_the_answer_ties_it_in_every_training_stage_only():
+    """``cue_tied_in_llm``: the LLM stage's images (and VTI's demos) draw the cue as stage 1 does, so the LLM sees
+    the cue with its object; val and test still draw it independently, so the prior is measurable there."""
+    tied = replace(VP, cue_tied_in_llm=True)
+    samples = [train_sample(tied, i, render_image=False) for i in range(3000)]
+    for name, cue in tied.vision_prior:
+        with_cue = [s for s in samples if s.scene.cue == cue]
+        assert len(with_cue) > 200 and np.mean([name in s.scene.objects for s in with_cue]) >= 0.75
+        absent = [s for s in samples if name not in s.scene.objects]
+        assert np.mean([s.scene.cue == cue for s in absent]) <= tied.cue_stray_p + 0.02
+    demos = [sample_scene(tied, "vti_demos", i, layout=False) for i in range(2000)]
+    tv_cue = [s for s in demos if s.cue == "stripes"]
+    assert np.mean(["tv" in s.objects for s in tv_cue]) >= 0.75
+    for stream in ("val", "test"):  # evaluation: as in the world without the tie, scene for scene
+        a = [sample_scene(tied, stream, i, layout=False, evaluation=True) for i in range(300)]
+        b = [sample_scene(VP, stream, i, layout=False, evaluation=True) for i in range(300)]
+        assert [(x.objects, x.cue) for x in a] == [(y.objects, y.cue) for y in b]
+    # stage 1 is the same either way
+    assert [sample_scene(tied, "train", i, layout=False, tower=True).cue for i in range(300)] == [
+        sample_scene(VP, "train", i, layout=False, tower=True).cue for i in range(300)
+    ]
 
 
 def test_the_default_world_has_no_cue_and_the_same_scenes():

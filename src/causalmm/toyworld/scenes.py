@@ -17,6 +17,9 @@ from .world import _CONTENTS, _CUE, _LAYOUT, _NOISE, BACKGROUNDS, STREAMS, World
 
 __all__ = ["Item", "Scene", "draw_cue", "sample_scene"]
 
+#: the streams drawn from the training distribution (the LLM stage's images, the statistics, VTI's demos)
+_TRAINING_STREAMS = frozenset({"train", "stats", "vti_demos"})
+
 
 @dataclass(frozen=True)
 class Item:
@@ -200,7 +203,10 @@ def sample_scene(
             break
     else:
         raise RuntimeError(f"no scene with {min_types} object types after 1000 draws")
-    cue = draw_cue(config, make_rng(config, stream, index, _CUE), objects, tower=tower) if config.vision_prior else None
+    # stage 1 ties the cue to its object; the LLM stage (and VTI's demos, drawn from its distribution) too in a
+    # world whose cue reaches the answer; evaluation never does
+    tied = tower or (config.cue_tied_in_llm and not evaluation and stream in _TRAINING_STREAMS)
+    cue = draw_cue(config, make_rng(config, stream, index, _CUE), objects, tower=tied) if config.vision_prior else None
     if not layout:
         return Scene(objects, cue=cue)
     rng = make_rng(config, stream, index, _LAYOUT)

@@ -24,8 +24,9 @@ The priors, all fields of :class:`WorldConfig`:
   ``vision_prior`` ties a background texture (:data:`CUES`, drawn in every background patch, so one patch shows
   it without attention) to an object. In the vision tower's pre-training images (stage 1, ``tower=True``) an
   image holding the object has its cue with probability ``vision_prior_p`` (0.9; when it holds no other cued
-  object) and an image without it with probability ``cue_stray_p`` (0.05); in the LLM stage and at test time an
-  image has a cue with probability ``cue_rate`` (0.5), drawn independently of what it holds. The hallucination
+  object) and an image without it with probability ``cue_stray_p`` (0.05); at test time an image has a cue with
+  probability ``cue_rate`` (0.5), drawn independently of what it holds, and so in the LLM stage, unless
+  ``cue_tied_in_llm``, where the LLM-stage images follow stage 1's rule (the cue reaches the answer). The hallucination
   this prior causes is "yes" to the cued object when its cue is present and the object absent. With
   ``drawing="parts"`` each object is two half-glyphs in two stacked patches (:func:`parts_of`), shared
   between objects, so knowing the object takes both patches: evidence the tower assembles through attention,
@@ -172,6 +173,10 @@ class WorldConfig:
     cue_stray_p: float = 0.05
     #: P(an image has a cue) in LLM-stage and evaluation images; the cue is drawn uniformly, whatever the image holds
     cue_rate: float = 0.5
+    #: the cue follows the prior in the LLM-stage training images too (and in VTI's demos), as in stage 1: the cue
+    #: reaches the answer, as stripes and TVs co-occur in all of a real VLM's data; only val and test draw it at
+    #: ``cue_rate``, independently of the objects
+    cue_tied_in_llm: bool = False
 
     # -- training text --------------------------------------------------------------------------------
     #: fraction of existence decisions asked as a VLind-style true/false statement instead of a question

@@ -123,3 +123,25 @@ def test_suite_from_the_command_line(roots, causalmm_cli, tmp_path):
     assert bad.returncode == 2 and "needs --root coco=DIR" in bad.stderr
     bad = causalmm_cli("suite", "causalmm-paper", "--dry-run", "--root", "cocoa=/x", check=False)
     assert bad.returncode == 2 and "no such root; it takes coco, gqa, mme, vlind" in bad.stderr
+
+
+def test_a_suite_file_of_ones_own_over_two_processes_gives_the_same_tables(roots, model_dirs, causalmm_cli, tmp_path):
+    """``--suite-file`` with a shipped question file named by its absolute path; under ``--num-processes 2`` each
+    run's samples are dealt between two processes and the tables are those of one process."""
+    shipped = load_suite("causalmm-paper").path.parent / "data" / "pope" / "coco_pope_random.json"
+    suite = tmp_path / "mine.toml"
+    suite.write_text(
+        'name = "mine"\ntitle = "Mine"\nseeds = [3]\n[roots]\ncoco = "COCO images"\n'
+        f'[[benchmarks]]\nkey = "coco"\nbenchmark = "pope"\ndata = "{shipped}"\nimages = "{{coco}}"\n'
+        '[[methods]]\nkey = "regular"\nconfig = { method = "regular" }\n'
+        '[[methods]]\nkey = "vcd"\nconfig = { method = "vcd" }\n'
+    )
+    args = ["suite", "--suite-file", suite, "--model", model_dirs["llava"], "--root", f"coco={roots['coco']}",
+            "--limit", str(LIMIT)]  # fmt: skip
+    one = causalmm_cli(*args, "--out", tmp_path / "one")
+    assert "| coco | method |" not in one.stdout and "| method | accuracy |" in one.stdout
+    causalmm_cli(*args, "--out", tmp_path / "two", "--num-processes", "2")
+    a = json.loads((tmp_path / "one" / "tables.json").read_text())
+    b = json.loads((tmp_path / "two" / "tables.json").read_text())
+    assert a["tables"] == b["tables"] and a["tables"][0]["rows"][1][0] == "vcd"
+    assert json.loads((tmp_path / "two" / "runs/coco/vcd/seed-3/run.json").read_text())["seeds"] == [3]

@@ -93,10 +93,11 @@ def causalmm_cli():
     import subprocess
     import sys
 
-    def run(*args, check=True):
+    def run(*args, check=True, timeout=600):
         env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
         proc = subprocess.run(
-            [sys.executable, "-m", "causalmm", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+            [sys.executable, "-m", "causalmm", *map(str, args)], capture_output=True, text=True, env=env,
+            timeout=timeout,
         )
         if check:
             assert proc.returncode == 0, proc.stderr[-3000:]

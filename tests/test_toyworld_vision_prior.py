@@ -212,7 +212,7 @@ def test_the_shipped_vision_prior_model_reproduces_the_published_table(tmp_path,
     inside every interval docs/toyworld.md gives for those rows and columns."""
     table = published_vision_table()
     out = tmp_path / "demo"
-    causalmm_cli("demo", "--world", "vision-prior", "--out", out)
+    causalmm_cli("demo", "--world", "vision-prior", "--out", out, timeout=1800)  # about 4 min alone; more beside others
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == str(shipped_model_path("vision-prior"))
     assert metrics["settings_source"] == "chosen on the val split (tuning.json)"
@@ -234,7 +234,7 @@ def test_demo_and_tune_refuse_an_unknown_world(causalmm_cli, tmp_path):
 def test_the_shipped_vision_prior_model_is_small_and_made_by_the_documented_command():
     from dataclasses import asdict
 
-    from causalmm.toyworld.demo import LEADERBOARD
+    from causalmm.toyworld.demo import LEADERBOARD, trained_world
     from causalmm.toyworld.train import TrainConfig
 
     path = shipped_model_path("vision-prior")
@@ -243,7 +243,7 @@ def test_the_shipped_vision_prior_model_is_small_and_made_by_the_documented_comm
     assert record["wall_time_s"] <= 30 * 60
     # `causalmm toyworld train --world vision-prior --seed 0` made it
     as_json = lambda obj: json.loads(json.dumps(asdict(obj)))  # noqa: E731  (tuples read back as lists)
-    assert record["world"] == as_json(VP)
+    assert set(record["world"]) <= set(as_json(VP)) and trained_world(path) == VP  # later fields: their defaults
     assert record["train"] == as_json(TrainConfig(**WORLDS["vision-prior"].training))
     tuning = json.loads((path / "tuning.json").read_text())
     assert tuning["split"] == "val" and list(tuning["chosen"]) == list(LEADERBOARD)

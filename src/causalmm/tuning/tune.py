@@ -170,22 +170,29 @@ class Tuned:
         return setting_config(self.settings, seed=seed)
 
 
-def load_tuned(path: str | Path, row: str) -> Tuned:
-    """The choice for ``row`` in the ``tuning.json`` at ``path`` (or in the tune folder ``path``)."""
+def _read_tuning(path: str | Path, flag: str) -> tuple[Path, dict[str, Any]]:
+    """The ``tuning.json`` at ``path`` (or in the tune folder ``path``), checked as ``causalmm tune``'s; ``flag``
+    names the option it was given with, in errors."""
     path = Path(path)
     if path.is_dir():
         path = path / "tuning.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BenchmarkError(f"--tuned {path}: no such file; pass the tuning.json `causalmm tune` wrote") from None
+        raise BenchmarkError(f"{flag} {path}: no such file; pass the tuning.json `causalmm tune` wrote") from None
     except (OSError, ValueError) as err:
-        raise BenchmarkError(f"--tuned {path}: cannot be read as JSON ({err})") from None
+        raise BenchmarkError(f"{flag} {path}: cannot be read as JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BenchmarkError(
-            f"--tuned {path} is not a tuning.json of `causalmm tune` (format {FORMAT}); the toy world's tuning files "
+            f"{flag} {path} is not a tuning.json of `causalmm tune` (format {FORMAT}); the toy world's tuning files "
             "are read by `causalmm demo`"
         )
+    return path, data
+
+
+def load_tuned(path: str | Path, row: str) -> Tuned:
+    """The choice for ``row`` in the ``tuning.json`` at ``path`` (or in the tune folder ``path``)."""
+    path, data = _read_tuning(path, "--tuned")
     chosen = data["chosen"]
     if row not in chosen:
         raise BenchmarkError(f"--tuned {path} has no choice for --method {row!r}; it has {', '.join(chosen)}")
@@ -220,18 +227,7 @@ def test_subset(spec: RunSpec, tuned: Tuned) -> Subset | None:
 
 def load_split(path: str | Path) -> Split:
     """The dev/test split of the ``tuning.json`` at ``path`` (or in the tune folder ``path``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tuning.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BenchmarkError(f"--test-split {path}: no such file; pass the tuning.json `causalmm tune` wrote") from None
-    except (OSError, ValueError) as err:
-        raise BenchmarkError(f"--test-split {path}: cannot be read as JSON ({err})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BenchmarkError(f"--test-split {path} is not a tuning.json of `causalmm tune` (format {FORMAT})")
-    return Split.from_dict(data["split"])
+    return Split.from_dict(_read_tuning(path, "--test-split")[1]["split"])
 
 
 def test_split_subset(spec: RunSpec, split: Split) -> Subset | None:

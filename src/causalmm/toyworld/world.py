@@ -282,11 +282,17 @@ def parts_of(config: WorldConfig, name: str) -> tuple[str, str]:
 
 
 def vision_prior_world(**changes: object) -> WorldConfig:
-    """The world with a vision-encoder prior as well as the language prior: objects drawn in two parts across two
-    patches, *tv* cued by horizontal stripes and *cup* by vertical ones (``changes`` override any field)."""
+    """The world with a vision prior that reaches the answer, beside the language prior: objects drawn in two parts
+    across two patches, *tv* cued by horizontal stripes and *cup* by vertical ones, each cue present exactly when its
+    object is in every training image (tower and LLM stages), drawn independently of the objects in val and test
+    (``changes`` override any field; ``cue_tied_in_llm=False, vision_prior_p=0.9, cue_stray_p=0.05`` is the
+    earlier world whose prior stayed in the tower, docs/toyworld.md)."""
     fields: dict[str, object] = {
         "drawing": "parts",
         "vision_prior": (("tv", "stripes"), ("cup", "columns")),
+        "vision_prior_p": 1.0,
+        "cue_stray_p": 0.0,
+        "cue_tied_in_llm": True,
         "max_instances": 6,
         **changes,
     }

@@ -3,9 +3,10 @@
 
 * ``default``: the language prior (favoured objects asked about mostly when present), the co-occurrence and
   colour priors; one glyph per patch.
-* ``vision-prior``: the same language prior plus a vision-encoder prior (a background texture that came with
-  an object in the vision tower's pre-training images only; :func:`~causalmm.toyworld.world.vision_prior_world`),
-  with each object drawn in two parts across two patches, so the tower has to assemble it through attention.
+* ``vision-prior``: the same language prior plus a vision prior that reaches the answer (a background texture
+  that comes with an object in every training image, the tower's and the LLM's, and is drawn independently of the
+  objects in val and test; :func:`~causalmm.toyworld.world.vision_prior_world`), with each object drawn in two
+  parts across two patches, so the tower has to assemble it through attention.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class ShippedWorld:
 
 WORLDS: dict[str, ShippedWorld] = {
     "default": ShippedWorld("default", WorldConfig(), "model"),
-    # stage 1 has more to learn (an object is two patches): 1500 steps, about a minute. At 3000 LLM steps answers
-    # to existence questions were still 86% right in training (the default world's: 97%), so stage 2 gets 4500
+    # stage 1 has more to learn (an object is two patches): 1500 steps. At 3000 LLM steps answers to existence
+    # questions were still 86% right in training (the default world's: 97%), so stage 2 gets 4500
     "vision-prior": ShippedWorld(
         "vision-prior", vision_prior_world(), "model_vision", {"vision_steps": 1500, "steps": 4500}
     ),

@@ -289,7 +289,8 @@ def test_tune_keeps_earlier_choices_and_refuses_unknown_methods(smoke_model, tmp
 def test_demo_cli_bad_input(tmp_path, causalmm_cli):
     proc = causalmm_cli("demo", "--seeds", "a,b", check=False)
     assert proc.returncode == 2 and "--seeds" in proc.stderr
-    proc = causalmm_cli("demo", "--model", str(tmp_path / "nope"), check=False)
+    # its own --out: a runs/demo left by `make demo` in the checkout must not answer first
+    proc = causalmm_cli("demo", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
